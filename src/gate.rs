@@ -1,0 +1,959 @@
+//! The transport-neutral decision: "who is this, or why not" for one request
+//! (contract §1-§5). Both adapters call [`Gate::check`] with the request's method,
+//! URI and headers; neither knows how the answer is made.
+
+use crate::config::{App, ConfigSnapshot, StoreErrorPolicy};
+use crate::error::{AuthError, Malformed};
+use crate::reload::ConfigHandle;
+use crate::revocation::{RevocationCache, UserCutoffChange};
+use crate::time::{Cutoff, now_unix, parse_json_time};
+use crate::token::{self, TokenKind};
+use http::{HeaderMap, Method, Uri, header};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// Header naming the auth type (`jwt` or `anonymous`).
+pub const AUTH_TYPE_HEADER: &str = "stream-auth-type";
+/// Most users one `PATCH /users` may change (Stream's own limit).
+pub const MAX_USERS_PER_UPDATE: usize = 100;
+/// How far in the future a revocation cutoff may be (contract §3).
+const MAX_FUTURE_CUTOFF_SECONDS: i64 = 300;
+
+/// Who made a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The app's api_key.
+    pub app: Arc<str>,
+    /// User, server, developer or anonymous.
+    pub kind: IdentityKind,
+    /// The token's `user_id` (users and developers only).
+    pub user_id: Option<Arc<str>>,
+    /// The token's `iat`.
+    pub issued_at: Option<i64>,
+    /// The token's `exp`.
+    pub expires_at: Option<i64>,
+}
+
+/// What kind of caller an [`Identity`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdentityKind {
+    /// A signed user token.
+    User,
+    /// A signed token without `user_id`: full access.
+    Server,
+    /// A developer token (`devtoken`), on an app with `disable_auth_checks`.
+    Developer,
+    /// `stream-auth-type: anonymous`, on an app with `allow_anonymous`.
+    Anonymous,
+}
+
+impl IdentityKind {
+    /// `user`, `server`, `developer` or `anonymous` (the `x-chatgate-auth` header value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityKind::User => "user",
+            IdentityKind::Server => "server",
+            IdentityKind::Developer => "developer",
+            IdentityKind::Anonymous => "anonymous",
+        }
+    }
+}
+
+impl Identity {
+    /// The user id, for user and developer tokens.
+    pub fn user_id(&self) -> Option<&str> {
+        self.user_id.as_deref()
+    }
+
+    /// Whether this is a server token.
+    pub fn is_server(&self) -> bool {
+        self.kind == IdentityKind::Server
+    }
+}
+
+/// The Stream endpoints whose revocation fields chatgate applies itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevocationEndpoint {
+    /// `PATCH /users`: per-user cutoffs.
+    Users,
+    /// `PATCH /app`: the app-wide cutoff.
+    App,
+}
+
+/// The outcome of [`Gate::check`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// A public path: forward without an identity.
+    Public,
+    /// Authenticated: forward with this identity.
+    Allow(Identity),
+    /// A server token calling a revocation endpoint: the adapter buffers the body,
+    /// calls [`Gate::apply_revocation`], and forwards the request if that succeeds.
+    Revocation(Identity, RevocationEndpoint),
+}
+
+/// The parts of a request the gate reads. `http::request::Parts` (tower) and Pingora's
+/// `RequestHeader` both provide them.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestParts<'a> {
+    /// Method.
+    pub method: &'a Method,
+    /// Path and query.
+    pub uri: &'a Uri,
+    /// Headers.
+    pub headers: &'a HeaderMap,
+}
+
+impl<'a> From<&'a http::request::Parts> for RequestParts<'a> {
+    fn from(parts: &'a http::request::Parts) -> Self {
+        RequestParts {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+        }
+    }
+}
+
+impl<'a> RequestParts<'a> {
+    /// Whether this is a WebSocket upgrade request.
+    pub fn is_websocket_upgrade(&self) -> bool {
+        self.headers
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+    }
+}
+
+/// What the synchronous step found; the revocation step needs no config guard.
+struct Verified {
+    identity: Identity,
+    config_cutoff: Option<Cutoff>,
+    policy: StoreErrorPolicy,
+    endpoint: Option<RevocationEndpoint>,
+}
+
+/// The gate: config snapshot plus revocation cache. Cheap to clone.
+#[derive(Clone)]
+pub struct Gate {
+    config: ConfigHandle,
+    revocations: Arc<RevocationCache>,
+}
+
+impl Gate {
+    /// A gate over a live config and a revocation cache.
+    pub fn new(config: ConfigHandle, revocations: Arc<RevocationCache>) -> Self {
+        Gate {
+            config,
+            revocations,
+        }
+    }
+
+    /// The live config.
+    pub fn config(&self) -> &ConfigHandle {
+        &self.config
+    }
+
+    /// The revocation cache.
+    pub fn revocations(&self) -> &Arc<RevocationCache> {
+        &self.revocations
+    }
+
+    /// Decides one request.
+    pub async fn check(&self, request: RequestParts<'_>) -> Result<Decision, AuthError> {
+        let verified = {
+            let config = self.config.load();
+            match authenticate(&config, request, now_unix())? {
+                Some(verified) => verified,
+                None => return Ok(Decision::Public),
+            }
+        };
+        self.check_revocation(&verified).await?;
+        Ok(match verified.endpoint {
+            Some(endpoint) => Decision::Revocation(verified.identity, endpoint),
+            None => Decision::Allow(verified.identity),
+        })
+    }
+
+    async fn check_revocation(&self, verified: &Verified) -> Result<(), AuthError> {
+        let identity = &verified.identity;
+        let Some(user) = &identity.user_id else {
+            // Server tokens are not subject to cutoffs; anonymous users have no token.
+            return Ok(());
+        };
+        let stored = async {
+            let app_cutoff = self.revocations.app_cutoff(&identity.app).await?;
+            let user_cutoff = self.revocations.user_cutoff(&identity.app, user).await?;
+            Ok::<_, crate::revocation::StoreError>(app_cutoff.max(user_cutoff))
+        };
+        let cutoff = match stored.await {
+            Ok(stored) => stored.max(verified.config_cutoff),
+            Err(error) => match verified.policy {
+                StoreErrorPolicy::Deny => {
+                    tracing::warn!(target: "chatgate::revocation", %error, "store error on a cache miss, denying");
+                    return Err(AuthError::StoreUnavailable);
+                }
+                StoreErrorPolicy::Allow => verified.config_cutoff,
+            },
+        };
+        match cutoff {
+            Some(cutoff) if cutoff.revokes(identity.issued_at) => Err(AuthError::Revoked),
+            _ => Ok(()),
+        }
+    }
+
+    /// Applies the revocation fields of a `PATCH /users` or `PATCH /app` body for the
+    /// identity's app. Other fields are left for the upstream. Returns once the store
+    /// has the change durably.
+    pub async fn apply_revocation(
+        &self,
+        identity: &Identity,
+        endpoint: RevocationEndpoint,
+        body: &[u8],
+    ) -> Result<(), AuthError> {
+        let now = now_unix();
+        let store_error = |error: crate::revocation::StoreError| {
+            tracing::warn!(target: "chatgate::revocation", %error, "revocation write failed");
+            AuthError::StoreUnavailable
+        };
+        match endpoint {
+            RevocationEndpoint::Users => {
+                let changes = parse_users_update(body, now)?;
+                if !changes.is_empty() {
+                    self.revocations
+                        .set_user_cutoffs(&identity.app, &changes)
+                        .await
+                        .map_err(store_error)?;
+                }
+            }
+            RevocationEndpoint::App => {
+                if let Some(cutoff) = parse_app_update(body, now)? {
+                    self.revocations
+                        .set_app_cutoff(&identity.app, cutoff)
+                        .await
+                        .map_err(store_error)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The query parameters the gate reads, borrowed unless percent-encoded.
+#[derive(Default)]
+struct Query<'a> {
+    api_key: Option<Cow<'a, str>>,
+    authorization: Option<Cow<'a, str>>,
+    auth_type: Option<Cow<'a, str>>,
+    json: Option<Cow<'a, str>>,
+}
+
+fn parse_query(query: &str) -> Query<'_> {
+    let mut found = Query::default();
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        match &*name {
+            "api_key" => found.api_key = Some(value),
+            "authorization" => found.authorization = Some(value),
+            "stream-auth-type" => found.auth_type = Some(value),
+            "json" => found.json = Some(value),
+            _ => {}
+        }
+    }
+    found
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: impl header::AsHeaderName) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn strip_bearer(token: &str) -> &str {
+    let token = token.trim();
+    match token.get(..6) {
+        Some(scheme)
+            if scheme.eq_ignore_ascii_case("bearer")
+                && token[6..].starts_with(|c: char| c.is_ascii_whitespace()) =>
+        {
+            token[6..].trim_start()
+        }
+        Some(scheme) if scheme.eq_ignore_ascii_case("bearer") && token.len() == 6 => "",
+        _ => token,
+    }
+}
+
+fn revocation_endpoint(method: &Method, path: &str) -> Option<RevocationEndpoint> {
+    if method != Method::PATCH {
+        return None;
+    }
+    match path.strip_suffix('/').unwrap_or(path) {
+        "/users" => Some(RevocationEndpoint::Users),
+        "/app" => Some(RevocationEndpoint::App),
+        _ => None,
+    }
+}
+
+/// Everything but revocation: public paths, app, auth type, token, WS user match.
+/// `Ok(None)` is a public path.
+fn authenticate(
+    config: &ConfigSnapshot,
+    request: RequestParts<'_>,
+    now: i64,
+) -> Result<Option<Verified>, AuthError> {
+    let path = request.uri.path();
+    if config.auth.public_paths.contains(path) {
+        return Ok(None);
+    }
+    let query = parse_query(request.uri.query().unwrap_or(""));
+    let api_key = query.api_key.as_deref().ok_or(AuthError::MissingApiKey)?;
+    let app = config.app(api_key).ok_or(AuthError::UnknownApiKey)?;
+    let websocket = request.is_websocket_upgrade();
+
+    // Swift sends headers on the upgrade too, so headers win when both are present.
+    let header_token = header_str(request.headers, header::AUTHORIZATION);
+    let token = match header_token {
+        Some(t) => Some(strip_bearer(t)),
+        None if websocket => query.authorization.as_deref().map(strip_bearer),
+        None => None,
+    }
+    .filter(|t| !t.is_empty());
+
+    let auth_type = header_str(request.headers, AUTH_TYPE_HEADER).or(if websocket {
+        query.auth_type.as_deref()
+    } else {
+        None
+    });
+    let anonymous = match auth_type.map(str::trim) {
+        None => false,
+        Some(t) if t.eq_ignore_ascii_case("jwt") => false,
+        Some(t) if t.eq_ignore_ascii_case("anonymous") => true,
+        Some(_) => return Err(AuthError::Malformed(Malformed::AuthType)),
+    };
+
+    let endpoint = revocation_endpoint(request.method, path);
+    if anonymous {
+        if !app.allow_anonymous {
+            return Err(AuthError::AnonymousNotAllowed);
+        }
+        if endpoint.is_some() {
+            return Err(AuthError::NotAllowed(
+                "only server-side auth can revoke tokens: use a server token",
+            ));
+        }
+        return Ok(Some(Verified {
+            identity: Identity {
+                app: app.api_key.clone(),
+                kind: IdentityKind::Anonymous,
+                user_id: None,
+                issued_at: None,
+                expires_at: None,
+            },
+            config_cutoff: None,
+            policy: config.revocation.on_store_error,
+            endpoint: None,
+        }));
+    }
+
+    let token = token.ok_or(AuthError::Malformed(Malformed::Missing))?;
+    let verified = token::verify(token, app, &config.auth, now)?;
+    let kind = match verified.kind {
+        TokenKind::User => IdentityKind::User,
+        TokenKind::Server => IdentityKind::Server,
+        TokenKind::Developer => IdentityKind::Developer,
+    };
+    let user_id: Option<Arc<str>> = verified.claims.user_id.as_deref().map(Arc::from);
+
+    if websocket {
+        if let (Some(json), Some(user)) = (query.json.as_deref(), user_id.as_deref()) {
+            check_connect_user(json, user)?;
+        }
+    }
+    if endpoint.is_some() && kind != IdentityKind::Server {
+        return Err(AuthError::NotAllowed(
+            "only server-side auth can revoke tokens: use a server token",
+        ));
+    }
+    Ok(Some(Verified {
+        identity: Identity {
+            app: app.api_key.clone(),
+            kind,
+            user_id,
+            issued_at: verified.claims.issued_at,
+            expires_at: verified.claims.expires_at,
+        },
+        config_cutoff: app_config_cutoff(app),
+        policy: config.revocation.on_store_error,
+        endpoint,
+    }))
+}
+
+fn app_config_cutoff(app: &App) -> Option<Cutoff> {
+    app.revoke_tokens_issued_before
+}
+
+/// `/connect?json={"user_id":..,"user_details":{"id":..}}` must name the token's user.
+fn check_connect_user(json: &str, token_user: &str) -> Result<(), AuthError> {
+    #[derive(serde::Deserialize)]
+    struct Connect<'a> {
+        #[serde(borrow, default)]
+        user_id: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        user_details: Option<Details<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Details<'a> {
+        #[serde(borrow, default)]
+        id: Option<Cow<'a, str>>,
+    }
+    let connect: Connect<'_> = serde_json::from_str(json).map_err(|_| {
+        AuthError::BadInput("the json query parameter is not a valid connect payload".into())
+    })?;
+    let claimed = [connect.user_id, connect.user_details.and_then(|d| d.id)];
+    if claimed
+        .iter()
+        .flatten()
+        .any(|claimed| claimed.as_ref() != token_user)
+    {
+        return Err(AuthError::NotAllowed(
+            "the user_id in the connect payload does not match the token's user_id",
+        ));
+    }
+    Ok(())
+}
+
+fn bad_input(message: impl Into<String>) -> AuthError {
+    AuthError::BadInput(message.into())
+}
+
+/// Reads a `revoke_tokens_issued_before` value: a date, or `null` to clear.
+fn parse_cutoff_value(
+    value: &serde_json::Value,
+    now: i64,
+    field: &str,
+) -> Result<Option<Cutoff>, AuthError> {
+    if value.is_null() {
+        return Ok(None);
+    }
+    let at = parse_json_time(value).map_err(|m| bad_input(format!("{field}: {m}")))?;
+    if at.timestamp() > now + MAX_FUTURE_CUTOFF_SECONDS {
+        return Err(bad_input(format!(
+            "{field}: revoke_tokens_issued_before is more than 5 minutes in the future"
+        )));
+    }
+    Ok(Some(Cutoff::from_datetime(at)))
+}
+
+/// Parses `{"users":[{"id":..,"set":{..},"unset":[..]}]}` into cutoff changes.
+pub fn parse_users_update(body: &[u8], now: i64) -> Result<Vec<UserCutoffChange>, AuthError> {
+    const FIELD: &str = "revoke_tokens_issued_before";
+    let document: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        bad_input(format!(
+            "UpdateUsersPartial failed: body is not valid JSON: {e}"
+        ))
+    })?;
+    let users = document
+        .get("users")
+        .and_then(|u| u.as_array())
+        .ok_or_else(|| bad_input("UpdateUsersPartial failed: users must be an array"))?;
+    if users.len() > MAX_USERS_PER_UPDATE {
+        return Err(bad_input(format!(
+            "UpdateUsersPartial failed: at most {MAX_USERS_PER_UPDATE} users per request"
+        )));
+    }
+    let mut changes = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        let id = user
+            .get("id")
+            .and_then(|v| v.as_str())
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| {
+                bad_input(format!(
+                    "UpdateUsersPartial failed: users[{i}].id is required"
+                ))
+            })?;
+        let set = match user.get("set") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Object(set)) => set.get(FIELD),
+            Some(_) => {
+                return Err(bad_input(format!(
+                    "UpdateUsersPartial failed: users[{i}].set must be an object"
+                )));
+            }
+        };
+        let unset = match user.get("unset") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Array(fields)) => fields.iter().any(|f| f == FIELD),
+            Some(_) => {
+                return Err(bad_input(format!(
+                    "UpdateUsersPartial failed: users[{i}].unset must be an array"
+                )));
+            }
+        };
+        let cutoff = match set {
+            Some(value) => parse_cutoff_value(value, now, &format!("users[{i}].set.{FIELD}"))?,
+            None if unset => None,
+            None => continue,
+        };
+        changes.push(UserCutoffChange {
+            user_id: id.to_owned(),
+            cutoff,
+        });
+    }
+    Ok(changes)
+}
+
+/// Parses `{"revoke_tokens_issued_before": <time> | null}`; `Ok(None)` when the body
+/// does not touch it.
+pub fn parse_app_update(body: &[u8], now: i64) -> Result<Option<Option<Cutoff>>, AuthError> {
+    const FIELD: &str = "revoke_tokens_issued_before";
+    let document: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| bad_input(format!("UpdateApp failed: body is not valid JSON: {e}")))?;
+    let object = document
+        .as_object()
+        .ok_or_else(|| bad_input("UpdateApp failed: body must be a JSON object"))?;
+    match object.get(FIELD) {
+        None => Ok(None),
+        Some(value) => Ok(Some(parse_cutoff_value(value, now, FIELD)?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{App, StoreErrorPolicy, StoreKind};
+    use crate::revocation::{MemoryStore, RevocationStore};
+    use crate::token::TokenBuilder;
+    use std::time::Duration;
+
+    const SECRET: &str = "secret";
+
+    fn gate_with(configure: impl FnOnce(&mut App)) -> Gate {
+        let mut app = App::new("key", vec![SECRET.into()]);
+        configure(&mut app);
+        let config = ConfigSnapshot::with_apps(vec![app]);
+        let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &config.revocation);
+        Gate::new(ConfigHandle::new(config), cache)
+    }
+
+    fn gate() -> Gate {
+        gate_with(|_| {})
+    }
+
+    async fn run(
+        gate: &Gate,
+        method: Method,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Decision, AuthError> {
+        let uri: Uri = uri.parse().unwrap();
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        gate.check(RequestParts {
+            method: &method,
+            uri: &uri,
+            headers: &map,
+        })
+        .await
+    }
+
+    async fn get(gate: &Gate, uri: &str, headers: &[(&str, &str)]) -> Result<Decision, AuthError> {
+        run(gate, Method::GET, uri, headers).await
+    }
+
+    fn user(decision: Result<Decision, AuthError>) -> Identity {
+        match decision {
+            Ok(Decision::Allow(identity)) => identity,
+            other => panic!("expected Allow, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn raw_and_bearer_headers_both_authenticate() {
+        let gate = gate();
+        let token = TokenBuilder::user("alice").sign(SECRET);
+        for value in [
+            token.clone(),
+            format!("Bearer {token}"),
+            format!("bearer {token}"),
+        ] {
+            let identity = user(
+                get(
+                    &gate,
+                    "/channels?api_key=key",
+                    &[("authorization", &value), ("stream-auth-type", "jwt")],
+                )
+                .await,
+            );
+            assert_eq!(identity.user_id(), Some("alice"));
+            assert_eq!(identity.kind, IdentityKind::User);
+        }
+        // missing stream-auth-type means jwt when a token is present
+        user(get(&gate, "/channels?api_key=key", &[("authorization", &token)]).await);
+    }
+
+    #[tokio::test]
+    async fn api_key_missing_or_unknown_is_code_2() {
+        let gate = gate();
+        let token = TokenBuilder::user("a").sign(SECRET);
+        let auth = [("authorization", token.as_str())];
+        assert_eq!(
+            get(&gate, "/channels", &auth).await,
+            Err(AuthError::MissingApiKey)
+        );
+        assert_eq!(
+            get(&gate, "/channels?api_key=nope", &auth).await,
+            Err(AuthError::UnknownApiKey)
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_token_and_bad_auth_type_are_code_5() {
+        let gate = gate();
+        assert_eq!(
+            get(&gate, "/x?api_key=key", &[]).await,
+            Err(AuthError::Malformed(Malformed::Missing))
+        );
+        assert_eq!(
+            get(&gate, "/x?api_key=key", &[("authorization", "Bearer ")]).await,
+            Err(AuthError::Malformed(Malformed::Missing))
+        );
+        let token = TokenBuilder::user("a").sign(SECRET);
+        assert_eq!(
+            get(
+                &gate,
+                "/x?api_key=key",
+                &[("authorization", &token), ("stream-auth-type", "oauth")]
+            )
+            .await,
+            Err(AuthError::Malformed(Malformed::AuthType))
+        );
+    }
+
+    #[tokio::test]
+    async fn query_tokens_count_only_on_websocket_upgrades() {
+        let gate = gate();
+        let token = TokenBuilder::user("a").sign(SECRET);
+        let uri = format!("/connect?api_key=key&authorization={token}&stream-auth-type=jwt");
+        assert_eq!(
+            get(&gate, &uri, &[]).await,
+            Err(AuthError::Malformed(Malformed::Missing))
+        );
+        let identity = user(
+            get(
+                &gate,
+                &uri,
+                &[("upgrade", "websocket"), ("connection", "Upgrade")],
+            )
+            .await,
+        );
+        assert_eq!(identity.user_id(), Some("a"));
+    }
+
+    #[tokio::test]
+    async fn connect_payload_must_name_the_token_user() {
+        let gate = gate();
+        let token = TokenBuilder::user("alice").sign(SECRET);
+        let ws = [("upgrade", "websocket")];
+        let with_json = |json: &str| {
+            let encoded: String = form_urlencoded::byte_serialize(json.as_bytes()).collect();
+            format!("/connect?api_key=key&authorization={token}&json={encoded}")
+        };
+        user(
+            get(
+                &gate,
+                &with_json(r#"{"user_id":"alice","user_details":{"id":"alice"}}"#),
+                &ws,
+            )
+            .await,
+        );
+        for json in [
+            r#"{"user_id":"mallory"}"#,
+            r#"{"user_id":"alice","user_details":{"id":"mallory"}}"#,
+        ] {
+            let error = get(&gate, &with_json(json), &ws).await.unwrap_err();
+            assert_eq!(error.code(), 17, "{json}");
+        }
+        assert_eq!(
+            get(&gate, &with_json("{not json"), &ws)
+                .await
+                .unwrap_err()
+                .code(),
+            4
+        );
+    }
+
+    #[tokio::test]
+    async fn anonymous_only_where_allowed() {
+        let denied = gate();
+        let anon = [("stream-auth-type", "anonymous")];
+        assert_eq!(
+            get(&denied, "/x?api_key=key", &anon).await,
+            Err(AuthError::AnonymousNotAllowed)
+        );
+        let allowed = gate_with(|a| a.allow_anonymous = true);
+        let identity = user(get(&allowed, "/x?api_key=key", &anon).await);
+        assert_eq!(identity.kind, IdentityKind::Anonymous);
+        // JS sends authorization= (empty) with anonymous on /connect
+        let ws = user(
+            get(
+                &allowed,
+                "/connect?api_key=key&authorization=&stream-auth-type=anonymous",
+                &[("upgrade", "websocket")],
+            )
+            .await,
+        );
+        assert_eq!(ws.kind, IdentityKind::Anonymous);
+    }
+
+    #[tokio::test]
+    async fn public_paths_need_nothing() {
+        assert_eq!(get(&gate(), "/healthz", &[]).await, Ok(Decision::Public));
+    }
+
+    #[tokio::test]
+    async fn revocation_endpoints_need_a_server_token() {
+        let gate = gate();
+        let server = TokenBuilder::server().sign(SECRET);
+        let user_token = TokenBuilder::user("a").sign(SECRET);
+        let decision = run(
+            &gate,
+            Method::PATCH,
+            "/users?api_key=key",
+            &[("authorization", &server)],
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            decision,
+            Decision::Revocation(_, RevocationEndpoint::Users)
+        ));
+        let decision = run(
+            &gate,
+            Method::PATCH,
+            "/app?api_key=key",
+            &[("authorization", &server)],
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            decision,
+            Decision::Revocation(_, RevocationEndpoint::App)
+        ));
+        let error = run(
+            &gate,
+            Method::PATCH,
+            "/users?api_key=key",
+            &[("authorization", &user_token)],
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(error.code(), 17);
+        // other methods on the same paths are ordinary requests
+        user(
+            run(
+                &gate,
+                Method::POST,
+                "/users?api_key=key",
+                &[("authorization", &user_token)],
+            )
+            .await,
+        );
+    }
+
+    async fn revoke_user(gate: &Gate, body: &str) -> Result<(), AuthError> {
+        let server = Identity {
+            app: Arc::from("key"),
+            kind: IdentityKind::Server,
+            user_id: None,
+            issued_at: None,
+            expires_at: None,
+        };
+        gate.apply_revocation(&server, RevocationEndpoint::Users, body.as_bytes())
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_user_cutoff_revokes_older_tokens_and_tokens_without_iat_as_code_40() {
+        let gate = gate();
+        let now = now_unix();
+        let old = TokenBuilder::user("u").issued_at(now - 100).sign(SECRET);
+        let fresh = TokenBuilder::user("u").issued_at(now + 2).sign(SECRET);
+        let no_iat = TokenBuilder::user("u").without_iat().sign(SECRET);
+        let other_user = TokenBuilder::user("v").issued_at(now - 100).sign(SECRET);
+        let cutoff = chrono::DateTime::from_timestamp(now, 0)
+            .unwrap()
+            .to_rfc3339();
+        revoke_user(&gate, &format!(r#"{{"users":[{{"id":"u","set":{{"revoke_tokens_issued_before":"{cutoff}","name":"x"}}}}]}}"#)).await.unwrap();
+        let check = |t: String| {
+            let gate = gate.clone();
+            async move { get(&gate, "/x?api_key=key", &[("authorization", &t)]).await }
+        };
+        assert_eq!(check(old.clone()).await, Err(AuthError::Revoked));
+        assert_eq!(check(no_iat.clone()).await.unwrap_err().code(), 40);
+        user(check(fresh).await);
+        user(check(other_user).await);
+        // undo with null, as every SDK does
+        revoke_user(
+            &gate,
+            r#"{"users":[{"id":"u","set":{"revoke_tokens_issued_before":null}}]}"#,
+        )
+        .await
+        .unwrap();
+        user(check(old.clone()).await);
+        // and with unset
+        revoke_user(
+            &gate,
+            &format!(
+                r#"{{"users":[{{"id":"u","set":{{"revoke_tokens_issued_before":"{cutoff}"}}}}]}}"#
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(check(old.clone()).await, Err(AuthError::Revoked));
+        revoke_user(
+            &gate,
+            r#"{"users":[{"id":"u","unset":["revoke_tokens_issued_before"]}]}"#,
+        )
+        .await
+        .unwrap();
+        user(check(old).await);
+    }
+
+    #[tokio::test]
+    async fn app_cutoffs_from_config_and_api_revoke_users_but_not_servers() {
+        let now = now_unix();
+        let gate = gate_with(|a| {
+            a.revoke_tokens_issued_before = Some(Cutoff::from_unix_seconds(now - 50))
+        });
+        let before = TokenBuilder::user("u").issued_at(now - 100).sign(SECRET);
+        let after = TokenBuilder::user("u").issued_at(now - 10).sign(SECRET);
+        let server = TokenBuilder::server().sign(SECRET);
+        let check = |t: &str| {
+            let gate = gate.clone();
+            let t = t.to_owned();
+            async move { get(&gate, "/x?api_key=key", &[("authorization", &t)]).await }
+        };
+        assert_eq!(check(&before).await, Err(AuthError::Revoked));
+        user(check(&after).await);
+        let identity = Identity {
+            app: Arc::from("key"),
+            kind: IdentityKind::Server,
+            user_id: None,
+            issued_at: None,
+            expires_at: None,
+        };
+        gate.apply_revocation(
+            &identity,
+            RevocationEndpoint::App,
+            format!(r#"{{"revoke_tokens_issued_before":{now}}}"#).as_bytes(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(check(&after).await, Err(AuthError::Revoked));
+        assert!(matches!(check(&server).await, Ok(Decision::Allow(_))));
+        gate.apply_revocation(
+            &identity,
+            RevocationEndpoint::App,
+            br#"{"revoke_tokens_issued_before":null}"#,
+        )
+        .await
+        .unwrap();
+        user(check(&after).await);
+    }
+
+    #[tokio::test]
+    async fn bad_revocation_bodies_are_code_4() {
+        let gate = gate();
+        for body in [
+            "not json",
+            r#"{"users":{}}"#,
+            r#"{"users":[{"set":{"revoke_tokens_issued_before":null}}]}"#,
+            r#"{"users":[{"id":"u","set":{"revoke_tokens_issued_before":"someday"}}]}"#,
+            r#"{"users":[{"id":"u","set":{"revoke_tokens_issued_before":"2999-01-01T00:00:00Z"}}]}"#,
+        ] {
+            assert_eq!(
+                revoke_user(&gate, body).await.unwrap_err().code(),
+                4,
+                "{body}"
+            );
+        }
+        let many: Vec<String> = (0..101)
+            .map(|i| format!(r#"{{"id":"u{i}","set":{{"revoke_tokens_issued_before":null}}}}"#))
+            .collect();
+        let body = format!(r#"{{"users":[{}]}}"#, many.join(","));
+        assert_eq!(revoke_user(&gate, &body).await.unwrap_err().code(), 4);
+        // bodies without revocation fields pass untouched
+        revoke_user(&gate, r#"{"users":[{"id":"u","set":{"name":"n"}}]}"#)
+            .await
+            .unwrap();
+    }
+
+    /// A store that never answers: misses must follow the policy quickly.
+    struct Hung;
+
+    #[async_trait::async_trait]
+    impl RevocationStore for Hung {
+        async fn user_cutoff(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> Result<Option<Cutoff>, crate::revocation::StoreError> {
+            std::future::pending().await
+        }
+        async fn set_user_cutoffs(
+            &self,
+            _: &str,
+            _: &[UserCutoffChange],
+        ) -> Result<(), crate::revocation::StoreError> {
+            std::future::pending().await
+        }
+        async fn app_cutoff(
+            &self,
+            _: &str,
+        ) -> Result<Option<Cutoff>, crate::revocation::StoreError> {
+            std::future::pending().await
+        }
+        async fn set_app_cutoff(
+            &self,
+            _: &str,
+            _: Option<Cutoff>,
+        ) -> Result<(), crate::revocation::StoreError> {
+            std::future::pending().await
+        }
+        fn subscribe(
+            &self,
+        ) -> tokio::sync::broadcast::Receiver<crate::revocation::RevocationEvent> {
+            tokio::sync::broadcast::channel(1).1
+        }
+        async fn ping(&self) -> Result<(), crate::revocation::StoreError> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hung_store_answers_503_or_allows_per_policy_within_the_timeout() {
+        for (policy, expect_allowed) in [
+            (StoreErrorPolicy::Deny, false),
+            (StoreErrorPolicy::Allow, true),
+        ] {
+            let mut config = ConfigSnapshot::with_apps(vec![App::new("key", vec![SECRET.into()])]);
+            config.revocation.on_store_error = policy;
+            config.revocation.store = StoreKind::Memory;
+            config.revocation.store_timeout = Duration::from_millis(50);
+            let cache = RevocationCache::new(Arc::new(Hung), &config.revocation);
+            let gate = Gate::new(ConfigHandle::new(config), cache);
+            let token = TokenBuilder::user("u").sign(SECRET);
+            let started = std::time::Instant::now();
+            let result = get(&gate, "/x?api_key=key", &[("authorization", &token)]).await;
+            assert!(started.elapsed() < Duration::from_secs(1));
+            if expect_allowed {
+                user(result);
+            } else {
+                let error = result.unwrap_err();
+                assert_eq!((error.code(), error.status().as_u16()), (-1, 503));
+            }
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! # chatgate
+//!
+//! An auth gate for Stream-style chat APIs. It validates the JWTs the official Stream
+//! SDKs send (user, server, developer and anonymous), enforces "revoke tokens issued
+//! before" cutoffs, and answers every refusal with the JSON error and code the SDKs
+//! react to. One transport-neutral core, [`Gate`], serves:
+//!
+//! - a tower layer (feature `tower`, axum extractors with `axum`),
+//! - a Pingora edge proxy and the `chatgate` binary (feature `proxy`),
+//! - a TOML config, validated whole and hot-swapped.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod gate;
+pub mod reload;
+pub mod revocation;
+pub mod time;
+pub mod token;
+
+pub use config::{App, ConfigError, ConfigSnapshot};
+pub use error::{AuthError, ErrorResponse};
+pub use gate::{Decision, Gate, Identity, IdentityKind, RequestParts, RevocationEndpoint};
+pub use reload::ConfigHandle;
+pub use token::TokenBuilder;
