@@ -19,6 +19,7 @@ pub mod reload;
 pub mod revocation;
 pub mod time;
 pub mod token;
+pub mod ws;
 
 pub use config::{App, ConfigError, ConfigSnapshot};
 pub use error::{AuthError, ErrorResponse};
