@@ -15,6 +15,8 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod gate;
+#[cfg(feature = "tower")]
+pub mod layer;
 pub mod reload;
 pub mod revocation;
 pub mod time;
@@ -24,5 +26,7 @@ pub mod ws;
 pub use config::{App, ConfigError, ConfigSnapshot};
 pub use error::{AuthError, ErrorResponse};
 pub use gate::{Decision, Gate, Identity, IdentityKind, RequestParts, RevocationEndpoint};
+#[cfg(feature = "tower")]
+pub use layer::{ChatAuth, ChatAuthLayer};
 pub use reload::ConfigHandle;
 pub use token::TokenBuilder;
