@@ -408,10 +408,9 @@ impl Options {
         };
         if let (Some(apps), Ok(Decision::Allow(identity) | Decision::Revocation(identity, _))) =
             (&self.apps, &decision)
+            && !apps.contains(&identity.app)
         {
-            if !apps.iter().any(|app| *app == identity.app) {
-                return Err(AuthError::UnknownApiKey);
-            }
+            return Err(AuthError::UnknownApiKey);
         }
         decision
     }
@@ -427,10 +426,10 @@ impl Options {
             path = parts.uri.path(),
             "request refused"
         );
-        if RequestParts::from(&*parts).is_websocket_upgrade() {
-            if let Some(response) = refuse_upgrade(parts, error) {
-                return response;
-            }
+        if RequestParts::from(&*parts).is_websocket_upgrade()
+            && let Some(response) = refuse_upgrade(parts, error)
+        {
+            return response;
         }
         match &self.renderer {
             Some(render) => render(error),

@@ -13,7 +13,11 @@
 
 pub mod cli;
 pub mod config;
+#[cfg(feature = "axum")]
+pub mod demo;
 pub mod error;
+#[cfg(feature = "axum")]
+pub mod extract;
 pub mod gate;
 #[cfg(feature = "tower")]
 pub mod layer;
