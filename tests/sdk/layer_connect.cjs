@@ -1,0 +1,92 @@
+// Drives the official Stream JS SDK against a chatgate-protected server
+// (tests/sdk_js_layer.rs starts the server and mints the tokens).
+//
+// env: BASE_URL (http://127.0.0.1:PORT), API_KEY, SCENARIO, and the tokens:
+//   connect  VALID_TOKEN                connectUser succeeds, then a channel round trip
+//   refresh  EXPIRED_TOKEN, VALID_TOKEN  a tokenProvider first returns an expired token
+//   badsig   BAD_TOKEN                  connectUser fails with code 43, no reconnects
+// Prints one line `RESULT {...json...}` and exits 0, or prints the failure and exits 1.
+'use strict';
+
+const { StreamChat } = require('stream-chat');
+
+const env = (name) => {
+  const value = process.env[name];
+  if (!value) throw new Error(`missing env ${name}`);
+  return value;
+};
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function client() {
+  return new StreamChat(env('API_KEY'), {
+    baseURL: env('BASE_URL'),
+    allowServerSideConnect: true,
+    timeout: 5000,
+  });
+}
+
+async function connect() {
+  const chat = client();
+  const me = await chat.connectUser({ id: 'alice', name: 'Alice' }, env('VALID_TOKEN'));
+  const channel = chat.channel('messaging', 'general', { name: 'General' });
+  await channel.watch();
+  const sent = await channel.sendMessage({ text: 'hello through chatgate' });
+  const result = {
+    user: chat.user && chat.user.id,
+    connection_id: me && me.connection_id,
+    channel: channel.cid,
+    message_user: sent.message.user.id,
+    messages: channel.state.messages.length,
+  };
+  await chat.disconnectUser();
+  return result;
+}
+
+async function refresh() {
+  const chat = client();
+  const handed = [];
+  const provider = async () => {
+    const token = handed.length === 0 ? env('EXPIRED_TOKEN') : env('VALID_TOKEN');
+    handed.push(token === env('VALID_TOKEN') ? 'valid' : 'expired');
+    return token;
+  };
+  const me = await chat.connectUser({ id: 'alice' }, provider);
+  const result = { user: chat.user && chat.user.id, connection_id: me && me.connection_id, provided: handed };
+  await chat.disconnectUser();
+  return result;
+}
+
+async function badsig() {
+  const chat = client();
+  let error = null;
+  try {
+    await chat.connectUser({ id: 'alice' }, env('BAD_TOKEN'));
+  } catch (e) {
+    error = e;
+  }
+  // Give a reconnect loop, if there were one, time to show on the server's counter.
+  await sleep(3000);
+  let code = null;
+  try {
+    code = JSON.parse(error.message).code;
+  } catch (_) {
+    code = error && error.code;
+  }
+  const result = { failed: error !== null, code, message: error && String(error.message) };
+  await chat.disconnectUser().catch(() => {});
+  return result;
+}
+
+const scenarios = { connect, refresh, badsig };
+
+(async () => {
+  const scenario = scenarios[env('SCENARIO')];
+  if (!scenario) throw new Error(`unknown SCENARIO ${process.env.SCENARIO}`);
+  const result = await scenario();
+  console.log(`RESULT ${JSON.stringify(result)}`);
+  process.exit(0);
+})().catch((error) => {
+  console.error(`FAILED ${error && error.stack ? error.stack : error}`);
+  process.exit(1);
+});
