@@ -58,13 +58,16 @@ fn request(token: &str) -> Request<Body> {
         .unwrap()
 }
 
+/// The router with jwt-authorizer in front.
+type JwtStack = jwt_authorizer::layer::AuthorizationService<
+    tower::util::MapResponse<Router, fn(Response<Body>) -> JwtResponse>,
+    Claims,
+>;
+
 struct Stacks {
     bare: Router,
     chatgate: chatgate::ChatAuth<Router>,
-    jwt: jwt_authorizer::layer::AuthorizationService<
-        tower::util::MapResponse<Router, fn(Response<Body>) -> JwtResponse>,
-        Claims,
-    >,
+    jwt: JwtStack,
 }
 
 async fn stacks() -> Stacks {
