@@ -23,8 +23,10 @@
 //! is code 4) and rebuilds the request with the same bytes. It therefore needs
 //! `B: http_body::Body + From<Bytes>`: `axum::body::Body` (what an axum `Router`'s
 //! layers see) and `http_body_util::Full<Bytes>` qualify. A bare hyper service receives
-//! `Request<hyper::body::Incoming>`, which cannot be rebuilt from bytes: map it first,
-//! e.g. `ServiceBuilder::new().map_request(|r: Request<Incoming>| r.map(axum::body::Body::new))`.
+//! `Request<hyper::body::Incoming>`, which cannot be rebuilt from bytes: wrap it in
+//! [`ReplayBody`] first, `ServiceBuilder::new().map_request(|r: Request<Incoming>|
+//! r.map(ReplayBody::new)).layer(layer).service(svc)` (the inner service then takes
+//! `Request<ReplayBody<Incoming>>`).
 //! Only those two requests are buffered; every other body streams through untouched.
 //!
 //! # WebSocket upgrades
@@ -323,6 +325,98 @@ where
         f.debug_struct("ResponseFuture")
             .field("state", &state)
             .finish()
+    }
+}
+
+// === impl ReplayBody ===
+
+pin_project! {
+    /// A request body the layer can rebuild: the original body streamed through, or the
+    /// bytes it buffered for a revocation endpoint. Lets a bare hyper service use the
+    /// layer: `ServiceBuilder::new().map_request(|r: Request<Incoming>| r.map(ReplayBody::new))`.
+    pub struct ReplayBody<B> {
+        #[pin]
+        inner: Replay<B>,
+    }
+}
+
+pin_project! {
+    #[project = ReplayProj]
+    enum Replay<B> {
+        Streaming {
+            #[pin]
+            body: B,
+        },
+        Buffered {
+            bytes: Option<Bytes>,
+        },
+    }
+}
+
+impl<B> ReplayBody<B> {
+    /// Streams `body` through unchanged.
+    pub fn new(body: B) -> Self {
+        ReplayBody {
+            inner: Replay::Streaming { body },
+        }
+    }
+}
+
+impl<B> From<Bytes> for ReplayBody<B> {
+    fn from(bytes: Bytes) -> Self {
+        ReplayBody {
+            inner: Replay::Buffered {
+                bytes: Some(bytes).filter(|b| !b.is_empty()),
+            },
+        }
+    }
+}
+
+impl<B> http_body::Body for ReplayBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        match self.project().inner.project() {
+            ReplayProj::Streaming { body } => body.poll_frame(cx),
+            ReplayProj::Buffered { bytes } => {
+                Poll::Ready(bytes.take().map(|b| Ok(http_body::Frame::data(b))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Replay::Streaming { body } => body.is_end_stream(),
+            Replay::Buffered { bytes } => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match &self.inner {
+            Replay::Streaming { body } => body.size_hint(),
+            Replay::Buffered { bytes } => {
+                http_body::SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for ReplayBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Replay::Streaming { .. } => f.write_str("ReplayBody::Streaming"),
+            Replay::Buffered { bytes } => f
+                .debug_struct("ReplayBody::Buffered")
+                .field("len", &bytes.as_ref().map_or(0, Bytes::len))
+                .finish(),
+        }
     }
 }
 
@@ -794,5 +888,17 @@ mod tests {
         )
         .await;
         assert_eq!((status, code(&body)), (StatusCode::UNAUTHORIZED, 5));
+    }
+
+    #[tokio::test]
+    async fn a_replay_body_streams_the_original_or_yields_its_bytes_once() {
+        use http_body::Body as _;
+        let buffered: ReplayBody<http_body_util::Full<Bytes>> = Bytes::from_static(b"abc").into();
+        assert_eq!(buffered.size_hint().exact(), Some(3));
+        assert_eq!(&buffered.collect().await.unwrap().to_bytes()[..], b"abc");
+        let empty: ReplayBody<http_body_util::Full<Bytes>> = Bytes::new().into();
+        assert!(empty.is_end_stream());
+        let streamed = ReplayBody::new(http_body_util::Full::new(Bytes::from_static(b"xyz")));
+        assert_eq!(&streamed.collect().await.unwrap().to_bytes()[..], b"xyz");
     }
 }
