@@ -65,6 +65,7 @@ type JwtStack = jwt_authorizer::layer::AuthorizationService<
 >;
 
 struct Stacks {
+    gate: Gate,
     bare: Router,
     chatgate: chatgate::ChatAuth<Router>,
     jwt: JwtStack,
@@ -80,6 +81,7 @@ async fn stacks() -> Stacks {
         .unwrap();
     let wrap: fn(Response<Body>) -> JwtResponse = JwtResponse;
     Stacks {
+        gate: gate.clone(),
         bare: router(),
         chatgate: ChatAuthLayer::new(gate).layer(router()),
         jwt: jwt_authorizer::IntoLayer::into_layer(authorizer)
@@ -123,7 +125,18 @@ fn bench_layers(c: &mut Criterion) {
     group.bench_function("jwt_authorizer_layer", |b| {
         b.iter(|| rt.block_on(async { black_box(send(&mut stacks.jwt, &token).await) }))
     });
+    group.bench_function("gate_check_alone", |b| {
+        b.iter(|| rt.block_on(check_only(&stacks.gate, &token)))
+    });
     group.finish();
+}
+
+/// The core alone: build the same request, run `Gate::check` on its parts.
+async fn check_only(gate: &Gate, token: &str) -> bool {
+    let (parts, _) = request(token).into_parts();
+    gate.check(chatgate::RequestParts::from(&parts))
+        .await
+        .is_ok()
 }
 
 /// Interleaved rounds so that all three see the same machine state; the best round
@@ -134,7 +147,7 @@ fn side_by_side() {
     let rt = runtime();
     let mut stacks = rt.block_on(stacks());
     let token = token();
-    let mut best = [f64::MAX; 3];
+    let mut best = [f64::MAX; 5];
     for _ in 0..ROUNDS {
         for (i, slot) in best.iter_mut().enumerate() {
             let started = Instant::now();
@@ -143,7 +156,9 @@ fn side_by_side() {
                     match i {
                         0 => drop(black_box(send(&mut stacks.bare, &token).await)),
                         1 => drop(black_box(send(&mut stacks.chatgate, &token).await)),
-                        _ => drop(black_box(send(&mut stacks.jwt, &token).await)),
+                        2 => drop(black_box(send(&mut stacks.jwt, &token).await)),
+                        3 => assert!(check_only(&stacks.gate, &token).await),
+                        _ => drop(black_box(request(&token))),
                     }
                 }
             });
@@ -151,11 +166,16 @@ fn side_by_side() {
             *slot = slot.min(ns);
         }
     }
-    let [bare, chat, jwt] = best;
+    let [bare, chat, jwt, check, build] = best;
     println!("\nside by side, best of {ROUNDS} rounds x {PER_ROUND} requests:");
     println!("  bare router           {bare:8.0} ns/request");
     println!("  chatgate layer        {chat:8.0} ns/request");
     println!("  jwt-authorizer layer  {jwt:8.0} ns/request");
+    println!("  Gate::check alone     {:8.0} ns/request", check - build);
+    println!(
+        "  the layer's own part  {:8.0} ns/request (overhead minus Gate::check)",
+        (chat - bare) - (check - build)
+    );
     println!(
         "  chatgate overhead over bare: {:.0} ns (target <= 1000), ratio chatgate/bare = {:.2}",
         chat - bare,
