@@ -1,6 +1,7 @@
 //! The official Stream JS SDK (`stream-chat`, Node 20) against the demo chat API
 //! behind `ChatAuthLayer` (the composition of `examples/axum_chat_api.rs`): connect,
-//! refresh an expired token through a token provider, and fail once with code 43.
+//! refresh an expired token through a token provider, fail once with code 43, and
+//! revoke tokens with the server-side client (`revokeUserToken`, `revokeTokens`).
 //! Skips with a notice when `node` or `tests/sdk/node_modules` is missing.
 
 use chatgate::demo::{DemoState, router};
@@ -147,4 +148,28 @@ async fn a_bad_signature_fails_with_code_43_and_no_reconnect_loop() {
     assert_eq!(result["code"], 43, "{result}");
     // The script waited 3 s after the failure: one attempt, no retries.
     assert_eq!(connects.load(Ordering::SeqCst), 1, "{result}");
+}
+
+#[tokio::test]
+async fn the_server_sdk_revokes_user_and_app_tokens_through_the_layer() {
+    if !sdk_available() {
+        return;
+    }
+    let (addr, _) = start().await;
+    let old = TokenBuilder::user("alice")
+        .issued_at(now_unix() - 100)
+        .sign(SECRET);
+    let result = run_node(
+        addr,
+        "revoke",
+        &[("SECRET", SECRET.to_owned()), ("OLD_TOKEN", old)],
+    )
+    .await;
+    let connected = serde_json::json!({"connected": "alice"});
+    let revoked = serde_json::json!({"code": 40});
+    assert_eq!(result["before"], connected, "{result}");
+    assert_eq!(result["user_revoked"], revoked, "{result}");
+    assert_eq!(result["user_restored"], connected, "{result}");
+    assert_eq!(result["app_revoked"], revoked, "{result}");
+    assert_eq!(result["app_restored"], connected, "{result}");
 }

@@ -5,6 +5,8 @@
 //   connect  VALID_TOKEN                connectUser succeeds, then a channel round trip
 //   refresh  EXPIRED_TOKEN, VALID_TOKEN  a tokenProvider first returns an expired token
 //   badsig   BAD_TOKEN                  connectUser fails with code 43, no reconnects
+//   revoke   SECRET, OLD_TOKEN          a server client revokes alice's tokens, then the
+//                                       app's, through PATCH /users and PATCH /app
 // Prints one line `RESULT {...json...}` and exits 0, or prints the failure and exits 1.
 'use strict';
 
@@ -78,7 +80,40 @@ async function badsig() {
   return result;
 }
 
-const scenarios = { connect, refresh, badsig };
+// connectUser with a static token: the user id on success, the error code on failure.
+async function tryConnect(token) {
+  const chat = client();
+  try {
+    await chat.connectUser({ id: 'alice' }, token);
+    const id = chat.user && chat.user.id;
+    await chat.disconnectUser();
+    return { connected: id };
+  } catch (error) {
+    await chat.disconnectUser().catch(() => {});
+    return { code: JSON.parse(error.message).code };
+  }
+}
+
+async function revoke() {
+  const server = new StreamChat(env('API_KEY'), env('SECRET'), {
+    baseURL: env('BASE_URL'),
+    timeout: 5000,
+  });
+  const old = env('OLD_TOKEN');
+  const steps = {};
+  steps.before = await tryConnect(old);
+  await server.revokeUserToken('alice');
+  steps.user_revoked = await tryConnect(old);
+  await server.revokeUserToken('alice', null);
+  steps.user_restored = await tryConnect(old);
+  await server.revokeTokens(new Date());
+  steps.app_revoked = await tryConnect(old);
+  await server.revokeTokens(null);
+  steps.app_restored = await tryConnect(old);
+  return steps;
+}
+
+const scenarios = { connect, refresh, badsig, revoke };
 
 (async () => {
   const scenario = scenarios[env('SCENARIO')];
