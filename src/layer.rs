@@ -76,16 +76,22 @@ type Authorizing<B> = Pin<Box<dyn Future<Output = Result<Request<B>, Response<By
 /// A [`tower::Layer`] that authenticates Stream-style requests with a [`Gate`].
 #[derive(Clone)]
 pub struct ChatAuthLayer {
-    gate: Gate,
-    options: Arc<Options>,
+    shared: Arc<Shared>,
 }
 
 /// The middleware [`ChatAuthLayer`] builds around a service.
 #[derive(Clone)]
 pub struct ChatAuth<S> {
     inner: S,
+    shared: Arc<Shared>,
+}
+
+/// The gate and the options in one allocation: a request clones one `Arc`, not four
+/// (refcounts shared by every core are contended cache lines).
+#[derive(Clone)]
+struct Shared {
     gate: Gate,
-    options: Arc<Options>,
+    options: Options,
 }
 
 /// What the builder methods set; shared by every clone of the service.
@@ -133,15 +139,17 @@ impl ChatAuthLayer {
     /// A layer that checks every request with `gate`, as its config says.
     pub fn new(gate: Gate) -> Self {
         ChatAuthLayer {
-            gate,
-            options: Arc::default(),
+            shared: Arc::new(Shared {
+                gate,
+                options: Options::default(),
+            }),
         }
     }
 
     /// Serves `path` without auth, in addition to the config's `[auth] public_paths`.
     /// A trailing `*` makes it a prefix (`/static/*`).
     pub fn public_path(mut self, path: impl Into<String>) -> Self {
-        let options = Arc::make_mut(&mut self.options);
+        let options = &mut Arc::make_mut(&mut self.shared).options;
         options.public_entries.push(path.into());
         options.public_paths = PublicPaths::new(options.public_entries.iter().cloned());
         self
@@ -154,7 +162,7 @@ impl ChatAuthLayer {
         I: IntoIterator<Item = K>,
         K: AsRef<str>,
     {
-        Arc::make_mut(&mut self.options).apps = Some(
+        Arc::make_mut(&mut self.shared).options.apps = Some(
             api_keys
                 .into_iter()
                 .map(|k| Arc::from(k.as_ref()))
@@ -166,7 +174,7 @@ impl ChatAuthLayer {
     /// Overrides the apps' `allow_anonymous` for this layer: `false` refuses anonymous
     /// users (code 5) even where the config allows them, `true` admits them for every app.
     pub fn allow_anonymous(mut self, allow: bool) -> Self {
-        Arc::make_mut(&mut self.options).anonymous = Some(allow);
+        Arc::make_mut(&mut self.shared).options.anonymous = Some(allow);
         self
     }
 
@@ -176,13 +184,13 @@ impl ChatAuthLayer {
     where
         F: Fn(&AuthError) -> Response<Bytes> + Send + Sync + 'static,
     {
-        Arc::make_mut(&mut self.options).renderer = Some(Arc::new(render));
+        Arc::make_mut(&mut self.shared).options.renderer = Some(Arc::new(render));
         self
     }
 
     /// The gate this layer checks with.
     pub fn gate(&self) -> &Gate {
-        &self.gate
+        &self.shared.gate
     }
 }
 
@@ -192,8 +200,7 @@ impl<S> Layer<S> for ChatAuthLayer {
     fn layer(&self, inner: S) -> ChatAuth<S> {
         ChatAuth {
             inner,
-            gate: self.gate.clone(),
-            options: self.options.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -201,8 +208,8 @@ impl<S> Layer<S> for ChatAuthLayer {
 impl std::fmt::Debug for ChatAuthLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatAuthLayer")
-            .field("config", self.gate.config())
-            .field("options", &self.options)
+            .field("config", self.shared.gate.config())
+            .field("options", &self.shared.options)
             .finish()
     }
 }
@@ -236,7 +243,7 @@ impl<S: std::fmt::Debug> std::fmt::Debug for ChatAuth<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatAuth")
             .field("inner", &self.inner)
-            .field("options", &self.options)
+            .field("options", &self.shared.options)
             .finish()
     }
 }
@@ -258,7 +265,12 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        if self.options.public_paths.contains(request.uri().path()) {
+        if self
+            .shared
+            .options
+            .public_paths
+            .contains(request.uri().path())
+        {
             return ResponseFuture {
                 state: State::Calling {
                     future: self.inner.call(request),
@@ -271,7 +283,7 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         ResponseFuture {
             state: State::Authorizing {
-                check: Box::pin(authorize(self.gate.clone(), self.options.clone(), request)),
+                check: Box::pin(authorize(self.shared.clone(), request)),
                 inner: Some(inner),
             },
         }
@@ -439,8 +451,7 @@ fn render(error: ErrorResponse) -> Response<Bytes> {
 }
 
 async fn authorize<B>(
-    gate: Gate,
-    options: Arc<Options>,
+    shared: Arc<Shared>,
     request: Request<B>,
 ) -> Result<Request<B>, Response<Bytes>>
 where
@@ -451,8 +462,9 @@ where
     // Split first: only the parts are borrowed across the check, and the body (often
     // not Sync) stays owned.
     let (mut parts, body) = request.into_parts();
+    let Shared { gate, options } = &*shared;
     let decision = gate.check(RequestParts::from(&parts)).await;
-    let decision = options.review(&gate, &parts, decision);
+    let decision = options.review(gate, &parts, decision);
     let identity = match decision {
         Ok(Decision::Public) => return Ok(Request::from_parts(parts, body)),
         Ok(Decision::Allow(identity)) => identity,
