@@ -70,7 +70,10 @@ pub type RejectionRenderer = Arc<dyn Fn(&AuthError) -> Response<Bytes> + Send + 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The future that authorizes one request: yields the request to forward (with its
-/// identity inserted) or the refusal to send.
+/// identity inserted) or the refusal to send. Boxed, the one allocation the layer adds:
+/// `Gate::check` is an `async fn`, whose future has no name on stable Rust. Public
+/// paths and the inner service's future are not boxed (benches/layer.rs measures the
+/// layer's own share at about 230 ns a request).
 type Authorizing<B> = Pin<Box<dyn Future<Output = Result<Request<B>, Response<Bytes>>> + Send>>;
 
 /// A [`tower::Layer`] that authenticates Stream-style requests with a [`Gate`].
