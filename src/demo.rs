@@ -15,10 +15,11 @@
 //! | `POST /channels/{type}/{id}/message` | adds a message, pushes `message.new` to sockets |
 //! | `PATCH /users` | partial user update (`set` / `unset`), Stream's response shape |
 //! | `PATCH /app` | accepts app settings (chatgate applies the revocation field) |
-//! | `GET /connect` | WebSocket: `health.check` with `connection_id` and `me` first |
+//! | `GET /connect` | WebSocket: `health.check` with `connection_id` and `me` first; closes with 4000 when the layer's [`LiveSession`] ends |
 //! | `GET /healthz` | `ok` |
 
 use crate::gate::{Identity, IdentityKind};
+use crate::session::LiveSession;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Path, State};
 use axum::response::{IntoResponse, Response};
@@ -481,6 +482,7 @@ async fn update_app(Json(_settings): Json<Value>) -> Json<Value> {
 async fn connect(
     State(state): State<DemoState>,
     caller: Caller,
+    live: Option<LiveSession>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let user = match caller.user_id {
@@ -493,12 +495,13 @@ async fn connect(
             );
         }
     };
-    upgrade.on_upgrade(move |socket| session(socket, state, user))
+    upgrade.on_upgrade(move |socket| session(socket, state, user, live))
 }
 
 /// One client connection: `health.check` with `connection_id` and `me` first (the JS
 /// SDK resolves `connectUser` on it), answers to the client's pings, pushed events.
-async fn session(mut socket: WebSocket, state: DemoState, user: String) {
+/// Behind the layer, closes with 4000 when the token expires or is revoked.
+async fn session(mut socket: WebSocket, state: DemoState, user: String, live: Option<LiveSession>) {
     let n = state.next_id();
     let connection_id = format!(
         "{:08x}-{:04x}-{:04x}-0000-{:012x}",
@@ -543,6 +546,13 @@ async fn session(mut socket: WebSocket, state: DemoState, user: String) {
     let mut events = state.inner.events.subscribe();
     let mut shutdown = state.inner.shutdown.subscribe();
     let mut closing = *shutdown.borrow_and_update();
+    let token_end = async {
+        match &live {
+            Some(live) => live.ended().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(token_end);
     loop {
         if closing {
             let _ = socket
@@ -579,6 +589,13 @@ async fn session(mut socket: WebSocket, state: DemoState, user: String) {
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
             },
+            end = &mut token_end => {
+                let _ = socket.send(Message::Close(Some(CloseFrame {
+                    code: end.close_code(),
+                    reason: Utf8Bytes::from_static(end.reason()),
+                }))).await;
+                return;
+            }
             changed = shutdown.changed() => {
                 // A dropped sender means the state is gone: close as on shutdown.
                 closing = changed.is_err() || *shutdown.borrow_and_update();

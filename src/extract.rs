@@ -30,6 +30,7 @@
 
 use crate::error::AuthError;
 use crate::gate::{Identity, IdentityKind};
+use crate::session::LiveSession;
 use axum::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum::response::{IntoResponse, Response};
 use http::request::Parts;
@@ -108,6 +109,15 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for Identity {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Option<Self>, Infallible> {
         Ok(parts.extensions.get::<Identity>().cloned())
+    }
+}
+
+/// `Option<LiveSession>`: present on the WebSocket upgrades the layer admitted.
+impl<S: Send + Sync> OptionalFromRequestParts<S> for LiveSession {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Option<Self>, Infallible> {
+        Ok(parts.extensions.get::<LiveSession>().cloned())
     }
 }
 

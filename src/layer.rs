@@ -37,6 +37,9 @@
 //! request extensions (axum::serve and hyper's HTTP/1 server with upgrades put it
 //! there); without it, or without `Sec-WebSocket-Key`, the refusal is the HTTP error.
 //!
+//! An admitted upgrade also gets a [`LiveSession`] in its extensions: the handler awaits
+//! [`LiveSession::ended`] and closes with 4000 when the token expires or is revoked.
+//!
 //! # Hot reload
 //!
 //! The layer holds a [`Gate`], which holds the [`crate::ConfigHandle`]: a
@@ -45,6 +48,7 @@
 use crate::config::PublicPaths;
 use crate::error::{AuthError, ErrorResponse};
 use crate::gate::{Decision, Gate, Identity, IdentityKind, RequestParts};
+use crate::session::LiveSession;
 use crate::ws;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -492,6 +496,11 @@ where
         }
         Err(error) => return Err(options.refuse(&mut parts, &error)),
     };
+    if RequestParts::from(&parts).is_websocket_upgrade() {
+        parts
+            .extensions
+            .insert(LiveSession::new(gate.clone(), identity.clone()));
+    }
     parts.extensions.insert(identity);
     Ok(Request::from_parts(parts, body))
 }

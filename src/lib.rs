@@ -23,6 +23,7 @@ pub mod gate;
 pub mod layer;
 pub mod reload;
 pub mod revocation;
+pub mod session;
 pub mod time;
 pub mod token;
 pub mod ws;

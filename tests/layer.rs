@@ -470,3 +470,75 @@ async fn a_refused_websocket_gets_101_one_error_frame_and_close_1000() {
     })
     .await
 }
+
+/// Connects and reads the health.check, so the session is admitted and running.
+async fn open_session(
+    url: String,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let Some(Ok(Message::Text(first))) = socket.next().await else {
+        panic!("expected the health.check first");
+    };
+    assert_eq!(
+        serde_json::from_str::<Value>(&first).unwrap()["type"],
+        "health.check"
+    );
+    socket
+}
+
+/// Reads frames until the server closes; returns the close code and reason.
+async fn close_of<S>(socket: &mut S) -> (u16, String)
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    for _ in 0..8 {
+        match socket.next().await {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                return (u16::from(frame.code), frame.reason.to_string());
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+    panic!("no close frame within 8 frames");
+}
+
+#[tokio::test]
+async fn a_live_websocket_closes_with_4000_when_its_user_is_revoked() {
+    within(async {
+        let server = start(config(default_apps())).await;
+        let now = now_unix();
+        let token = TokenBuilder::user("alice").issued_at(now - 10).sign(SECRET);
+        let mut socket = open_session(server.ws_url(&token, r#"{"user_id":"alice"}"#)).await;
+        let body = format!(
+            r#"{{"users":[{{"id":"alice","set":{{"revoke_tokens_issued_before":{now}}}}}]}}"#
+        );
+        let server_token = TokenBuilder::server().sign(SECRET);
+        assert_eq!(
+            server
+                .patch("/users?api_key=key", &server_token, &body)
+                .await
+                .0,
+            200
+        );
+        let (code, reason) = close_of(&mut socket).await;
+        assert_eq!((code, reason.as_str()), (4000, "token revoked"));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_live_websocket_closes_with_4000_when_its_token_expires() {
+    within(async {
+        let mut snapshot = config(default_apps());
+        snapshot.auth.leeway_seconds = 0;
+        let server = start(snapshot).await;
+        let token = TokenBuilder::user("alice")
+            .expires_at(now_unix() + 2)
+            .sign(SECRET);
+        let mut socket = open_session(server.ws_url(&token, r#"{"user_id":"alice"}"#)).await;
+        let (code, reason) = close_of(&mut socket).await;
+        assert_eq!((code, reason.as_str()), (4000, "token expired"));
+    })
+    .await
+}
