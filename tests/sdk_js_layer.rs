@@ -1,7 +1,8 @@
 //! The official Stream JS SDK (`stream-chat`, Node 20) against the demo chat API
 //! behind `ChatAuthLayer` (the composition of `examples/axum_chat_api.rs`): connect,
 //! refresh an expired token through a token provider, fail once with code 43, and
-//! revoke tokens with the server-side client (`revokeUserToken`, `revokeTokens`).
+//! revoke tokens with the server-side client (`revokeUserToken`, `revokeTokens`), and
+//! recover from a live session closed by a revocation.
 //! Skips with a notice when `node` or `tests/sdk/node_modules` is missing.
 
 use chatgate::demo::{DemoState, router};
@@ -172,4 +173,31 @@ async fn the_server_sdk_revokes_user_and_app_tokens_through_the_layer() {
     assert_eq!(result["user_restored"], connected, "{result}");
     assert_eq!(result["app_revoked"], revoked, "{result}");
     assert_eq!(result["app_restored"], connected, "{result}");
+}
+
+#[tokio::test]
+async fn a_revoked_live_session_is_closed_and_the_sdk_refreshes_and_recovers() {
+    if !sdk_available() {
+        return;
+    }
+    let (addr, connects) = start().await;
+    let now = now_unix();
+    let valid = TokenBuilder::user("alice").issued_at(now - 10).sign(SECRET);
+    // Issued after any cutoff the revocation can set (cutoffs round up to whole seconds).
+    let next = TokenBuilder::user("alice").issued_at(now + 2).sign(SECRET);
+    let result = run_node(
+        addr,
+        "live",
+        &[
+            ("SECRET", SECRET.to_owned()),
+            ("VALID_TOKEN", valid),
+            ("NEXT_TOKEN", next),
+        ],
+    )
+    .await;
+    assert_eq!(result["user"], "alice", "{result}");
+    assert_eq!(result["provided"], 2, "{result}");
+    assert_ne!(result["first"], result["second"], "{result}");
+    // connect, reconnect refused with code 40, reconnect with the new token
+    assert_eq!(connects.load(Ordering::SeqCst), 3, "{result}");
 }

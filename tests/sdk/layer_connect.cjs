@@ -7,6 +7,9 @@
 //   badsig   BAD_TOKEN                  connectUser fails with code 43, no reconnects
 //   revoke   SECRET, OLD_TOKEN          a server client revokes alice's tokens, then the
 //                                       app's, through PATCH /users and PATCH /app
+//   live     SECRET, VALID_TOKEN, NEXT_TOKEN  connected with a tokenProvider, alice is
+//                                       revoked: the socket closes (4000), the SDK
+//                                       refreshes its token and recovers
 // Prints one line `RESULT {...json...}` and exits 0, or prints the failure and exits 1.
 'use strict';
 
@@ -113,7 +116,31 @@ async function revoke() {
   return steps;
 }
 
-const scenarios = { connect, refresh, badsig, revoke };
+async function live() {
+  const server = new StreamChat(env('API_KEY'), env('SECRET'), {
+    baseURL: env('BASE_URL'),
+    timeout: 5000,
+  });
+  const chat = client();
+  const tokens = [env('VALID_TOKEN'), env('NEXT_TOKEN')];
+  let provided = 0;
+  const provider = async () => tokens[Math.min(provided++, tokens.length - 1)];
+  await chat.connectUser({ id: 'alice' }, provider);
+  const first = chat._getConnectionID();
+  const recovered = new Promise((resolve) => chat.on('connection.recovered', resolve));
+  await server.revokeUserToken('alice');
+  await Promise.race([
+    recovered,
+    sleep(30000).then(() => {
+      throw new Error('the SDK did not recover after the revocation');
+    }),
+  ]);
+  const result = { provided, first, second: chat._getConnectionID(), user: chat.user && chat.user.id };
+  await chat.disconnectUser();
+  return result;
+}
+
+const scenarios = { connect, refresh, badsig, revoke, live };
 
 (async () => {
   const scenario = scenarios[env('SCENARIO')];
