@@ -40,6 +40,12 @@
 //! An admitted upgrade also gets a [`LiveSession`] in its extensions: the handler awaits
 //! [`LiveSession::ended`] and closes with 4000 when the token expires or is revoked.
 //!
+//! # Ordering with other layers
+//!
+//! Browsers send CORS preflights (`OPTIONS`) without credentials: put tower-http's
+//! `CorsLayer` outside (after, in `Router::layer` order) this layer so preflights are
+//! answered before the gate sees them.
+//!
 //! # Hot reload
 //!
 //! The layer holds a [`Gate`], which holds the [`crate::ConfigHandle`]: a
