@@ -168,12 +168,11 @@ impl std::fmt::Debug for ConfigWatcher {
 /// Re-read on every event, as the link itself may have been replaced.
 fn watched_names(path: &Path) -> Vec<OsString> {
     let mut names: Vec<OsString> = path.file_name().map(OsString::from).into_iter().collect();
-    if let Ok(target) = std::fs::read_link(path) {
-        if let Some(std::path::Component::Normal(first)) = target.components().next() {
-            if !names.iter().any(|n| n == first) {
-                names.push(first.to_owned());
-            }
-        }
+    if let Ok(target) = std::fs::read_link(path)
+        && let Some(std::path::Component::Normal(first)) = target.components().next()
+        && !names.iter().any(|n| n == first)
+    {
+        names.push(first.to_owned());
     }
     names
 }
