@@ -483,7 +483,39 @@ mod tests {
         // the live part of the same edit is applied
         assert_eq!(running.app("k").unwrap().signing_secret(), "b");
         assert_eq!(handle.status().restart_required, restart_required);
-        // reverting the restart-only change empties the list
+        drop(running);
+        // every restart-only setting at once: none may leak into the live snapshot
+        let before = handle.load_full();
+        let text = config("\"b\"", "127.0.0.1:8282")
+            .replace(
+                "[server]\n",
+                "[server]\nadmin_listen = \"off\"\nthreads = 3\nwork_stealing = true\n",
+            )
+            .replace(
+                "store = \"memory\"",
+                "store = \"redis\"\npath = \"other.db\"\nredis_url = \"redis://10.0.0.1\"",
+            )
+            + "\n[upstream]\ntls = true\ndemo = true\n";
+        std::fs::write(&path, text).unwrap();
+        let ReloadOutcome::Applied {
+            restart_required, ..
+        } = handle.reload().unwrap()
+        else {
+            panic!("not applied")
+        };
+        assert_eq!(
+            restart_required,
+            [
+                "server.listen",
+                "server.admin_listen",
+                "server.threads",
+                "server.work_stealing",
+                "revocation.store",
+                "upstream.tls"
+            ]
+        );
+        assert!(before.restart_required_changes(&handle.load()).is_empty());
+        // reverting the restart-only changes empties the list
         std::fs::write(&path, config("\"b\"", "127.0.0.1:8080")).unwrap();
         handle.reload().unwrap();
         assert!(handle.status().restart_required.is_empty());
