@@ -379,3 +379,46 @@ async fn a_stopped_watcher_ends_and_a_handle_without_a_file_cannot_be_watched() 
         Err(chatgate::reload::WatchError::NoFile)
     ));
 }
+
+#[tokio::test]
+async fn a_slow_in_place_write_is_applied_whole_not_half_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        config_text("", &[("k", &["one"]), ("other", &["o"])]),
+    )
+    .unwrap();
+    let f = Fixture::at(dir, path, false);
+    // A generous max delay so that only the writer's close, not the clock, ends the wait.
+    let watcher = ConfigWatcher::new(f.config.clone())
+        .unwrap()
+        .with_max_delay(Duration::from_secs(10))
+        .spawn();
+    let full = config_text("", &[("k", &["one"]), ("other", &["o", "two"])]);
+    // Cut between the apps: the first half alone is a valid config without `other`.
+    let cut = full.find("[[apps]]\napi_key = \"other\"").unwrap();
+    let writer_path = f.path.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&writer_path).unwrap();
+        file.write_all(full[..cut].as_bytes()).unwrap();
+        file.flush().unwrap();
+        // longer than the quiet period: a debounce alone would load the half file
+        std::thread::sleep(Duration::from_millis(400));
+        file.write_all(full[cut..].as_bytes()).unwrap();
+    })
+    .await
+    .unwrap();
+    wait_for(PATIENCE, "the whole file applied", || {
+        secrets_of(&f.config, "other") == Some(2)
+    })
+    .await;
+    let status = f.config.status();
+    assert_eq!(
+        (status.version, status.reloads_ok, status.reloads_failed),
+        (2, 1, 0),
+        "the half-written file was loaded: {status:?}"
+    );
+    watcher.stop().await;
+}

@@ -23,7 +23,7 @@
 mod watcher;
 
 pub use watcher::{
-    BackgroundTask, ConfigWatcher, DEFAULT_QUIET, WatchError, reload_on_sighup,
+    BackgroundTask, ConfigWatcher, DEFAULT_MAX_DELAY, DEFAULT_QUIET, WatchError, reload_on_sighup,
     spawn_sighup_reloader,
 };
 

@@ -8,10 +8,12 @@
 //! so spurious events are no-ops.
 
 use super::ConfigHandle;
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{Event, EventKind, RecursiveMode, Watcher};
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -20,8 +22,11 @@ use tokio::time::Instant;
 /// Quiet period after the last event before reloading: long enough for a write in
 /// several syscalls or a rename sequence to finish.
 pub const DEFAULT_QUIET: Duration = Duration::from_millis(150);
-/// Longest a reload waits for quiet: a directory written continuously must not starve it.
-const MAX_DELAY: Duration = Duration::from_secs(1);
+/// Longest a reload waits for quiet and for a writer to close the file: a directory
+/// written continuously must not starve reloads.
+pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(1);
+/// Upper bound of [`ConfigWatcher::with_max_delay`].
+const MAX_DELAY_LIMIT: Duration = Duration::from_secs(10);
 
 /// Why a watcher could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +53,9 @@ pub struct ConfigWatcher {
     // Dropping it ends the OS watch and closes `wakeups`.
     _watcher: notify::RecommendedWatcher,
     wakeups: mpsc::Receiver<()>,
+    writer: Arc<AtomicBool>,
     quiet: Duration,
+    max_delay: Duration,
 }
 
 /// A spawned background task that stops when this guard is dropped or
@@ -72,9 +79,16 @@ impl ConfigWatcher {
         let watched = path.clone();
         // Capacity 1: one pending wake-up already means "reload soon"; more add nothing.
         let (wake, wakeups) = mpsc::channel(1);
+        let writer = Arc::new(AtomicBool::new(false));
+        let writing = writer.clone();
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
             let relevant = match &event {
-                Ok(event) => is_relevant(event, &watched_names(&watched)),
+                Ok(event) => {
+                    if let Some(open) = writer_open_after(event, watched.file_name()) {
+                        writing.store(open, Ordering::SeqCst);
+                    }
+                    is_relevant(event, &watched_names(&watched))
+                }
                 Err(error) => {
                     tracing::warn!(target: "chatgate::reload", %error, "file watch error; reloading to be safe");
                     true
@@ -99,13 +113,23 @@ impl ConfigWatcher {
             handle,
             _watcher: watcher,
             wakeups,
+            writer,
             quiet: DEFAULT_QUIET,
+            max_delay: DEFAULT_MAX_DELAY,
         })
     }
 
-    /// Sets the quiet period (default [`DEFAULT_QUIET`]; at most 1 s).
+    /// Sets the quiet period (default [`DEFAULT_QUIET`]; at most the max delay).
     pub fn with_quiet_period(mut self, quiet: Duration) -> Self {
-        self.quiet = quiet.min(MAX_DELAY);
+        self.quiet = quiet.min(self.max_delay);
+        self
+    }
+
+    /// Sets how long a reload may wait for quiet and for an in-place writer to close the
+    /// file (default [`DEFAULT_MAX_DELAY`]; at most 10 s).
+    pub fn with_max_delay(mut self, max_delay: Duration) -> Self {
+        self.max_delay = max_delay.min(MAX_DELAY_LIMIT);
+        self.quiet = self.quiet.min(self.max_delay);
         self
     }
 
@@ -131,19 +155,25 @@ impl ConfigWatcher {
         BackgroundTask::spawn(|stopped| self.run(stopped))
     }
 
-    /// Waits until no event came for the quiet period, or [`MAX_DELAY`] passed since the
-    /// first one. False when shut down meanwhile.
+    /// Waits until no event came for the quiet period and no one is writing the file in
+    /// place (a half-written file is often valid TOML with apps missing), or until the
+    /// max delay passed since the first event. False when shut down meanwhile.
     async fn settle(
         &mut self,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> bool {
-        let latest = Instant::now() + MAX_DELAY;
+        let latest = Instant::now() + self.max_delay;
         loop {
             let until = (Instant::now() + self.quiet).min(latest);
             tokio::select! {
                 biased;
                 () = shutdown.as_mut() => return false,
-                () = tokio::time::sleep_until(until) => return true,
+                () = tokio::time::sleep_until(until) => {
+                    if !self.writer.load(Ordering::SeqCst) {
+                        return true;
+                    }
+                    tracing::debug!(target: "chatgate::reload", "the config file is still open for writing; waiting");
+                }
                 woke = self.wakeups.recv() => if woke.is_none() { return false },
             }
             if Instant::now() >= latest {
@@ -158,6 +188,7 @@ impl std::fmt::Debug for ConfigWatcher {
         f.debug_struct("ConfigWatcher")
             .field("path", &self.handle.path())
             .field("quiet", &self.quiet)
+            .field("max_delay", &self.max_delay)
             .finish()
     }
 }
@@ -175,6 +206,27 @@ fn watched_names(path: &Path) -> Vec<OsString> {
         names.push(first.to_owned());
     }
     names
+}
+
+/// Whether someone is writing the config file in place after `event`: from a data write
+/// (not a create: `ln -s` creates and never closes a writer) until the writer closes it (inotify's close-write), or it is renamed
+/// or removed. `None`: no news. Backends without close events make every in-place
+/// write wait the max delay, which is safe.
+fn writer_open_after(event: &Event, config_name: Option<&OsStr>) -> Option<bool> {
+    let about_config = event.paths.iter().any(|path| {
+        path.file_name()
+            .is_some_and(|name| Some(name) == config_name)
+    });
+    if !about_config {
+        return None;
+    }
+    match event.kind {
+        EventKind::Modify(ModifyKind::Data(_)) => Some(true),
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Modify(ModifyKind::Name(_))
+        | EventKind::Remove(_) => Some(false),
+        _ => None,
+    }
 }
 
 /// Opens and reads (ours included) change nothing; a closed writer, a create, a
@@ -272,7 +324,7 @@ impl BackgroundTask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{CreateKind, ModifyKind, RemoveKind, RenameMode};
+    use notify::event::{CreateKind, DataChange, RemoveKind, RenameMode};
 
     fn event(kind: EventKind, paths: &[&str]) -> Event {
         let mut event = Event::new(kind);
@@ -287,7 +339,7 @@ mod tests {
         let names = [OsString::from("config.toml")];
         let relevant = [
             event(
-                EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any)),
+                EventKind::Modify(ModifyKind::Data(DataChange::Any)),
                 &["/d/config.toml"],
             ),
             event(
@@ -320,7 +372,7 @@ mod tests {
                 &["/d/config.toml"],
             ),
             event(
-                EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any)),
+                EventKind::Modify(ModifyKind::Data(DataChange::Any)),
                 &["/d/chatgate-revocations.db"],
             ),
         ];
@@ -341,5 +393,34 @@ mod tests {
             watched_names(&dir.path().join("v1/chat.toml")),
             [OsString::from("chat.toml")]
         );
+    }
+
+    #[test]
+    fn an_in_place_writer_is_open_from_its_first_write_until_it_closes() {
+        let name = Some(OsStr::new("config.toml"));
+        let on = |kind| writer_open_after(&event(kind, &["/d/config.toml"]), name);
+        assert_eq!(on(EventKind::Create(CreateKind::File)), None);
+        assert_eq!(
+            on(EventKind::Modify(ModifyKind::Data(DataChange::Any))),
+            Some(true)
+        );
+        assert_eq!(
+            on(EventKind::Access(AccessKind::Close(AccessMode::Write))),
+            Some(false)
+        );
+        assert_eq!(
+            on(EventKind::Modify(ModifyKind::Name(RenameMode::To))),
+            Some(false)
+        );
+        assert_eq!(on(EventKind::Remove(RemoveKind::File)), Some(false));
+        assert_eq!(
+            on(EventKind::Access(AccessKind::Open(AccessMode::Any))),
+            None
+        );
+        let other = event(
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            &["/d/config.toml.tmp"],
+        );
+        assert_eq!(writer_open_after(&other, name), None);
     }
 }
