@@ -402,11 +402,11 @@ async fn a_slow_in_place_write_is_applied_whole_not_half_written() {
     tokio::task::spawn_blocking(move || {
         use std::io::Write;
         let mut file = std::fs::File::create(&writer_path).unwrap();
-        file.write_all(full[..cut].as_bytes()).unwrap();
+        file.write_all(&full.as_bytes()[..cut]).unwrap();
         file.flush().unwrap();
         // longer than the quiet period: a debounce alone would load the half file
         std::thread::sleep(Duration::from_millis(400));
-        file.write_all(full[cut..].as_bytes()).unwrap();
+        file.write_all(&full.as_bytes()[cut..]).unwrap();
     })
     .await
     .unwrap();
