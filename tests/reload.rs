@@ -422,3 +422,37 @@ async fn a_slow_in_place_write_is_applied_whole_not_half_written() {
     );
     watcher.stop().await;
 }
+
+#[tokio::test]
+async fn run_reloaders_follows_the_file_until_shut_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config_text("", &[("k", &["one"])])).unwrap();
+    let f = Fixture::at(dir, path, false);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(chatgate::reload::run_reloaders(
+        f.config.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    // the watch is set up inside the service: write until it is seen (bounded)
+    let deadline = Instant::now() + PATIENCE;
+    let mut n = 1;
+    while secrets_of(&f.config, "k") == Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "run_reloaders applied no edit within {PATIENCE:?}"
+        );
+        n += 1;
+        let secrets: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        std::fs::write(&f.path, config_text("", &[("k", &secrets)])).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(PATIENCE, service)
+        .await
+        .expect("run_reloaders did not stop")
+        .unwrap();
+}

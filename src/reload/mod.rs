@@ -24,7 +24,7 @@ mod watcher;
 
 pub use watcher::{
     BackgroundTask, ConfigWatcher, DEFAULT_MAX_DELAY, DEFAULT_QUIET, WatchError, reload_on_sighup,
-    spawn_sighup_reloader,
+    run_reloaders, spawn_sighup_reloader,
 };
 
 use crate::config::{ConfigError, ConfigSnapshot, content_hash};

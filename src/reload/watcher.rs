@@ -8,6 +8,7 @@
 //! so spurious events are no-ops.
 
 use super::ConfigHandle;
+use futures_util::FutureExt;
 use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{Event, EventKind, RecursiveMode, Watcher};
 use std::ffi::{OsStr, OsString};
@@ -288,6 +289,33 @@ async fn sighup_loop(
         let reload = handle.clone();
         let _ = tokio::task::spawn_blocking(move || reload.force_reload()).await;
     }
+}
+
+// === all of it ===
+
+/// The file watcher and the SIGHUP reloader together until `shutdown` completes: what
+/// the proxy runs as one background service. Neither failing to start stops the other
+/// (a directory that cannot be watched still leaves SIGHUP); such errors are logged.
+pub async fn run_reloaders(handle: ConfigHandle, shutdown: impl Future<Output = ()>) {
+    let shutdown = shutdown.shared();
+    let watcher = match ConfigWatcher::new(handle.clone()) {
+        Ok(watcher) => Some(watcher.run(shutdown.clone())),
+        Err(error) => {
+            tracing::error!(target: "chatgate::reload", %error, "config file watch disabled; SIGHUP still reloads");
+            None
+        }
+    };
+    let watching = async {
+        if let Some(watcher) = watcher {
+            watcher.await;
+        }
+    };
+    let hangups = async {
+        if let Err(error) = reload_on_sighup(handle, shutdown.clone()).await {
+            tracing::error!(target: "chatgate::reload", %error, "SIGHUP reload disabled");
+        }
+    };
+    tokio::join!(watching, hangups);
 }
 
 // === impl BackgroundTask ===
