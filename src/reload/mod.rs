@@ -315,6 +315,7 @@ impl ConfigHandle {
         let mut next = ConfigSnapshot::parse(&text, path)?;
         let restart_required = running.restart_required_changes(&next);
         keep_restart_only_settings(&running, &mut next);
+        let content_hash = next.content_hash.clone();
         let version = {
             let mut state = lock(&self.shared.state);
             state.version += 1;
@@ -327,7 +328,7 @@ impl ConfigHandle {
         self.shared.versions.send_replace(version);
         Ok(ReloadOutcome::Applied {
             version,
-            content_hash: self.load().content_hash.clone(),
+            content_hash,
             restart_required,
         })
     }
