@@ -76,6 +76,11 @@ fn request(api_key: &str, token: &str) -> (Uri, HeaderMap) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_reloads_under_load_fail_no_check_and_a_removed_secret_is_refused_within_1s() {
+    // Failed reloads (e.g. a read racing an in-place write) show with --nocapture.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("chatgate::reload=warn")
+        .with_test_writer()
+        .try_init();
     let seconds: u64 = std::env::var("CHATGATE_LOAD_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
