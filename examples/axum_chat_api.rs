@@ -21,6 +21,8 @@
 //! Arguments: the config file (default `config.toml`) and the listen address (default
 //! the config's `[server] listen`). Apps, secrets and the revocation store come from
 //! the config; revocations go through `PATCH /users` / `PATCH /app` with a server token.
+//! Edits to the config file (or SIGHUP) are applied live: the layer's gate holds the
+//! same `ConfigHandle` the watcher swaps.
 
 use axum::routing::get;
 use chatgate::extract::UserIdentity;
@@ -52,6 +54,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = revocation::open_store(&settings).await?;
     let cache = RevocationCache::new(store, &settings);
     cache.spawn_invalidation();
+    cache.follow_config(&config);
+    let (stop_reloading, reloading_stopped) = tokio::sync::watch::channel(());
+    let reloaders = tokio::spawn(chatgate::reload::run_reloaders(
+        config.clone(),
+        async move {
+            let mut stopped = reloading_stopped;
+            // Resolves when the sender is dropped at shutdown.
+            let _ = stopped.changed().await;
+        },
+    ));
     let gate = Gate::new(config, cache);
 
     let app = chatgate::demo::router(chatgate::demo::DemoState::new())
@@ -65,5 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
+    drop(stop_reloading);
+    reloaders.await?;
     Ok(())
 }

@@ -34,4 +34,5 @@ pub use gate::{Decision, Gate, Identity, IdentityKind, RequestParts, RevocationE
 #[cfg(feature = "tower")]
 pub use layer::{ChatAuth, ChatAuthLayer};
 pub use reload::ConfigHandle;
+pub use reload::{ConfigStatus, ConfigWatcher, ReloadOutcome};
 pub use token::TokenBuilder;
