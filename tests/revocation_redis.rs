@@ -75,8 +75,12 @@ fn server_identity() -> Identity {
 }
 
 async fn revoke_users(gate: &Gate, body: String) -> Result<(), AuthError> {
-    gate.apply_revocation(&server_identity(), RevocationEndpoint::Users, body.as_bytes())
-        .await
+    gate.apply_revocation(
+        &server_identity(),
+        RevocationEndpoint::Users,
+        body.as_bytes(),
+    )
+    .await
 }
 
 fn revoke_user_body(user: &str, cutoff: Option<i64>) -> String {
@@ -116,7 +120,9 @@ async fn a_revocation_through_one_gate_is_enforced_by_the_other_within_a_second(
         let a = instance(&redis.url(), StoreErrorPolicy::Deny).await;
         let b = instance(&redis.url(), StoreErrorPolicy::Deny).await;
         let now = now_unix();
-        let alice = TokenBuilder::user("alice").issued_at(now - 100).sign(SECRET);
+        let alice = TokenBuilder::user("alice")
+            .issued_at(now - 100)
+            .sign(SECRET);
         let bob = TokenBuilder::user("bob").issued_at(now - 100).sign(SECRET);
         let bob_no_iat = TokenBuilder::user("bob").without_iat().sign(SECRET);
         // B caches "no cutoff" for both users and for the app.
@@ -124,16 +130,23 @@ async fn a_revocation_through_one_gate_is_enforced_by_the_other_within_a_second(
         allowed(check(&b.gate, &bob).await);
         allowed(check(&b.gate, &bob_no_iat).await);
 
-        revoke_users(&a.gate, revoke_user_body("alice", Some(now))).await.unwrap();
+        revoke_users(&a.gate, revoke_user_body("alice", Some(now)))
+            .await
+            .unwrap();
         let took = wait_revoked(&b.gate, &alice, Duration::from_secs(1)).await;
         eprintln!("user revocation reached gate B after {took:?}");
         allowed(check(&b.gate, &bob).await);
 
         // Un-revoking travels the same way.
-        revoke_users(&a.gate, revoke_user_body("alice", None)).await.unwrap();
+        revoke_users(&a.gate, revoke_user_body("alice", None))
+            .await
+            .unwrap();
         let started = Instant::now();
         while !matches!(check(&b.gate, &alice).await, Ok(Decision::Allow(_))) {
-            assert!(started.elapsed() < Duration::from_secs(1), "un-revocation not seen by B");
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "un-revocation not seen by B"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
 
@@ -165,20 +178,34 @@ async fn with_redis_down_cached_users_are_answered_and_misses_follow_the_policy_
         let deny = instance(&redis.url(), StoreErrorPolicy::Deny).await;
         let allow = instance(&redis.url(), StoreErrorPolicy::Allow).await;
         let now = now_unix();
-        let cached = TokenBuilder::user("cached").issued_at(now - 100).sign(SECRET);
-        let revoked = TokenBuilder::user("revoked").issued_at(now - 100).sign(SECRET);
-        let unseen = TokenBuilder::user("unseen").issued_at(now - 100).sign(SECRET);
-        revoke_users(&a.gate, revoke_user_body("revoked", Some(now))).await.unwrap();
+        let cached = TokenBuilder::user("cached")
+            .issued_at(now - 100)
+            .sign(SECRET);
+        let revoked = TokenBuilder::user("revoked")
+            .issued_at(now - 100)
+            .sign(SECRET);
+        let unseen = TokenBuilder::user("unseen")
+            .issued_at(now - 100)
+            .sign(SECRET);
+        revoke_users(&a.gate, revoke_user_body("revoked", Some(now)))
+            .await
+            .unwrap();
         for instance in [&deny, &allow] {
             allowed(check(&instance.gate, &cached).await);
-            assert_eq!(check(&instance.gate, &revoked).await, Err(AuthError::Revoked));
+            assert_eq!(
+                check(&instance.gate, &revoked).await,
+                Err(AuthError::Revoked)
+            );
         }
 
         redis.kill();
         // Cached answers, both ways, keep being served.
         for instance in [&deny, &allow] {
             allowed(check(&instance.gate, &cached).await);
-            assert_eq!(check(&instance.gate, &revoked).await, Err(AuthError::Revoked));
+            assert_eq!(
+                check(&instance.gate, &revoked).await,
+                Err(AuthError::Revoked)
+            );
         }
         // A miss: deny answers the Stream-style 503, allow lets the token through.
         let error = check(&deny.gate, &unseen).await.unwrap_err();
@@ -209,7 +236,9 @@ async fn with_redis_down_cached_users_are_answered_and_misses_follow_the_policy_
             }
         }
         // The command connection of A reconnects by itself; give it a bounded number of tries.
-        let later = TokenBuilder::user("later").issued_at(now - 100).sign(SECRET);
+        let later = TokenBuilder::user("later")
+            .issued_at(now - 100)
+            .sign(SECRET);
         let mut tries = 0;
         loop {
             // The restarted Redis is empty; "later" has no cutoff, and B caches that.

@@ -97,7 +97,9 @@ pub async fn open_store(
             "this build has no embedded store: enable the `embedded` feature".into(),
         )),
         #[cfg(feature = "redis")]
-        StoreKind::Redis => Ok(Arc::new(redis::RedisStore::connect(&settings.redis_url).await?)),
+        StoreKind::Redis => Ok(Arc::new(
+            redis::RedisStore::connect(&settings.redis_url).await?,
+        )),
         #[cfg(not(feature = "redis"))]
         StoreKind::Redis => Err(StoreError::Unavailable(
             "this build has no redis store: enable the `redis` feature".into(),

@@ -192,11 +192,7 @@ impl RedisStore {
 /// The subscriber task: turns channel messages into events, reconnects when the
 /// connection drops or stops answering pings, and sends `Resync` after each reconnect.
 /// It runs until the store drops it.
-async fn follow(
-    client: redis::Client,
-    first: PubSub,
-    events: broadcast::Sender<RevocationEvent>,
-) {
+async fn follow(client: redis::Client, first: PubSub, events: broadcast::Sender<RevocationEvent>) {
     let mut connection = Some(first);
     let mut delay = BACKOFF_MIN;
     loop {
@@ -378,7 +374,10 @@ mod tests {
 
     #[test]
     fn unreadable_messages_resync() {
-        assert_eq!(decode(b"{\"kind\":\"nope\"}"), vec![RevocationEvent::Resync]);
+        assert_eq!(
+            decode(b"{\"kind\":\"nope\"}"),
+            vec![RevocationEvent::Resync]
+        );
         assert_eq!(decode(b"garbage"), vec![RevocationEvent::Resync]);
     }
 

@@ -33,10 +33,9 @@ fn free_port() -> u16 {
 }
 
 fn answers_ping(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(
-        &([127, 0, 0, 1], port).into(),
-        Duration::from_millis(200),
-    ) else {
+    let Ok(mut stream) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
+    else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
@@ -95,13 +94,19 @@ impl RedisServer {
             if answers_ping(port) {
                 return Ok(server);
             }
-            if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = server
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 server.child = None;
                 return Err(format!("redis-server on port {port} exited: {status}"));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Err(format!("redis-server on port {port} did not answer PING within 10 s"))
+        Err(format!(
+            "redis-server on port {port} did not answer PING within 10 s"
+        ))
     }
 
     /// Its port.
