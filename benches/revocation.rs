@@ -1,0 +1,216 @@
+//! What the revocation check costs per request, next to the bare token verify in the
+//! same run; and a cache miss against a real Redis (when `redis-server` can be started
+//! and the `redis` feature is on). Target (issue 3): a cache hit adds at most 100 ns.
+//!
+//! `cargo bench --bench revocation --features redis`
+//!
+//! Every async step runs under the same `block_on`, including the baselines, so the
+//! differences are the work and not the executor.
+
+#[cfg(feature = "redis")]
+#[path = "../tests/support/redis_server.rs"]
+mod redis_server;
+
+use chatgate::config::App;
+use chatgate::gate::{Gate, RequestParts};
+use chatgate::reload::ConfigHandle;
+use chatgate::revocation::{MemoryStore, RevocationCache, RevocationStore, UserCutoffChange};
+use chatgate::time::{Cutoff, now_unix};
+use chatgate::token::{self, TokenBuilder};
+use chatgate::{ConfigSnapshot, Decision};
+use criterion::{Criterion, criterion_group, criterion_main};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+const SECRET: &str = "bench-secret-0123456789abcdef0123456789abcdef";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn config() -> ConfigSnapshot {
+    ConfigSnapshot::with_apps(vec![App::new("demo-key", vec![SECRET.into()])])
+}
+
+struct Request {
+    method: http::Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+}
+
+impl Request {
+    fn new(token: &str) -> Self {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::AUTHORIZATION, token.parse().unwrap());
+        headers.insert("stream-auth-type", "jwt".parse().unwrap());
+        Request {
+            method: http::Method::POST,
+            uri: "/channels/messaging/general/query?api_key=demo-key"
+                .parse()
+                .unwrap(),
+            headers,
+        }
+    }
+
+    fn parts(&self) -> RequestParts<'_> {
+        RequestParts {
+            method: &self.method,
+            uri: &self.uri,
+            headers: &self.headers,
+        }
+    }
+}
+
+fn bench_cache_hit(c: &mut Criterion) {
+    let runtime = runtime();
+    let config = config();
+    let app = config.app("demo-key").unwrap().clone();
+    let auth = config.auth.clone();
+    let store = Arc::new(MemoryStore::new());
+    let (gate, cache) = {
+        let _guard = runtime.enter();
+        let cache = RevocationCache::new(store.clone(), &config.revocation);
+        (Gate::new(ConfigHandle::new(config), cache.clone()), cache)
+    };
+    let now = now_unix();
+    // "alice" has no cutoff (the common case); "bob" has one his token postdates.
+    let alice = TokenBuilder::user("alice-0123456789")
+        .expires_in(Duration::from_secs(3600))
+        .sign(SECRET);
+    let bob = TokenBuilder::user("bob-0123456789")
+        .expires_in(Duration::from_secs(3600))
+        .sign(SECRET);
+    runtime
+        .block_on(store.set_user_cutoffs(
+            "demo-key",
+            &[UserCutoffChange {
+                user_id: "bob-0123456789".into(),
+                cutoff: Some(Cutoff::from_unix_seconds(now - 3600)),
+            }],
+        ))
+        .unwrap();
+    let (alice_request, bob_request) = (Request::new(&alice), Request::new(&bob));
+    // Warm the cache: the steady state of a known user.
+    for request in [&alice_request, &bob_request] {
+        assert!(matches!(
+            runtime.block_on(gate.check(request.parts())),
+            Ok(Decision::Allow(_))
+        ));
+    }
+    let app_key: Arc<str> = Arc::from("demo-key");
+    let user: Arc<str> = Arc::from("alice-0123456789");
+
+    let mut group = c.benchmark_group("revocation_hit");
+    group.bench_function("empty_block_on", |b| {
+        b.iter(|| runtime.block_on(async { black_box(()) }))
+    });
+    group.bench_function("token_verify", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                token::verify(black_box(&alice), &app, &auth, now_unix()).unwrap()
+            })
+        })
+    });
+    group.bench_function("cache_lookups_only", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let app_cutoff = cache.app_cutoff(black_box(&app_key)).await.unwrap();
+                let user_cutoff = cache.user_cutoff(&app_key, black_box(&user)).await.unwrap();
+                app_cutoff.max(user_cutoff)
+            })
+        })
+    });
+    group.bench_function("gate_check_no_cutoff", |b| {
+        b.iter(|| runtime.block_on(gate.check(black_box(alice_request.parts()))))
+    });
+    group.bench_function("gate_check_with_cutoff", |b| {
+        b.iter(|| runtime.block_on(gate.check(black_box(bob_request.parts()))))
+    });
+    group.finish();
+}
+
+#[cfg(feature = "redis")]
+fn bench_redis_miss(c: &mut Criterion) {
+    use chatgate::config::{RevocationSettings, StoreErrorPolicy, StoreKind};
+    use chatgate::revocation::redis::RedisStore;
+    use criterion::BatchSize;
+
+    if !redis_server::installed() {
+        println!("revocation_redis_miss: skipped, redis-server is not installed");
+        return;
+    }
+    let redis = redis_server::RedisServer::start();
+    let runtime = runtime();
+    let store = Arc::new(runtime.block_on(RedisStore::connect(&redis.url())).unwrap());
+    let settings = RevocationSettings {
+        store: StoreKind::Redis,
+        path: "unused".into(),
+        redis_url: redis.url(),
+        cache_ttl: Duration::from_secs(300),
+        cache_capacity: 10_000_000,
+        on_store_error: StoreErrorPolicy::Deny,
+        store_timeout: Duration::from_millis(250),
+    };
+    let (gate, cache) = {
+        let _guard = runtime.enter();
+        let cache = RevocationCache::new(store.clone(), &settings);
+        let gate = Gate::new(
+            ConfigHandle::new(config().with_revocation(settings)),
+            cache.clone(),
+        );
+        (gate, cache)
+    };
+    let app_key: Arc<str> = Arc::from("demo-key");
+    let mut next_user = 0u64;
+    let mut fresh_user = move || {
+        next_user += 1;
+        format!("user-{next_user}")
+    };
+    // The app cutoff stays cached; each iteration is a user never seen before.
+    runtime.block_on(cache.app_cutoff(&app_key)).unwrap();
+
+    let mut group = c.benchmark_group("revocation_redis_miss");
+    group.bench_function("redis_hget", |b| {
+        b.iter(|| runtime.block_on(store.user_cutoff("demo-key", black_box("user-0"))))
+    });
+    group.bench_function("cache_miss_to_redis", |b| {
+        b.iter_batched(
+            || Arc::<str>::from(fresh_user()),
+            |user| {
+                runtime
+                    .block_on(cache.user_cutoff(&app_key, &user))
+                    .unwrap()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("gate_check_miss_to_redis", |b| {
+        b.iter_batched(
+            || Request::new(&TokenBuilder::user(fresh_user()).sign(SECRET)),
+            |request| {
+                let decision = runtime.block_on(gate.check(request.parts()));
+                assert!(matches!(decision, Ok(Decision::Allow(_))));
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+#[cfg(not(feature = "redis"))]
+fn bench_redis_miss(_: &mut Criterion) {
+    println!("revocation_redis_miss: skipped, build with --features redis");
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1));
+    targets = bench_cache_hit, bench_redis_miss
+}
+criterion_main!(benches);
