@@ -245,6 +245,16 @@ pub fn revoke(command: &RevokeCommand) -> Result<String, String> {
         RevokeCommand::App(args) => (None, args),
     };
     let (snapshot, app) = load_app(&args.config, &args.api_key)?;
+    if snapshot.revocation.store == crate::config::StoreKind::Memory {
+        return Err(format!(
+            "{}: [revocation] store = \"memory\" lives inside the running process, so a \
+             command cannot change it: use PATCH /{} of that process with a server token \
+             (`chatgate token create --server --api-key {}`)",
+            args.config.display(),
+            if target.is_some() { "users" } else { "app" },
+            args.api_key
+        ));
+    }
     let cutoff = if args.clear {
         None
     } else {
@@ -309,9 +319,7 @@ fn revoke_cutoff(before: Option<&str>) -> Result<crate::time::Cutoff, String> {
 fn describe_store(settings: &crate::config::RevocationSettings) -> String {
     use crate::config::StoreKind;
     match settings.store {
-        StoreKind::Memory => {
-            "store: memory; nothing outlives this command, set [revocation] store".into()
-        }
+        StoreKind::Memory => "store: memory".into(),
         StoreKind::Embedded => format!("store: embedded {}", settings.path.display()),
         StoreKind::Redis => format!("store: redis {}", settings.redis_url),
     }
@@ -561,6 +569,10 @@ mod tests {
             &["app", "--api-key", "k", "--before", "2999-01-01T00:00:00Z"],
         );
         assert!(revoke(&future.unwrap()).unwrap_err().contains("future"));
+        let memory = config_file();
+        let error = revoke(&revoke_command(memory.path(), &["app", "--api-key", "k"]).unwrap())
+            .unwrap_err();
+        assert!(error.contains("PATCH /app"), "{error}");
         assert!(
             revoke_command(
                 &config,

@@ -263,3 +263,70 @@ async fn with_redis_down_cached_users_are_answered_and_misses_follow_the_policy_
     .await
     .expect("test timed out");
 }
+
+#[tokio::test]
+async fn a_batch_of_100_users_is_one_hash_write_and_one_message() {
+    use chatgate::revocation::redis::{APPS_KEY, CHANNEL, users_key};
+    use futures_util::StreamExt;
+    use std::collections::HashMap;
+
+    timeout(TEST_TIMEOUT, async {
+        let redis = RedisServer::start();
+        let a = instance(&redis.url(), StoreErrorPolicy::Deny).await;
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut listener = client.get_async_pubsub().await.unwrap();
+        listener.subscribe(CHANNEL).await.unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let now = now_unix();
+
+        let users: Vec<String> = (0..100)
+            .map(|i| format!(r#"{{"id":"u{i}","set":{{"revoke_tokens_issued_before":{now}}}}}"#))
+            .collect();
+        revoke_users(&a.gate, format!(r#"{{"users":[{}]}}"#, users.join(",")))
+            .await
+            .unwrap();
+        let stored: HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(users_key("key"))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        assert_eq!(stored.len(), 100);
+        assert!(stored.values().all(|&cutoff| cutoff == now));
+
+        a.gate
+            .apply_revocation(
+                &server_identity(),
+                RevocationEndpoint::App,
+                br#"{"revoke_tokens_issued_before":null}"#,
+            )
+            .await
+            .unwrap();
+        let apps: HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(APPS_KEY)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        assert!(apps.is_empty());
+
+        // One message for the 100 users, then the app's: nothing in between.
+        let mut messages = listener.on_message();
+        let mut next = async || -> serde_json::Value {
+            let message = timeout(Duration::from_secs(5), messages.next())
+                .await
+                .expect("a message within 5 s")
+                .expect("the channel is open");
+            serde_json::from_slice(message.get_payload_bytes()).unwrap()
+        };
+        let users_message = next().await;
+        assert_eq!(users_message["kind"], "users");
+        assert_eq!(users_message["app"], "key");
+        assert_eq!(users_message["users"].as_array().unwrap().len(), 100);
+        let app_message = next().await;
+        assert_eq!(
+            app_message,
+            serde_json::json!({"kind": "app", "app": "key", "cutoff": null})
+        );
+    })
+    .await
+    .expect("test timed out");
+}
