@@ -180,12 +180,7 @@ impl Gate {
             // Server tokens are not subject to cutoffs; anonymous users have no token.
             return Ok(());
         };
-        let stored = async {
-            let app_cutoff = self.revocations.app_cutoff(&identity.app).await?;
-            let user_cutoff = self.revocations.user_cutoff(&identity.app, user).await?;
-            Ok::<_, crate::revocation::StoreError>(app_cutoff.max(user_cutoff))
-        };
-        let cutoff = match stored.await {
+        let cutoff = match self.revocations.cutoff(&identity.app, user).await {
             Ok(stored) => stored.max(verified.config_cutoff),
             Err(error) => match verified.policy {
                 StoreErrorPolicy::Deny => {
