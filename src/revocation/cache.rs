@@ -196,6 +196,10 @@ pub struct RevocationCache {
     stats: CacheStats,
 }
 
+/// The front holds the hottest users only; beyond this many, the rest are served from
+/// moka (still no I/O), which keeps the front's memory small next to moka's.
+const FRONT_CAPACITY_MAX: u64 = 262_144;
+
 /// Most apps whose cutoffs are cached.
 const APP_CAPACITY: u64 = 10_000;
 
@@ -213,7 +217,7 @@ impl RevocationCache {
                 .max_capacity(APP_CAPACITY)
                 .time_to_live(settings.cache_ttl)
                 .build(),
-            hot_users: Hot::new(settings.cache_capacity),
+            hot_users: Hot::new(settings.cache_capacity.min(FRONT_CAPACITY_MAX)),
             hot_apps: Hot::new(APP_CAPACITY),
             generation: AtomicU64::new(0),
             ttl: settings.cache_ttl,
