@@ -330,3 +330,59 @@ async fn a_batch_of_100_users_is_one_hash_write_and_one_message() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test]
+async fn chatgate_revoke_on_a_redis_config_reaches_running_gates() {
+    timeout(TEST_TIMEOUT, async {
+        let redis = RedisServer::start();
+        let gate = instance(&redis.url(), StoreErrorPolicy::Deny).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[revocation]\nstore = \"redis\"\nredis_url = \"{}\"\n\
+                 [[apps]]\napi_key = \"key\"\nsecrets = [\"{SECRET}\"]\n",
+                redis.url()
+            ),
+        )
+        .unwrap();
+        let now = now_unix();
+        let erin = TokenBuilder::user("erin").issued_at(now - 100).sign(SECRET);
+        allowed(check(&gate.gate, &erin).await);
+
+        let run = |args: Vec<String>| {
+            tokio::task::spawn_blocking(move || {
+                use clap::Parser;
+                let cli = chatgate::cli::Cli::try_parse_from(args).unwrap();
+                let chatgate::cli::Command::Revoke(command) = cli.command else {
+                    panic!("not a revoke command")
+                };
+                chatgate::cli::revoke(&command)
+            })
+        };
+        let args = |extra: &[&str]| {
+            let mut args: Vec<String> = ["chatgate", "revoke", "user", "erin", "--api-key", "key"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            args.extend(extra.iter().map(|s| s.to_string()));
+            args.extend(["--config".to_owned(), config.display().to_string()]);
+            args
+        };
+        let said = run(args(&[])).await.unwrap().unwrap();
+        assert!(said.contains("store: redis"), "{said}");
+        wait_revoked(&gate.gate, &erin, Duration::from_secs(1)).await;
+        run(args(&["--clear"])).await.unwrap().unwrap();
+        let started = Instant::now();
+        while !matches!(check(&gate.gate, &erin).await, Ok(Decision::Allow(_))) {
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "--clear not seen"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}
