@@ -126,32 +126,6 @@ fn bench_cache_hit(c: &mut Criterion) {
             })
         })
     });
-    // The hit path before the front map: two moka reads (the app's, the user's).
-    let moka_apps: moka::future::Cache<Arc<str>, Option<Cutoff>> = moka::future::Cache::builder()
-        .max_capacity(10_000)
-        .time_to_live(Duration::from_secs(60))
-        .build();
-    let moka_users: moka::future::Cache<(Arc<str>, Arc<str>), Option<Cutoff>> =
-        moka::future::Cache::builder()
-            .max_capacity(1_000_000)
-            .time_to_live(Duration::from_secs(60))
-            .build();
-    runtime.block_on(async {
-        moka_apps.insert(app_key.clone(), None).await;
-        moka_users
-            .insert((app_key.clone(), user.clone()), None)
-            .await;
-    });
-    group.bench_function("moka_two_gets", |b| {
-        b.iter(|| {
-            runtime.block_on(async {
-                let app_cutoff = moka_apps.get(black_box(&app_key)).await.unwrap();
-                let key = (app_key.clone(), black_box(&user).clone());
-                let user_cutoff = moka_users.get(&key).await.unwrap();
-                app_cutoff.max(user_cutoff)
-            })
-        })
-    });
     group.bench_function("gate_check_no_cutoff", |b| {
         b.iter(|| runtime.block_on(gate.check(black_box(alice_request.parts()))))
     });

@@ -127,6 +127,7 @@ impl<'a> RequestParts<'a> {
 /// What the synchronous step found; the revocation step needs no config guard.
 struct Verified {
     identity: Identity,
+    now: i64,
     config_cutoff: Option<Cutoff>,
     policy: StoreErrorPolicy,
     endpoint: Option<RevocationEndpoint>,
@@ -180,7 +181,14 @@ impl Gate {
             // Server tokens are not subject to cutoffs; anonymous users have no token.
             return Ok(());
         };
-        let cutoff = match self.revocations.cutoff(&identity.app, user).await {
+        let stored = match self
+            .revocations
+            .cached_cutoff(&identity.app, user, verified.now)
+        {
+            Some(hit) => Ok(hit),
+            None => self.revocations.cutoff(&identity.app, user).await,
+        };
+        let cutoff = match stored {
             Ok(stored) => stored.max(verified.config_cutoff),
             Err(error) => match verified.policy {
                 StoreErrorPolicy::Deny => {
@@ -333,6 +341,7 @@ fn authenticate(
             ));
         }
         return Ok(Some(Verified {
+            now,
             identity: Identity {
                 app: app.api_key.clone(),
                 kind: IdentityKind::Anonymous,
@@ -355,7 +364,7 @@ fn authenticate(
     };
     let user_id: Option<Arc<str>> = verified.claims.user_id.as_deref().map(Arc::from);
 
-    if websocket && let (Some(json), Some(user)) = (query.json.as_deref(), user_id.as_deref()) {
+    if let (true, Some(json), Some(user)) = (websocket, query.json.as_deref(), user_id.as_deref()) {
         check_connect_user(json, user)?;
     }
     if endpoint.is_some() && kind != IdentityKind::Server {
@@ -364,6 +373,7 @@ fn authenticate(
         ));
     }
     Ok(Some(Verified {
+        now,
         identity: Identity {
             app: app.api_key.clone(),
             kind,

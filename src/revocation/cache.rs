@@ -1,53 +1,33 @@
 //! moka in front of the store: "no cutoff" is cached too (the common case), concurrent
 //! misses for one key share one store read, and store events invalidate at once.
 //!
-//! Two levels. moka is the cache proper: bounded by `cache_capacity` with its TinyLFU
-//! policy, entries expiring after `cache_ttl`, misses coalesced. A moka hit costs a few
-//! hundred nanoseconds (it records every read for its policy and takes the time), which
-//! would be most of a request's auth budget, so hits are served from a small sharded map
-//! in front of it ([`Hot`]): one hash over the borrowed `(app, user)` strings, a read
-//! lock on one of 64 shards, no allocation, no `.await`, one clock read per request.
-//! Entries keep the expiry of the store read that produced them, so the front never
-//! stretches the TTL; a full shard is simply emptied (its users are still in moka).
-//!
-//! Invalidation races: a store read that started before a write can finish after the
-//! write's event. A global generation counter, bumped around every invalidation, lets
-//! such a read be detected and left uncached (see [`RevocationCache::apply_event`]).
+//! The hit path ([`RevocationCache::cached_cutoff`]) is synchronous: one `ArcSwap`
+//! load, one moka `sync` lookup for the user and one hash lookup in the small app
+//! table. No I/O, no lock, no `.await`. Misses go through [`Inflight`], which makes
+//! concurrent misses for one key share a single store read.
 
 use super::{RevocationEvent, RevocationStore, StoreError, UserCutoffChange};
 use crate::config::RevocationSettings;
-use crate::time::Cutoff;
-use moka::future::Cache;
+use crate::reload::ConfigHandle;
+use crate::time::{Cutoff, now_unix};
+use arc_swap::ArcSwap;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::OnceCell;
 
-/// Key of a user's cutoff in moka: both parts are `Arc`s already held by the request's
+/// foldhash instead of SipHash: keys are user ids from validly signed tokens, so
+/// hash flooding needs the app's secret, and the lookup is on every request.
+type FastHash = foldhash::quality::RandomState;
+
+/// Key of a user's cutoff: both parts are `Arc`s already held by the request's
 /// identity, so building a key allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct UserKey {
     app: Arc<str>,
     user: Arc<str>,
-}
-
-/// A cutoff as read from the store, with when that read stops being trusted and the
-/// generation it started in.
-#[derive(Debug, Clone, Copy)]
-struct Loaded {
-    cutoff: Option<Cutoff>,
-    expires: Instant,
-    generation: u64,
-}
-
-/// Why a coalesced load produced nothing to cache.
-#[derive(Debug)]
-enum LoadError {
-    Store(StoreError),
-    /// An invalidation ran while the store was read: the answer is good for the
-    /// requests that waited for it, but must not be cached.
-    Raced(Option<Cutoff>),
 }
 
 /// Counters for `/metrics`.
@@ -61,147 +41,104 @@ pub struct CacheStats {
     pub store_errors: AtomicU64,
 }
 
-/// Number of front shards (a power of two: a hash picks one with a mask).
-const SHARDS: usize = 64;
-
-/// The hash is the front's key; it is already well mixed, so the map does not hash it again.
-#[derive(Default, Clone, Copy)]
-struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only u64 keys are hashed; fold anything else in rather than panic.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-#[derive(Default, Clone, Copy)]
-struct BuildPassThrough;
-
-impl BuildHasher for BuildPassThrough {
-    type Hasher = PassThrough;
-    fn build_hasher(&self) -> PassThrough {
-        PassThrough::default()
-    }
-}
-
-/// One front entry: the strings it is for (two keys may share a hash) and the answer.
-struct HotEntry {
-    app: Arc<str>,
-    user: Option<Arc<str>>,
-    loaded: Loaded,
-}
-
-/// The front level: sharded `RwLock<HashMap>`s keyed by a hash of `(app, user)`.
-/// Readers take one shard's read lock for a lookup and never hold it across `.await`.
-struct Hot {
-    shards: Box<[RwLock<HashMap<u64, HotEntry, BuildPassThrough>>]>,
-    hasher: foldhash::fast::FixedState,
-    shard_capacity: usize,
-}
-
-impl Hot {
-    fn new(capacity: u64) -> Self {
-        Hot {
-            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
-            hasher: foldhash::fast::FixedState::with_seed(0x6368_6174_6761_7465),
-            shard_capacity: usize::try_from(capacity / SHARDS as u64)
-                .unwrap_or(usize::MAX)
-                .max(1),
-        }
-    }
-
-    fn hash(&self, app: &str, user: Option<&str>) -> u64 {
-        let mut hasher = self.hasher.build_hasher();
-        hasher.write(app.as_bytes());
-        hasher.write_u8(0xff);
-        if let Some(user) = user {
-            hasher.write(user.as_bytes());
-        }
-        hasher.finish()
-    }
-
-    fn shard(&self, hash: u64) -> &RwLock<HashMap<u64, HotEntry, BuildPassThrough>> {
-        &self.shards[(hash as usize) & (SHARDS - 1)]
-    }
-
-    fn get(&self, app: &str, user: Option<&str>, now: Instant) -> Option<Option<Cutoff>> {
-        let hash = self.hash(app, user);
-        let shard = self
-            .shard(hash)
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        let entry = shard.get(&hash)?;
-        (entry.loaded.expires > now && &*entry.app == app && entry.user.as_deref() == user)
-            .then_some(entry.loaded.cutoff)
-    }
-
-    fn insert(&self, app: &Arc<str>, user: Option<&Arc<str>>, loaded: Loaded) {
-        let hash = self.hash(app, user.map(|u| &**u));
-        let mut shard = self
-            .shard(hash)
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if shard.len() >= self.shard_capacity && !shard.contains_key(&hash) {
-            // Bounded without an eviction policy of its own: these users are still in moka.
-            shard.clear();
-        }
-        shard.insert(
-            hash,
-            HotEntry {
-                app: app.clone(),
-                user: user.cloned(),
-                loaded,
-            },
-        );
-    }
-
-    fn remove(&self, app: &str, user: Option<&str>) {
-        let hash = self.hash(app, user);
-        self.shard(hash)
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&hash);
-    }
-
-    fn clear(&self) {
-        for shard in self.shards.iter() {
-            shard
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clear();
-        }
-    }
-}
-
 /// The cached view of a [`RevocationStore`].
 pub struct RevocationCache {
     store: Arc<dyn RevocationStore>,
-    users: Cache<UserKey, Loaded>,
-    apps: Cache<Arc<str>, Loaded>,
-    hot_users: Hot,
-    hot_apps: Hot,
-    /// Bumped before and after every invalidation.
+    // moka cannot resize or retime a live cache, so a config reload that changes
+    // `cache_capacity` / `cache_ttl_seconds` swaps in new (empty) caches: the store stays
+    // the truth, the cost is a round of misses.
+    tuned: ArcSwap<Tuned>,
+    // Bumped by every invalidation: a store read that started before one must not put
+    // its (possibly older) answer in the cache.
     generation: AtomicU64,
-    ttl: Duration,
-    store_timeout: Duration,
+    users_inflight: Inflight<UserKey>,
+    apps_inflight: Inflight<Arc<str>>,
     stats: CacheStats,
 }
 
-/// The front holds the hottest users only; beyond this many, the rest are served from
-/// moka (still no I/O), which keeps the front's memory small next to moka's.
-const FRONT_CAPACITY_MAX: u64 = 262_144;
+/// App-wide cutoffs: a handful of entries read on every request and written once per
+/// TTL, so a copy-on-write map behind `ArcSwap` beats a concurrent cache.
+/// Entries carry the unix second they stop being trusted, compared with the `now` the
+/// gate already read for the token's `exp`: no clock read on the hot path.
+type AppTable = HashMap<Arc<str>, (Option<Cutoff>, i64), FastHash>;
 
-/// Most apps whose cutoffs are cached.
-const APP_CAPACITY: u64 = 10_000;
+/// The caches and the settings they were built with.
+struct Tuned {
+    users: moka::sync::Cache<UserKey, Option<Cutoff>, FastHash>,
+    apps: ArcSwap<AppTable>,
+    capacity: u64,
+    ttl: Duration,
+    store_timeout: Duration,
+}
+
+impl Tuned {
+    fn new(settings: &RevocationSettings) -> Self {
+        Tuned {
+            users: moka::sync::Cache::builder()
+                .max_capacity(settings.cache_capacity)
+                .time_to_live(settings.cache_ttl)
+                .build_with_hasher(FastHash::default()),
+            apps: ArcSwap::from_pointee(AppTable::default()),
+            capacity: settings.cache_capacity,
+            ttl: settings.cache_ttl,
+            store_timeout: settings.store_timeout,
+        }
+    }
+
+    fn app(&self, app: &str, now: i64) -> Option<Option<Cutoff>> {
+        let apps = self.apps.load();
+        let (cutoff, trusted_until) = apps.get(app)?;
+        (now < *trusted_until).then_some(*cutoff)
+    }
+
+    fn set_app(&self, app: &Arc<str>, cutoff: Option<Option<Cutoff>>) {
+        self.apps.rcu(|apps| {
+            let mut apps = AppTable::clone(apps);
+            match cutoff {
+                Some(cutoff) => {
+                    let ttl = self.ttl.as_secs().max(1) as i64;
+                    apps.insert(app.clone(), (cutoff, now_unix() + ttl))
+                }
+                None => apps.remove(app),
+            };
+            apps
+        });
+    }
+}
+
+/// Misses in flight, one shared cell per key. The mutex only guards the map while a
+/// cell is looked up or removed, never across the store read.
+struct Inflight<K> {
+    cells: Mutex<HashMap<K, Arc<ReadCell>, FastHash>>,
+}
+
+/// One store read's outcome, shared by every request that missed on the same key.
+type ReadCell = OnceCell<Result<Option<Cutoff>, StoreError>>;
+
+impl<K: Hash + Eq + Clone> Inflight<K> {
+    fn new() -> Self {
+        Inflight {
+            cells: Mutex::new(HashMap::default()),
+        }
+    }
+
+    async fn read(
+        &self,
+        key: &K,
+        read: impl Future<Output = Result<Option<Cutoff>, StoreError>>,
+    ) -> Result<Option<Cutoff>, StoreError> {
+        let cell = {
+            let mut cells = self.cells.lock().expect("no panics while locked");
+            cells.entry(key.clone()).or_default().clone()
+        };
+        let result = cell.get_or_init(|| read).await.clone();
+        let mut cells = self.cells.lock().expect("no panics while locked");
+        if cells.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            cells.remove(key);
+        }
+        result
+    }
+}
 
 impl RevocationCache {
     /// A cache over `store`, sized and timed by `[revocation]`. Call
@@ -209,20 +146,57 @@ impl RevocationCache {
     pub fn new(store: Arc<dyn RevocationStore>, settings: &RevocationSettings) -> Arc<Self> {
         Arc::new(RevocationCache {
             store,
-            users: Cache::builder()
-                .max_capacity(settings.cache_capacity)
-                .time_to_live(settings.cache_ttl)
-                .build(),
-            apps: Cache::builder()
-                .max_capacity(APP_CAPACITY)
-                .time_to_live(settings.cache_ttl)
-                .build(),
-            hot_users: Hot::new(settings.cache_capacity.min(FRONT_CAPACITY_MAX)),
-            hot_apps: Hot::new(APP_CAPACITY),
+            tuned: ArcSwap::from_pointee(Tuned::new(settings)),
             generation: AtomicU64::new(0),
-            ttl: settings.cache_ttl,
-            store_timeout: settings.store_timeout,
+            users_inflight: Inflight::new(),
+            apps_inflight: Inflight::new(),
             stats: CacheStats::default(),
+        })
+    }
+
+    /// Follows `[revocation]` cache settings (`cache_capacity`, `cache_ttl_seconds`,
+    /// `store_timeout_ms`) through config reloads. True when the caches were rebuilt
+    /// (capacity or TTL changed), which empties them.
+    pub fn apply_settings(&self, settings: &RevocationSettings) -> bool {
+        let current = self.tuned.load();
+        if current.capacity == settings.cache_capacity && current.ttl == settings.cache_ttl {
+            if current.store_timeout != settings.store_timeout {
+                self.tuned.store(Arc::new(Tuned {
+                    users: current.users.clone(),
+                    apps: ArcSwap::new(current.apps.load_full()),
+                    capacity: current.capacity,
+                    ttl: current.ttl,
+                    store_timeout: settings.store_timeout,
+                }));
+            }
+            return false;
+        }
+        self.tuned.store(Arc::new(Tuned::new(settings)));
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    /// Applies the cache settings of every config version `config` swaps in, until
+    /// the cache or every handle of the config is dropped.
+    pub fn follow_config(self: &Arc<Self>, config: &ConfigHandle) -> tokio::task::JoinHandle<()> {
+        let mut versions = config.subscribe();
+        // Holding a handle would keep the version sender, and so this task, alive forever.
+        let config = config.downgrade();
+        let cache = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let (Some(cache), Some(config)) = (cache.upgrade(), config.upgrade()) else {
+                    return;
+                };
+                versions.borrow_and_update();
+                if cache.apply_settings(&config.load().revocation) {
+                    tracing::info!(target: "chatgate::revocation", "revocation cache rebuilt for new settings");
+                }
+                drop((cache, config));
+                if versions.changed().await.is_err() {
+                    return;
+                }
+            }
         })
     }
 
@@ -238,7 +212,8 @@ impl RevocationCache {
 
     /// Number of cached entries (approximate, for metrics).
     pub fn entry_count(&self) -> u64 {
-        self.users.entry_count() + self.apps.entry_count()
+        let tuned = self.tuned.load();
+        tuned.users.entry_count() + tuned.apps.load().len() as u64
     }
 
     /// Follows the store's change events until the store drops its sender. A lagging
@@ -262,157 +237,123 @@ impl RevocationCache {
     }
 
     /// Applies one change event to the cache.
-    ///
-    /// Order matters: bump, drop from moka, bump, drop from the front. A reader that
-    /// put a stale answer in the front checks the generation afterwards and takes it
-    /// out again, or else its insert happened before the final removal here.
     pub async fn apply_event(&self, event: &RevocationEvent) {
         self.generation.fetch_add(1, Ordering::SeqCst);
+        let tuned = self.tuned.load();
         match event {
-            RevocationEvent::User { app, user, .. } => {
-                self.users
-                    .invalidate(&UserKey {
-                        app: app.clone(),
-                        user: user.clone(),
-                    })
-                    .await
-            }
-            RevocationEvent::App { app, .. } => self.apps.invalidate(app).await,
+            RevocationEvent::User { app, user, .. } => tuned.users.invalidate(&UserKey {
+                app: app.clone(),
+                user: user.clone(),
+            }),
+            RevocationEvent::App { app, .. } => tuned.set_app(app, None),
             RevocationEvent::Resync => {
-                self.users.invalidate_all();
-                self.apps.invalidate_all();
-            }
-        }
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        match event {
-            RevocationEvent::User { app, user, .. } => self.hot_users.remove(app, Some(user)),
-            RevocationEvent::App { app, .. } => self.hot_apps.remove(app, None),
-            RevocationEvent::Resync => {
-                self.hot_users.clear();
-                self.hot_apps.clear();
+                tuned.users.invalidate_all();
+                tuned.apps.store(Arc::default());
             }
         }
     }
 
-    /// The cutoff that applies to a user's tokens: the later of the app's and the
-    /// user's. The request path's one call: a front hit for both takes one clock read.
+    /// The cutoff that applies to a user's tokens (the later of the user's and the
+    /// app's stored cutoffs) when both are cached: no I/O, no `.await`.
+    /// `now` is the current unix second (the gate has it already).
+    pub fn cached_cutoff(
+        &self,
+        app: &Arc<str>,
+        user: &Arc<str>,
+        now: i64,
+    ) -> Option<Option<Cutoff>> {
+        let tuned = self.tuned.load();
+        let app_cutoff = tuned.app(app, now)?;
+        let user_cutoff = tuned.users.get(&UserKey {
+            app: app.clone(),
+            user: user.clone(),
+        })?;
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        Some(app_cutoff.max(user_cutoff))
+    }
+
+    /// The cutoff that applies to a user's tokens: from the cache, or from the store
+    /// (one shared read per key however many requests miss at once).
     pub async fn cutoff(
         &self,
         app: &Arc<str>,
         user: &Arc<str>,
     ) -> Result<Option<Cutoff>, StoreError> {
-        let now = Instant::now();
-        if let (Some(app_cutoff), Some(user_cutoff)) = (
-            self.hot_apps.get(app, None, now),
-            self.hot_users.get(app, Some(user), now),
-        ) {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(app_cutoff.max(user_cutoff));
+        if let Some(hit) = self.cached_cutoff(app, user, now_unix()) {
+            return Ok(hit);
         }
         let app_cutoff = self.app_cutoff(app).await?;
         let user_cutoff = self.user_cutoff(app, user).await?;
         Ok(app_cutoff.max(user_cutoff))
     }
 
-    /// A user's cutoff: from the cache, or one shared store read per key.
+    /// A user's own cutoff: from the cache, or one shared store read per key.
     pub async fn user_cutoff(
         &self,
         app: &Arc<str>,
         user: &Arc<str>,
     ) -> Result<Option<Cutoff>, StoreError> {
-        if let Some(hit) = self.hot_users.get(app, Some(user), Instant::now()) {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(hit);
-        }
         let key = UserKey {
             app: app.clone(),
             user: user.clone(),
         };
-        let before = self.generation.load(Ordering::SeqCst);
-        if let Some(loaded) = self.users.get(&key).await {
+        let (timeout, cached) = {
+            let tuned = self.tuned.load();
+            (tuned.store_timeout, tuned.users.get(&key))
+        };
+        if let Some(hit) = cached {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            self.promote(&self.hot_users, app, Some(user), loaded, before);
-            return Ok(loaded.cutoff);
+            return Ok(hit);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let load = self.load(self.store.user_cutoff(app, user));
-        match self.users.try_get_with(key.clone(), load).await {
-            Ok(loaded) => {
-                if !self.promote(&self.hot_users, app, Some(user), loaded, loaded.generation) {
-                    self.users.invalidate(&key).await;
-                }
-                Ok(loaded.cutoff)
+        let generation = self.generation.load(Ordering::Acquire);
+        let read = bounded(timeout, self.store.user_cutoff(app, user));
+        let cutoff = self
+            .users_inflight
+            .read(&key, read)
+            .await
+            .map_err(|e| self.count_error(&e))?;
+        if self.generation.load(Ordering::Acquire) == generation {
+            let tuned = self.tuned.load();
+            tuned.users.insert(key.clone(), cutoff);
+            // An invalidation may have landed between the check and the insert; its
+            // own removal then ran before our insert, so take the answer out again.
+            // SeqCst here and on the bump: store-buffering between the two sides must
+            // not let each miss the other.
+            if self.generation.load(Ordering::SeqCst) != generation {
+                tuned.users.invalidate(&key);
             }
-            Err(error) => self.load_failed(&error),
         }
+        Ok(cutoff)
     }
 
     /// The app-wide cutoff set through the API.
     pub async fn app_cutoff(&self, app: &Arc<str>) -> Result<Option<Cutoff>, StoreError> {
-        if let Some(hit) = self.hot_apps.get(app, None, Instant::now()) {
+        let (timeout, cached) = {
+            let tuned = self.tuned.load();
+            (tuned.store_timeout, tuned.app(app, now_unix()))
+        };
+        if let Some(hit) = cached {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
-        let before = self.generation.load(Ordering::SeqCst);
-        if let Some(loaded) = self.apps.get(app).await {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            self.promote(&self.hot_apps, app, None, loaded, before);
-            return Ok(loaded.cutoff);
-        }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let load = self.load(self.store.app_cutoff(app));
-        match self.apps.try_get_with(app.clone(), load).await {
-            Ok(loaded) => {
-                if !self.promote(&self.hot_apps, app, None, loaded, loaded.generation) {
-                    self.apps.invalidate(app).await;
-                }
-                Ok(loaded.cutoff)
+        let generation = self.generation.load(Ordering::Acquire);
+        let read = bounded(timeout, self.store.app_cutoff(app));
+        let cutoff = self
+            .apps_inflight
+            .read(app, read)
+            .await
+            .map_err(|e| self.count_error(&e))?;
+        if self.generation.load(Ordering::Acquire) == generation {
+            let tuned = self.tuned.load();
+            tuned.set_app(app, Some(cutoff));
+            // As for users: an invalidation between the check and the insert.
+            if self.generation.load(Ordering::SeqCst) != generation {
+                tuned.set_app(app, None);
             }
-            Err(error) => self.load_failed(&error),
         }
-    }
-
-    /// One bounded store read, stamped with the generation it started in; `Raced` when
-    /// an invalidation ran meanwhile.
-    async fn load(
-        &self,
-        read: impl Future<Output = Result<Option<Cutoff>, StoreError>>,
-    ) -> Result<Loaded, LoadError> {
-        let generation = self.generation.load(Ordering::SeqCst);
-        let cutoff = self.bounded(read).await.map_err(LoadError::Store)?;
-        if self.generation.load(Ordering::SeqCst) != generation {
-            return Err(LoadError::Raced(cutoff));
-        }
-        Ok(Loaded {
-            cutoff,
-            expires: Instant::now() + self.ttl,
-            generation,
-        })
-    }
-
-    fn load_failed(&self, error: &LoadError) -> Result<Option<Cutoff>, StoreError> {
-        match error {
-            LoadError::Store(error) => Err(self.count_error(error)),
-            LoadError::Raced(cutoff) => Ok(*cutoff),
-        }
-    }
-
-    /// Puts an answer in the front unless an invalidation ran since `since`; says
-    /// whether it stayed.
-    fn promote(
-        &self,
-        hot: &Hot,
-        app: &Arc<str>,
-        user: Option<&Arc<str>>,
-        loaded: Loaded,
-        since: u64,
-    ) -> bool {
-        hot.insert(app, user, loaded);
-        if self.generation.load(Ordering::SeqCst) != since {
-            hot.remove(app, user.map(|u| &**u));
-            return false;
-        }
-        true
+        Ok(cutoff)
     }
 
     /// Writes users' cutoffs to the store (durably), then drops them from the cache.
@@ -421,18 +362,20 @@ impl RevocationCache {
         app: &Arc<str>,
         changes: &[UserCutoffChange],
     ) -> Result<(), StoreError> {
-        self.bounded(self.store.set_user_cutoffs(app, changes))
+        let timeout = self.tuned.load().store_timeout;
+        bounded(timeout, self.store.set_user_cutoffs(app, changes))
             .await
             .map_err(|e| self.count_error(&e))?;
-        // The store's own event does this too; doing it here as well means the writer
-        // sees its write even before the event arrives.
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        // Loaded after the write: caches swapped in meanwhile must drop the old value too.
+        // The store's own event does this as well; doing it here means the writer sees
+        // its write even before the event arrives.
+        let tuned = self.tuned.load();
         for change in changes {
-            self.apply_event(&RevocationEvent::User {
+            tuned.users.invalidate(&UserKey {
                 app: app.clone(),
                 user: Arc::from(change.user_id.as_str()),
-                cutoff: change.cutoff,
-            })
-            .await;
+            });
         }
         Ok(())
     }
@@ -443,30 +386,28 @@ impl RevocationCache {
         app: &Arc<str>,
         cutoff: Option<Cutoff>,
     ) -> Result<(), StoreError> {
-        self.bounded(self.store.set_app_cutoff(app, cutoff))
+        let timeout = self.tuned.load().store_timeout;
+        bounded(timeout, self.store.set_app_cutoff(app, cutoff))
             .await
             .map_err(|e| self.count_error(&e))?;
-        self.apply_event(&RevocationEvent::App {
-            app: app.clone(),
-            cutoff,
-        })
-        .await;
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.tuned.load().set_app(app, None);
         Ok(())
-    }
-
-    async fn bounded<T>(
-        &self,
-        operation: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.store_timeout, operation).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout),
-        }
     }
 
     fn count_error(&self, error: &StoreError) -> StoreError {
         self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
         error.clone()
+    }
+}
+
+async fn bounded<T>(
+    timeout: Duration,
+    operation: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, operation).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Timeout),
     }
 }
 
@@ -603,7 +544,64 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+    #[tokio::test]
+    async fn new_cache_settings_rebuild_the_caches_and_the_store_still_answers() {
+        let store = Arc::new(MemoryStore::new());
+        let cache = RevocationCache::new(store.clone(), &settings());
+        let (app, user): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("u"));
+        assert_eq!(cache.user_cutoff(&app, &user).await, Ok(None));
+        cache.tuned.load().users.run_pending_tasks();
+        assert_eq!(cache.entry_count(), 1);
 
+        let mut same = settings();
+        same.store_timeout = Duration::from_millis(300);
+        assert!(
+            !cache.apply_settings(&same),
+            "a timeout alone keeps the entries"
+        );
+        assert_eq!(cache.tuned.load().store_timeout, Duration::from_millis(300));
+        assert_eq!(cache.entry_count(), 1);
+
+        let mut smaller = same.clone();
+        smaller.cache_capacity = 10;
+        smaller.cache_ttl = Duration::from_secs(5);
+        assert!(cache.apply_settings(&smaller));
+        assert_eq!(cache.entry_count(), 0);
+        let tuned = cache.tuned.load();
+        assert_eq!(tuned.users.policy().max_capacity(), Some(10));
+        assert_eq!(
+            tuned.users.policy().time_to_live(),
+            Some(Duration::from_secs(5))
+        );
+        drop(tuned);
+        assert_eq!(cache.user_cutoff(&app, &user).await, Ok(None));
+    }
+
+    #[tokio::test]
+    async fn following_a_config_applies_each_swapped_in_version() {
+        let config = ConfigHandle::new(
+            crate::config::ConfigSnapshot::with_apps(vec![]).with_revocation(settings()),
+        );
+        let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &settings());
+        let follower = cache.follow_config(&config);
+        let mut changed = settings();
+        changed.cache_capacity = 42;
+        config.store(crate::config::ConfigSnapshot::with_apps(vec![]).with_revocation(changed));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while cache.tuned.load().capacity != 42 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "new capacity not applied within 1s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // the follower ends with the config
+        drop(config);
+        tokio::time::timeout(Duration::from_secs(1), follower)
+            .await
+            .expect("follower still running 1s after the config was dropped")
+            .unwrap();
+    }
     /// A store whose reads wait for the test to let them finish.
     struct Gated {
         reads: AtomicUsize,
@@ -680,10 +678,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_tiny_front_still_answers_every_user_with_their_own_cutoff() {
+    async fn a_small_cache_still_answers_every_user_with_their_own_cutoff() {
         let store = Arc::new(MemoryStore::new());
         let mut settings = settings();
-        // 64 shards of one entry: constant clearing and hash sharing.
         settings.cache_capacity = 64;
         let cache = RevocationCache::new(store.clone(), &settings);
         let changes: Vec<UserCutoffChange> = (0..300)
@@ -705,7 +702,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn front_entries_expire_with_the_ttl_of_their_store_read() {
+    async fn user_entries_expire_with_the_ttl() {
         let store = probe(0, false);
         let mut settings = settings();
         settings.cache_ttl = Duration::from_millis(1);
