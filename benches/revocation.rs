@@ -66,6 +66,78 @@ impl Request {
     }
 }
 
+/// For comparison only: the sharded front map this branch first used for hits (commit
+/// b3c5435), reduced to its lookup, measured next to `cached_cutoff` in the same run.
+mod front {
+    use chatgate::time::Cutoff;
+    use std::collections::HashMap;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::{Arc, RwLock};
+    use std::time::Instant;
+
+    const SHARDS: usize = 64;
+
+    #[derive(Default, Clone, Copy)]
+    pub struct PassThrough(u64);
+    impl Hasher for PassThrough {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, _: &[u8]) {
+            unreachable!("only u64 keys")
+        }
+        fn write_u64(&mut self, n: u64) {
+            self.0 = n;
+        }
+    }
+    #[derive(Default, Clone, Copy)]
+    pub struct BuildPassThrough;
+    impl BuildHasher for BuildPassThrough {
+        type Hasher = PassThrough;
+        fn build_hasher(&self) -> PassThrough {
+            PassThrough::default()
+        }
+    }
+
+    type Entry = (Arc<str>, Option<Arc<str>>, Option<Cutoff>, Instant);
+
+    pub struct Hot {
+        shards: Box<[RwLock<HashMap<u64, Entry, BuildPassThrough>>]>,
+        hasher: foldhash::fast::FixedState,
+    }
+
+    impl Hot {
+        pub fn new() -> Self {
+            Hot {
+                shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+                hasher: foldhash::fast::FixedState::with_seed(7),
+            }
+        }
+        fn hash(&self, app: &str, user: Option<&str>) -> u64 {
+            let mut h = self.hasher.build_hasher();
+            h.write(app.as_bytes());
+            h.write_u8(0xff);
+            if let Some(user) = user {
+                h.write(user.as_bytes());
+            }
+            h.finish()
+        }
+        pub fn insert(&self, app: &Arc<str>, user: Option<&Arc<str>>, expires: Instant) {
+            let hash = self.hash(app, user.map(|u| &**u));
+            self.shards[(hash as usize) & (SHARDS - 1)]
+                .write()
+                .unwrap()
+                .insert(hash, (app.clone(), user.cloned(), None, expires));
+        }
+        pub fn get(&self, app: &str, user: Option<&str>, now: Instant) -> Option<Option<Cutoff>> {
+            let hash = self.hash(app, user);
+            let shard = self.shards[(hash as usize) & (SHARDS - 1)].read().unwrap();
+            let (a, u, cutoff, expires) = shard.get(&hash)?;
+            (*expires > now && &**a == app && u.as_deref() == user).then_some(*cutoff)
+        }
+    }
+}
+
 fn bench_cache_hit(c: &mut Criterion) {
     let runtime = runtime();
     let config = config();
@@ -116,6 +188,20 @@ fn bench_cache_hit(c: &mut Criterion) {
             cache
                 .cached_cutoff(black_box(&app_key), black_box(&user), now)
                 .unwrap()
+        })
+    });
+    let (hot_apps, hot_users) = (front::Hot::new(), front::Hot::new());
+    let expires = std::time::Instant::now() + Duration::from_secs(3600);
+    hot_apps.insert(&app_key, None, expires);
+    hot_users.insert(&app_key, Some(&user), expires);
+    group.bench_function("front_map_hit_for_comparison", |b| {
+        b.iter(|| {
+            let now = std::time::Instant::now();
+            let app_cutoff = hot_apps.get(black_box(&app_key), None, now).unwrap();
+            let user_cutoff = hot_users
+                .get(black_box(&app_key), Some(black_box(&user)), now)
+                .unwrap();
+            app_cutoff.max(user_cutoff)
         })
     });
     group.bench_function("token_verify_then_cached_cutoff", |b| {
