@@ -151,6 +151,10 @@ impl RedisStore {
     /// subscriber connection, each attempt bounded to a couple of seconds. Fails when
     /// Redis cannot be reached, rather than starting blind to other instances' writes.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_pinging_every(url, SUBSCRIBER_PING_EVERY).await
+    }
+
+    async fn connect_pinging_every(url: &str, ping_every: Duration) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(unavailable)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -167,7 +171,7 @@ impl RedisStore {
         // this point is always heard.
         let pubsub = subscribe(&client).await?;
         let events = broadcast::channel(1024).0;
-        let subscriber = tokio::spawn(follow(client, pubsub, events.clone()));
+        let subscriber = tokio::spawn(follow(client, pubsub, events.clone(), ping_every));
         Ok(RedisStore {
             commands,
             events,
@@ -192,12 +196,17 @@ impl RedisStore {
 /// The subscriber task: turns channel messages into events, reconnects when the
 /// connection drops or stops answering pings, and sends `Resync` after each reconnect.
 /// It runs until the store drops it.
-async fn follow(client: redis::Client, first: PubSub, events: broadcast::Sender<RevocationEvent>) {
+async fn follow(
+    client: redis::Client,
+    first: PubSub,
+    events: broadcast::Sender<RevocationEvent>,
+    ping_every: Duration,
+) {
     let mut connection = Some(first);
     let mut delay = BACKOFF_MIN;
     loop {
         if let Some(pubsub) = connection.take() {
-            listen(pubsub, &events).await;
+            listen(pubsub, &events, ping_every).await;
             tracing::warn!(target: "chatgate::revocation", "redis subscriber connection lost, reconnecting");
         }
         tokio::time::sleep(delay).await;
@@ -218,9 +227,9 @@ async fn follow(client: redis::Client, first: PubSub, events: broadcast::Sender<
 }
 
 /// Reads messages until the connection ends or a ping goes unanswered.
-async fn listen(pubsub: PubSub, events: &broadcast::Sender<RevocationEvent>) {
+async fn listen(pubsub: PubSub, events: &broadcast::Sender<RevocationEvent>, ping_every: Duration) {
     let (mut sink, mut stream) = pubsub.split();
-    let mut ping = tokio::time::interval(SUBSCRIBER_PING_EVERY);
+    let mut ping = tokio::time::interval(ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     loop {
@@ -232,7 +241,9 @@ async fn listen(pubsub: PubSub, events: &broadcast::Sender<RevocationEvent>) {
                 }
             }
             _ = ping.tick() => {
-                let answered = tokio::time::timeout(RESPONSE_TIMEOUT, sink.ping::<String>()).await;
+                // A subscribed RESP2 connection answers PING with ["pong", ""], not +PONG.
+                let answered =
+                    tokio::time::timeout(RESPONSE_TIMEOUT, sink.ping::<redis::Value>()).await;
                 if !matches!(answered, Ok(Ok(_))) {
                     return;
                 }
@@ -333,6 +344,11 @@ impl RevocationStore for RedisStore {
     }
 }
 
+/// A throwaway `redis-server` for the tests below (shared with the integration tests).
+#[cfg(test)]
+#[path = "../../tests/support/redis_server.rs"]
+mod test_redis_server;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,5 +410,33 @@ mod tests {
             .await
             .expect("connect must give up on its own");
         assert!(matches!(result, Err(StoreError::Unavailable(_))));
+    }
+
+    #[tokio::test]
+    async fn answered_pings_keep_the_subscriber_connected() {
+        let redis = super::test_redis_server::RedisServer::start();
+        let store = tokio::time::timeout(
+            Duration::from_secs(30),
+            RedisStore::connect_pinging_every(&redis.url(), Duration::from_millis(10)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let mut events = store.subscribe();
+        // Many ping rounds; a subscriber that misread the replies would reconnect and
+        // announce a Resync after each.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        store.set_app_cutoff("k", None).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("the write is announced")
+            .unwrap();
+        assert_eq!(
+            first,
+            RevocationEvent::App {
+                app: Arc::from("k"),
+                cutoff: None
+            }
+        );
     }
 }
