@@ -161,47 +161,21 @@ impl Gate {
 
     /// Decides one request.
     pub async fn check(&self, request: RequestParts<'_>) -> Result<Decision, AuthError> {
-        let verified = {
-            let config = self.config.load();
-            match authenticate(&config, request, now_unix())? {
-                Some(verified) => verified,
-                None => return Ok(Decision::Public),
+        let Some(verified) = self.verify(request)? else {
+            return Ok(Decision::Public);
+        };
+        let stored = match &verified.identity.user_id {
+            // Server tokens are not subject to cutoffs; anonymous users have no token.
+            None => Ok(None),
+            Some(user) => {
+                let app = &verified.identity.app;
+                match self.revocations.cached_cutoff(app, user, verified.now) {
+                    Some(hit) => Ok(hit),
+                    None => self.revocations.cutoff(app, user).await,
+                }
             }
         };
-        self.check_revocation(&verified).await?;
-        Ok(match verified.endpoint {
-            Some(endpoint) => Decision::Revocation(verified.identity, endpoint),
-            None => Decision::Allow(verified.identity),
-        })
-    }
-
-    async fn check_revocation(&self, verified: &Verified) -> Result<(), AuthError> {
-        let identity = &verified.identity;
-        let Some(user) = &identity.user_id else {
-            // Server tokens are not subject to cutoffs; anonymous users have no token.
-            return Ok(());
-        };
-        let stored = match self
-            .revocations
-            .cached_cutoff(&identity.app, user, verified.now)
-        {
-            Some(hit) => Ok(hit),
-            None => self.revocations.cutoff(&identity.app, user).await,
-        };
-        let cutoff = match stored {
-            Ok(stored) => stored.max(verified.config_cutoff),
-            Err(error) => match verified.policy {
-                StoreErrorPolicy::Deny => {
-                    tracing::warn!(target: "chatgate::revocation", %error, "store error on a cache miss, denying");
-                    return Err(AuthError::StoreUnavailable);
-                }
-                StoreErrorPolicy::Allow => verified.config_cutoff,
-            },
-        };
-        match cutoff {
-            Some(cutoff) if cutoff.revokes(identity.issued_at) => Err(AuthError::Revoked),
-            _ => Ok(()),
-        }
+        decide(verified, stored)
     }
 
     /// [`Gate::check`] without waiting, for the common case: `Some` when the decision
@@ -209,29 +183,24 @@ impl Gate {
     /// and users whose cutoffs are cached); `None` when it does, and then
     /// [`Gate::check`] decides. Lets an adapter skip allocating a future on cache hits.
     pub fn check_cached(&self, request: RequestParts<'_>) -> Option<Result<Decision, AuthError>> {
-        let verified = {
-            let config = self.config.load();
-            match authenticate(&config, request, now_unix()) {
-                Ok(Some(verified)) => verified,
-                Ok(None) => return Some(Ok(Decision::Public)),
-                Err(error) => return Some(Err(error)),
+        let verified = match self.verify(request) {
+            Ok(Some(verified)) => verified,
+            Ok(None) => return Some(Ok(Decision::Public)),
+            Err(error) => return Some(Err(error)),
+        };
+        let stored = match &verified.identity.user_id {
+            None => None,
+            Some(user) => {
+                let app = &verified.identity.app;
+                self.revocations.cached_cutoff(app, user, verified.now)?
             }
         };
-        let identity = &verified.identity;
-        if let Some(user) = &identity.user_id {
-            let stored = self
-                .revocations
-                .cached_cutoff(&identity.app, user, verified.now)?;
-            if let Some(cutoff) = stored.max(verified.config_cutoff)
-                && cutoff.revokes(identity.issued_at)
-            {
-                return Some(Err(AuthError::Revoked));
-            }
-        }
-        Some(Ok(match verified.endpoint {
-            Some(endpoint) => Decision::Revocation(verified.identity, endpoint),
-            None => Decision::Allow(verified.identity),
-        }))
+        Some(decide(verified, Ok(stored)))
+    }
+
+    /// Everything but revocation, on the snapshot current now; `Ok(None)` is a public path.
+    fn verify(&self, request: RequestParts<'_>) -> Result<Option<Verified>, AuthError> {
+        authenticate(&self.config.load(), request, now_unix())
     }
 
     /// Applies the revocation fields of a `PATCH /users` or `PATCH /app` body for the
@@ -269,6 +238,31 @@ impl Gate {
         }
         Ok(())
     }
+}
+
+/// The decision once the stored cutoff (or the store's failure) is known.
+fn decide(
+    verified: Verified,
+    stored: Result<Option<Cutoff>, crate::revocation::StoreError>,
+) -> Result<Decision, AuthError> {
+    let cutoff = match stored {
+        Ok(stored) => stored.max(verified.config_cutoff),
+        Err(error) => match verified.policy {
+            StoreErrorPolicy::Deny => {
+                tracing::warn!(target: "chatgate::revocation", %error, "store error on a cache miss, denying");
+                return Err(AuthError::StoreUnavailable);
+            }
+            StoreErrorPolicy::Allow => verified.config_cutoff,
+        },
+    };
+    let identity = verified.identity;
+    if identity.user_id.is_some() && cutoff.is_some_and(|c| c.revokes(identity.issued_at)) {
+        return Err(AuthError::Revoked);
+    }
+    Ok(match verified.endpoint {
+        Some(endpoint) => Decision::Revocation(identity, endpoint),
+        None => Decision::Allow(identity),
+    })
 }
 
 /// The query parameters the gate reads, borrowed unless percent-encoded.
