@@ -364,7 +364,7 @@ impl ConfigSnapshot {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
         let locator = Locator::new(text, path);
-        let raw: RawConfig = toml::from_str(text).map_err(|e| locator.from_toml(&e))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| locator.toml_error(&e))?;
         let base_dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -874,7 +874,7 @@ impl<'a> Locator<'a> {
         key_in_table(self.document.as_ref()?.as_table(), offset, "")
     }
 
-    fn from_toml(&self, error: &toml::de::Error) -> ConfigError {
+    fn toml_error(&self, error: &toml::de::Error) -> ConfigError {
         let offset = error.span().map(|s| s.start).unwrap_or(0);
         let (line, column) = self.line_col(offset);
         let key = self

@@ -261,7 +261,7 @@ fn parse_query(query: &str) -> Query<'_> {
     found
 }
 
-fn header_str<'h>(headers: &'h HeaderMap, name: impl header::AsHeaderName) -> Option<&'h str> {
+fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -360,10 +360,10 @@ fn authenticate(
     };
     let user_id: Option<Arc<str>> = verified.claims.user_id.as_deref().map(Arc::from);
 
-    if websocket {
-        if let (Some(json), Some(user)) = (query.json.as_deref(), user_id.as_deref()) {
-            check_connect_user(json, user)?;
-        }
+    if websocket
+        && let (Some(json), Some(user)) = (query.json.as_deref(), user_id.as_deref())
+    {
+        check_connect_user(json, user)?;
     }
     if endpoint.is_some() && kind != IdentityKind::Server {
         return Err(AuthError::NotAllowed(

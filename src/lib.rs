@@ -15,6 +15,8 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod gate;
+#[cfg(feature = "proxy")]
+pub mod proxy;
 pub mod reload;
 pub mod revocation;
 pub mod time;

@@ -262,20 +262,20 @@ pub fn verify(
 }
 
 fn check_times(claims: &Claims<'_>, leeway: i64, now: i64) -> Result<(), AuthError> {
-    if let Some(exp) = claims.expires_at {
-        if now >= exp.saturating_add(leeway) {
-            return Err(AuthError::Expired);
-        }
+    if let Some(exp) = claims.expires_at
+        && now >= exp.saturating_add(leeway)
+    {
+        return Err(AuthError::Expired);
     }
-    if let Some(nbf) = claims.not_before {
-        if nbf > now.saturating_add(leeway) {
-            return Err(AuthError::NotYetValid);
-        }
+    if let Some(nbf) = claims.not_before
+        && nbf > now.saturating_add(leeway)
+    {
+        return Err(AuthError::NotYetValid);
     }
-    if let Some(iat) = claims.issued_at {
-        if iat > now.saturating_add(leeway) {
-            return Err(AuthError::IssuedInFuture);
-        }
+    if let Some(iat) = claims.issued_at
+        && iat > now.saturating_add(leeway)
+    {
+        return Err(AuthError::IssuedInFuture);
     }
     Ok(())
 }
