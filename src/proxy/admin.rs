@@ -61,8 +61,7 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(state): State<AdminState>) -> Response {
     let config_loaded = state.config.load().apps().next().is_some();
-    let store = match tokio::time::timeout(READY_PING_TIMEOUT, state.cache.store().ping()).await
-    {
+    let store = match tokio::time::timeout(READY_PING_TIMEOUT, state.cache.store().ping()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(error.to_string()),
         Err(_) => Err("revocation store did not answer in time".to_owned()),

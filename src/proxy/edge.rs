@@ -190,7 +190,9 @@ impl ProxyHttp for EdgeProxy {
                 header.insert_header(http::header::CONTENT_LENGTH, response.body.len())?;
                 header.insert_header(http::header::CONNECTION, "close")?;
                 session.set_keepalive(None);
-                session.write_response_header(Box::new(header), false).await?;
+                session
+                    .write_response_header(Box::new(header), false)
+                    .await?;
                 session.write_response_body(Some(response.body), true).await
             };
             if let Err(write_error) = written.await {

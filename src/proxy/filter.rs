@@ -221,11 +221,33 @@ pub async fn respond(session: &mut Session, error: &AuthError) -> pingora::Resul
     }
 }
 
+/// Refused bodies up to this size are read and discarded after the answer so the
+/// connection can serve the next request; larger or unsized ones close it instead of
+/// letting an unauthenticated client make the proxy read an upload.
+const MAX_DRAINED_BODY: u64 = 64 * 1024;
+/// Longest a refused request's body may take to arrive before the connection closes.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn respond_http(session: &mut Session, response: &ErrorResponse) -> pingora::Result<()> {
+    let small_body = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|length| length <= MAX_DRAINED_BODY);
+    if small_body {
+        // Pingora closes a connection answered before its request body was read; a
+        // small body is drained instead (within the drain timeout) to keep it alive.
+        let downstream = session.as_downstream_mut();
+        downstream.set_close_on_response_before_downstream_finish(false);
+        downstream.set_total_drain_timeout(Some(DRAIN_TIMEOUT));
+    }
     let mut header = ResponseHeader::build(response.status, Some(2))?;
     header.insert_header(http::header::CONTENT_TYPE, ErrorResponse::CONTENT_TYPE)?;
     header.insert_header(http::header::CONTENT_LENGTH, response.body.len())?;
-    session.write_response_header(Box::new(header), false).await?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
     session
         .write_response_body(Some(response.body.clone()), true)
         .await
@@ -245,7 +267,9 @@ async fn respond_websocket(
     )?;
     // The socket is now a WebSocket: it must not go back to the HTTP keep-alive pool.
     session.set_keepalive(None);
-    session.write_response_header(Box::new(header), false).await?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
     let frames: Bytes = crate::ws::rejection_frames(response);
     session.write_response_body(Some(frames), true).await
 }

@@ -1,0 +1,583 @@
+//! The edge proxy end to end: the `chatgate` binary on loopback in front of a recording
+//! test upstream, driven by real HTTP and WebSocket clients.
+
+#[path = "common/proxy_harness.rs"]
+mod harness;
+
+use base64::Engine as _;
+use chatgate::TokenBuilder;
+use chatgate::time::now_unix;
+use futures_util::{SinkExt, StreamExt};
+use harness::*;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+async fn within<T>(limit: Duration, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(limit, future)
+        .await
+        .expect("test step timed out")
+}
+
+async fn echo_proxy() -> (TestUpstream, Proxy) {
+    echo_proxy_with(|_| {}).await
+}
+
+async fn echo_proxy_with(configure: impl FnOnce(&mut ProxyOptions)) -> (TestUpstream, Proxy) {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let mut options = ProxyOptions {
+        upstreams: vec![upstream.address.to_string()],
+        ..ProxyOptions::default()
+    };
+    configure(&mut options);
+    let proxy = Proxy::start(options).await;
+    (upstream, proxy)
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// (what, query api_key, token or None, auth type, expected code, expected status)
+fn contract_errors() -> Vec<(
+    &'static str,
+    Option<&'static str>,
+    Option<String>,
+    &'static str,
+    i64,
+    u16,
+)> {
+    let now = now_unix();
+    let alg_none = format!(
+        "{}.{}.{}",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(br#"{"user_id":"u"}"#),
+        b64(b"x")
+    );
+    vec![
+        (
+            "missing api_key",
+            None,
+            Some(user_token("u")),
+            "jwt",
+            2,
+            401,
+        ),
+        (
+            "unknown api_key",
+            Some("nope"),
+            Some(user_token("u")),
+            "jwt",
+            2,
+            401,
+        ),
+        ("missing token", Some(KEY), None, "jwt", 5, 401),
+        (
+            "malformed token",
+            Some(KEY),
+            Some("abc".into()),
+            "jwt",
+            5,
+            401,
+        ),
+        (
+            "bad auth type",
+            Some(KEY),
+            Some(user_token("u")),
+            "oauth",
+            5,
+            401,
+        ),
+        (
+            "anonymous not allowed",
+            Some(KEY),
+            None,
+            "anonymous",
+            5,
+            401,
+        ),
+        (
+            "expired",
+            Some(KEY),
+            Some(TokenBuilder::user("u").expires_at(now - 100).sign(SECRET)),
+            "jwt",
+            40,
+            401,
+        ),
+        (
+            "nbf in the future",
+            Some(KEY),
+            Some(TokenBuilder::user("u").not_before(now + 1000).sign(SECRET)),
+            "jwt",
+            41,
+            401,
+        ),
+        (
+            "iat in the future",
+            Some(KEY),
+            Some(TokenBuilder::user("u").issued_at(now + 1000).sign(SECRET)),
+            "jwt",
+            42,
+            401,
+        ),
+        (
+            "bad signature",
+            Some(KEY),
+            Some(TokenBuilder::user("u").sign("wrong")),
+            "jwt",
+            43,
+            401,
+        ),
+        ("alg none", Some(KEY), Some(alg_none), "jwt", 43, 401),
+    ]
+}
+
+fn assert_stream_error(body: &serde_json::Value, code: i64, status: u16, what: &str) {
+    assert_eq!(body["code"], code, "{what}: {body}");
+    assert_eq!(body["StatusCode"], status, "{what}: {body}");
+    assert!(body["message"].is_string(), "{what}: {body}");
+    assert!(body["more_info"].is_string(), "{what}: {body}");
+}
+
+#[tokio::test]
+async fn every_contract_error_is_answered_as_stream_json_over_http() {
+    let (upstream, proxy) = echo_proxy().await;
+    let client = reqwest::Client::new();
+    within(Duration::from_secs(60), async {
+        for (what, api_key, token, auth_type, code, status) in contract_errors() {
+            let url = match api_key {
+                Some(key) => proxy.url(&format!("/channels?api_key={key}")),
+                None => proxy.url("/channels"),
+            };
+            let mut request = client.get(url).header("stream-auth-type", auth_type);
+            if let Some(token) = token {
+                request = request.header("authorization", token);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), status, "{what}");
+            assert_eq!(
+                response.headers()["content-type"],
+                "application/json",
+                "{what}"
+            );
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_stream_error(&body, code, status, what);
+        }
+        // a user token may not call the server-only revocation endpoint
+        let response = client
+            .patch(proxy.url(&format!("/users?api_key={KEY}")))
+            .header("authorization", user_token("u"))
+            .body(r#"{"users":[]}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 403);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_stream_error(&body, 17, 403, "user token on PATCH /users");
+    })
+    .await;
+    assert!(
+        upstream.requests().is_empty(),
+        "no refused request may reach the upstream: {:?}",
+        upstream.requests()
+    );
+}
+
+/// Connects and returns the first message and how the socket was closed.
+async fn websocket_rejection(url: &str) -> (serde_json::Value, Option<CloseCode>) {
+    let (mut socket, response) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("a rejected upgrade still completes (101)");
+    assert_eq!(response.status().as_u16(), 101);
+    let first = socket.next().await.expect("an error frame").unwrap();
+    let Message::Text(text) = first else {
+        panic!("expected a text frame, got {first:?}")
+    };
+    let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut close = None;
+    // The close frame follows at once; then the server ends the connection.
+    while let Some(Ok(message)) = socket.next().await {
+        if let Message::Close(frame) = message {
+            close = frame.map(|f| f.code);
+            break;
+        }
+    }
+    (frame, close)
+}
+
+#[tokio::test]
+async fn every_contract_error_on_a_websocket_is_101_then_an_error_frame_then_close_1000() {
+    let (upstream, proxy) = echo_proxy().await;
+    within(Duration::from_secs(60), async {
+        let mut cases: Vec<(&str, String, i64, u16)> = contract_errors()
+            .into_iter()
+            .map(|(what, api_key, token, auth_type, code, status)| {
+                let mut query = format!("stream-auth-type={auth_type}");
+                if let Some(key) = api_key {
+                    query.push_str(&format!("&api_key={key}"));
+                }
+                if let Some(token) = token {
+                    query.push_str(&format!("&authorization={token}"));
+                }
+                (what, format!("/connect?{query}"), code, status)
+            })
+            .collect();
+        let json: String = form_urlencoded::byte_serialize(br#"{"user_id":"mallory"}"#).collect();
+        cases.push((
+            "connect payload names another user",
+            format!(
+                "/connect?api_key={KEY}&authorization={}&json={json}",
+                user_token("alice")
+            ),
+            17,
+            403,
+        ));
+        for (what, path, code, status) in cases {
+            let (frame, close) = websocket_rejection(&proxy.ws_url(&path)).await;
+            assert_stream_error(&frame["error"], code, status, what);
+            assert_eq!(close, Some(CloseCode::Normal), "{what}");
+        }
+    })
+    .await;
+    assert!(upstream.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_valid_websocket_is_proxied_and_frames_flow_both_ways() {
+    let (upstream, proxy) = echo_proxy().await;
+    within(Duration::from_secs(30), async {
+        // Several rounds: the upstream answers the upgrade instantly and speaks first,
+        // the timing that breaks tunnels when the 101 races the empty request body.
+        for round in 0..5 {
+            let url = proxy.ws_url(&format!(
+                "/connect?api_key={KEY}&authorization={}&stream-auth-type=jwt",
+                user_token("alice")
+            ));
+            let (mut socket, response) = tokio_tungstenite::connect_async(url).await.unwrap();
+            assert_eq!(response.status().as_u16(), 101);
+            let greeting = socket.next().await.unwrap().unwrap();
+            assert_eq!(greeting, Message::Text(r#"{"type":"health.check"}"#.into()));
+            for i in 0..3 {
+                socket
+                    .send(Message::Text(format!("ping {round}.{i}").into()))
+                    .await
+                    .unwrap();
+                let echoed = socket.next().await.unwrap().unwrap();
+                assert_eq!(
+                    echoed,
+                    Message::Text(format!("echo:ping {round}.{i}").into())
+                );
+            }
+            socket.close(None).await.unwrap();
+        }
+    })
+    .await;
+    assert_eq!(upstream.requests().len(), 5);
+}
+
+#[tokio::test]
+async fn an_idle_websocket_stays_up_past_60_seconds() {
+    let (_upstream, proxy) = echo_proxy().await;
+    within(Duration::from_secs(120), async {
+        let url = proxy.ws_url(&format!(
+            "/connect?api_key={KEY}&authorization={}",
+            user_token("alice")
+        ));
+        let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        socket.next().await.unwrap().unwrap(); // greeting
+        // Longer than Pingora's default 60 s body read timeout, with no traffic at all.
+        tokio::time::sleep(Duration::from_secs(65)).await;
+        socket
+            .send(Message::Text("still there?".into()))
+            .await
+            .unwrap();
+        let echoed = socket.next().await.unwrap().unwrap();
+        assert_eq!(echoed, Message::Text("echo:still there?".into()));
+        let metrics = reqwest::get(proxy.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(metrics.contains("chatgate_websockets_open 1"), "{metrics}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_json_502() {
+    let dead = format!("127.0.0.1:{}", free_port());
+    let proxy = Proxy::start(ProxyOptions {
+        upstreams: vec![dead],
+        ..ProxyOptions::default()
+    })
+    .await;
+    within(Duration::from_secs(30), async {
+        for method in [reqwest::Method::GET, reqwest::Method::POST] {
+            let response = reqwest::Client::new()
+                .request(
+                    method.clone(),
+                    proxy.url(&format!("/channels?api_key={KEY}")),
+                )
+                .header("authorization", user_token("alice"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 502, "{method}");
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_stream_error(&body, -1, 502, "upstream down");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_silent_upstream_is_a_json_504() {
+    let upstream = TestUpstream::start(Behaviour::Silent).await;
+    let proxy = Proxy::start(ProxyOptions {
+        upstreams: vec![upstream.address.to_string()],
+        read_timeout_ms: Some(300),
+        ..ProxyOptions::default()
+    })
+    .await;
+    within(Duration::from_secs(30), async {
+        let response = reqwest::Client::new()
+            .post(proxy.url(&format!("/channels?api_key={KEY}")))
+            .header("authorization", user_token("alice"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 504);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_stream_error(&body, -1, 504, "upstream timeout");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn idempotent_requests_to_a_dead_peer_are_retried_on_the_next() {
+    let live = TestUpstream::start(Behaviour::Echo).await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    let proxy = Proxy::start(ProxyOptions {
+        upstreams: vec![dead, live.address.to_string()],
+        ..ProxyOptions::default()
+    })
+    .await;
+    within(Duration::from_secs(30), async {
+        let client = reqwest::Client::new();
+        for _ in 0..4 {
+            let response = client
+                .get(proxy.url(&format!("/channels?api_key={KEY}")))
+                .header("authorization", user_token("alice"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+        }
+    })
+    .await;
+    assert_eq!(live.requests().len(), 4);
+}
+
+#[tokio::test]
+async fn client_sent_identity_headers_never_reach_the_upstream() {
+    for forward_identity in [false, true] {
+        let (upstream, proxy) = echo_proxy_with(|o| o.forward_identity = forward_identity).await;
+        within(Duration::from_secs(30), async {
+            let response = reqwest::Client::new()
+                .get(proxy.url(&format!("/channels?api_key={KEY}")))
+                .header("authorization", user_token("alice"))
+                .header("x-chatgate-user-id", "mallory")
+                .header("x-chatgate-auth", "server")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+        })
+        .await;
+        let seen = upstream.requests();
+        assert_eq!(seen.len(), 1);
+        let headers = &seen[0].headers;
+        // The original token always goes upstream unchanged.
+        assert_eq!(headers["authorization"], user_token("alice"));
+        if forward_identity {
+            assert_eq!(headers["x-chatgate-user-id"], "alice");
+            assert_eq!(headers["x-chatgate-auth"], "user");
+        } else {
+            assert!(!headers.contains_key("x-chatgate-user-id"), "{headers:?}");
+            assert!(!headers.contains_key("x-chatgate-auth"), "{headers:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_revocation_is_applied_then_the_same_body_is_forwarded() {
+    let (upstream, proxy) = echo_proxy().await;
+    let client = reqwest::Client::new();
+    let old = TokenBuilder::user("u1")
+        .issued_at(now_unix() - 100)
+        .sign(SECRET);
+    let url = proxy.url(&format!("/channels?api_key={KEY}"));
+    within(Duration::from_secs(30), async {
+        let before = client
+            .get(&url)
+            .header("authorization", &old)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(before.status().as_u16(), 200);
+        let cutoff = chrono::DateTime::from_timestamp(now_unix(), 0)
+            .unwrap()
+            .to_rfc3339();
+        let body = format!(
+            r#"{{"users":[{{"id":"u1","set":{{"revoke_tokens_issued_before":"{cutoff}","name":"kept for the API"}}}}]}}"#
+        );
+        let response = client
+            .patch(proxy.url(&format!("/users?api_key={KEY}")))
+            .header("authorization", server_token())
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let echoed: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(echoed["method"], "PATCH");
+        let forwarded = upstream
+            .requests()
+            .into_iter()
+            .find(|r| r.method == "PATCH")
+            .expect("the PATCH reached the upstream");
+        assert_eq!(String::from_utf8(forwarded.body).unwrap(), body);
+        let after = client
+            .get(&url)
+            .header("authorization", &old)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(after.status().as_u16(), 401);
+        let error: serde_json::Value = after.json().await.unwrap();
+        assert_eq!(error["code"], 40);
+        // a bad body is refused before anything is forwarded
+        let bad = client
+            .patch(proxy.url(&format!("/users?api_key={KEY}")))
+            .header("authorization", server_token())
+            .body("not json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(bad.status().as_u16(), 400);
+        let error: serde_json::Value = bad.json().await.unwrap();
+        assert_eq!(error["code"], 4);
+    })
+    .await;
+    assert_eq!(
+        upstream
+            .requests()
+            .iter()
+            .filter(|r| r.method == "PATCH")
+            .count(),
+        1
+    );
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body from a raw socket.
+async fn read_response(stream: &mut tokio::net::TcpStream, buffer: &mut Vec<u8>) -> (u16, String) {
+    let head_end = loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before a response");
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+    let status: u16 = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    while buffer.len() < head_end + length {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed inside a body");
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buffer[head_end..head_end + length]).to_string();
+    buffer.drain(..head_end + length);
+    (status, body)
+}
+
+#[tokio::test]
+async fn the_client_connection_stays_open_after_a_rejection() {
+    let (_upstream, proxy) = echo_proxy().await;
+    within(Duration::from_secs(30), async {
+        let mut stream = tokio::net::TcpStream::connect(proxy.address).await.unwrap();
+        let mut buffer = Vec::new();
+        // The refused request even carries a body the proxy must skip.
+        let refused = format!(
+            "POST /channels?api_key={KEY} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        );
+        stream.write_all(refused.as_bytes()).await.unwrap();
+        let (status, body) = read_response(&mut stream, &mut buffer).await;
+        assert_eq!(status, 401, "{body}");
+        let allowed = format!(
+            "GET /channels?api_key={KEY} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
+            user_token("alice")
+        );
+        stream.write_all(allowed.as_bytes()).await.unwrap();
+        let (status, body) = read_response(&mut stream, &mut buffer).await;
+        assert_eq!(status, 200, "{body}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn admin_endpoints_report_health_readiness_metrics_and_config() {
+    let (_upstream, proxy) = echo_proxy().await;
+    within(Duration::from_secs(30), async {
+        let client = reqwest::Client::new();
+        client
+            .get(proxy.url(&format!("/channels?api_key={KEY}")))
+            .send()
+            .await
+            .unwrap();
+        let health = client
+            .get(proxy.admin_url("/healthz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status().as_u16(), 200);
+        let ready = client.get(proxy.admin_url("/readyz")).send().await.unwrap();
+        assert_eq!(ready.status().as_u16(), 200);
+        let metrics = client
+            .get(proxy.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains(
+                r#"chatgate_requests_denied_total{app="key",code="5",reason="malformed"} 1"#
+            ),
+            "{metrics}"
+        );
+        assert!(metrics.contains("chatgate_check_duration_seconds_count 1"));
+        let config: serde_json::Value = client
+            .get(proxy.admin_url("/config"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(config["content_hash"].is_string());
+        assert!(config["loaded_at"].is_string());
+    })
+    .await;
+}
