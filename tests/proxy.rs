@@ -39,15 +39,18 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// (what, query api_key, token or None, auth type, expected code, expected status)
-fn contract_errors() -> Vec<(
+/// One refusal: what, the api_key query value, the token, the auth type, and the
+/// expected Stream code and HTTP status.
+type Case = (
     &'static str,
     Option<&'static str>,
     Option<String>,
     &'static str,
     i64,
     u16,
-)> {
+);
+
+fn contract_errors() -> Vec<Case> {
     let now = now_unix();
     let alg_none = format!(
         "{}.{}.{}",

@@ -197,15 +197,15 @@ async fn echo_websocket(stream: TcpStream) -> std::io::Result<()> {
     // Bounded by the client closing the socket.
     while let Some(Ok(message)) = socket.next().await {
         match message {
-            Message::Text(text) => {
+            Message::Text(text)
                 if socket
                     .send(Message::Text(format!("echo:{text}").into()))
                     .await
-                    .is_err()
-                {
-                    break;
-                }
+                    .is_err() =>
+            {
+                break;
             }
+            Message::Text(_) => {}
             Message::Close(_) => break,
             _ => {}
         }
