@@ -360,7 +360,7 @@ fn authenticate(
     };
     let user_id: Option<Arc<str>> = verified.claims.user_id.as_deref().map(Arc::from);
 
-    if websocket && let (Some(json), Some(user)) = (query.json.as_deref(), user_id.as_deref()) {
+    if let (true, Some(json), Some(user)) = (websocket, query.json.as_deref(), user_id.as_deref()) {
         check_connect_user(json, user)?;
     }
     if endpoint.is_some() && kind != IdentityKind::Server {

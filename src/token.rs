@@ -262,18 +262,21 @@ pub fn verify(
 }
 
 fn check_times(claims: &Claims<'_>, leeway: i64, now: i64) -> Result<(), AuthError> {
-    if let Some(exp) = claims.expires_at
-        && now >= exp.saturating_add(leeway)
+    if claims
+        .expires_at
+        .is_some_and(|exp| now >= exp.saturating_add(leeway))
     {
         return Err(AuthError::Expired);
     }
-    if let Some(nbf) = claims.not_before
-        && nbf > now.saturating_add(leeway)
+    if claims
+        .not_before
+        .is_some_and(|nbf| nbf > now.saturating_add(leeway))
     {
         return Err(AuthError::NotYetValid);
     }
-    if let Some(iat) = claims.issued_at
-        && iat > now.saturating_add(leeway)
+    if claims
+        .issued_at
+        .is_some_and(|iat| iat > now.saturating_add(leeway))
     {
         return Err(AuthError::IssuedInFuture);
     }

@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Side-by-side proxy benchmark (issue 7): chatgate with a valid token and a warm
+# revocation cache, chatgate's own Pingora pass-through (no auth), HAProxy with
+# jwt_verify (HS256 + alg + exp checks), HAProxy pass-through, all in front of one nginx
+# upstream serving a ~100-byte JSON reply. Interleaved rounds, loopback only, bounded.
+#
+# Proxies are pinned to core 0; nginx and wrk to core 1. Each proxy runs one thread.
+# Prints requests/s, p50/p99 latency and proxy CPU µs per request (the proxy core's busy
+# time: user + system of the proxy process, divided by requests), then the ratios.
+#
+#   benches/compare.sh                  # 3 rounds x 10 s per target (~3 min incl. build)
+#   ROUNDS=5 DURATION=10 benches/compare.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNECTIONS=${CONNECTIONS:-32}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+SECRET="bench-secret-0123456789abcdef0123456789abcdef"
+UPSTREAM_PORT=18180
+declare -A PORT=([chatgate]=18181 [passthrough]=18182 [haproxy_jwt]=18183 [haproxy_plain]=18184)
+TARGETS=(chatgate passthrough haproxy_jwt haproxy_plain)
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need wrk || ! need haproxy || ! need nginx; then
+  echo "installing wrk, haproxy, nginx-light from Debian's packages"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk haproxy nginx-light >/dev/null
+fi
+
+cargo build --release --features proxy --bin chatgate --example passthrough
+BIN=target/release/chatgate
+PASSTHROUGH=target/release/examples/passthrough
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# --- upstream: nginx, one worker, a fixed 99-byte JSON reply
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$UPSTREAM_PORT;
+    location / {
+      default_type application/json;
+      return 200 '{"channels":[],"duration":"0.42ms","ok":true,"user":{"id":"bench","role":"user"},"x":"0123456"}';
+    }
+  }
+}
+EOF
+taskset -c "$LOAD_CPU" nginx -c "$WORK/nginx.conf" -p "$WORK" &
+PIDS+=($!)
+
+# --- chatgate: memory store (no file I/O), admin listener off, one thread
+cat >"$WORK/chatgate.toml" <<EOF
+[server]
+listen = "127.0.0.1:${PORT[chatgate]}"
+admin_listen = "off"
+threads = 1
+[upstream]
+addresses = ["127.0.0.1:$UPSTREAM_PORT"]
+[revocation]
+store = "memory"
+[[apps]]
+api_key = "bench"
+secrets = ["$SECRET"]
+EOF
+taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/chatgate.toml" >"$WORK/chatgate.log" 2>&1 &
+PIDS+=($!)
+CHATGATE_PID=$!
+
+taskset -c "$PROXY_CPU" "$PASSTHROUGH" --listen "127.0.0.1:${PORT[passthrough]}" \
+  --upstream "127.0.0.1:$UPSTREAM_PORT" >"$WORK/passthrough.log" 2>&1 &
+PIDS+=($!)
+PASSTHROUGH_PID=$!
+
+# --- HAProxy: the same JWT checks HAProxy can express (alg, HS256 signature, exp)
+cat >"$WORK/haproxy_jwt.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 20000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend jwt
+  bind 127.0.0.1:${PORT[haproxy_jwt]}
+  http-request deny deny_status 401 unless { req.hdr(authorization) -m found }
+  http-request set-var(txn.token) req.hdr(authorization)
+  http-request set-var(txn.alg) var(txn.token),jwt_header_query('\$.alg')
+  http-request deny deny_status 401 unless { var(txn.alg) -m str HS256 }
+  http-request deny deny_status 401 unless { var(txn.token),jwt_verify(txn.alg,"$SECRET") -m int 1 }
+  http-request set-var(txn.exp) var(txn.token),jwt_payload_query('\$.exp','int')
+  http-request set-var(txn.now) date()
+  http-request deny deny_status 401 if { var(txn.exp),sub(txn.now) -m int le 0 }
+  default_backend upstream
+backend upstream
+  http-reuse always
+  server nginx 127.0.0.1:$UPSTREAM_PORT
+EOF
+sed -e "/http-request/d" -e "s/${PORT[haproxy_jwt]}/${PORT[haproxy_plain]}/" \
+  "$WORK/haproxy_jwt.cfg" >"$WORK/haproxy_plain.cfg"
+taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy_jwt.cfg" >"$WORK/haproxy_jwt.log" 2>&1 &
+PIDS+=($!)
+HAPROXY_JWT_PID=$!
+taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy_plain.cfg" >"$WORK/haproxy_plain.log" 2>&1 &
+PIDS+=($!)
+HAPROXY_PLAIN_PID=$!
+declare -A PID=([chatgate]=$CHATGATE_PID [passthrough]=$PASSTHROUGH_PID \
+  [haproxy_jwt]=$HAPROXY_JWT_PID [haproxy_plain]=$HAPROXY_PLAIN_PID)
+
+TOKEN=$("$BIN" token create --config "$WORK/chatgate.toml" --api-key bench --user bench-user --ttl 2h)
+URL_PATH="/channels?api_key=bench"
+
+# --- wait for everything, and check that auth really is enforced where it should be
+for target in "${TARGETS[@]}"; do
+  for _ in $(seq 1 100); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: $TOKEN" \
+      "http://127.0.0.1:${PORT[$target]}$URL_PATH" || true)
+    [ "$code" = 200 ] && break
+    sleep 0.1
+  done
+  [ "$code" = 200 ] || { echo "$target is not answering 200 (got $code)"; cat "$WORK"/*.log; exit 1; }
+done
+for target in chatgate haproxy_jwt; do
+  code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PORT[$target]}$URL_PATH")
+  [ "$code" = 401 ] || { echo "$target let a request without a token through ($code)"; exit 1; }
+  bad="${TOKEN%?}A"; [ "$bad" = "$TOKEN" ] && bad="${TOKEN%?}B"
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: $bad" "http://127.0.0.1:${PORT[$target]}$URL_PATH")
+  [ "$code" = 401 ] || { echo "$target accepted a bad signature ($code)"; exit 1; }
+done
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+to_us() { # wrk prints 812.00us, 1.23ms, 2.00s
+  awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print n }'
+}
+TICKS=$(getconf CLK_TCK)
+RESULTS="$WORK/results.tsv"
+: >"$RESULTS"
+
+echo "rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS proxy core=$PROXY_CPU load core=$LOAD_CPU"
+for round in $(seq 1 "$ROUNDS"); do
+  for target in "${TARGETS[@]}"; do
+    before=$(cpu_ticks "${PID[$target]}")
+    out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
+      -H "Authorization: $TOKEN" -H "stream-auth-type: jwt" "http://127.0.0.1:${PORT[$target]}$URL_PATH")
+    after=$(cpu_ticks "${PID[$target]}")
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    requests=$(echo "$out" | awk '/requests in/ {print $1}')
+    p50=$(to_us "$(echo "$out" | awk '$1 == "50%" {print $2}')")
+    p99=$(to_us "$(echo "$out" | awk '$1 == "99%" {print $2}')")
+    non2xx=$(echo "$out" | awk '/Non-2xx/ {print $4}')
+    [ -z "$non2xx" ] || { echo "$target answered $non2xx non-2xx responses"; exit 1; }
+    cpu_us=$(awk -v t=$((after - before)) -v hz="$TICKS" -v n="$requests" 'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$rps" "$p50" "$p99" "$cpu_us" | tee -a "$RESULTS"
+  done
+done
+
+echo
+echo "medians over $ROUNDS interleaved rounds:"
+printf '| proxy | requests/s | p50 µs | p99 µs | proxy CPU µs/req |\n|---|---:|---:|---:|---:|\n'
+median() { sort -n | awk '{a[NR]=$1} END { if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2] + a[NR/2+1]) / 2 }'; }
+declare -A MED_RPS MED_P99 MED_CPU
+for target in "${TARGETS[@]}"; do
+  MED_RPS[$target]=$(awk -v t="$target" '$2 == t {print $3}' "$RESULTS" | median)
+  p50=$(awk -v t="$target" '$2 == t {print $4}' "$RESULTS" | median)
+  MED_P99[$target]=$(awk -v t="$target" '$2 == t {print $5}' "$RESULTS" | median)
+  MED_CPU[$target]=$(awk -v t="$target" '$2 == t {print $6}' "$RESULTS" | median)
+  printf '| %s | %.0f | %.0f | %.0f | %.2f |\n' "$target" "${MED_RPS[$target]}" "$p50" "${MED_P99[$target]}" "${MED_CPU[$target]}"
+done
+echo
+awk -v a="${MED_RPS[chatgate]}" -v b="${MED_RPS[haproxy_jwt]}" 'BEGIN { printf "chatgate / HAProxy-jwt requests/s: %.3f\n", a / b }'
+awk -v a="${MED_P99[chatgate]}" -v b="${MED_P99[haproxy_jwt]}" 'BEGIN { printf "chatgate / HAProxy-jwt p99:        %.3f\n", a / b }'
+awk -v a="${MED_RPS[chatgate]}" -v b="${MED_RPS[passthrough]}" 'BEGIN { printf "chatgate / pass-through requests/s: %.3f (auth costs %.1f%%)\n", a / b, (1 - a / b) * 100 }'
+awk -v a="${MED_CPU[chatgate]}" -v b="${MED_CPU[passthrough]}" 'BEGIN { printf "chatgate - pass-through CPU:        %.2f µs/req\n", a - b }'
