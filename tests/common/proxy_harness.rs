@@ -167,7 +167,9 @@ async fn connection(
             );
             stream.write_all(head.as_bytes()).await?;
             stream
-                .write_all(&chatgate::ws::text_frame(br#"{"type":"health.check"}"#))
+                .write_all(&chatgate::ws::text_frame(
+                    health_check(&request.target).as_bytes(),
+                ))
                 .await?;
             return echo_websocket(stream).await;
         }
@@ -186,6 +188,23 @@ async fn connection(
         stream.write_all(response.as_bytes()).await?;
     }
     Ok(())
+}
+
+/// Stream's first frame on `/connect`: the SDKs wait for it (with a `connection_id`
+/// and `me`) before `connectUser` resolves.
+pub fn health_check(target: &str) -> String {
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    let user = form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == "json")
+        .and_then(|(_, json)| serde_json::from_str::<serde_json::Value>(&json).ok())
+        .and_then(|json| json["user_id"].as_str().map(str::to_owned));
+    serde_json::json!({
+        "type": "health.check",
+        "connection_id": "test-connection",
+        "cid": "*",
+        "me": user.map(|id| serde_json::json!({"id": id})),
+    })
+    .to_string()
 }
 
 async fn echo_websocket(stream: TcpStream) -> std::io::Result<()> {
