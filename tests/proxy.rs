@@ -585,3 +585,34 @@ async fn admin_endpoints_report_health_readiness_metrics_and_config() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish_then_exits() {
+    let upstream = TestUpstream::start(Behaviour::Slow).await;
+    let mut proxy = Proxy::start(ProxyOptions {
+        upstreams: vec![upstream.address.to_string()],
+        ..ProxyOptions::default()
+    })
+    .await;
+    let url = proxy.url(&format!("/channels?api_key={KEY}"));
+    let in_flight = tokio::spawn(async move {
+        reqwest::Client::new()
+            .get(url)
+            .header("authorization", user_token("alice"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    // Terminate once the request is at the upstream, well before it is answered.
+    within(STEP, async {
+        while upstream.requests().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    proxy.terminate();
+    let status = within(STEP, in_flight).await.unwrap();
+    assert_eq!(status.unwrap(), 200);
+    // grace period (3 s) plus Pingora's runtime shutdown
+    proxy.wait_exit(Duration::from_secs(20)).await;
+}

@@ -38,7 +38,12 @@ pub enum Behaviour {
     Echo,
     /// Accept connections and read, but never answer.
     Silent,
+    /// Answer HTTP like `Echo`, but only after [`SLOW_ANSWER`].
+    Slow,
 }
+
+/// How long a [`Behaviour::Slow`] upstream takes to answer.
+pub const SLOW_ANSWER: Duration = Duration::from_millis(1500);
 
 /// A loopback upstream that records what reaches it.
 pub struct TestUpstream {
@@ -173,6 +178,9 @@ async fn connection(
                 .await?;
             return echo_websocket(stream).await;
         }
+        if behaviour == Behaviour::Slow {
+            tokio::time::sleep(SLOW_ANSWER).await;
+        }
         let body = serde_json::json!({
             "method": request.method,
             "target": request.target,
@@ -267,6 +275,26 @@ pub struct ProxyOptions {
 }
 
 impl Proxy {
+    /// Sends SIGTERM (Pingora's graceful shutdown) and returns at once.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits (at most `limit`) for the process to exit.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        for _ in 0..(limit.as_millis() / 50).max(1) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("chatgate did not exit within {limit:?}");
+    }
+
     pub async fn start(options: ProxyOptions) -> Self {
         let listen_port = free_port();
         let admin_port = free_port();
@@ -276,7 +304,7 @@ impl Proxy {
             .map(|a| format!("\"{a}\""))
             .collect();
         let mut text = format!(
-            "[server]\nlisten = \"127.0.0.1:{listen_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nthreads = 1\ngrace_period_seconds = 1\n\
+            "[server]\nlisten = \"127.0.0.1:{listen_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nthreads = 1\ngrace_period_seconds = 3\n\
              [upstream]\naddresses = [{}]\nforward_identity = {}\ndemo = {}\nconnect_timeout_ms = 1000\n",
             upstreams.join(", "),
             options.forward_identity,
