@@ -106,6 +106,9 @@ pub fn run(
     shutdown: Box<dyn ShutdownSignalWatch>,
 ) -> Result<(), String> {
     let snapshot = config.load_full();
+    if options.upgrade {
+        check_upgrade_possible(&snapshot)?;
+    }
     // The store (and a Redis store's connection tasks) lives on a small runtime of its
     // own that outlives every Pingora service, so no service's runtime owns it.
     let support = tokio::runtime::Builder::new_multi_thread()
@@ -154,15 +157,18 @@ pub fn run(
         },
     ));
     if let Some(address) = snapshot.server.admin_listen {
-        let listener = std::net::TcpListener::bind(address)
-            .map_err(|e| format!("admin_listen {address}: {e}"))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| format!("admin_listen {address}: {e}"))?;
+        // During an upgrade the old instance holds the admin port until it has drained,
+        // so the new one binds it when it is free; otherwise a busy port fails here.
+        let listener = if options.upgrade {
+            None
+        } else {
+            Some(bind_nonblocking(address).map_err(|e| format!("admin_listen {address}: {e}"))?)
+        };
         server.add_service(background_service(
             "chatgate admin",
             AdminService {
-                listener: Mutex::new(Some(listener)),
+                address,
+                listener: Mutex::new(listener),
                 state: admin::AdminState {
                     config: config.clone(),
                     cache: cache.clone(),
@@ -188,6 +194,24 @@ pub fn run(
     let _ = demo_stop.send(true);
     support.shutdown_timeout(Duration::from_secs(2));
     Ok(())
+}
+
+/// The parts of a config that cannot be shared with the running instance during a
+/// zero-downtime upgrade are refused before anything starts.
+fn check_upgrade_possible(snapshot: &crate::config::ConfigSnapshot) -> Result<(), String> {
+    if snapshot.revocation.store == crate::config::StoreKind::Embedded {
+        return Err("--upgrade needs [revocation] store = \"redis\" (or \"memory\"): the embedded store's file stays locked by the running instance until it exits".into());
+    }
+    if snapshot.upstream.demo {
+        return Err("--upgrade is not supported with [upstream] demo = true (the demo API's port belongs to the running instance)".into());
+    }
+    Ok(())
+}
+
+fn bind_nonblocking(address: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(address)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 /// Starts the built-in demo chat API on the first upstream address (quickstart only).
@@ -239,15 +263,33 @@ impl BackgroundService for RevocationEvents {
 
 /// The admin listener as a Pingora background service.
 struct AdminService {
-    /// Bound before the server starts so a busy port fails `run`, taken once on start.
+    address: std::net::SocketAddr,
+    /// Bound before the server starts so a busy port fails `run` (`None` during an
+    /// upgrade), taken once on start.
     listener: Mutex<Option<std::net::TcpListener>>,
     state: admin::AdminState,
 }
 
+/// How often, and how many times, an upgrading instance tries the admin port while the
+/// old instance drains (covers the default 30 s grace period with room to spare).
+const ADMIN_BIND_RETRY: Duration = Duration::from_millis(500);
+const ADMIN_BIND_ATTEMPTS: u32 = 240;
+
 #[async_trait]
 impl BackgroundService for AdminService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(listener) = self.listener.lock().ok().and_then(|mut l| l.take()) else {
+        let mut listener = self.listener.lock().ok().and_then(|mut l| l.take());
+        for _ in 0..ADMIN_BIND_ATTEMPTS {
+            if listener.is_some() || *shutdown.borrow() {
+                break;
+            }
+            match bind_nonblocking(self.address) {
+                Ok(bound) => listener = Some(bound),
+                Err(_) => tokio::time::sleep(ADMIN_BIND_RETRY).await,
+            }
+        }
+        let Some(listener) = listener else {
+            tracing::error!(target: "chatgate::proxy", address = %self.address, "admin listener: port never became free");
             return;
         };
         let listener = match tokio::net::TcpListener::from_std(listener) {
