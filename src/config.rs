@@ -768,7 +768,7 @@ fn validate_host_port(address: &str) -> Result<(), String> {
     }
 }
 
-fn content_hash(text: &str) -> String {
+pub(crate) fn content_hash(text: &str) -> String {
     let digest = Sha256::digest(text.as_bytes());
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -27,4 +27,5 @@ pub use config::{App, ConfigError, ConfigSnapshot};
 pub use error::{AuthError, ErrorResponse};
 pub use gate::{Decision, Gate, Identity, IdentityKind, RequestParts, RevocationEndpoint};
 pub use reload::ConfigHandle;
+pub use reload::{ConfigStatus, ConfigWatcher, ReloadOutcome};
 pub use token::TokenBuilder;

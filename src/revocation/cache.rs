@@ -3,7 +3,9 @@
 
 use super::{RevocationEvent, RevocationStore, StoreError, UserCutoffChange};
 use crate::config::RevocationSettings;
+use crate::reload::ConfigHandle;
 use crate::time::Cutoff;
+use arc_swap::ArcSwap;
 use moka::future::Cache;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,18 +33,25 @@ pub struct CacheStats {
 /// The cached view of a [`RevocationStore`].
 pub struct RevocationCache {
     store: Arc<dyn RevocationStore>,
-    users: Cache<UserKey, Option<Cutoff>>,
-    apps: Cache<Arc<str>, Option<Cutoff>>,
-    store_timeout: Duration,
+    // moka cannot resize or retime a live cache, so a config reload that changes
+    // `cache_capacity` / `cache_ttl_seconds` swaps in new (empty) caches: the store stays
+    // the truth, the cost is a round of misses.
+    tuned: ArcSwap<Tuned>,
     stats: CacheStats,
 }
 
-impl RevocationCache {
-    /// A cache over `store`, sized and timed by `[revocation]`. Call
-    /// [`RevocationCache::spawn_invalidation`] to follow the store's events.
-    pub fn new(store: Arc<dyn RevocationStore>, settings: &RevocationSettings) -> Arc<Self> {
-        Arc::new(RevocationCache {
-            store,
+/// The caches and the settings they were built with.
+struct Tuned {
+    users: Cache<UserKey, Option<Cutoff>>,
+    apps: Cache<Arc<str>, Option<Cutoff>>,
+    capacity: u64,
+    ttl: Duration,
+    store_timeout: Duration,
+}
+
+impl Tuned {
+    fn new(settings: &RevocationSettings) -> Self {
+        Tuned {
             users: Cache::builder()
                 .max_capacity(settings.cache_capacity)
                 .time_to_live(settings.cache_ttl)
@@ -51,8 +60,66 @@ impl RevocationCache {
                 .max_capacity(10_000)
                 .time_to_live(settings.cache_ttl)
                 .build(),
+            capacity: settings.cache_capacity,
+            ttl: settings.cache_ttl,
             store_timeout: settings.store_timeout,
+        }
+    }
+}
+
+impl RevocationCache {
+    /// A cache over `store`, sized and timed by `[revocation]`. Call
+    /// [`RevocationCache::spawn_invalidation`] to follow the store's events.
+    pub fn new(store: Arc<dyn RevocationStore>, settings: &RevocationSettings) -> Arc<Self> {
+        Arc::new(RevocationCache {
+            store,
+            tuned: ArcSwap::from_pointee(Tuned::new(settings)),
             stats: CacheStats::default(),
+        })
+    }
+
+    /// Follows `[revocation]` cache settings (`cache_capacity`, `cache_ttl_seconds`,
+    /// `store_timeout_ms`) through config reloads. True when the caches were rebuilt
+    /// (capacity or TTL changed), which empties them.
+    pub fn apply_settings(&self, settings: &RevocationSettings) -> bool {
+        let current = self.tuned.load();
+        if current.capacity == settings.cache_capacity && current.ttl == settings.cache_ttl {
+            if current.store_timeout != settings.store_timeout {
+                self.tuned.store(Arc::new(Tuned {
+                    users: current.users.clone(),
+                    apps: current.apps.clone(),
+                    capacity: current.capacity,
+                    ttl: current.ttl,
+                    store_timeout: settings.store_timeout,
+                }));
+            }
+            return false;
+        }
+        self.tuned.store(Arc::new(Tuned::new(settings)));
+        true
+    }
+
+    /// Applies the cache settings of every config version `config` swaps in, until
+    /// the cache or every handle of the config is dropped.
+    pub fn follow_config(self: &Arc<Self>, config: &ConfigHandle) -> tokio::task::JoinHandle<()> {
+        let mut versions = config.subscribe();
+        // Holding a handle would keep the version sender, and so this task, alive forever.
+        let config = config.downgrade();
+        let cache = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let (Some(cache), Some(config)) = (cache.upgrade(), config.upgrade()) else {
+                    return;
+                };
+                versions.borrow_and_update();
+                if cache.apply_settings(&config.load().revocation) {
+                    tracing::info!(target: "chatgate::revocation", "revocation cache rebuilt for new settings");
+                }
+                drop((cache, config));
+                if versions.changed().await.is_err() {
+                    return;
+                }
+            }
         })
     }
 
@@ -68,7 +135,8 @@ impl RevocationCache {
 
     /// Number of cached entries (approximate, for metrics).
     pub fn entry_count(&self) -> u64 {
-        self.users.entry_count() + self.apps.entry_count()
+        let tuned = self.tuned.load();
+        tuned.users.entry_count() + tuned.apps.entry_count()
     }
 
     /// Follows the store's change events until the store drops its sender. A lagging
@@ -93,19 +161,21 @@ impl RevocationCache {
 
     /// Applies one change event to the cache.
     pub async fn apply_event(&self, event: &RevocationEvent) {
+        let tuned = self.tuned.load_full();
         match event {
             RevocationEvent::User { app, user, .. } => {
-                self.users
+                tuned
+                    .users
                     .invalidate(&UserKey {
                         app: app.clone(),
                         user: user.clone(),
                     })
                     .await
             }
-            RevocationEvent::App { app, .. } => self.apps.invalidate(app).await,
+            RevocationEvent::App { app, .. } => tuned.apps.invalidate(app).await,
             RevocationEvent::Resync => {
-                self.users.invalidate_all();
-                self.apps.invalidate_all();
+                tuned.users.invalidate_all();
+                tuned.apps.invalidate_all();
             }
         }
     }
@@ -120,14 +190,16 @@ impl RevocationCache {
             app: app.clone(),
             user: user.clone(),
         };
-        if let Some(hit) = self.users.get(&key).await {
+        let tuned = self.tuned.load_full();
+        if let Some(hit) = tuned.users.get(&key).await {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let store = &self.store;
-        let read = self.bounded(store.user_cutoff(app, user));
-        self.users
+        let read = bounded(tuned.store_timeout, store.user_cutoff(app, user));
+        tuned
+            .users
             .try_get_with(key, read)
             .await
             .map_err(|e| self.count_error(&e))
@@ -135,13 +207,15 @@ impl RevocationCache {
 
     /// The app-wide cutoff set through the API.
     pub async fn app_cutoff(&self, app: &Arc<str>) -> Result<Option<Cutoff>, StoreError> {
-        if let Some(hit) = self.apps.get(app).await {
+        let tuned = self.tuned.load_full();
+        if let Some(hit) = tuned.apps.get(app).await {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let read = self.bounded(self.store.app_cutoff(app));
-        self.apps
+        let read = bounded(tuned.store_timeout, self.store.app_cutoff(app));
+        tuned
+            .apps
             .try_get_with(app.clone(), read)
             .await
             .map_err(|e| self.count_error(&e))
@@ -153,9 +227,12 @@ impl RevocationCache {
         app: &Arc<str>,
         changes: &[UserCutoffChange],
     ) -> Result<(), StoreError> {
-        self.bounded(self.store.set_user_cutoffs(app, changes))
+        let timeout = self.tuned.load().store_timeout;
+        bounded(timeout, self.store.set_user_cutoffs(app, changes))
             .await
             .map_err(|e| self.count_error(&e))?;
+        // Loaded after the write: caches swapped in meanwhile must drop the old value too.
+        let tuned = self.tuned.load_full();
         // The store's own event does this too; doing it here as well means the writer
         // sees its write even before the event arrives.
         for change in changes {
@@ -163,7 +240,7 @@ impl RevocationCache {
                 app: app.clone(),
                 user: Arc::from(change.user_id.as_str()),
             };
-            self.users.invalidate(&key).await;
+            tuned.users.invalidate(&key).await;
         }
         Ok(())
     }
@@ -174,26 +251,27 @@ impl RevocationCache {
         app: &Arc<str>,
         cutoff: Option<Cutoff>,
     ) -> Result<(), StoreError> {
-        self.bounded(self.store.set_app_cutoff(app, cutoff))
+        let timeout = self.tuned.load().store_timeout;
+        bounded(timeout, self.store.set_app_cutoff(app, cutoff))
             .await
             .map_err(|e| self.count_error(&e))?;
-        self.apps.invalidate(app).await;
+        self.tuned.load_full().apps.invalidate(app).await;
         Ok(())
-    }
-
-    async fn bounded<T>(
-        &self,
-        operation: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.store_timeout, operation).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout),
-        }
     }
 
     fn count_error(&self, error: &StoreError) -> StoreError {
         self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
         error.clone()
+    }
+}
+
+async fn bounded<T>(
+    timeout: Duration,
+    operation: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, operation).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Timeout),
     }
 }
 
@@ -329,5 +407,63 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+    #[tokio::test]
+    async fn new_cache_settings_rebuild_the_caches_and_the_store_still_answers() {
+        let store = Arc::new(MemoryStore::new());
+        let cache = RevocationCache::new(store.clone(), &settings());
+        let (app, user): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("u"));
+        assert_eq!(cache.user_cutoff(&app, &user).await, Ok(None));
+        cache.tuned.load().users.run_pending_tasks().await;
+        assert_eq!(cache.entry_count(), 1);
+
+        let mut same = settings();
+        same.store_timeout = Duration::from_millis(300);
+        assert!(
+            !cache.apply_settings(&same),
+            "a timeout alone keeps the entries"
+        );
+        assert_eq!(cache.tuned.load().store_timeout, Duration::from_millis(300));
+        assert_eq!(cache.entry_count(), 1);
+
+        let mut smaller = same.clone();
+        smaller.cache_capacity = 10;
+        smaller.cache_ttl = Duration::from_secs(5);
+        assert!(cache.apply_settings(&smaller));
+        assert_eq!(cache.entry_count(), 0);
+        let tuned = cache.tuned.load();
+        assert_eq!(tuned.users.policy().max_capacity(), Some(10));
+        assert_eq!(
+            tuned.users.policy().time_to_live(),
+            Some(Duration::from_secs(5))
+        );
+        drop(tuned);
+        assert_eq!(cache.user_cutoff(&app, &user).await, Ok(None));
+    }
+
+    #[tokio::test]
+    async fn following_a_config_applies_each_swapped_in_version() {
+        let config = ConfigHandle::new(
+            crate::config::ConfigSnapshot::with_apps(vec![]).with_revocation(settings()),
+        );
+        let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &settings());
+        let follower = cache.follow_config(&config);
+        let mut changed = settings();
+        changed.cache_capacity = 42;
+        config.store(crate::config::ConfigSnapshot::with_apps(vec![]).with_revocation(changed));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while cache.tuned.load().capacity != 42 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "new capacity not applied within 1s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // the follower ends with the config
+        drop(config);
+        tokio::time::timeout(Duration::from_secs(1), follower)
+            .await
+            .expect("follower still running 1s after the config was dropped")
+            .unwrap();
     }
 }
