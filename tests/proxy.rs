@@ -616,3 +616,47 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits() {
     // grace period (3 s) plus Pingora's runtime shutdown
     proxy.wait_exit(Duration::from_secs(20)).await;
 }
+
+#[tokio::test]
+async fn a_config_reload_reaches_the_running_proxy() {
+    let (_upstream, mut proxy) = echo_proxy().await;
+    let client = reqwest::Client::new();
+    let token = chatgate::TokenBuilder::user("alice").sign("new-secret");
+    let url = proxy.url("/channels?api_key=newkey");
+    within(Duration::from_secs(30), async {
+        let before = client
+            .get(&url)
+            .header("authorization", &token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(before.status().as_u16(), 401);
+        proxy.append_config("[[apps]]\napi_key = \"newkey\"\nsecrets = [\"new-secret\"]\n");
+        // The watcher debounces; poll the admin status until the new version is live.
+        let mut version = serde_json::Value::Null;
+        for _ in 0..200 {
+            let status: serde_json::Value = client
+                .get(proxy.admin_url("/config"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            version = status["version"].clone();
+            if version == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(version, 2, "the edit was never applied");
+        let after = client
+            .get(&url)
+            .header("authorization", &token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(after.status().as_u16(), 200);
+    })
+    .await;
+}

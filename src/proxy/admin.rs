@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// Longest `/readyz` waits for the revocation store's ping.
 const READY_PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -89,20 +89,9 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 }
 
 async fn config(State(state): State<AdminState>) -> Response {
-    let snapshot = state.config.load_full();
-    let loaded_at = chrono::DateTime::<chrono::Utc>::from(snapshot.loaded_at);
-    let age = SystemTime::now()
-        .duration_since(snapshot.loaded_at)
-        .unwrap_or_default();
-    let body = serde_json::json!({
-        "source": snapshot.source.display().to_string(),
-        "content_hash": snapshot.content_hash,
-        "loaded_at": loaded_at.to_rfc3339(),
-        "loaded_seconds_ago": age.as_secs(),
-        "apps": snapshot.apps().count(),
-        // Filled by the config watcher (last reload attempt and its error) once it runs.
-        "reload": serde_json::Value::Null,
-    });
+    // version, content_hash, loaded_at, source, last reload error and counts.
+    let mut body = state.config.status().to_json();
+    body["apps"] = state.config.load().apps().count().into();
     json(StatusCode::OK, body)
 }
 

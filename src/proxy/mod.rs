@@ -154,6 +154,7 @@ pub fn run(
         "chatgate revocation events",
         RevocationEvents {
             cache: cache.clone(),
+            config: config.clone(),
         },
     ));
     if let Some(address) = snapshot.server.admin_listen {
@@ -177,8 +178,13 @@ pub fn run(
             },
         ));
     }
-    // Config watcher slot: the reload watcher runs here as one more background service
-    // sharing `config`, so a reload reaches every request through the ConfigHandle.
+    // The file watcher and SIGHUP: a reload swaps the snapshot every request loads.
+    server.add_service(background_service(
+        "chatgate config reload",
+        ConfigReload {
+            config: config.clone(),
+        },
+    ));
 
     tracing::info!(
         target: "chatgate::proxy",
@@ -247,17 +253,36 @@ fn start_demo_upstream(
     Ok(())
 }
 
-/// Follows the revocation store's change events for the cache.
+/// Follows the revocation store's change events, and `[revocation]` cache settings
+/// across reloads.
 struct RevocationEvents {
     cache: Arc<RevocationCache>,
+    config: ConfigHandle,
 }
 
 #[async_trait]
 impl BackgroundService for RevocationEvents {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let task = self.cache.spawn_invalidation();
+        let events = self.cache.spawn_invalidation();
+        let settings = self.cache.follow_config(&self.config);
         let _ = shutdown.changed().await;
-        task.abort();
+        events.abort();
+        settings.abort();
+    }
+}
+
+/// Reloads the config on file changes and SIGHUP.
+struct ConfigReload {
+    config: ConfigHandle,
+}
+
+#[async_trait]
+impl BackgroundService for ConfigReload {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let stop = async move {
+            let _ = shutdown.changed().await;
+        };
+        crate::reload::run_reloaders(self.config.clone(), stop).await;
     }
 }
 

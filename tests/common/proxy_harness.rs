@@ -254,7 +254,8 @@ pub struct Proxy {
     pub address: SocketAddr,
     pub admin: SocketAddr,
     child: Child,
-    _config: tempfile::NamedTempFile,
+    config: tempfile::NamedTempFile,
+    config_text: String,
 }
 
 impl Drop for Proxy {
@@ -338,7 +339,8 @@ impl Proxy {
             address: SocketAddr::from(([127, 0, 0, 1], listen_port)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
             child,
-            _config: config,
+            config,
+            config_text: text,
         };
         proxy.wait_ready().await;
         proxy
@@ -356,6 +358,15 @@ impl Proxy {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("chatgate did not start listening on {}", self.address);
+    }
+
+    /// Appends to the running config file (write to a temp file, then rename over it,
+    /// as the README advises).
+    pub fn append_config(&mut self, more: &str) {
+        self.config_text.push_str(more);
+        let next = self.config.path().with_extension("next");
+        std::fs::write(&next, &self.config_text).unwrap();
+        std::fs::rename(&next, self.config.path()).unwrap();
     }
 
     pub fn url(&self, path_and_query: &str) -> String {
