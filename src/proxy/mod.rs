@@ -332,3 +332,50 @@ impl BackgroundService for AdminService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{App, ConfigSnapshot, StoreKind};
+    use clap::Parser as _;
+
+    #[test]
+    fn an_upgrade_is_refused_with_the_embedded_store_or_the_demo_upstream() {
+        let mut snapshot = ConfigSnapshot::with_apps(vec![App::new("k", vec!["s".into()])]);
+        snapshot.revocation.store = StoreKind::Embedded;
+        assert!(
+            check_upgrade_possible(&snapshot)
+                .unwrap_err()
+                .contains("store")
+        );
+        snapshot.revocation.store = StoreKind::Redis;
+        assert_eq!(check_upgrade_possible(&snapshot), Ok(()));
+        snapshot.upstream.demo = true;
+        assert!(
+            check_upgrade_possible(&snapshot)
+                .unwrap_err()
+                .contains("demo")
+        );
+    }
+
+    #[test]
+    fn serve_takes_the_config_and_upgrade_flags() {
+        let cli = crate::cli::Cli::try_parse_from([
+            "chatgate",
+            "serve",
+            "--config",
+            "x.toml",
+            "--upgrade",
+        ])
+        .unwrap();
+        let crate::cli::Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.config, PathBuf::from("x.toml"));
+        assert!(args.upgrade);
+        assert_eq!(
+            args.upgrade_sock,
+            PathBuf::from("/tmp/chatgate-upgrade.sock")
+        );
+    }
+}
