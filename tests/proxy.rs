@@ -660,3 +660,23 @@ async fn a_config_reload_reaches_the_running_proxy() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_websocket_idle_longer_than_the_configured_timeout_is_closed() {
+    let (_upstream, proxy) = echo_proxy_with(|o| o.websocket_idle_timeout_seconds = Some(1)).await;
+    within(Duration::from_secs(30), async {
+        let url = proxy.ws_url(&format!(
+            "/connect?api_key={KEY}&authorization={}",
+            user_token("alice")
+        ));
+        let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        socket.next().await.unwrap().unwrap(); // greeting
+        // Silent past the 1 s idle limit: the proxy ends the tunnel by itself.
+        let end = socket.next().await;
+        assert!(
+            !matches!(end, Some(Ok(Message::Text(_)))),
+            "expected the socket to end, got {end:?}"
+        );
+    })
+    .await;
+}
