@@ -32,6 +32,8 @@ pub struct EdgeCtx {
     pub websocket_open: bool,
     /// Upstream peers tried so far.
     pub attempts: usize,
+    /// Index of the peer last tried, so a retry goes to the next one.
+    pub peer: Option<usize>,
 }
 
 impl EdgeProxy {
@@ -94,7 +96,9 @@ impl ProxyHttp for EdgeProxy {
     ) -> Result<Box<HttpPeer>> {
         ctx.attempts += 1;
         let config = self.auth.gate().config().load();
-        self.upstreams.pick(&config, ctx.websocket)
+        let (index, peer) = self.upstreams.pick(&config, ctx.websocket, ctx.peer);
+        ctx.peer = Some(index);
+        Ok(peer)
     }
 
     async fn upstream_request_filter(
@@ -252,7 +256,14 @@ impl Upstreams {
         })
     }
 
-    fn pick(&self, config: &ConfigSnapshot, websocket: bool) -> Result<Box<HttpPeer>> {
+    /// The next peer round robin, or after `previous` when retrying (so a retry never
+    /// lands on the peer that just failed while others exist).
+    fn pick(
+        &self,
+        config: &ConfigSnapshot,
+        websocket: bool,
+        previous: Option<usize>,
+    ) -> (usize, Box<HttpPeer>) {
         let mut peers = self.current.load();
         if peers.settings != config.upstream {
             // A reload changed [upstream]: rebuild once; concurrent rebuilds are equal.
@@ -271,8 +282,11 @@ impl Upstreams {
         } else {
             &peers.http
         };
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % list.len();
-        Ok(Box::new(list[index].clone()))
+        let index = match previous {
+            Some(previous) => (previous + 1) % list.len(),
+            None => self.next.fetch_add(1, Ordering::Relaxed) % list.len(),
+        };
+        (index, Box::new(list[index].clone()))
     }
 }
 
@@ -343,8 +357,8 @@ mod tests {
         let ports: Vec<u16> = (0..4)
             .map(|_| {
                 upstreams
-                    .pick(&config, false)
-                    .unwrap()
+                    .pick(&config, false, None)
+                    .1
                     .address()
                     .as_inet()
                     .unwrap()
@@ -355,15 +369,30 @@ mod tests {
     }
 
     #[test]
+    fn a_retry_goes_to_the_peer_after_the_one_that_failed() {
+        let mut config = ConfigSnapshot::with_apps(vec![]);
+        config.upstream = settings(&["127.0.0.1:1001", "127.0.0.1:1002", "127.0.0.1:1003"]);
+        let upstreams = Upstreams::new(&config.upstream).unwrap();
+        for failed in 0..3 {
+            let (index, peer) = upstreams.pick(&config, false, Some(failed));
+            assert_eq!(index, (failed + 1) % 3);
+            assert_eq!(
+                peer.address().as_inet().unwrap().port(),
+                1001 + index as u16
+            );
+        }
+    }
+
+    #[test]
     fn websocket_peers_wait_for_the_idle_timeout() {
         let mut config = ConfigSnapshot::with_apps(vec![]);
         config.upstream = settings(&["127.0.0.1:1001"]);
         config.upstream.websocket_idle_timeout = Duration::from_secs(3600);
         config.upstream.read_timeout = Duration::from_secs(5);
         let upstreams = Upstreams::new(&config.upstream).unwrap();
-        let ws = upstreams.pick(&config, true).unwrap();
+        let ws = upstreams.pick(&config, true, None).1;
         assert_eq!(ws.options.read_timeout, Some(Duration::from_secs(3600)));
-        let http = upstreams.pick(&config, false).unwrap();
+        let http = upstreams.pick(&config, false, None).1;
         assert_eq!(http.options.read_timeout, Some(Duration::from_secs(5)));
     }
 
@@ -373,7 +402,7 @@ mod tests {
         config.upstream = settings(&["127.0.0.1:1001"]);
         let upstreams = Upstreams::new(&config.upstream).unwrap();
         config.upstream = settings(&["127.0.0.1:2002"]);
-        let peer = upstreams.pick(&config, false).unwrap();
+        let peer = upstreams.pick(&config, false, None).1;
         assert_eq!(peer.address().as_inet().unwrap().port(), 2002);
     }
 
