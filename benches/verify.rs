@@ -81,6 +81,26 @@ fn bench_verify(c: &mut Criterion) {
     group.bench_function("chatgate_token_verify", |b| {
         b.iter(|| token::verify(black_box(&token), &app, &config.auth, now_unix()).unwrap())
     });
+    let cache = gate.revocations().clone();
+    let (app_key, user): (Arc<str>, Arc<str>) =
+        (Arc::from("demo-key"), Arc::from("alice-0123456789"));
+    assert_eq!(cache.cached_cutoff(&app_key, &user, now_unix()), Some(None));
+    group.bench_function("chatgate_token_verify_plus_cached_revocation", |b| {
+        b.iter(|| {
+            let now = now_unix();
+            let verified = token::verify(black_box(&token), &app, &config.auth, now).unwrap();
+            let cutoff = cache.cached_cutoff(&app_key, &user, now).unwrap();
+            (verified, cutoff)
+        })
+    });
+    group.bench_function("revocation_cache_hit_alone", |b| {
+        let now = now_unix();
+        b.iter(|| {
+            cache
+                .cached_cutoff(black_box(&app_key), black_box(&user), now)
+                .unwrap()
+        })
+    });
     group.bench_function("chatgate_gate_check_warm_cache", |b| {
         b.iter(|| runtime.block_on(gate.check(black_box(parts))).unwrap())
     });

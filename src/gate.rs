@@ -127,6 +127,7 @@ impl<'a> RequestParts<'a> {
 /// What the synchronous step found; the revocation step needs no config guard.
 struct Verified {
     identity: Identity,
+    now: i64,
     config_cutoff: Option<Cutoff>,
     policy: StoreErrorPolicy,
     endpoint: Option<RevocationEndpoint>,
@@ -180,12 +181,14 @@ impl Gate {
             // Server tokens are not subject to cutoffs; anonymous users have no token.
             return Ok(());
         };
-        let stored = async {
-            let app_cutoff = self.revocations.app_cutoff(&identity.app).await?;
-            let user_cutoff = self.revocations.user_cutoff(&identity.app, user).await?;
-            Ok::<_, crate::revocation::StoreError>(app_cutoff.max(user_cutoff))
+        let stored = match self
+            .revocations
+            .cached_cutoff(&identity.app, user, verified.now)
+        {
+            Some(hit) => Ok(hit),
+            None => self.revocations.cutoff(&identity.app, user).await,
         };
-        let cutoff = match stored.await {
+        let cutoff = match stored {
             Ok(stored) => stored.max(verified.config_cutoff),
             Err(error) => match verified.policy {
                 StoreErrorPolicy::Deny => {
@@ -338,6 +341,7 @@ fn authenticate(
             ));
         }
         return Ok(Some(Verified {
+            now,
             identity: Identity {
                 app: app.api_key.clone(),
                 kind: IdentityKind::Anonymous,
@@ -369,6 +373,7 @@ fn authenticate(
         ));
     }
     Ok(Some(Verified {
+        now,
         identity: Identity {
             app: app.api_key.clone(),
             kind,

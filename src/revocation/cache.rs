@@ -1,15 +1,26 @@
 //! moka in front of the store: "no cutoff" is cached too (the common case), concurrent
 //! misses for one key share one store read, and store events invalidate at once.
+//!
+//! The hit path ([`RevocationCache::cached_cutoff`]) is synchronous: one `ArcSwap`
+//! load, one moka `sync` lookup for the user and one hash lookup in the small app
+//! table. No I/O, no lock, no `.await`. Misses go through [`Inflight`], which makes
+//! concurrent misses for one key share a single store read.
 
 use super::{RevocationEvent, RevocationStore, StoreError, UserCutoffChange};
 use crate::config::RevocationSettings;
 use crate::reload::ConfigHandle;
-use crate::time::Cutoff;
+use crate::time::{Cutoff, now_unix};
 use arc_swap::ArcSwap;
-use moka::future::Cache;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::OnceCell;
+
+/// foldhash instead of SipHash: keys are user ids from validly signed tokens, so
+/// hash flooding needs the app's secret, and the lookup is on every request.
+type FastHash = foldhash::quality::RandomState;
 
 /// Key of a user's cutoff: both parts are `Arc`s already held by the request's
 /// identity, so building a key allocates nothing.
@@ -37,13 +48,24 @@ pub struct RevocationCache {
     // `cache_capacity` / `cache_ttl_seconds` swaps in new (empty) caches: the store stays
     // the truth, the cost is a round of misses.
     tuned: ArcSwap<Tuned>,
+    // Bumped by every invalidation: a store read that started before one must not put
+    // its (possibly older) answer in the cache.
+    generation: AtomicU64,
+    users_inflight: Inflight<UserKey>,
+    apps_inflight: Inflight<Arc<str>>,
     stats: CacheStats,
 }
 
+/// App-wide cutoffs: a handful of entries read on every request and written once per
+/// TTL, so a copy-on-write map behind `ArcSwap` beats a concurrent cache.
+/// Entries carry the unix second they stop being trusted, compared with the `now` the
+/// gate already read for the token's `exp`: no clock read on the hot path.
+type AppTable = HashMap<Arc<str>, (Option<Cutoff>, i64), FastHash>;
+
 /// The caches and the settings they were built with.
 struct Tuned {
-    users: Cache<UserKey, Option<Cutoff>>,
-    apps: Cache<Arc<str>, Option<Cutoff>>,
+    users: moka::sync::Cache<UserKey, Option<Cutoff>, FastHash>,
+    apps: ArcSwap<AppTable>,
     capacity: u64,
     ttl: Duration,
     store_timeout: Duration,
@@ -52,18 +74,69 @@ struct Tuned {
 impl Tuned {
     fn new(settings: &RevocationSettings) -> Self {
         Tuned {
-            users: Cache::builder()
+            users: moka::sync::Cache::builder()
                 .max_capacity(settings.cache_capacity)
                 .time_to_live(settings.cache_ttl)
-                .build(),
-            apps: Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(settings.cache_ttl)
-                .build(),
+                .build_with_hasher(FastHash::default()),
+            apps: ArcSwap::from_pointee(AppTable::default()),
             capacity: settings.cache_capacity,
             ttl: settings.cache_ttl,
             store_timeout: settings.store_timeout,
         }
+    }
+
+    fn app(&self, app: &str, now: i64) -> Option<Option<Cutoff>> {
+        let apps = self.apps.load();
+        let (cutoff, trusted_until) = apps.get(app)?;
+        (now < *trusted_until).then_some(*cutoff)
+    }
+
+    fn set_app(&self, app: &Arc<str>, cutoff: Option<Option<Cutoff>>) {
+        self.apps.rcu(|apps| {
+            let mut apps = AppTable::clone(apps);
+            match cutoff {
+                Some(cutoff) => {
+                    let ttl = self.ttl.as_secs().max(1) as i64;
+                    apps.insert(app.clone(), (cutoff, now_unix() + ttl))
+                }
+                None => apps.remove(app),
+            };
+            apps
+        });
+    }
+}
+
+/// Misses in flight, one shared cell per key. The mutex only guards the map while a
+/// cell is looked up or removed, never across the store read.
+struct Inflight<K> {
+    cells: Mutex<HashMap<K, Arc<ReadCell>, FastHash>>,
+}
+
+/// One store read's outcome, shared by every request that missed on the same key.
+type ReadCell = OnceCell<Result<Option<Cutoff>, StoreError>>;
+
+impl<K: Hash + Eq + Clone> Inflight<K> {
+    fn new() -> Self {
+        Inflight {
+            cells: Mutex::new(HashMap::default()),
+        }
+    }
+
+    async fn read(
+        &self,
+        key: &K,
+        read: impl Future<Output = Result<Option<Cutoff>, StoreError>>,
+    ) -> Result<Option<Cutoff>, StoreError> {
+        let cell = {
+            let mut cells = self.cells.lock().expect("no panics while locked");
+            cells.entry(key.clone()).or_default().clone()
+        };
+        let result = cell.get_or_init(|| read).await.clone();
+        let mut cells = self.cells.lock().expect("no panics while locked");
+        if cells.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            cells.remove(key);
+        }
+        result
     }
 }
 
@@ -74,6 +147,9 @@ impl RevocationCache {
         Arc::new(RevocationCache {
             store,
             tuned: ArcSwap::from_pointee(Tuned::new(settings)),
+            generation: AtomicU64::new(0),
+            users_inflight: Inflight::new(),
+            apps_inflight: Inflight::new(),
             stats: CacheStats::default(),
         })
     }
@@ -87,7 +163,7 @@ impl RevocationCache {
             if current.store_timeout != settings.store_timeout {
                 self.tuned.store(Arc::new(Tuned {
                     users: current.users.clone(),
-                    apps: current.apps.clone(),
+                    apps: ArcSwap::new(current.apps.load_full()),
                     capacity: current.capacity,
                     ttl: current.ttl,
                     store_timeout: settings.store_timeout,
@@ -96,6 +172,7 @@ impl RevocationCache {
             return false;
         }
         self.tuned.store(Arc::new(Tuned::new(settings)));
+        self.generation.fetch_add(1, Ordering::AcqRel);
         true
     }
 
@@ -136,7 +213,7 @@ impl RevocationCache {
     /// Number of cached entries (approximate, for metrics).
     pub fn entry_count(&self) -> u64 {
         let tuned = self.tuned.load();
-        tuned.users.entry_count() + tuned.apps.entry_count()
+        tuned.users.entry_count() + tuned.apps.load().len() as u64
     }
 
     /// Follows the store's change events until the store drops its sender. A lagging
@@ -161,26 +238,56 @@ impl RevocationCache {
 
     /// Applies one change event to the cache.
     pub async fn apply_event(&self, event: &RevocationEvent) {
-        let tuned = self.tuned.load_full();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let tuned = self.tuned.load();
         match event {
-            RevocationEvent::User { app, user, .. } => {
-                tuned
-                    .users
-                    .invalidate(&UserKey {
-                        app: app.clone(),
-                        user: user.clone(),
-                    })
-                    .await
-            }
-            RevocationEvent::App { app, .. } => tuned.apps.invalidate(app).await,
+            RevocationEvent::User { app, user, .. } => tuned.users.invalidate(&UserKey {
+                app: app.clone(),
+                user: user.clone(),
+            }),
+            RevocationEvent::App { app, .. } => tuned.set_app(app, None),
             RevocationEvent::Resync => {
                 tuned.users.invalidate_all();
-                tuned.apps.invalidate_all();
+                tuned.apps.store(Arc::default());
             }
         }
     }
 
-    /// A user's cutoff: from the cache, or one shared store read per key.
+    /// The cutoff that applies to a user's tokens (the later of the user's and the
+    /// app's stored cutoffs) when both are cached: no I/O, no `.await`.
+    /// `now` is the current unix second (the gate has it already).
+    pub fn cached_cutoff(
+        &self,
+        app: &Arc<str>,
+        user: &Arc<str>,
+        now: i64,
+    ) -> Option<Option<Cutoff>> {
+        let tuned = self.tuned.load();
+        let app_cutoff = tuned.app(app, now)?;
+        let user_cutoff = tuned.users.get(&UserKey {
+            app: app.clone(),
+            user: user.clone(),
+        })?;
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        Some(app_cutoff.max(user_cutoff))
+    }
+
+    /// The cutoff that applies to a user's tokens: from the cache, or from the store
+    /// (one shared read per key however many requests miss at once).
+    pub async fn cutoff(
+        &self,
+        app: &Arc<str>,
+        user: &Arc<str>,
+    ) -> Result<Option<Cutoff>, StoreError> {
+        if let Some(hit) = self.cached_cutoff(app, user, now_unix()) {
+            return Ok(hit);
+        }
+        let app_cutoff = self.app_cutoff(app).await?;
+        let user_cutoff = self.user_cutoff(app, user).await?;
+        Ok(app_cutoff.max(user_cutoff))
+    }
+
+    /// A user's own cutoff: from the cache, or one shared store read per key.
     pub async fn user_cutoff(
         &self,
         app: &Arc<str>,
@@ -190,35 +297,50 @@ impl RevocationCache {
             app: app.clone(),
             user: user.clone(),
         };
-        let tuned = self.tuned.load_full();
-        if let Some(hit) = tuned.users.get(&key).await {
+        let (timeout, cached) = {
+            let tuned = self.tuned.load();
+            (tuned.store_timeout, tuned.users.get(&key))
+        };
+        if let Some(hit) = cached {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let store = &self.store;
-        let read = bounded(tuned.store_timeout, store.user_cutoff(app, user));
-        tuned
-            .users
-            .try_get_with(key, read)
+        let generation = self.generation.load(Ordering::Acquire);
+        let read = bounded(timeout, self.store.user_cutoff(app, user));
+        let cutoff = self
+            .users_inflight
+            .read(&key, read)
             .await
-            .map_err(|e| self.count_error(&e))
+            .map_err(|e| self.count_error(&e))?;
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.tuned.load().users.insert(key, cutoff);
+        }
+        Ok(cutoff)
     }
 
     /// The app-wide cutoff set through the API.
     pub async fn app_cutoff(&self, app: &Arc<str>) -> Result<Option<Cutoff>, StoreError> {
-        let tuned = self.tuned.load_full();
-        if let Some(hit) = tuned.apps.get(app).await {
+        let (timeout, cached) = {
+            let tuned = self.tuned.load();
+            (tuned.store_timeout, tuned.app(app, now_unix()))
+        };
+        if let Some(hit) = cached {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let read = bounded(tuned.store_timeout, self.store.app_cutoff(app));
-        tuned
-            .apps
-            .try_get_with(app.clone(), read)
+        let generation = self.generation.load(Ordering::Acquire);
+        let read = bounded(timeout, self.store.app_cutoff(app));
+        let cutoff = self
+            .apps_inflight
+            .read(app, read)
             .await
-            .map_err(|e| self.count_error(&e))
+            .map_err(|e| self.count_error(&e))?;
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.tuned.load().set_app(app, Some(cutoff));
+        }
+        Ok(cutoff)
     }
 
     /// Writes users' cutoffs to the store (durably), then drops them from the cache.
@@ -231,16 +353,16 @@ impl RevocationCache {
         bounded(timeout, self.store.set_user_cutoffs(app, changes))
             .await
             .map_err(|e| self.count_error(&e))?;
+        self.generation.fetch_add(1, Ordering::AcqRel);
         // Loaded after the write: caches swapped in meanwhile must drop the old value too.
-        let tuned = self.tuned.load_full();
-        // The store's own event does this too; doing it here as well means the writer
-        // sees its write even before the event arrives.
+        // The store's own event does this as well; doing it here means the writer sees
+        // its write even before the event arrives.
+        let tuned = self.tuned.load();
         for change in changes {
-            let key = UserKey {
+            tuned.users.invalidate(&UserKey {
                 app: app.clone(),
                 user: Arc::from(change.user_id.as_str()),
-            };
-            tuned.users.invalidate(&key).await;
+            });
         }
         Ok(())
     }
@@ -255,7 +377,8 @@ impl RevocationCache {
         bounded(timeout, self.store.set_app_cutoff(app, cutoff))
             .await
             .map_err(|e| self.count_error(&e))?;
-        self.tuned.load_full().apps.invalidate(app).await;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.tuned.load().set_app(app, None);
         Ok(())
     }
 
@@ -414,7 +537,7 @@ mod tests {
         let cache = RevocationCache::new(store.clone(), &settings());
         let (app, user): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("u"));
         assert_eq!(cache.user_cutoff(&app, &user).await, Ok(None));
-        cache.tuned.load().users.run_pending_tasks().await;
+        cache.tuned.load().users.run_pending_tasks();
         assert_eq!(cache.entry_count(), 1);
 
         let mut same = settings();
