@@ -680,3 +680,99 @@ async fn a_websocket_idle_longer_than_the_configured_timeout_is_closed() {
     })
     .await;
 }
+
+/// `openssl s_server -www` on loopback with a fresh self-signed certificate: a TLS
+/// upstream that answers any GET with a status page. Killed on drop.
+struct TlsUpstream {
+    address: std::net::SocketAddr,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TlsUpstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn tls_upstream() -> TlsUpstream {
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("the openssl command line tool is installed");
+    assert!(status.success());
+    let port = free_port();
+    let child = std::process::Command::new("openssl")
+        .args([
+            "s_server", "-quiet", "-www", "-cert", "cert.pem", "-key", "key.pem",
+        ])
+        .arg("-accept")
+        .arg(format!("127.0.0.1:{port}"))
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let upstream = TlsUpstream {
+        address,
+        child,
+        _dir: dir,
+    };
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(address).await.is_ok() {
+            return upstream;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("openssl s_server did not start");
+}
+
+#[tokio::test]
+async fn a_tls_upstream_is_reached_over_tls_and_its_certificate_checked_when_asked() {
+    let upstream = tls_upstream().await;
+    for (verify_cert, expected) in [(false, 200), (true, 502)] {
+        let proxy = Proxy::start(ProxyOptions {
+            upstreams: vec![upstream.address.to_string()],
+            tls: Some(("localhost".into(), verify_cert)),
+            ..ProxyOptions::default()
+        })
+        .await;
+        within(Duration::from_secs(30), async {
+            let response = reqwest::Client::new()
+                .get(proxy.url(&format!("/channels?api_key={KEY}")))
+                .header("authorization", user_token("alice"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                response.status().as_u16(),
+                expected,
+                "verify_cert = {verify_cert}"
+            );
+            let body = response.text().await.unwrap();
+            if expected == 200 {
+                // Only a TLS handshake gets s_server's page; plain HTTP would fail.
+                assert!(body.contains("s_server"), "{body}");
+            } else {
+                // A self-signed certificate fails verification: the JSON 502.
+                assert!(body.contains(r#""code":-1"#), "{body}");
+            }
+        })
+        .await;
+    }
+}

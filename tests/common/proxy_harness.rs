@@ -273,6 +273,8 @@ pub struct ProxyOptions {
     pub read_timeout_ms: Option<u64>,
     pub websocket_idle_timeout_seconds: Option<u64>,
     pub demo: bool,
+    /// `(sni, verify_cert)`: connect to the upstream with TLS.
+    pub tls: Option<(String, bool)>,
 }
 
 impl Proxy {
@@ -313,6 +315,11 @@ impl Proxy {
         );
         if let Some(ms) = options.read_timeout_ms {
             text.push_str(&format!("read_timeout_ms = {ms}\n"));
+        }
+        if let Some((sni, verify_cert)) = &options.tls {
+            text.push_str(&format!(
+                "tls = true\nsni = \"{sni}\"\nverify_cert = {verify_cert}\n"
+            ));
         }
         if let Some(s) = options.websocket_idle_timeout_seconds {
             text.push_str(&format!("websocket_idle_timeout_seconds = {s}\n"));
