@@ -776,3 +776,43 @@ async fn a_tls_upstream_is_reached_over_tls_and_its_certificate_checked_when_ask
         .await;
     }
 }
+
+/// A masked client text frame (RFC 6455 §5.3), for writing by hand.
+fn masked_text_frame(payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+#[tokio::test]
+async fn a_frame_sent_right_behind_the_upgrade_request_is_not_lost() {
+    let (_upstream, proxy) = echo_proxy().await;
+    within(Duration::from_secs(30), async {
+        for round in 0..5 {
+            let mut stream = tokio::net::TcpStream::connect(proxy.address).await.unwrap();
+            // Handshake and first frame in one write, before the 101 could arrive: the
+            // proxy must not mistake the frame for a request body or drop it.
+            let mut bytes = format!(
+                "GET /connect?api_key={KEY}&authorization={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                user_token("alice")
+            )
+            .into_bytes();
+            bytes.extend(masked_text_frame(format!("early {round}").as_bytes()));
+            stream.write_all(&bytes).await.unwrap();
+            let mut seen = Vec::new();
+            let wanted = format!("echo:early {round}");
+            // Read until the echo shows up (101, greeting, echo), bounded by `within`.
+            while !String::from_utf8_lossy(&seen).contains(&wanted) {
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed before the echo: {}", String::from_utf8_lossy(&seen));
+                seen.extend_from_slice(&chunk[..n]);
+            }
+            assert!(seen.starts_with(b"HTTP/1.1 101"));
+        }
+    })
+    .await;
+}
