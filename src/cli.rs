@@ -29,6 +29,9 @@ pub enum Command {
     /// Run the edge proxy (and its admin listener) with a config file.
     #[cfg(feature = "proxy")]
     Serve(crate::proxy::ServeArgs),
+    /// Revoke (or un-revoke) tokens in the configured revocation store.
+    #[command(subcommand)]
+    Revoke(RevokeCommand),
 }
 
 /// `chatgate token ...`
@@ -86,6 +89,43 @@ pub enum ConfigCommand {
     },
 }
 
+/// `chatgate revoke ...`
+#[derive(Debug, Subcommand)]
+pub enum RevokeCommand {
+    /// Revoke one user's tokens issued before a time (default: now), or clear that.
+    User(RevokeUserArgs),
+    /// Revoke every user token of the app issued before a time (default: now), or clear that.
+    App(RevokeArgs),
+}
+
+/// `chatgate revoke user`
+#[derive(Debug, Args)]
+pub struct RevokeUserArgs {
+    /// The user whose tokens to revoke.
+    pub user: String,
+    /// Where, when and how.
+    #[command(flatten)]
+    pub revoke: RevokeArgs,
+}
+
+/// What `revoke user` and `revoke app` share.
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The config file naming the store (`[revocation]`) and the app.
+    #[arg(long, default_value = "config.toml")]
+    pub config: PathBuf,
+    /// The app.
+    #[arg(long)]
+    pub api_key: String,
+    /// Revoke tokens issued before this time (RFC 3339, or any date format the SDKs send;
+    /// naive times are UTC). Default: now.
+    #[arg(long)]
+    pub before: Option<String>,
+    /// Remove the cutoff instead (tokens issued before it work again).
+    #[arg(long, conflicts_with = "before")]
+    pub clear: bool,
+}
+
 /// Parses the process arguments and runs.
 pub fn main() -> ExitCode {
     run(Cli::parse())
@@ -99,6 +139,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Config(ConfigCommand::Check { file }) => check_config(&file),
         #[cfg(feature = "proxy")]
         Command::Serve(args) => crate::proxy::serve(&args),
+        Command::Revoke(command) => revoke(&command).map(|done| println!("{done}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -193,6 +234,151 @@ fn check_config(file: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
+/// How long the CLI waits for the store (it is not on a request path, so more than
+/// `store_timeout_ms`).
+const CLI_STORE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `revoke user|app`: applies the change to the configured store and says what it did.
+pub fn revoke(command: &RevokeCommand) -> Result<String, String> {
+    let (target, args) = match command {
+        RevokeCommand::User(args) => {
+            if args.user.is_empty() {
+                return Err("the user id must not be empty".into());
+            }
+            (Some(args.user.as_str()), &args.revoke)
+        }
+        RevokeCommand::App(args) => (None, args),
+    };
+    let (snapshot, app) = load_app(&args.config, &args.api_key)?;
+    if snapshot.revocation.store == crate::config::StoreKind::Memory {
+        return Err(format!(
+            "{}: [revocation] store = \"memory\" lives inside the running process, so a \
+             command cannot change it: use PATCH /{} of that process with a server token \
+             (`chatgate token create --server --api-key {}`)",
+            args.config.display(),
+            if target.is_some() { "users" } else { "app" },
+            args.api_key
+        ));
+    }
+    let cutoff = if args.clear {
+        None
+    } else {
+        Some(revoke_cutoff(args.before.as_deref())?)
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        let store = open_cli_store(&snapshot.revocation, &app.api_key, target).await?;
+        let write = async {
+            match target {
+                Some(user) => {
+                    let change = crate::revocation::UserCutoffChange {
+                        user_id: user.to_owned(),
+                        cutoff,
+                    };
+                    store
+                        .set_user_cutoffs(&app.api_key, std::slice::from_ref(&change))
+                        .await
+                }
+                None => store.set_app_cutoff(&app.api_key, cutoff).await,
+            }
+        };
+        match tokio::time::timeout(CLI_STORE_TIMEOUT, write).await {
+            Ok(written) => written.map_err(|e| e.to_string()),
+            Err(_) => Err("the revocation store did not answer within 10 s".to_owned()),
+        }
+    })?;
+    let whose = match target {
+        Some(user) => format!("user {user:?} of app {:?}", &*app.api_key),
+        None => format!("every user of app {:?}", &*app.api_key),
+    };
+    let store = describe_store(&snapshot.revocation);
+    Ok(match cutoff {
+        Some(cutoff) => format!(
+            "revoked tokens of {whose} issued before {} ({store})",
+            cutoff.to_rfc3339()
+        ),
+        None => format!("cleared the revocation cutoff of {whose} ({store})"),
+    })
+}
+
+/// `--before` (or now), rounded up to the whole second like the API's cutoffs.
+fn revoke_cutoff(before: Option<&str>) -> Result<crate::time::Cutoff, String> {
+    let at = match before {
+        Some(text) => crate::time::parse_stream_time(text).map_err(|e| format!("--before: {e}"))?,
+        None => chrono::Utc::now(),
+    };
+    // Same bound as the API's (contract §3): a far-future cutoff is a typo, and it
+    // would lock every user out until then.
+    if at.timestamp() > crate::time::now_unix() + 300 {
+        return Err(format!(
+            "--before: {} is more than 5 minutes in the future",
+            at.to_rfc3339()
+        ));
+    }
+    Ok(crate::time::Cutoff::from_datetime(at))
+}
+
+fn describe_store(settings: &crate::config::RevocationSettings) -> String {
+    use crate::config::StoreKind;
+    match settings.store {
+        StoreKind::Memory => "store: memory".into(),
+        StoreKind::Embedded => format!("store: embedded {}", settings.path.display()),
+        StoreKind::Redis => format!("store: redis {}", settings.redis_url),
+    }
+}
+
+/// Opens the configured store; an embedded file held by a running proxy gets an error
+/// that says how to revoke through that proxy instead.
+async fn open_cli_store(
+    settings: &crate::config::RevocationSettings,
+    api_key: &str,
+    user: Option<&str>,
+) -> Result<std::sync::Arc<dyn crate::revocation::RevocationStore>, String> {
+    #[cfg(feature = "embedded")]
+    if settings.store == crate::config::StoreKind::Embedded {
+        use crate::revocation::embedded::{EmbeddedStore, OpenError};
+        return match EmbeddedStore::try_open(&settings.path) {
+            Ok(store) => Ok(std::sync::Arc::new(store)),
+            Err(locked @ OpenError::Locked(_)) => Err(locked_hint(&locked, api_key, user)),
+            Err(OpenError::Failed(error)) => Err(error.to_string()),
+        };
+    }
+    let _ = (api_key, user);
+    tokio::time::timeout(CLI_STORE_TIMEOUT, crate::revocation::open_store(settings))
+        .await
+        .map_err(|_| "the revocation store did not answer within 10 s".to_owned())?
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(feature = "embedded")]
+fn locked_hint(
+    locked: &crate::revocation::embedded::OpenError,
+    api_key: &str,
+    user: Option<&str>,
+) -> String {
+    let (path, body) = match user {
+        Some(user) => (
+            "users",
+            serde_json::json!({"users": [{"id": user, "set": {"revoke_tokens_issued_before": "<TIME>"}}]}),
+        ),
+        None => (
+            "app",
+            serde_json::json!({"revoke_tokens_issued_before": "<TIME>"}),
+        ),
+    };
+    format!(
+        "{locked}\n\
+         While the proxy runs, revoke through it: PATCH /{path} with a server token.\n  \
+         TOKEN=$(chatgate token create --server --api-key {api_key})\n  \
+         curl -X PATCH \"http://<proxy>/{path}?api_key={api_key}\" -H \"Authorization: $TOKEN\" \\\n    \
+         -H 'Content-Type: application/json' -d '{body}'\n\
+         (<TIME> in RFC 3339, or null to clear)"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,5 +471,137 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    fn embedded_config() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "[revocation]\nstore = \"embedded\"\npath = \"revocations.db\"\n\
+             [[apps]]\napi_key = \"k\"\nsecrets = [\"s\"]\n",
+        )
+        .unwrap();
+        (dir, path)
+    }
+
+    fn revoke_command(config: &std::path::Path, args: &[&str]) -> Result<RevokeCommand, String> {
+        let mut argv = vec!["chatgate", "revoke"];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["--config", config.to_str().unwrap()]);
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Revoke(command) => Ok(command),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn stored(dir: &std::path::Path) -> (Option<Cutoff>, Option<Cutoff>) {
+        let store = EmbeddedStore::open(&dir.join("revocations.db")).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            (
+                store.user_cutoff("k", "alice").await.unwrap(),
+                store.app_cutoff("k").await.unwrap(),
+            )
+        })
+    }
+
+    use crate::revocation::RevocationStore;
+    use crate::revocation::embedded::EmbeddedStore;
+    use crate::time::Cutoff;
+
+    #[test]
+    fn revoke_user_writes_the_embedded_store_and_clear_removes_it() {
+        let (dir, config) = embedded_config();
+        // a naive time with a fraction: UTC, rounded up to the next second
+        let command = revoke_command(
+            &config,
+            &[
+                "user",
+                "alice",
+                "--api-key",
+                "k",
+                "--before",
+                "2020-01-01T10:00:00.5",
+            ],
+        )
+        .unwrap();
+        let said = revoke(&command).unwrap();
+        assert!(said.contains("\"alice\""), "{said}");
+        assert!(said.contains("2020-01-01T10:00:01Z"), "{said}");
+        assert!(said.contains("revocations.db"), "{said}");
+        let expected = Cutoff::from_unix_seconds(1_577_872_801);
+        assert_eq!(stored(dir.path()), (Some(expected), None));
+
+        let command = revoke_command(&config, &["user", "alice", "--api-key", "k", "--clear"]);
+        let said = revoke(&command.unwrap()).unwrap();
+        assert!(said.starts_with("cleared"), "{said}");
+        assert_eq!(stored(dir.path()), (None, None));
+    }
+
+    #[test]
+    fn revoke_app_defaults_to_now_and_can_be_cleared() {
+        let (dir, config) = embedded_config();
+        let before = crate::time::now_unix();
+        revoke(&revoke_command(&config, &["app", "--api-key", "k"]).unwrap()).unwrap();
+        let after = crate::time::now_unix();
+        let (_, app) = stored(dir.path());
+        let app = app.expect("an app cutoff").unix_seconds();
+        // now, rounded up: a token minted in this very second is revoked too
+        assert!((before..=after + 1).contains(&app), "{app}");
+        revoke(&revoke_command(&config, &["app", "--api-key", "k", "--clear"]).unwrap()).unwrap();
+        assert_eq!(stored(dir.path()), (None, None));
+    }
+
+    #[test]
+    fn revoke_rejects_unknown_apps_bad_times_and_contradictions() {
+        let (_dir, config) = embedded_config();
+        let unknown = revoke_command(&config, &["user", "u", "--api-key", "nope"]).unwrap();
+        assert!(
+            revoke(&unknown)
+                .unwrap_err()
+                .contains("no app with api_key \"nope\"")
+        );
+        let bad = revoke_command(&config, &["app", "--api-key", "k", "--before", "someday"]);
+        assert!(revoke(&bad.unwrap()).unwrap_err().contains("--before"));
+        let future = revoke_command(
+            &config,
+            &["app", "--api-key", "k", "--before", "2999-01-01T00:00:00Z"],
+        );
+        assert!(revoke(&future.unwrap()).unwrap_err().contains("future"));
+        let memory = config_file();
+        let error = revoke(&revoke_command(memory.path(), &["app", "--api-key", "k"]).unwrap())
+            .unwrap_err();
+        assert!(error.contains("PATCH /app"), "{error}");
+        assert!(
+            revoke_command(
+                &config,
+                &["app", "--api-key", "k", "--clear", "--before", "2020-01-01"]
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn revoke_on_a_file_held_by_a_running_proxy_points_at_the_endpoint() {
+        let (dir, config) = embedded_config();
+        let _proxy = EmbeddedStore::open(&dir.path().join("revocations.db")).unwrap();
+        let error = revoke(&revoke_command(&config, &["user", "alice", "--api-key", "k"]).unwrap())
+            .unwrap_err();
+        assert!(error.contains("locked"), "{error}");
+        assert!(error.contains("PATCH /users"), "{error}");
+        assert!(
+            error.contains("token create --server --api-key k"),
+            "{error}"
+        );
+        assert!(error.contains(r#""id":"alice""#), "{error}");
+        let error =
+            revoke(&revoke_command(&config, &["app", "--api-key", "k"]).unwrap()).unwrap_err();
+        assert!(error.contains("PATCH /app"), "{error}");
     }
 }

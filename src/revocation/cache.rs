@@ -172,7 +172,7 @@ impl RevocationCache {
             return false;
         }
         self.tuned.store(Arc::new(Tuned::new(settings)));
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         true
     }
 
@@ -238,7 +238,7 @@ impl RevocationCache {
 
     /// Applies one change event to the cache.
     pub async fn apply_event(&self, event: &RevocationEvent) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         let tuned = self.tuned.load();
         match event {
             RevocationEvent::User { app, user, .. } => tuned.users.invalidate(&UserKey {
@@ -314,7 +314,15 @@ impl RevocationCache {
             .await
             .map_err(|e| self.count_error(&e))?;
         if self.generation.load(Ordering::Acquire) == generation {
-            self.tuned.load().users.insert(key, cutoff);
+            let tuned = self.tuned.load();
+            tuned.users.insert(key.clone(), cutoff);
+            // An invalidation may have landed between the check and the insert; its
+            // own removal then ran before our insert, so take the answer out again.
+            // SeqCst here and on the bump: store-buffering between the two sides must
+            // not let each miss the other.
+            if self.generation.load(Ordering::SeqCst) != generation {
+                tuned.users.invalidate(&key);
+            }
         }
         Ok(cutoff)
     }
@@ -338,7 +346,12 @@ impl RevocationCache {
             .await
             .map_err(|e| self.count_error(&e))?;
         if self.generation.load(Ordering::Acquire) == generation {
-            self.tuned.load().set_app(app, Some(cutoff));
+            let tuned = self.tuned.load();
+            tuned.set_app(app, Some(cutoff));
+            // As for users: an invalidation between the check and the insert.
+            if self.generation.load(Ordering::SeqCst) != generation {
+                tuned.set_app(app, None);
+            }
         }
         Ok(cutoff)
     }
@@ -353,7 +366,7 @@ impl RevocationCache {
         bounded(timeout, self.store.set_user_cutoffs(app, changes))
             .await
             .map_err(|e| self.count_error(&e))?;
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         // Loaded after the write: caches swapped in meanwhile must drop the old value too.
         // The store's own event does this as well; doing it here means the writer sees
         // its write even before the event arrives.
@@ -377,7 +390,7 @@ impl RevocationCache {
         bounded(timeout, self.store.set_app_cutoff(app, cutoff))
             .await
             .map_err(|e| self.count_error(&e))?;
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.tuned.load().set_app(app, None);
         Ok(())
     }
@@ -588,5 +601,117 @@ mod tests {
             .await
             .expect("follower still running 1s after the config was dropped")
             .unwrap();
+    }
+    /// A store whose reads wait for the test to let them finish.
+    struct Gated {
+        reads: AtomicUsize,
+        release: tokio::sync::Semaphore,
+        events: broadcast::Sender<RevocationEvent>,
+    }
+
+    #[async_trait::async_trait]
+    impl RevocationStore for Gated {
+        async fn user_cutoff(&self, _: &str, _: &str) -> Result<Option<Cutoff>, StoreError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.release.acquire().await.unwrap().forget();
+            Ok(None)
+        }
+        async fn set_user_cutoffs(
+            &self,
+            _: &str,
+            _: &[UserCutoffChange],
+        ) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn app_cutoff(&self, _: &str) -> Result<Option<Cutoff>, StoreError> {
+            Ok(None)
+        }
+        async fn set_app_cutoff(&self, _: &str, _: Option<Cutoff>) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn subscribe(&self) -> broadcast::Receiver<RevocationEvent> {
+            self.events.subscribe()
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_overtaken_by_an_invalidation_is_answered_but_not_cached() {
+        let store = Arc::new(Gated {
+            reads: AtomicUsize::new(0),
+            release: tokio::sync::Semaphore::new(0),
+            events: broadcast::channel(16).0,
+        });
+        let mut settings = settings();
+        settings.store_timeout = Duration::from_secs(30);
+        let cache = RevocationCache::new(store.clone(), &settings);
+        let (app, user): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("u"));
+        let read = tokio::spawn({
+            let (cache, app, user) = (cache.clone(), app.clone(), user.clone());
+            async move { cache.user_cutoff(&app, &user).await }
+        });
+        // The read is in the store; now the user is revoked elsewhere.
+        for _ in 0..1000 {
+            if store.reads.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(store.reads.load(Ordering::SeqCst), 1);
+        cache
+            .apply_event(&RevocationEvent::User {
+                app: app.clone(),
+                user: user.clone(),
+                cutoff: Some(Cutoff::from_unix_seconds(5)),
+            })
+            .await;
+        store.release.add_permits(2);
+        assert_eq!(read.await.unwrap(), Ok(None));
+        // Its answer predates the event: the next lookup must read the store again.
+        assert_eq!(cache.user_cutoff(&app, &user).await, Ok(None));
+        assert_eq!(store.reads.load(Ordering::SeqCst), 2);
+        // That one was not overtaken, so it is cached.
+        assert_eq!(cache.cutoff(&app, &user).await, Ok(None));
+        assert_eq!(store.reads.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_small_cache_still_answers_every_user_with_their_own_cutoff() {
+        let store = Arc::new(MemoryStore::new());
+        let mut settings = settings();
+        settings.cache_capacity = 64;
+        let cache = RevocationCache::new(store.clone(), &settings);
+        let changes: Vec<UserCutoffChange> = (0..300)
+            .map(|i| UserCutoffChange {
+                user_id: format!("u{i}"),
+                cutoff: (i % 3 != 0).then(|| Cutoff::from_unix_seconds(i)),
+            })
+            .collect();
+        store.set_user_cutoffs("a", &changes).await.unwrap();
+        let app: Arc<str> = Arc::from("a");
+        for _ in 0..2 {
+            for change in &changes {
+                let user: Arc<str> = Arc::from(change.user_id.as_str());
+                assert_eq!(cache.cutoff(&app, &user).await, Ok(change.cutoff));
+                // the same user name in another app has nothing
+                assert_eq!(cache.cutoff(&Arc::from("b"), &user).await, Ok(None));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn user_entries_expire_with_the_ttl() {
+        let store = probe(0, false);
+        let mut settings = settings();
+        settings.cache_ttl = Duration::from_millis(1);
+        let cache = RevocationCache::new(store.clone(), &settings);
+        let (app, user): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("u"));
+        cache.cutoff(&app, &user).await.unwrap();
+        assert_eq!(store.reads.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cache.cutoff(&app, &user).await.unwrap();
+        assert_eq!(store.reads.load(Ordering::SeqCst), 2);
     }
 }

@@ -5,7 +5,7 @@
 use super::{RevocationEvent, RevocationStore, StoreError, UserCutoffChange};
 use crate::time::Cutoff;
 use redb::{Database, ReadableDatabase, TableDefinition};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::broadcast;
 
@@ -24,16 +24,44 @@ fn unavailable(error: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(error.to_string())
 }
 
+/// Why [`EmbeddedStore::try_open`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// Another process (usually a running chatgate) holds the file's lock.
+    #[error("{}: the revocation database is locked by another process (is chatgate running?)", .0.display())]
+    Locked(PathBuf),
+    /// Anything else.
+    #[error(transparent)]
+    Failed(#[from] StoreError),
+}
+
+impl From<OpenError> for StoreError {
+    fn from(error: OpenError) -> Self {
+        match error {
+            OpenError::Locked(_) => unavailable(&error),
+            OpenError::Failed(error) => error,
+        }
+    }
+}
+
 impl EmbeddedStore {
     /// Opens (or creates) the database file, creating its tables so reads never meet a
     /// missing table.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self::try_open(path)?)
+    }
+
+    /// [`EmbeddedStore::open`], telling a file locked by another process apart (the CLI
+    /// then points at the running proxy's endpoint instead).
+    pub fn try_open(path: &Path) -> Result<Self, OpenError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
         }
-        let db =
-            Database::create(path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => OpenError::Locked(path.to_path_buf()),
+            e => OpenError::Failed(unavailable(format!("{}: {e}", path.display()))),
+        })?;
         let write = db.begin_write().map_err(unavailable)?;
         write.open_table(USERS).map_err(unavailable)?;
         write.open_table(APPS).map_err(unavailable)?;
@@ -189,5 +217,16 @@ mod tests {
             .unwrap();
         assert_eq!(store.user_cutoff("a", "u").await.unwrap(), None);
         store.ping().await.unwrap();
+    }
+
+    #[test]
+    fn a_second_open_of_a_held_file_reports_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("revocations.db");
+        let _held = EmbeddedStore::open(&path).unwrap();
+        match EmbeddedStore::try_open(&path) {
+            Err(OpenError::Locked(locked)) => assert_eq!(locked, path),
+            other => panic!("expected Locked, got {:?}", other.err()),
+        }
     }
 }

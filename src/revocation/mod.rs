@@ -8,6 +8,8 @@ mod cache;
 #[cfg(feature = "embedded")]
 pub mod embedded;
 mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 pub use cache::{CacheStats, RevocationCache};
 pub use memory::MemoryStore;
@@ -94,6 +96,11 @@ pub async fn open_store(
         StoreKind::Embedded => Err(StoreError::Unavailable(
             "this build has no embedded store: enable the `embedded` feature".into(),
         )),
+        #[cfg(feature = "redis")]
+        StoreKind::Redis => Ok(Arc::new(
+            redis::RedisStore::connect(&settings.redis_url).await?,
+        )),
+        #[cfg(not(feature = "redis"))]
         StoreKind::Redis => Err(StoreError::Unavailable(
             "this build has no redis store: enable the `redis` feature".into(),
         )),
