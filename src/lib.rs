@@ -13,12 +13,19 @@
 
 pub mod cli;
 pub mod config;
+#[cfg(feature = "axum")]
+pub mod demo;
 pub mod error;
+#[cfg(feature = "axum")]
+pub mod extract;
 pub mod gate;
+#[cfg(feature = "tower")]
+pub mod layer;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 pub mod reload;
 pub mod revocation;
+pub mod session;
 pub mod time;
 pub mod token;
 pub mod ws;
@@ -26,6 +33,8 @@ pub mod ws;
 pub use config::{App, ConfigError, ConfigSnapshot};
 pub use error::{AuthError, ErrorResponse};
 pub use gate::{Decision, Gate, Identity, IdentityKind, RequestParts, RevocationEndpoint};
+#[cfg(feature = "tower")]
+pub use layer::{ChatAuth, ChatAuthLayer};
 pub use reload::ConfigHandle;
 pub use reload::{ConfigStatus, ConfigWatcher, ReloadOutcome};
 pub use token::TokenBuilder;

@@ -816,3 +816,48 @@ async fn a_frame_sent_right_behind_the_upgrade_request_is_not_lost() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn demo_mode_serves_the_demo_chat_api_behind_the_proxy() {
+    let proxy = Proxy::start(ProxyOptions {
+        upstreams: vec![format!("127.0.0.1:{}", free_port())],
+        demo: true,
+        ..ProxyOptions::default()
+    })
+    .await;
+    within(Duration::from_secs(30), async {
+        let client = reqwest::Client::new();
+        let url = proxy.url(&format!("/channels?api_key={KEY}"));
+        // The demo API may take a moment after the proxy listens.
+        let mut status = 0;
+        for _ in 0..100 {
+            let response = client
+                .get(&url)
+                .header("authorization", user_token("alice"))
+                .send()
+                .await
+                .unwrap();
+            status = response.status().as_u16();
+            if status == 200 {
+                let body: serde_json::Value = response.json().await.unwrap();
+                assert!(body["channels"].is_array(), "{body}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(status, 200);
+        let refused = client.get(&url).send().await.unwrap();
+        assert_eq!(refused.status().as_u16(), 401);
+        let json: String = form_urlencoded::byte_serialize(br#"{"user_id":"alice"}"#).collect();
+        let ws = proxy.ws_url(&format!(
+            "/connect?api_key={KEY}&authorization={}&json={json}",
+            user_token("alice")
+        ));
+        let (mut socket, _) = tokio_tungstenite::connect_async(ws).await.unwrap();
+        let first = socket.next().await.unwrap().unwrap().into_text().unwrap();
+        let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+        assert_eq!(first["type"], "health.check", "{first}");
+        assert_eq!(first["me"]["id"], "alice", "{first}");
+    })
+    .await;
+}

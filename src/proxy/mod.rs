@@ -15,7 +15,6 @@
 //! (zero-downtime upgrade), then drains like SIGTERM.
 
 pub mod admin;
-pub mod demo_upstream;
 mod edge;
 mod filter;
 mod metrics;
@@ -220,7 +219,8 @@ fn bind_nonblocking(address: std::net::SocketAddr) -> std::io::Result<std::net::
     Ok(listener)
 }
 
-/// Starts the built-in demo chat API on the first upstream address (quickstart only).
+/// Starts the built-in demo chat API ([`crate::demo`]) on the first upstream address
+/// (quickstart only).
 fn start_demo_upstream(
     runtime: &tokio::runtime::Runtime,
     addresses: &[String],
@@ -246,7 +246,7 @@ fn start_demo_upstream(
         let shutdown = async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
-        if let Err(error) = demo_upstream::serve(listener, shutdown).await {
+        if let Err(error) = crate::demo::serve(listener, shutdown).await {
             tracing::error!(target: "chatgate::proxy", %error, "demo upstream stopped");
         }
     });

@@ -1,0 +1,1008 @@
+//! The tower adapter: [`ChatAuthLayer`] runs [`Gate::check`] in front of any
+//! `Service<http::Request<B>>`, puts the verified [`Identity`] into the request
+//! extensions and calls the inner service. A refusal is `Ok(response)` carrying the
+//! contract's JSON error; the inner service's error type is never changed.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use chatgate::{ChatAuthLayer, ConfigHandle, Gate, revocation};
+//!
+//! let config = ConfigHandle::from_file("config.toml")?;
+//! let store = revocation::open_store(&config.load().revocation).await?;
+//! let cache = revocation::RevocationCache::new(store, &config.load().revocation);
+//! let layer = ChatAuthLayer::new(Gate::new(config, cache)).public_path("/metrics");
+//! // router.layer(layer), or tower::ServiceBuilder::new().layer(layer).service(svc)
+//! # let _ = layer;
+//! # Ok(()) }
+//! ```
+//!
+//! # Request bodies
+//!
+//! `PATCH /users` and `PATCH /app` with a server token are applied by the gate, then
+//! forwarded: the layer buffers that body (at most [`MAX_REVOCATION_BODY_BYTES`], more
+//! is code 4) and rebuilds the request with the same bytes. It therefore needs
+//! `B: http_body::Body + From<Bytes>`: `axum::body::Body` (what an axum `Router`'s
+//! layers see) and `http_body_util::Full<Bytes>` qualify. A bare hyper service receives
+//! `Request<hyper::body::Incoming>`, which cannot be rebuilt from bytes: wrap it in
+//! [`ReplayBody`] first, `ServiceBuilder::new().map_request(|r: Request<Incoming>|
+//! r.map(ReplayBody::new)).layer(layer).service(svc)` (the inner service then takes
+//! `Request<ReplayBody<Incoming>>`).
+//! Only those two requests are buffered; every other body streams through untouched.
+//!
+//! # WebSocket upgrades
+//!
+//! A refused upgrade is answered the Stream way (contract §4): `101 Switching
+//! Protocols`, then one text frame `{"error":{..}}` and a close 1000, so SDKs refresh
+//! their token instead of retrying forever. This needs hyper's `OnUpgrade` in the
+//! request extensions (axum::serve and hyper's HTTP/1 server with upgrades put it
+//! there); without it, or without `Sec-WebSocket-Key`, the refusal is the HTTP error.
+//!
+//! An admitted upgrade also gets a [`LiveSession`] in its extensions: the handler awaits
+//! [`LiveSession::ended`] and closes with 4000 when the token expires or is revoked.
+//!
+//! # Ordering with other layers
+//!
+//! Browsers send CORS preflights (`OPTIONS`) without credentials: put tower-http's
+//! `CorsLayer` outside (after, in `Router::layer` order) this layer so preflights are
+//! answered before the gate sees them.
+//!
+//! # Hot reload
+//!
+//! The layer holds a [`Gate`], which holds the [`crate::ConfigHandle`]: a
+//! `store()` on that handle (by the file watcher or by hand) is seen by the next request.
+
+use crate::config::PublicPaths;
+use crate::error::{AuthError, ErrorResponse};
+use crate::gate::{Decision, Gate, Identity, IdentityKind, RequestParts, RevocationEndpoint};
+use crate::session::LiveSession;
+use crate::ws;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use pin_project_lite::pin_project;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tower::{Layer, Service};
+
+/// Largest `PATCH /users` / `PATCH /app` body the layer buffers (1 MiB); larger is code 4.
+pub const MAX_REVOCATION_BODY_BYTES: usize = 1 << 20;
+
+/// How long a refused WebSocket may take to receive its frames and close.
+const WS_REJECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Renders an HTTP refusal. The body is converted into the service's response body
+/// with `From<Bytes>`.
+pub type RejectionRenderer = Arc<dyn Fn(&AuthError) -> Response<Bytes> + Send + Sync>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The future that authorizes one request the slow way (a revocation cutoff not cached
+/// yet, or a revocation body to buffer): yields the request to forward or the refusal
+/// to send. Boxed because `Gate::check` is an `async fn`, whose future has no name on
+/// stable Rust; the common case is decided in `call` by [`Gate::check_cached`] and
+/// allocates no future.
+type Authorizing<B> = Pin<Box<dyn Future<Output = Result<Request<B>, Response<Bytes>>> + Send>>;
+
+/// A [`tower::Layer`] that authenticates Stream-style requests with a [`Gate`].
+#[derive(Clone)]
+pub struct ChatAuthLayer {
+    shared: Arc<Shared>,
+}
+
+/// The middleware [`ChatAuthLayer`] builds around a service.
+#[derive(Clone)]
+pub struct ChatAuth<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+/// The gate and the options in one allocation: a request clones one `Arc`, not four
+/// (refcounts shared by every core are contended cache lines).
+#[derive(Clone)]
+struct Shared {
+    gate: Gate,
+    options: Options,
+}
+
+/// What the builder methods set; shared by every clone of the service.
+#[derive(Clone, Default)]
+struct Options {
+    public_entries: Vec<String>,
+    public_paths: PublicPaths,
+    apps: Option<Vec<Arc<str>>>,
+    anonymous: Option<bool>,
+    renderer: Option<RejectionRenderer>,
+}
+
+pin_project! {
+    /// The response future of [`ChatAuth`]: authorizing, then the inner service's future.
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        Authorizing {
+            check: Authorizing<B>,
+            inner: Option<S>,
+        },
+        Calling {
+            #[pin]
+            future: S::Future,
+        },
+        Refused {
+            response: Option<Response<Bytes>>,
+        },
+        Done,
+    }
+}
+
+// === impl ChatAuthLayer ===
+
+impl ChatAuthLayer {
+    /// A layer that checks every request with `gate`, as its config says.
+    pub fn new(gate: Gate) -> Self {
+        ChatAuthLayer {
+            shared: Arc::new(Shared {
+                gate,
+                options: Options::default(),
+            }),
+        }
+    }
+
+    /// Serves `path` without auth, in addition to the config's `[auth] public_paths`.
+    /// A trailing `*` makes it a prefix (`/static/*`).
+    pub fn public_path(mut self, path: impl Into<String>) -> Self {
+        let options = &mut Arc::make_mut(&mut self.shared).options;
+        options.public_entries.push(path.into());
+        options.public_paths = PublicPaths::new(options.public_entries.iter().cloned());
+        self
+    }
+
+    /// Accepts only tokens of these apps (api_keys); the config's other apps are
+    /// answered as unknown (code 2). Useful when one config serves several services.
+    pub fn only_apps<I, K>(mut self, api_keys: I) -> Self
+    where
+        I: IntoIterator<Item = K>,
+        K: AsRef<str>,
+    {
+        Arc::make_mut(&mut self.shared).options.apps = Some(
+            api_keys
+                .into_iter()
+                .map(|k| Arc::from(k.as_ref()))
+                .collect(),
+        );
+        self
+    }
+
+    /// Overrides the apps' `allow_anonymous` for this layer: `false` refuses anonymous
+    /// users (code 5) even where the config allows them, `true` admits them for every app.
+    pub fn allow_anonymous(mut self, allow: bool) -> Self {
+        Arc::make_mut(&mut self.shared).options.anonymous = Some(allow);
+        self
+    }
+
+    /// Renders HTTP refusals with `render` instead of [`render_error`]. WebSocket
+    /// refusals keep the Stream frames, which the SDKs parse.
+    pub fn rejection_renderer<F>(mut self, render: F) -> Self
+    where
+        F: Fn(&AuthError) -> Response<Bytes> + Send + Sync + 'static,
+    {
+        Arc::make_mut(&mut self.shared).options.renderer = Some(Arc::new(render));
+        self
+    }
+
+    /// The gate this layer checks with.
+    pub fn gate(&self) -> &Gate {
+        &self.shared.gate
+    }
+}
+
+impl<S> Layer<S> for ChatAuthLayer {
+    type Service = ChatAuth<S>;
+
+    fn layer(&self, inner: S) -> ChatAuth<S> {
+        ChatAuth {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ChatAuthLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatAuthLayer")
+            .field("config", self.shared.gate.config())
+            .field("options", &self.shared.options)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("public_paths", &self.public_entries)
+            .field("apps", &self.apps)
+            .field("anonymous", &self.anonymous)
+            .field("custom_renderer", &self.renderer.is_some())
+            .finish()
+    }
+}
+
+// === impl ChatAuth ===
+
+impl<S> ChatAuth<S> {
+    /// Wraps `inner` with default options (see [`ChatAuthLayer`] for the others).
+    pub fn new(inner: S, gate: Gate) -> Self {
+        ChatAuthLayer::new(gate).layer(inner)
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for ChatAuth<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatAuth")
+            .field("inner", &self.inner)
+            .field("options", &self.shared.options)
+            .finish()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ChatAuth<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ReqBody: http_body::Body + From<Bytes> + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: From<Bytes>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let shared = &self.shared;
+        if shared.options.public_paths.contains(request.uri().path()) {
+            return ResponseFuture::calling(self.inner.call(request));
+        }
+        let (mut parts, body) = request.into_parts();
+        // The common case (cached cutoffs, refusals) is decided here, with no future to
+        // allocate, and calls the instance poll_ready readied.
+        if let Some(decision) = shared.gate.check_cached(RequestParts::from(&parts)) {
+            match shared.options.review(&shared.gate, &parts, decision) {
+                Ok(Decision::Public) => {
+                    return ResponseFuture::calling(
+                        self.inner.call(Request::from_parts(parts, body)),
+                    );
+                }
+                Ok(Decision::Allow(identity)) => {
+                    admit(&shared.gate, &mut parts, identity);
+                    return ResponseFuture::calling(
+                        self.inner.call(Request::from_parts(parts, body)),
+                    );
+                }
+                Ok(Decision::Revocation(identity, endpoint)) => {
+                    let revoke = revoke(shared.clone(), parts, body, identity, endpoint);
+                    return self.later(Box::pin(revoke));
+                }
+                Err(error) => {
+                    return ResponseFuture {
+                        state: State::Refused {
+                            response: Some(shared.options.refuse(&mut parts, &error)),
+                        },
+                    };
+                }
+            }
+        }
+        let check = authorize(shared.clone(), parts, body);
+        self.later(Box::pin(check))
+    }
+}
+
+impl<S> ChatAuth<S> {
+    /// A future that calls the inner service once `check` let the request through.
+    fn later<B>(&mut self, check: Authorizing<B>) -> ResponseFuture<S, B>
+    where
+        S: Service<Request<B>> + Clone,
+    {
+        // The instance poll_ready readied is the one that must be called, later,
+        // from the future: keep a fresh clone here instead.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture {
+            state: State::Authorizing {
+                check,
+                inner: Some(inner),
+            },
+        }
+    }
+}
+
+// === impl ResponseFuture ===
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn calling(future: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Calling { future },
+        }
+    }
+}
+
+impl<S, B, ResBody> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    ResBody: From<Bytes>,
+{
+    type Output = Result<Response<ResBody>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Authorizing { check, inner } => {
+                    let outcome = ready!(check.as_mut().poll(cx));
+                    match outcome {
+                        Ok(request) => {
+                            let mut inner = inner.take().expect("the inner service is present");
+                            let future = inner.call(request);
+                            this.state.set(State::Calling { future });
+                        }
+                        Err(refusal) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(refusal.map(ResBody::from)));
+                        }
+                    }
+                }
+                StateProj::Calling { future } => return future.poll(cx),
+                StateProj::Refused { response } => {
+                    let response = response.take().expect("polled after completion");
+                    this.state.set(State::Done);
+                    return Poll::Ready(Ok(response.map(ResBody::from)));
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
+
+impl<S, B> std::fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Authorizing { .. } => "authorizing",
+            State::Calling { .. } => "calling",
+            State::Refused { .. } => "refused",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+// === impl ReplayBody ===
+
+pin_project! {
+    /// A request body the layer can rebuild: the original body streamed through, or the
+    /// bytes it buffered for a revocation endpoint. Lets a bare hyper service use the
+    /// layer: `ServiceBuilder::new().map_request(|r: Request<Incoming>| r.map(ReplayBody::new))`.
+    pub struct ReplayBody<B> {
+        #[pin]
+        inner: Replay<B>,
+    }
+}
+
+pin_project! {
+    #[project = ReplayProj]
+    enum Replay<B> {
+        Streaming {
+            #[pin]
+            body: B,
+        },
+        Buffered {
+            bytes: Option<Bytes>,
+        },
+    }
+}
+
+impl<B> ReplayBody<B> {
+    /// Streams `body` through unchanged.
+    pub fn new(body: B) -> Self {
+        ReplayBody {
+            inner: Replay::Streaming { body },
+        }
+    }
+}
+
+impl<B> From<Bytes> for ReplayBody<B> {
+    fn from(bytes: Bytes) -> Self {
+        ReplayBody {
+            inner: Replay::Buffered {
+                bytes: Some(bytes).filter(|b| !b.is_empty()),
+            },
+        }
+    }
+}
+
+impl<B> http_body::Body for ReplayBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        match self.project().inner.project() {
+            ReplayProj::Streaming { body } => body.poll_frame(cx),
+            ReplayProj::Buffered { bytes } => {
+                Poll::Ready(bytes.take().map(|b| Ok(http_body::Frame::data(b))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Replay::Streaming { body } => body.is_end_stream(),
+            Replay::Buffered { bytes } => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match &self.inner {
+            Replay::Streaming { body } => body.size_hint(),
+            Replay::Buffered { bytes } => {
+                http_body::SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for ReplayBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Replay::Streaming { .. } => f.write_str("ReplayBody::Streaming"),
+            Replay::Buffered { bytes } => f
+                .debug_struct("ReplayBody::Buffered")
+                .field("len", &bytes.as_ref().map_or(0, Bytes::len))
+                .finish(),
+        }
+    }
+}
+
+// === authorization ===
+
+/// The contract's HTTP refusal: status, `Content-Type: application/json`, Stream's
+/// error object. The default renderer, and a fallback for custom ones.
+pub fn render_error(error: &AuthError) -> Response<Bytes> {
+    render(error.response())
+}
+
+fn render(error: ErrorResponse) -> Response<Bytes> {
+    let mut response = Response::new(error.body);
+    *response.status_mut() = error.status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(ErrorResponse::CONTENT_TYPE),
+    );
+    response
+}
+
+/// The slow path: the revocation store must be asked (or the body buffered).
+async fn authorize<B>(
+    shared: Arc<Shared>,
+    mut parts: http::request::Parts,
+    body: B,
+) -> Result<Request<B>, Response<Bytes>>
+where
+    B: http_body::Body + From<Bytes> + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    // Only the parts are borrowed across the check; the body (often not Sync) stays owned.
+    let Shared { gate, options } = &*shared;
+    let decision = gate.check(RequestParts::from(&parts)).await;
+    match options.review(gate, &parts, decision) {
+        Ok(Decision::Public) => Ok(Request::from_parts(parts, body)),
+        Ok(Decision::Allow(identity)) => {
+            admit(gate, &mut parts, identity);
+            Ok(Request::from_parts(parts, body))
+        }
+        Ok(Decision::Revocation(identity, endpoint)) => {
+            revoke(shared.clone(), parts, body, identity, endpoint).await
+        }
+        Err(error) => Err(options.refuse(&mut parts, &error)),
+    }
+}
+
+/// Buffers a revocation body, applies it, and rebuilds the request with the same bytes.
+async fn revoke<B>(
+    shared: Arc<Shared>,
+    mut parts: http::request::Parts,
+    body: B,
+    identity: Identity,
+    endpoint: RevocationEndpoint,
+) -> Result<Request<B>, Response<Bytes>>
+where
+    B: http_body::Body + From<Bytes> + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let Shared { gate, options } = &*shared;
+    let bytes = match Limited::new(body, MAX_REVOCATION_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            let error = AuthError::BadInput(format!(
+                "request body unreadable or larger than {MAX_REVOCATION_BODY_BYTES} bytes"
+            ));
+            return Err(options.refuse(&mut parts, &error));
+        }
+    };
+    if let Err(error) = gate.apply_revocation(&identity, endpoint, &bytes).await {
+        return Err(options.refuse(&mut parts, &error));
+    }
+    parts.extensions.insert(identity);
+    Ok(Request::from_parts(parts, B::from(bytes)))
+}
+
+/// Hands the identity to the inner service; an upgrade also gets its [`LiveSession`].
+fn admit(gate: &Gate, parts: &mut http::request::Parts, identity: Identity) {
+    if RequestParts::from(&*parts).is_websocket_upgrade() {
+        parts
+            .extensions
+            .insert(LiveSession::new(gate.clone(), identity.clone()));
+    }
+    parts.extensions.insert(identity);
+}
+
+impl Options {
+    /// Applies this layer's app and anonymous overrides to the gate's decision.
+    fn review(
+        &self,
+        gate: &Gate,
+        parts: &http::request::Parts,
+        decision: Result<Decision, AuthError>,
+    ) -> Result<Decision, AuthError> {
+        let decision = match (decision, self.anonymous) {
+            (Err(AuthError::AnonymousNotAllowed), Some(true)) => {
+                Ok(Decision::Allow(anonymous_identity(gate, parts)?))
+            }
+            (Ok(Decision::Allow(identity)), Some(false))
+                if identity.kind == IdentityKind::Anonymous =>
+            {
+                Err(AuthError::AnonymousNotAllowed)
+            }
+            (decision, _) => decision,
+        };
+        if let (Some(apps), Ok(Decision::Allow(identity) | Decision::Revocation(identity, _))) =
+            (&self.apps, &decision)
+            && !apps.contains(&identity.app)
+        {
+            return Err(AuthError::UnknownApiKey);
+        }
+        decision
+    }
+
+    /// Logs the refusal and renders it: the Stream WebSocket way for upgrades hyper
+    /// can hand over, as HTTP otherwise.
+    fn refuse(&self, parts: &mut http::request::Parts, error: &AuthError) -> Response<Bytes> {
+        // The path only: query strings may carry tokens.
+        tracing::debug!(
+            target: "chatgate::layer",
+            code = error.code(),
+            reason = error.reason(),
+            path = parts.uri.path(),
+            "request refused"
+        );
+        if RequestParts::from(&*parts).is_websocket_upgrade()
+            && let Some(response) = refuse_upgrade(parts, error)
+        {
+            return response;
+        }
+        match &self.renderer {
+            Some(render) => render(error),
+            None => render_error(error),
+        }
+    }
+}
+
+/// The gate refused anonymous for an app this layer admits anonymous users to: the
+/// app is known (the gate checks it first), so only the revocation endpoints remain
+/// closed to them.
+fn anonymous_identity(gate: &Gate, parts: &http::request::Parts) -> Result<Identity, AuthError> {
+    let query = parts.uri.query().unwrap_or("");
+    let api_key = form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == "api_key")
+        .map(|(_, value)| value)
+        .ok_or(AuthError::MissingApiKey)?;
+    let config = gate.config().load();
+    let app = config.app(&api_key).ok_or(AuthError::UnknownApiKey)?;
+    let path = parts.uri.path();
+    let path = path.strip_suffix('/').unwrap_or(path);
+    if parts.method == Method::PATCH && (path == "/users" || path == "/app") {
+        return Err(AuthError::NotAllowed(
+            "only server-side auth can revoke tokens: use a server token",
+        ));
+    }
+    Ok(Identity {
+        app: app.api_key.clone(),
+        kind: IdentityKind::Anonymous,
+        user_id: None,
+        issued_at: None,
+        expires_at: None,
+    })
+}
+
+/// 101, then the error frame and a close 1000 on the upgraded connection. `None` when
+/// the connection cannot be upgraded here (no `OnUpgrade`, no key).
+fn refuse_upgrade(parts: &mut http::request::Parts, error: &AuthError) -> Option<Response<Bytes>> {
+    let key = parts.headers.get(header::SEC_WEBSOCKET_KEY)?;
+    let accept = HeaderValue::from_str(&ws::accept_key(key.as_bytes())).ok()?;
+    let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+    let frames = ws::rejection_frames(&error.response());
+    tokio::spawn(async move {
+        match tokio::time::timeout(WS_REJECTION_TIMEOUT, send_and_close(on_upgrade, frames)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(target: "chatgate::layer", %error, "refused WebSocket went away")
+            }
+            Err(_) => tracing::debug!(target: "chatgate::layer", "refused WebSocket timed out"),
+        }
+    });
+    let mut response = Response::new(Bytes::new());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    Some(response)
+}
+
+/// Writes the frames, half-closes, then drains what the client still sends (its close
+/// frame) until it hangs up: closing with unread input would make the kernel reset the
+/// connection, and a reset can destroy the frames before the client reads them.
+async fn send_and_close(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    frames: Bytes,
+) -> Result<(), BoxError> {
+    use hyper::rt::{Read, Write};
+    const MAX_DRAIN_BYTES: usize = 64 * 1024;
+
+    let mut io = on_upgrade.await?;
+    let mut written = 0;
+    while written < frames.len() {
+        let n =
+            std::future::poll_fn(|cx| Pin::new(&mut io).poll_write(cx, &frames[written..])).await?;
+        if n == 0 {
+            return Err("connection closed while writing the rejection".into());
+        }
+        written += n;
+    }
+    std::future::poll_fn(|cx| Pin::new(&mut io).poll_flush(cx)).await?;
+    std::future::poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx)).await?;
+    let mut drained = 0;
+    let mut storage = [0u8; 1024];
+    while drained < MAX_DRAIN_BYTES {
+        let mut buf = hyper::rt::ReadBuf::new(&mut storage);
+        std::future::poll_fn(|cx| Pin::new(&mut io).poll_read(cx, buf.unfilled())).await?;
+        let n = buf.filled().len();
+        if n == 0 {
+            break;
+        }
+        drained += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{App, ConfigSnapshot};
+    use crate::reload::ConfigHandle;
+    use crate::revocation::{MemoryStore, RevocationCache};
+    use crate::token::TokenBuilder;
+    use std::convert::Infallible;
+
+    const SECRET: &str = "secret";
+
+    fn gate_with(apps: Vec<App>) -> Gate {
+        let config = ConfigSnapshot::with_apps(apps);
+        let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &config.revocation);
+        Gate::new(ConfigHandle::new(config), cache)
+    }
+
+    fn gate() -> Gate {
+        gate_with(vec![App::new("key", vec![SECRET.into()])])
+    }
+
+    /// Answers 200 with the identity it saw (or "none"). A clone starts unready, so
+    /// calling a clone instead of the readied instance panics.
+    #[derive(Default)]
+    struct Echo {
+        ready: bool,
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Clone for Echo {
+        fn clone(&self) -> Self {
+            Echo {
+                ready: false,
+                calls: self.calls.clone(),
+            }
+        }
+    }
+
+    impl Service<Request<http_body_util::Full<Bytes>>> for Echo {
+        type Response = Response<http_body_util::Full<Bytes>>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            self.ready = true;
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<http_body_util::Full<Bytes>>) -> Self::Future {
+            assert!(self.ready, "called without poll_ready");
+            self.ready = false;
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let who = request
+                .extensions()
+                .get::<Identity>()
+                .map(|i| format!("{}:{}", i.kind.as_str(), i.user_id().unwrap_or("-")))
+                .unwrap_or_else(|| "none".into());
+            std::future::ready(Ok(Response::new(who.into())))
+        }
+    }
+
+    async fn send(
+        layer: &ChatAuthLayer,
+        method: Method,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (StatusCode, String) {
+        use tower::ServiceExt;
+        let mut request = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(http_body_util::Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        let response = layer.layer(Echo::default()).oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    fn code(body: &str) -> i64 {
+        serde_json::from_str::<serde_json::Value>(body).unwrap()["code"]
+            .as_i64()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_allowed_request_reaches_the_inner_service_with_its_identity() {
+        let token = TokenBuilder::user("alice").sign(SECRET);
+        let (status, body) = send(
+            &ChatAuthLayer::new(gate()),
+            Method::GET,
+            "/channels?api_key=key",
+            &[("authorization", &token)],
+            "",
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "user:alice"));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_an_ok_response_with_the_json_error() {
+        let layer = ChatAuthLayer::new(gate());
+        let response = {
+            use tower::ServiceExt;
+            let request = Request::get("/channels?api_key=key")
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap();
+            layer.layer(Echo::default()).oneshot(request).await.unwrap()
+        };
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            ErrorResponse::CONTENT_TYPE
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(code(std::str::from_utf8(&body).unwrap()), 5);
+    }
+
+    #[tokio::test]
+    async fn extra_public_paths_skip_the_gate() {
+        let layer = ChatAuthLayer::new(gate()).public_path("/static/*");
+        let (status, body) = send(&layer, Method::GET, "/static/app.js", &[], "").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "none"));
+        let (status, _) = send(&layer, Method::GET, "/other", &[], "").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn apps_outside_the_allowed_list_are_unknown() {
+        let gate = gate_with(vec![
+            App::new("key", vec![SECRET.into()]),
+            App::new("other", vec!["other-secret".into()]),
+        ]);
+        let layer = ChatAuthLayer::new(gate).only_apps(["key"]);
+        let other = TokenBuilder::user("a").sign("other-secret");
+        let (status, body) = send(
+            &layer,
+            Method::GET,
+            "/x?api_key=other",
+            &[("authorization", &other)],
+            "",
+        )
+        .await;
+        assert_eq!((status, code(&body)), (StatusCode::UNAUTHORIZED, 2));
+        let mine = TokenBuilder::user("a").sign(SECRET);
+        let (status, _) = send(
+            &layer,
+            Method::GET,
+            "/x?api_key=key",
+            &[("authorization", &mine)],
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn the_anonymous_override_widens_and_narrows_the_config() {
+        let anon = [("stream-auth-type", "anonymous")];
+        let allowing = ChatAuthLayer::new(gate()).allow_anonymous(true);
+        let (status, body) = send(&allowing, Method::GET, "/x?api_key=key", &anon, "").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "anonymous:-"));
+        let (status, body) =
+            send(&allowing, Method::PATCH, "/users?api_key=key", &anon, "{}").await;
+        assert_eq!((status, code(&body)), (StatusCode::FORBIDDEN, 17));
+
+        let mut open = App::new("key", vec![SECRET.into()]);
+        open.allow_anonymous = true;
+        let denying = ChatAuthLayer::new(gate_with(vec![open])).allow_anonymous(false);
+        let (status, body) = send(&denying, Method::GET, "/x?api_key=key", &anon, "").await;
+        assert_eq!((status, code(&body)), (StatusCode::UNAUTHORIZED, 5));
+    }
+
+    #[tokio::test]
+    async fn a_custom_renderer_shapes_http_refusals() {
+        let layer = ChatAuthLayer::new(gate()).rejection_renderer(|error| {
+            let mut response = Response::new(Bytes::from(format!("nope {}", error.code())));
+            *response.status_mut() = StatusCode::IM_A_TEAPOT;
+            response
+        });
+        let (status, body) = send(&layer, Method::GET, "/x", &[], "").await;
+        assert_eq!((status, body.as_str()), (StatusCode::IM_A_TEAPOT, "nope 2"));
+    }
+
+    #[tokio::test]
+    async fn a_revocation_body_is_applied_then_forwarded() {
+        let gate = gate();
+        let layer = ChatAuthLayer::new(gate.clone());
+        let server = TokenBuilder::server().sign(SECRET);
+        let old = TokenBuilder::user("u")
+            .issued_at(crate::time::now_unix() - 100)
+            .sign(SECRET);
+        let cutoff = chrono::Utc::now().to_rfc3339();
+        let body = format!(
+            r#"{{"users":[{{"id":"u","set":{{"revoke_tokens_issued_before":"{cutoff}"}}}}]}}"#
+        );
+        let (status, seen) = send(
+            &layer,
+            Method::PATCH,
+            "/users?api_key=key",
+            &[("authorization", &server)],
+            &body,
+        )
+        .await;
+        assert_eq!((status, seen.as_str()), (StatusCode::OK, "server:-"));
+        let (status, body) = send(
+            &layer,
+            Method::GET,
+            "/x?api_key=key",
+            &[("authorization", &old)],
+            "",
+        )
+        .await;
+        assert_eq!((status, code(&body)), (StatusCode::UNAUTHORIZED, 40));
+    }
+
+    #[tokio::test]
+    async fn an_oversized_revocation_body_is_code_4() {
+        let server = TokenBuilder::server().sign(SECRET);
+        let body = " ".repeat(MAX_REVOCATION_BODY_BYTES + 1);
+        let (status, body) = send(
+            &ChatAuthLayer::new(gate()),
+            Method::PATCH,
+            "/app?api_key=key",
+            &[("authorization", &server)],
+            &body,
+        )
+        .await;
+        assert_eq!((status, code(&body)), (StatusCode::BAD_REQUEST, 4));
+    }
+
+    #[tokio::test]
+    async fn the_service_made_ready_is_the_one_called() {
+        use tower::ServiceExt;
+        let echo = Echo::default();
+        let calls = echo.calls.clone();
+        let mut service = ChatAuthLayer::new(gate()).layer(echo);
+        let token = TokenBuilder::user("a").sign(SECRET);
+        for _ in 0..3 {
+            let request = Request::get("/x?api_key=key")
+                .header("authorization", &token)
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap();
+            // Echo asserts it was readied before each call.
+            let response = service.ready().await.unwrap().call(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_without_hyper_falls_back_to_the_http_error() {
+        let (status, body) = send(
+            &ChatAuthLayer::new(gate()),
+            Method::GET,
+            "/connect?api_key=key",
+            &[
+                ("upgrade", "websocket"),
+                ("connection", "Upgrade"),
+                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ],
+            "",
+        )
+        .await;
+        assert_eq!((status, code(&body)), (StatusCode::UNAUTHORIZED, 5));
+    }
+
+    #[tokio::test]
+    async fn a_replay_body_streams_the_original_or_yields_its_bytes_once() {
+        use http_body::Body as _;
+        let buffered: ReplayBody<http_body_util::Full<Bytes>> = Bytes::from_static(b"abc").into();
+        assert_eq!(buffered.size_hint().exact(), Some(3));
+        assert_eq!(&buffered.collect().await.unwrap().to_bytes()[..], b"abc");
+        let empty: ReplayBody<http_body_util::Full<Bytes>> = Bytes::new().into();
+        assert!(empty.is_end_stream());
+        let streamed = ReplayBody::new(http_body_util::Full::new(Bytes::from_static(b"xyz")));
+        assert_eq!(&streamed.collect().await.unwrap().to_bytes()[..], b"xyz");
+    }
+}
