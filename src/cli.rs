@@ -26,6 +26,9 @@ pub enum Command {
     /// Validate config files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run the edge proxy (and its admin listener) with a config file.
+    #[cfg(feature = "proxy")]
+    Serve(crate::proxy::ServeArgs),
     /// Revoke (or un-revoke) tokens in the configured revocation store.
     #[command(subcommand)]
     Revoke(RevokeCommand),
@@ -134,6 +137,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Token(TokenCommand::Create(args)) => create_token(&args).map(|t| println!("{t}")),
         Command::Token(TokenCommand::Inspect(args)) => inspect_token(&args),
         Command::Config(ConfigCommand::Check { file }) => check_config(&file),
+        #[cfg(feature = "proxy")]
+        Command::Serve(args) => crate::proxy::serve(&args),
         Command::Revoke(command) => revoke(&command).map(|done| println!("{done}")),
     };
     match result {

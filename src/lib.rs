@@ -21,6 +21,8 @@ pub mod extract;
 pub mod gate;
 #[cfg(feature = "tower")]
 pub mod layer;
+#[cfg(feature = "proxy")]
+pub mod proxy;
 pub mod reload;
 pub mod revocation;
 pub mod session;

@@ -1,5 +1,9 @@
 //! The `chatgate` binary: parses arguments and hands over to the library.
 
+// mimalloc measured ~10% more proxy throughput than the system allocator (perf-notes).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     chatgate::cli::main()
 }

@@ -1,0 +1,419 @@
+//! [`EdgeProxy`]: the `ProxyHttp` that `chatgate serve` runs.
+
+use super::filter::{ChatAuthFilter, Verdict};
+use super::metrics::ProxyMetrics;
+use crate::config::{ConfigSnapshot, UpstreamSettings};
+use crate::error::AuthError;
+use crate::gate::{Identity, RequestParts};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::modules::http::HttpModules;
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::{ErrorSource, ErrorType};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The edge proxy: [`ChatAuthFilter`] in front of `[upstream] addresses`.
+pub struct EdgeProxy {
+    auth: ChatAuthFilter,
+    upstreams: Upstreams,
+}
+
+/// Per-request state of [`EdgeProxy`].
+#[derive(Debug, Default)]
+pub struct EdgeCtx {
+    /// The verified caller (`None` on public paths and before the gate ran).
+    pub identity: Option<Identity>,
+    /// The request is a WebSocket upgrade.
+    pub websocket: bool,
+    /// The upstream accepted the upgrade: counted in `chatgate_websockets_open`.
+    pub websocket_open: bool,
+    /// Upstream peers tried so far.
+    pub attempts: usize,
+    /// Index of the peer last tried, so a retry goes to the next one.
+    pub peer: Option<usize>,
+}
+
+impl EdgeProxy {
+    /// A proxy over `auth`, with peers built from the current `[upstream]`.
+    pub fn new(auth: ChatAuthFilter) -> Result<Self, String> {
+        let upstreams = Upstreams::new(&auth.gate().config().load().upstream)?;
+        Ok(EdgeProxy { auth, upstreams })
+    }
+
+    /// The filter (and through it the gate and metrics).
+    pub fn auth(&self) -> &ChatAuthFilter {
+        &self.auth
+    }
+
+    fn metrics(&self) -> &ProxyMetrics {
+        self.auth.metrics()
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for EdgeProxy {
+    type CTX = EdgeCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        EdgeCtx::default()
+    }
+
+    // No response compression module: chatgate never compresses, and installing the
+    // disabled default still costs time on every request (perf-notes).
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        ctx.websocket = RequestParts::from(&**session.req_header()).is_websocket_upgrade();
+        match self.auth.request_filter(session).await? {
+            Verdict::Responded => Ok(true),
+            Verdict::Forward(identity) => {
+                ctx.identity = identity;
+                if ctx.websocket {
+                    // Pingora reads a client body (and so an upgraded stream) with a 60 s
+                    // timeout by default: an idle chat socket would be cut after a minute.
+                    let idle = self
+                        .auth
+                        .gate()
+                        .config()
+                        .load()
+                        .upstream
+                        .websocket_idle_timeout;
+                    session.set_read_timeout(Some(idle));
+                    session.set_write_timeout(Some(idle));
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        ctx.attempts += 1;
+        let config = self.auth.gate().config().load();
+        let (index, peer) = self.upstreams.pick(&config, ctx.websocket, ctx.peer);
+        ctx.peer = Some(index);
+        Ok(peer)
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        _ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let peers = self.upstreams.current.load();
+        if let Some(host) = &peers.tls_host {
+            // A TLS upstream (e.g. Stream) routes on Host: send the name it is known by.
+            upstream_request.insert_header(http::header::HOST, host.as_str())?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if ctx.websocket
+            && !ctx.websocket_open
+            && upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            ctx.websocket_open = true;
+            self.metrics().websocket_opened();
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the failed peer; idempotent requests try the next one, each
+        // peer at most once.
+        let peers = self.upstreams.current.load().http.len();
+        if session.req_header().method.is_idempotent() && ctx.attempts < peers {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut Self::CTX,
+    ) -> FailToProxy {
+        let error = match (e.esource(), e.etype()) {
+            (ErrorSource::Upstream, kind) if is_timeout(kind) => AuthError::UpstreamTimeout,
+            (ErrorSource::Upstream, _) => AuthError::UpstreamUnavailable,
+            // The client went away or sent garbage: nobody to answer, or Pingora's 400.
+            (ErrorSource::Downstream, ErrorType::WriteError)
+            | (ErrorSource::Downstream, ErrorType::ReadError)
+            | (ErrorSource::Downstream, ErrorType::ConnectionClosed) => {
+                return FailToProxy {
+                    error_code: 0,
+                    can_reuse_downstream: false,
+                };
+            }
+            (ErrorSource::Downstream, _) => {
+                let _ = session.respond_error(400).await;
+                return FailToProxy {
+                    error_code: 400,
+                    can_reuse_downstream: false,
+                };
+            }
+            // Internal errors come from our own filters; the upstream was never reached
+            // or did not answer, which is what a client can act on.
+            _ => AuthError::UpstreamUnavailable,
+        };
+        self.metrics().upstream_error(match error {
+            AuthError::UpstreamTimeout => "timeout",
+            _ => "unavailable",
+        });
+        let status = error.status().as_u16();
+        // Only a response not yet started can still be answered; otherwise the client
+        // sees the connection close mid-body, which is all HTTP allows.
+        if session.response_written().is_none() {
+            let response = error.response();
+            let written = async {
+                let mut header = ResponseHeader::build(response.status, Some(3))?;
+                header.insert_header(
+                    http::header::CONTENT_TYPE,
+                    crate::error::ErrorResponse::CONTENT_TYPE,
+                )?;
+                header.insert_header(http::header::CONTENT_LENGTH, response.body.len())?;
+                header.insert_header(http::header::CONNECTION, "close")?;
+                session.set_keepalive(None);
+                session
+                    .write_response_header(Box::new(header), false)
+                    .await?;
+                session.write_response_body(Some(response.body), true).await
+            };
+            if let Err(write_error) = written.await {
+                tracing::debug!(target: "chatgate::proxy", %write_error, "could not answer an upstream failure");
+            }
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        if ctx.websocket_open {
+            ctx.websocket_open = false;
+            self.metrics().websocket_closed();
+        }
+    }
+
+    // Pingora's default summary includes the query string, where WebSocket clients send
+    // their token (contract §1: query tokens never reach the logs).
+    fn request_summary(&self, session: &Session, _ctx: &Self::CTX) -> String {
+        let request = session.req_header();
+        format!("{} {}", request.method, request.uri.path())
+    }
+}
+
+fn is_timeout(kind: &ErrorType) -> bool {
+    matches!(
+        kind,
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+    )
+}
+
+// === impl Upstreams ===
+
+/// Peers built once per `[upstream]` version, picked round robin. Building an
+/// `HttpPeer` resolves its address; doing that per request would cost measurable time.
+struct Upstreams {
+    current: ArcSwap<PeerSet>,
+    next: AtomicUsize,
+}
+
+struct PeerSet {
+    settings: UpstreamSettings,
+    http: Vec<HttpPeer>,
+    websocket: Vec<HttpPeer>,
+    /// Host header for a TLS upstream.
+    tls_host: Option<String>,
+}
+
+impl Upstreams {
+    fn new(settings: &UpstreamSettings) -> Result<Self, String> {
+        Ok(Upstreams {
+            current: ArcSwap::from_pointee(PeerSet::build(settings)?),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The next peer round robin, or after `previous` when retrying (so a retry never
+    /// lands on the peer that just failed while others exist).
+    fn pick(
+        &self,
+        config: &ConfigSnapshot,
+        websocket: bool,
+        previous: Option<usize>,
+    ) -> (usize, Box<HttpPeer>) {
+        let mut peers = self.current.load();
+        if peers.settings != config.upstream {
+            // A reload changed [upstream]: rebuild once; concurrent rebuilds are equal.
+            match PeerSet::build(&config.upstream) {
+                Ok(set) => {
+                    self.current.store(Arc::new(set));
+                    peers = self.current.load();
+                }
+                Err(message) => {
+                    tracing::error!(target: "chatgate::proxy", %message, "keeping the previous upstreams");
+                }
+            }
+        }
+        let list = if websocket {
+            &peers.websocket
+        } else {
+            &peers.http
+        };
+        let index = match previous {
+            Some(previous) => (previous + 1) % list.len(),
+            None => self.next.fetch_add(1, Ordering::Relaxed) % list.len(),
+        };
+        (index, Box::new(list[index].clone()))
+    }
+}
+
+impl PeerSet {
+    fn build(settings: &UpstreamSettings) -> Result<Self, String> {
+        if settings.addresses.is_empty() {
+            return Err("[upstream] addresses is empty".into());
+        }
+        let mut http = Vec::with_capacity(settings.addresses.len());
+        let mut websocket = Vec::with_capacity(settings.addresses.len());
+        let mut tls_host = None;
+        for address in &settings.addresses {
+            let resolved: SocketAddr = address
+                .to_socket_addrs()
+                .map_err(|e| format!("upstream {address}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("upstream {address}: no address"))?;
+            let host = address
+                .rsplit_once(':')
+                .map_or(address.as_str(), |(host, _)| host)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let sni = settings.sni.clone().unwrap_or_else(|| host.to_owned());
+            if settings.tls {
+                tls_host.get_or_insert_with(|| sni.clone());
+            }
+            let mut peer = HttpPeer::new(resolved, settings.tls, sni);
+            peer.options.connection_timeout = Some(settings.connect_timeout);
+            peer.options.read_timeout = Some(settings.read_timeout);
+            peer.options.write_timeout = Some(settings.read_timeout);
+            peer.options.verify_cert = settings.verify_cert;
+            peer.options.verify_hostname = settings.verify_cert;
+            let mut ws = peer.clone();
+            // A chat socket may be quiet for long: its reads and writes wait up to the
+            // WebSocket idle timeout instead of the HTTP read timeout.
+            ws.options.read_timeout = Some(settings.websocket_idle_timeout);
+            ws.options.write_timeout = Some(settings.websocket_idle_timeout);
+            ws.options.idle_timeout = Some(settings.websocket_idle_timeout);
+            http.push(peer);
+            websocket.push(ws);
+        }
+        Ok(PeerSet {
+            settings: settings.clone(),
+            http,
+            websocket,
+            tls_host,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora::upstreams::peer::Peer;
+    use std::time::Duration;
+
+    fn settings(addresses: &[&str]) -> UpstreamSettings {
+        let mut config = ConfigSnapshot::with_apps(vec![]);
+        config.upstream.addresses = addresses.iter().map(|a| a.to_string()).collect();
+        config.upstream
+    }
+
+    #[test]
+    fn peers_are_used_round_robin() {
+        let mut config = ConfigSnapshot::with_apps(vec![]);
+        config.upstream = settings(&["127.0.0.1:1001", "127.0.0.1:1002"]);
+        let upstreams = Upstreams::new(&config.upstream).unwrap();
+        let ports: Vec<u16> = (0..4)
+            .map(|_| {
+                upstreams
+                    .pick(&config, false, None)
+                    .1
+                    .address()
+                    .as_inet()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        assert_eq!(ports, [1001, 1002, 1001, 1002]);
+    }
+
+    #[test]
+    fn a_retry_goes_to_the_peer_after_the_one_that_failed() {
+        let mut config = ConfigSnapshot::with_apps(vec![]);
+        config.upstream = settings(&["127.0.0.1:1001", "127.0.0.1:1002", "127.0.0.1:1003"]);
+        let upstreams = Upstreams::new(&config.upstream).unwrap();
+        for failed in 0..3 {
+            let (index, peer) = upstreams.pick(&config, false, Some(failed));
+            assert_eq!(index, (failed + 1) % 3);
+            assert_eq!(
+                peer.address().as_inet().unwrap().port(),
+                1001 + index as u16
+            );
+        }
+    }
+
+    #[test]
+    fn websocket_peers_wait_for_the_idle_timeout() {
+        let mut config = ConfigSnapshot::with_apps(vec![]);
+        config.upstream = settings(&["127.0.0.1:1001"]);
+        config.upstream.websocket_idle_timeout = Duration::from_secs(3600);
+        config.upstream.read_timeout = Duration::from_secs(5);
+        let upstreams = Upstreams::new(&config.upstream).unwrap();
+        let ws = upstreams.pick(&config, true, None).1;
+        assert_eq!(ws.options.read_timeout, Some(Duration::from_secs(3600)));
+        let http = upstreams.pick(&config, false, None).1;
+        assert_eq!(http.options.read_timeout, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_changed_upstream_section_rebuilds_the_peers() {
+        let mut config = ConfigSnapshot::with_apps(vec![]);
+        config.upstream = settings(&["127.0.0.1:1001"]);
+        let upstreams = Upstreams::new(&config.upstream).unwrap();
+        config.upstream = settings(&["127.0.0.1:2002"]);
+        let peer = upstreams.pick(&config, false, None).1;
+        assert_eq!(peer.address().as_inet().unwrap().port(), 2002);
+    }
+
+    #[test]
+    fn tls_peers_use_the_configured_sni() {
+        let mut upstream = settings(&["127.0.0.1:443"]);
+        upstream.tls = true;
+        upstream.sni = Some("chat.stream-io-api.com".into());
+        let set = PeerSet::build(&upstream).unwrap();
+        assert_eq!(set.http[0].sni, "chat.stream-io-api.com");
+        assert_eq!(set.tls_host.as_deref(), Some("chat.stream-io-api.com"));
+        assert!(PeerSet::build(&settings(&[])).is_err());
+    }
+}

@@ -1,0 +1,275 @@
+//! [`ChatAuthFilter`]: the gate as a piece of any Pingora `ProxyHttp::request_filter`.
+
+use super::metrics::{ProxyMetrics, UNKNOWN_APP};
+use crate::error::{AuthError, ErrorResponse};
+use crate::gate::{Decision, Gate, Identity, RequestParts, RevocationEndpoint};
+use bytes::{Bytes, BytesMut};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Verified user id sent upstream when `[upstream] forward_identity = true`.
+pub const USER_ID_HEADER: &str = "x-chatgate-user-id";
+/// Verified auth kind (`user`, `server`, `developer`, `anonymous`) sent upstream when
+/// `[upstream] forward_identity = true`.
+pub const AUTH_HEADER: &str = "x-chatgate-auth";
+
+/// Largest revocation body (`PATCH /users`, `PATCH /app`) chatgate reads before
+/// forwarding. It equals Pingora's request retry buffer (64 KiB), which is what replays
+/// the already-read body to the upstream; 100 users' cutoffs take about 10 KiB.
+pub const MAX_REVOCATION_BODY: usize = 64 * 1024;
+
+/// What [`ChatAuthFilter::request_filter`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Proxy the request. The identity is `None` on public paths.
+    Forward(Option<Identity>),
+    /// The rejection was written to the client: return `Ok(true)` from `request_filter`.
+    Responded,
+}
+
+impl Verdict {
+    /// Whether a response was written (the value `request_filter` must return).
+    pub fn responded(&self) -> bool {
+        matches!(self, Verdict::Responded)
+    }
+}
+
+/// Runs the [`Gate`] inside a Pingora `request_filter`: strips client-sent identity
+/// headers, decides, applies revocation bodies, and answers refusals in the contract's
+/// shape (JSON over HTTP; 101 + error frame + close 1000 on a WebSocket upgrade). The
+/// client connection stays open after an HTTP refusal.
+///
+/// ```no_run
+/// use async_trait::async_trait;
+/// use chatgate::proxy::{ChatAuthFilter, Verdict};
+/// use chatgate::Identity;
+/// use pingora::prelude::*;
+///
+/// struct MyProxy {
+///     auth: ChatAuthFilter,
+/// }
+///
+/// #[async_trait]
+/// impl ProxyHttp for MyProxy {
+///     type CTX = Option<Identity>;
+///     fn new_ctx(&self) -> Self::CTX {
+///         None
+///     }
+///     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+///         match self.auth.request_filter(session).await? {
+///             Verdict::Forward(identity) => {
+///                 *ctx = identity;
+///                 Ok(false)
+///             }
+///             Verdict::Responded => Ok(true),
+///         }
+///     }
+///     async fn upstream_peer(&self, _: &mut Session, _: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+///         Ok(Box::new(HttpPeer::new("127.0.0.1:3030", false, String::new())))
+///     }
+/// }
+/// ```
+#[derive(Clone)]
+pub struct ChatAuthFilter {
+    gate: Gate,
+    metrics: Arc<ProxyMetrics>,
+}
+
+impl ChatAuthFilter {
+    /// A filter over `gate`, with its own metrics.
+    pub fn new(gate: Gate) -> Self {
+        Self::with_metrics(gate, Arc::new(ProxyMetrics::new()))
+    }
+
+    /// A filter that records into shared metrics.
+    pub fn with_metrics(gate: Gate, metrics: Arc<ProxyMetrics>) -> Self {
+        ChatAuthFilter { gate, metrics }
+    }
+
+    /// The gate.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// The metrics this filter records into.
+    pub fn metrics(&self) -> &Arc<ProxyMetrics> {
+        &self.metrics
+    }
+
+    /// Decides the request in `session`. On [`Verdict::Responded`] the refusal has been
+    /// written; on [`Verdict::Forward`] the request header carries the identity headers
+    /// the config asks for (and never the client's own). `Err` is an I/O error on the
+    /// client connection.
+    pub async fn request_filter(&self, session: &mut Session) -> pingora::Result<Verdict> {
+        strip_identity_headers(session);
+        let started = Instant::now();
+        let decision = self
+            .gate
+            .check(RequestParts::from(&**session.req_header()))
+            .await;
+        self.metrics.observe_check(started.elapsed());
+        let identity = match decision {
+            Ok(Decision::Public) => return Ok(Verdict::Forward(None)),
+            Ok(Decision::Allow(identity)) => Ok(identity),
+            Ok(Decision::Revocation(identity, endpoint)) => {
+                self.revocation(session, identity, endpoint).await?
+            }
+            Err(error) => Err(error),
+        };
+        match identity {
+            Ok(identity) => {
+                self.metrics.allowed(&identity.app);
+                if self.gate.config().load().upstream.forward_identity {
+                    set_identity_headers(session, &identity)?;
+                }
+                Ok(Verdict::Forward(Some(identity)))
+            }
+            Err(error) => {
+                self.metrics.denied(&self.app_label(session), &error);
+                tracing::debug!(
+                    target: "chatgate::proxy",
+                    code = error.code(),
+                    reason = error.reason(),
+                    path = session.req_header().uri.path(),
+                    "request refused"
+                );
+                respond(session, &error).await?;
+                Ok(Verdict::Responded)
+            }
+        }
+    }
+
+    /// Reads the body, applies its revocation fields durably, and leaves the body in
+    /// Pingora's retry buffer so the same bytes are forwarded.
+    async fn revocation(
+        &self,
+        session: &mut Session,
+        identity: Identity,
+        endpoint: RevocationEndpoint,
+    ) -> pingora::Result<Result<Identity, AuthError>> {
+        // Enabled before the first read so the proxy phase replays what is read here:
+        // once the body has been consumed, Pingora forwards only its retry buffer.
+        session.as_downstream_mut().enable_retry_buffering();
+        let mut body = BytesMut::new();
+        // Bounded by the size check: every iteration adds at least one byte or ends.
+        while let Some(chunk) = session.read_request_body().await? {
+            if body.len() + chunk.len() > MAX_REVOCATION_BODY {
+                return Ok(Err(AuthError::BadInput(format!(
+                    "request body larger than {MAX_REVOCATION_BODY} bytes"
+                ))));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(self
+            .gate
+            .apply_revocation(&identity, endpoint, &body)
+            .await
+            .map(|()| identity))
+    }
+
+    /// The `app` label of a refusal: the api_key if it names a configured app.
+    fn app_label(&self, session: &Session) -> String {
+        let query = session.req_header().uri.query().unwrap_or("");
+        let config = self.gate.config().load();
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(name, _)| name == "api_key")
+            .and_then(|(_, key)| config.app(&key).map(|app| app.api_key.to_string()))
+            .unwrap_or_else(|| UNKNOWN_APP.to_owned())
+    }
+}
+
+impl std::fmt::Debug for ChatAuthFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatAuthFilter").finish_non_exhaustive()
+    }
+}
+
+fn strip_identity_headers(session: &mut Session) {
+    let header = session.req_header_mut();
+    // Checked first: the common request has neither, and removal rebuilds case maps.
+    if header.headers.contains_key(USER_ID_HEADER) {
+        header.remove_header(USER_ID_HEADER);
+    }
+    if header.headers.contains_key(AUTH_HEADER) {
+        header.remove_header(AUTH_HEADER);
+    }
+}
+
+fn set_identity_headers(session: &mut Session, identity: &Identity) -> pingora::Result<()> {
+    let header = session.req_header_mut();
+    header.insert_header(AUTH_HEADER, identity.kind.as_str())?;
+    if let Some(user) = identity.user_id() {
+        header.insert_header(USER_ID_HEADER, user)?;
+    }
+    Ok(())
+}
+
+/// Writes `error` in the contract's shape: JSON over HTTP (connection kept alive), or a
+/// completed upgrade with one error frame and a normal close for a WebSocket handshake.
+pub async fn respond(session: &mut Session, error: &AuthError) -> pingora::Result<()> {
+    let response = error.response();
+    let request = session.req_header();
+    let websocket_key = RequestParts::from(&**request)
+        .is_websocket_upgrade()
+        .then(|| request.headers.get("sec-websocket-key").cloned())
+        .flatten();
+    match websocket_key {
+        Some(key) => respond_websocket(session, &response, key.as_bytes()).await,
+        None => respond_http(session, &response).await,
+    }
+}
+
+/// Refused bodies up to this size are read and discarded after the answer so the
+/// connection can serve the next request; larger or unsized ones close it instead of
+/// letting an unauthenticated client make the proxy read an upload.
+const MAX_DRAINED_BODY: u64 = 64 * 1024;
+/// Longest a refused request's body may take to arrive before the connection closes.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn respond_http(session: &mut Session, response: &ErrorResponse) -> pingora::Result<()> {
+    let small_body = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|length| length <= MAX_DRAINED_BODY);
+    if small_body {
+        // Pingora closes a connection answered before its request body was read; a
+        // small body is drained instead (within the drain timeout) to keep it alive.
+        let downstream = session.as_downstream_mut();
+        downstream.set_close_on_response_before_downstream_finish(false);
+        downstream.set_total_drain_timeout(Some(DRAIN_TIMEOUT));
+    }
+    let mut header = ResponseHeader::build(response.status, Some(2))?;
+    header.insert_header(http::header::CONTENT_TYPE, ErrorResponse::CONTENT_TYPE)?;
+    header.insert_header(http::header::CONTENT_LENGTH, response.body.len())?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session
+        .write_response_body(Some(response.body.clone()), true)
+        .await
+}
+
+async fn respond_websocket(
+    session: &mut Session,
+    response: &ErrorResponse,
+    key: &[u8],
+) -> pingora::Result<()> {
+    let mut header = ResponseHeader::build(http::StatusCode::SWITCHING_PROTOCOLS, Some(3))?;
+    header.insert_header(http::header::UPGRADE, "websocket")?;
+    header.insert_header(http::header::CONNECTION, "Upgrade")?;
+    header.insert_header(
+        http::header::SEC_WEBSOCKET_ACCEPT,
+        crate::ws::accept_key(key),
+    )?;
+    // The socket is now a WebSocket: it must not go back to the HTTP keep-alive pool.
+    session.set_keepalive(None);
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    let frames: Bytes = crate::ws::rejection_frames(response);
+    session.write_response_body(Some(frames), true).await
+}

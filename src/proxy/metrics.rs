@@ -1,0 +1,246 @@
+//! Prometheus metrics of the edge proxy, served on the admin listener's `/metrics`.
+
+use crate::error::AuthError;
+use crate::revocation::RevocationCache;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// Label used for requests whose `api_key` names no configured app: arbitrary client
+/// input must not become a label value (unbounded series).
+pub const UNKNOWN_APP: &str = "unknown";
+
+/// The proxy's counters, gauges and histograms, in their own registry.
+pub struct ProxyMetrics {
+    registry: Registry,
+    allowed: IntCounterVec,
+    denied: IntCounterVec,
+    check_seconds: Histogram,
+    websockets_open: IntGauge,
+    upstream_errors: IntCounterVec,
+    cache_hits: IntCounter,
+    cache_misses: IntCounter,
+    store_errors: IntCounter,
+    cache_entries: IntGauge,
+    /// Serialises the copy of the cache's atomics into the counters, so two concurrent
+    /// scrapes cannot add the same delta twice.
+    sync: Mutex<()>,
+}
+
+impl ProxyMetrics {
+    /// A fresh set of metrics.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let allowed = IntCounterVec::new(
+            Opts::new(
+                "chatgate_requests_allowed_total",
+                "Requests the gate let through, by app",
+            ),
+            &["app"],
+        )
+        .expect("valid metric");
+        let denied = IntCounterVec::new(
+            Opts::new(
+                "chatgate_requests_denied_total",
+                "Requests the gate refused, by app, Stream error code and reason",
+            ),
+            &["app", "code", "reason"],
+        )
+        .expect("valid metric");
+        let check_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "chatgate_check_duration_seconds",
+                "Time spent deciding a request (token, app, revocation lookup)",
+            )
+            .buckets(vec![
+                0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005,
+                0.025, 0.1, 0.5,
+            ]),
+        )
+        .expect("valid metric");
+        let websockets_open = IntGauge::new(
+            "chatgate_websockets_open",
+            "WebSocket connections currently proxied",
+        )
+        .expect("valid metric");
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "chatgate_upstream_errors_total",
+                "Requests answered with a 5xx because the upstream failed, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let cache_hits = IntCounter::new(
+            "chatgate_revocation_cache_hits_total",
+            "Revocation lookups answered from the cache",
+        )
+        .expect("valid metric");
+        let cache_misses = IntCounter::new(
+            "chatgate_revocation_cache_misses_total",
+            "Revocation lookups that went to the store",
+        )
+        .expect("valid metric");
+        let store_errors = IntCounter::new(
+            "chatgate_revocation_store_errors_total",
+            "Revocation store reads or writes that failed or timed out",
+        )
+        .expect("valid metric");
+        let cache_entries = IntGauge::new(
+            "chatgate_revocation_cache_entries",
+            "Cutoffs (or their absence) currently cached",
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(allowed.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(denied.clone()),
+            Box::new(check_seconds.clone()),
+            Box::new(websockets_open.clone()),
+            Box::new(upstream_errors.clone()),
+            Box::new(cache_hits.clone()),
+            Box::new(cache_misses.clone()),
+            Box::new(store_errors.clone()),
+            Box::new(cache_entries.clone()),
+        ] {
+            registry.register(collector).expect("unique metric names");
+        }
+        ProxyMetrics {
+            registry,
+            allowed,
+            denied,
+            check_seconds,
+            websockets_open,
+            upstream_errors,
+            cache_hits,
+            cache_misses,
+            store_errors,
+            cache_entries,
+            sync: Mutex::new(()),
+        }
+    }
+
+    /// Counts an allowed request.
+    pub fn allowed(&self, app: &str) {
+        self.allowed.with_label_values(&[app]).inc();
+    }
+
+    /// Counts a refused request. `app` must be a configured api_key or [`UNKNOWN_APP`].
+    pub fn denied(&self, app: &str, error: &AuthError) {
+        let code = error.code().to_string();
+        self.denied
+            .with_label_values(&[app, code.as_str(), error.reason()])
+            .inc();
+    }
+
+    /// Records how long one gate decision took.
+    pub fn observe_check(&self, elapsed: Duration) {
+        self.check_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// A proxied WebSocket was established.
+    pub fn websocket_opened(&self) {
+        self.websockets_open.inc();
+    }
+
+    /// A proxied WebSocket ended.
+    pub fn websocket_closed(&self) {
+        self.websockets_open.dec();
+    }
+
+    /// Currently open WebSockets.
+    pub fn websockets_open(&self) -> i64 {
+        self.websockets_open.get()
+    }
+
+    /// Counts a request that failed at the upstream (`unavailable`, `timeout`).
+    pub fn upstream_error(&self, kind: &str) {
+        self.upstream_errors.with_label_values(&[kind]).inc();
+    }
+
+    /// The Prometheus text exposition, with the revocation cache's counters copied in.
+    pub fn render(&self, cache: &RevocationCache) -> String {
+        {
+            let _guard = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+            let stats = cache.stats();
+            for (counter, value) in [
+                (&self.cache_hits, &stats.hits),
+                (&self.cache_misses, &stats.misses),
+                (&self.store_errors, &stats.store_errors),
+            ] {
+                let now = value.load(Ordering::Relaxed);
+                counter.inc_by(now.saturating_sub(counter.get()));
+            }
+            self.cache_entries
+                .set(i64::try_from(cache.entry_count()).unwrap_or(i64::MAX));
+        }
+        let mut out = Vec::with_capacity(4096);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for ProxyMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyMetrics")
+            .field("websockets_open", &self.websockets_open.get())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigSnapshot;
+    use crate::revocation::MemoryStore;
+    use std::sync::Arc;
+
+    #[test]
+    fn denials_are_labelled_by_app_code_and_reason() {
+        let metrics = ProxyMetrics::new();
+        metrics.allowed("demo-key");
+        metrics.denied("demo-key", &AuthError::Expired);
+        metrics.denied(UNKNOWN_APP, &AuthError::UnknownApiKey);
+        metrics.denied("demo-key", &AuthError::StoreUnavailable);
+        let cache = RevocationCache::new(
+            Arc::new(MemoryStore::new()),
+            &ConfigSnapshot::with_apps(vec![]).revocation,
+        );
+        let text = metrics.render(&cache);
+        assert!(text.contains(r#"chatgate_requests_allowed_total{app="demo-key"} 1"#));
+        assert!(text.contains(
+            r#"chatgate_requests_denied_total{app="demo-key",code="40",reason="expired"} 1"#
+        ));
+        assert!(text.contains(
+            r#"chatgate_requests_denied_total{app="unknown",code="2",reason="unknown_api_key"} 1"#
+        ));
+        assert!(text.contains(r#"code="-1",reason="store_unavailable""#));
+    }
+
+    #[test]
+    fn cache_counters_follow_the_cache_stats_without_double_counting() {
+        let metrics = ProxyMetrics::new();
+        let cache = RevocationCache::new(
+            Arc::new(MemoryStore::new()),
+            &ConfigSnapshot::with_apps(vec![]).revocation,
+        );
+        cache.stats().hits.store(7, Ordering::Relaxed);
+        cache.stats().misses.store(2, Ordering::Relaxed);
+        metrics.render(&cache);
+        let text = metrics.render(&cache);
+        assert!(text.contains("chatgate_revocation_cache_hits_total 7"));
+        assert!(text.contains("chatgate_revocation_cache_misses_total 2"));
+        assert!(text.contains("chatgate_revocation_store_errors_total 0"));
+    }
+}

@@ -1,0 +1,399 @@
+//! Shared by the proxy test binaries: a recording test upstream and the `chatgate`
+//! binary started on loopback with a temporary config.
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const KEY: &str = "key";
+pub const SECRET: &str = "secret";
+/// An app that accepts developer tokens and anonymous users.
+pub const DEV_KEY: &str = "devkey";
+pub const DEV_SECRET: &str = "devsecret";
+
+/// Longest any single network step may take in a test.
+pub const STEP: Duration = Duration::from_secs(10);
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub target: String,
+    /// Lower-case names.
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+/// How the test upstream behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Answer HTTP with a JSON echo; accept WebSockets at once, greet, then echo.
+    Echo,
+    /// Accept connections and read, but never answer.
+    Silent,
+    /// Answer HTTP like `Echo`, but only after [`SLOW_ANSWER`].
+    Slow,
+}
+
+/// How long a [`Behaviour::Slow`] upstream takes to answer.
+pub const SLOW_ANSWER: Duration = Duration::from_millis(1500);
+
+/// A loopback upstream that records what reaches it.
+pub struct TestUpstream {
+    pub address: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Recorded>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestUpstream {
+    pub async fn start(behaviour: Behaviour) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let recorder = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let recorder = recorder.clone();
+                tokio::spawn(async move {
+                    let _ = connection(stream, recorder, behaviour).await;
+                });
+            }
+        });
+        TestUpstream {
+            address,
+            seen,
+            task,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Reads one request head (and a Content-Length body); `None` at a clean EOF.
+async fn read_request(
+    stream: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+) -> std::io::Result<Option<Recorded>> {
+    let head_end = loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        if buffer.len() > 64 * 1024 {
+            return Err(std::io::Error::other("request head too large"));
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split(' ');
+    let method = first.next().unwrap_or("").to_owned();
+    let target = first.next().unwrap_or("").to_owned();
+    let mut headers = HashMap::new();
+    for line in lines.filter(|l| !l.is_empty()) {
+        if let Some((name, value)) = line.split_once(':') {
+            headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
+        }
+    }
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while buffer.len() < head_end + length {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::Error::other("body cut short"));
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    let body = buffer[head_end..head_end + length].to_vec();
+    buffer.drain(..head_end + length);
+    Ok(Some(Recorded {
+        method,
+        target,
+        headers,
+        body,
+    }))
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    recorder: Arc<Mutex<Vec<Recorded>>>,
+    behaviour: Behaviour,
+) -> std::io::Result<()> {
+    let mut buffer = Vec::new();
+    // Bounded by the client: each iteration answers one request or ends.
+    while let Some(request) = read_request(&mut stream, &mut buffer).await? {
+        recorder.lock().unwrap().push(request.clone());
+        if behaviour == Behaviour::Silent {
+            // Hold the connection open without answering.
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            return Ok(());
+        }
+        let upgrade = request
+            .headers
+            .get("upgrade")
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+        if upgrade {
+            let key = request
+                .headers
+                .get("sec-websocket-key")
+                .cloned()
+                .unwrap_or_default();
+            // Answer at once and greet before the client says anything: the fast
+            // upstream that trips Pingora's upgrade handling if the empty request
+            // body is not settled before the 101.
+            let head = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                chatgate::ws::accept_key(key.as_bytes())
+            );
+            stream.write_all(head.as_bytes()).await?;
+            stream
+                .write_all(&chatgate::ws::text_frame(
+                    health_check(&request.target).as_bytes(),
+                ))
+                .await?;
+            return echo_websocket(stream).await;
+        }
+        if behaviour == Behaviour::Slow {
+            tokio::time::sleep(SLOW_ANSWER).await;
+        }
+        let body = serde_json::json!({
+            "method": request.method,
+            "target": request.target,
+            "user": request.headers.get("x-chatgate-user-id"),
+            "body_len": request.body.len(),
+        })
+        .to_string();
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{}",
+            body.len(),
+            body
+        );
+        stream.write_all(response.as_bytes()).await?;
+    }
+    Ok(())
+}
+
+/// Stream's first frame on `/connect`: the SDKs wait for it (with a `connection_id`
+/// and `me`) before `connectUser` resolves.
+pub fn health_check(target: &str) -> String {
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    let user = form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == "json")
+        .and_then(|(_, json)| serde_json::from_str::<serde_json::Value>(&json).ok())
+        .and_then(|json| json["user_id"].as_str().map(str::to_owned));
+    serde_json::json!({
+        "type": "health.check",
+        "connection_id": "test-connection",
+        "cid": "*",
+        "me": user.map(|id| serde_json::json!({"id": id})),
+    })
+    .to_string()
+}
+
+async fn echo_websocket(stream: TcpStream) -> std::io::Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let mut socket =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+    // Bounded by the client closing the socket.
+    while let Some(Ok(message)) = socket.next().await {
+        match message {
+            Message::Text(text)
+                if socket
+                    .send(Message::Text(format!("echo:{text}").into()))
+                    .await
+                    .is_err() =>
+            {
+                break;
+            }
+            Message::Text(_) => {}
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `chatgate serve` process, killed on drop.
+pub struct Proxy {
+    pub address: SocketAddr,
+    pub admin: SocketAddr,
+    child: Child,
+    config: tempfile::NamedTempFile,
+    config_text: String,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Options of a test proxy's config.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyOptions {
+    pub upstreams: Vec<String>,
+    pub forward_identity: bool,
+    pub read_timeout_ms: Option<u64>,
+    pub websocket_idle_timeout_seconds: Option<u64>,
+    pub demo: bool,
+    /// `(sni, verify_cert)`: connect to the upstream with TLS.
+    pub tls: Option<(String, bool)>,
+}
+
+impl Proxy {
+    /// Sends SIGTERM (Pingora's graceful shutdown) and returns at once.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits (at most `limit`) for the process to exit.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        for _ in 0..(limit.as_millis() / 50).max(1) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("chatgate did not exit within {limit:?}");
+    }
+
+    pub async fn start(options: ProxyOptions) -> Self {
+        let listen_port = free_port();
+        let admin_port = free_port();
+        let upstreams: Vec<String> = options
+            .upstreams
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect();
+        let mut text = format!(
+            "[server]\nlisten = \"127.0.0.1:{listen_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nthreads = 1\ngrace_period_seconds = 3\n\
+             [upstream]\naddresses = [{}]\nforward_identity = {}\ndemo = {}\nconnect_timeout_ms = 1000\n",
+            upstreams.join(", "),
+            options.forward_identity,
+            options.demo,
+        );
+        if let Some(ms) = options.read_timeout_ms {
+            text.push_str(&format!("read_timeout_ms = {ms}\n"));
+        }
+        if let Some((sni, verify_cert)) = &options.tls {
+            text.push_str(&format!(
+                "tls = true\nsni = \"{sni}\"\nverify_cert = {verify_cert}\n"
+            ));
+        }
+        if let Some(s) = options.websocket_idle_timeout_seconds {
+            text.push_str(&format!("websocket_idle_timeout_seconds = {s}\n"));
+        }
+        text.push_str(&format!(
+            "[revocation]\nstore = \"memory\"\n\
+             [[apps]]\napi_key = \"{KEY}\"\nsecrets = [\"{SECRET}\"]\n\
+             [[apps]]\napi_key = \"{DEV_KEY}\"\nsecrets = [\"{DEV_SECRET}\"]\ndisable_auth_checks = true\nallow_anonymous = true\n"
+        ));
+        let mut config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        config.write_all(text.as_bytes()).unwrap();
+        config.flush().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_chatgate"))
+            .args(["serve", "--config"])
+            .arg(config.path())
+            .arg("--upgrade-sock")
+            .arg(std::env::temp_dir().join(format!("chatgate-test-{listen_port}.sock")))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the chatgate binary runs");
+        let proxy = Proxy {
+            address: SocketAddr::from(([127, 0, 0, 1], listen_port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            child,
+            config,
+            config_text: text,
+        };
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    /// Waits until both listeners accept (at most 15 s: a debug build starts slowly
+    /// on a busy machine).
+    async fn wait_ready(&self) {
+        for _ in 0..300 {
+            if TcpStream::connect(self.address).await.is_ok()
+                && TcpStream::connect(self.admin).await.is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("chatgate did not start listening on {}", self.address);
+    }
+
+    /// Appends to the running config file (write to a temp file, then rename over it,
+    /// as the README advises).
+    pub fn append_config(&mut self, more: &str) {
+        self.config_text.push_str(more);
+        let next = self.config.path().with_extension("next");
+        std::fs::write(&next, &self.config_text).unwrap();
+        std::fs::rename(&next, self.config.path()).unwrap();
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{path_and_query}", self.address)
+    }
+
+    pub fn ws_url(&self, path_and_query: &str) -> String {
+        format!("ws://{}{path_and_query}", self.address)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+}
+
+/// A token for the main app.
+pub fn user_token(user: &str) -> String {
+    chatgate::TokenBuilder::user(user).sign(SECRET)
+}
+
+pub fn server_token() -> String {
+    chatgate::TokenBuilder::server().sign(SECRET)
+}
