@@ -92,7 +92,7 @@ PASSTHROUGH_PID=$!
 cat >"$WORK/haproxy_jwt.cfg" <<EOF
 global
   nbthread 1
-  maxconn 20000
+  maxconn 4096
 defaults
   mode http
   timeout connect 2s
