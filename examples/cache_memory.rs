@@ -26,7 +26,9 @@ async fn main() {
     let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &snapshot.revocation);
     let app: Arc<str> = Arc::from("demo-key");
     // ids shaped like real ones: a prefix and a number, ~20 bytes
-    let ids: Vec<Arc<str>> = (0..users).map(|i| Arc::from(format!("user-{i:015}"))).collect();
+    let ids: Vec<Arc<str>> = (0..users)
+        .map(|i| Arc::from(format!("user-{i:015}")))
+        .collect();
     let before = rss_bytes();
     for id in &ids {
         cache.user_cutoff(&app, id).await.unwrap();
