@@ -1,6 +1,7 @@
 //! BENCHMARK BASELINE ONLY, NOT FOR PRODUCTION: a Pingora pass-through with no auth at
 //! all, tuned like chatgate's edge proxy (mimalloc, one prebuilt peer, no compression
-//! module, one thread, no work stealing), so `benches/compare.sh` measures what the auth gate itself costs.
+//! module, one thread, no work stealing), so `benches/compare.sh` measures what the
+//! auth gate itself costs.
 //!
 //! ```sh
 //! cargo run --release --features proxy --example passthrough -- \
