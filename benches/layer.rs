@@ -145,7 +145,7 @@ async fn check_only(gate: &Gate, token: &str) -> bool {
     let (parts, _) = request(token).into_parts();
     matches!(
         gate.check_cached(chatgate::RequestParts::from(&parts)),
-        Some(Ok(_))
+        Ok(Ok(_))
     )
 }
 

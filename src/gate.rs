@@ -133,6 +133,18 @@ struct Verified {
     endpoint: Option<RevocationEndpoint>,
 }
 
+/// A request whose token passed every check but revocation, and whose cutoffs are not
+/// cached: [`Gate::finish`] reads them from the store.
+pub struct PendingCheck(Verified);
+
+impl std::fmt::Debug for PendingCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("PendingCheck")
+            .field(&self.0.identity)
+            .finish()
+    }
+}
+
 /// The gate: config snapshot plus revocation cache. Cheap to clone.
 #[derive(Clone)]
 pub struct Gate {
@@ -161,41 +173,47 @@ impl Gate {
 
     /// Decides one request.
     pub async fn check(&self, request: RequestParts<'_>) -> Result<Decision, AuthError> {
-        let Some(verified) = self.verify(request)? else {
-            return Ok(Decision::Public);
-        };
-        let stored = match &verified.identity.user_id {
-            // Server tokens are not subject to cutoffs; anonymous users have no token.
-            None => Ok(None),
-            Some(user) => {
-                let app = &verified.identity.app;
-                match self.revocations.cached_cutoff(app, user, verified.now) {
-                    Some(hit) => Ok(hit),
-                    None => self.revocations.cutoff(app, user).await,
-                }
-            }
-        };
-        decide(verified, stored)
+        match self.check_cached(request) {
+            Ok(decision) => decision,
+            Err(pending) => self.finish(pending).await,
+        }
     }
 
-    /// [`Gate::check`] without waiting, for the common case: `Some` when the decision
+    /// [`Gate::check`] without waiting, for the common case: `Ok` when the decision
     /// needs no store read (refusals, public paths, server and anonymous identities,
-    /// and users whose cutoffs are cached); `None` when it does, and then
-    /// [`Gate::check`] decides. Lets an adapter skip allocating a future on cache hits.
-    pub fn check_cached(&self, request: RequestParts<'_>) -> Option<Result<Decision, AuthError>> {
+    /// and users whose cutoffs are cached); otherwise the verified request, for
+    /// [`Gate::finish`] to complete without checking the token again. Lets an adapter
+    /// skip allocating a future on cache hits.
+    pub fn check_cached(
+        &self,
+        request: RequestParts<'_>,
+    ) -> Result<Result<Decision, AuthError>, PendingCheck> {
         let verified = match self.verify(request) {
             Ok(Some(verified)) => verified,
-            Ok(None) => return Some(Ok(Decision::Public)),
-            Err(error) => return Some(Err(error)),
+            Ok(None) => return Ok(Ok(Decision::Public)),
+            Err(error) => return Ok(Err(error)),
         };
         let stored = match &verified.identity.user_id {
             None => None,
             Some(user) => {
                 let app = &verified.identity.app;
-                self.revocations.cached_cutoff(app, user, verified.now)?
+                match self.revocations.cached_cutoff(app, user, verified.now) {
+                    Some(hit) => hit,
+                    None => return Err(PendingCheck(verified)),
+                }
             }
         };
-        Some(decide(verified, Ok(stored)))
+        Ok(decide(verified, Ok(stored)))
+    }
+
+    /// Completes a [`Gate::check_cached`] that needed the revocation store.
+    pub async fn finish(&self, pending: PendingCheck) -> Result<Decision, AuthError> {
+        let verified = pending.0;
+        let stored = match &verified.identity.user_id {
+            None => Ok(None),
+            Some(user) => self.revocations.cutoff(&verified.identity.app, user).await,
+        };
+        decide(verified, stored)
     }
 
     /// Everything but revocation, on the snapshot current now; `Ok(None)` is a public path.
@@ -996,15 +1014,16 @@ mod tests {
             uri: &uri,
             headers: &headers,
         };
-        assert_eq!(gate.check_cached(parts), None);
-        let checked = gate.check(parts).await;
+        let pending = gate.check_cached(parts).unwrap_err();
+        let checked = gate.finish(pending).await;
         assert!(matches!(checked, Ok(Decision::Allow(_))));
-        assert_eq!(gate.check_cached(parts), Some(checked));
+        assert_eq!(gate.check_cached(parts).unwrap(), checked);
         // refusals and public paths never need the store
         let bad: Uri = "/x?api_key=nope".parse().unwrap();
         assert_eq!(
-            gate.check_cached(RequestParts { uri: &bad, ..parts }),
-            Some(Err(AuthError::UnknownApiKey))
+            gate.check_cached(RequestParts { uri: &bad, ..parts })
+                .unwrap(),
+            Err(AuthError::UnknownApiKey)
         );
     }
 }

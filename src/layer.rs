@@ -53,7 +53,9 @@
 
 use crate::config::PublicPaths;
 use crate::error::{AuthError, ErrorResponse};
-use crate::gate::{Decision, Gate, Identity, IdentityKind, RequestParts, RevocationEndpoint};
+use crate::gate::{
+    Decision, Gate, Identity, IdentityKind, PendingCheck, RequestParts, RevocationEndpoint,
+};
 use crate::session::LiveSession;
 use crate::ws;
 use bytes::Bytes;
@@ -288,8 +290,9 @@ where
         let (mut parts, body) = request.into_parts();
         // The common case (cached cutoffs, refusals) is decided here, with no future to
         // allocate, and calls the instance poll_ready readied.
-        if let Some(decision) = shared.gate.check_cached(RequestParts::from(&parts)) {
-            match shared.options.review(&shared.gate, &parts, decision) {
+        let pending = match shared.gate.check_cached(RequestParts::from(&parts)) {
+            Err(pending) => pending,
+            Ok(decision) => match shared.options.review(&shared.gate, &parts, decision) {
                 Ok(Decision::Public) => {
                     return ResponseFuture::calling(
                         self.inner.call(Request::from_parts(parts, body)),
@@ -312,9 +315,9 @@ where
                         },
                     };
                 }
-            }
-        }
-        let check = authorize(shared.clone(), parts, body);
+            },
+        };
+        let check = authorize(shared.clone(), parts, body, pending);
         self.later(Box::pin(check))
     }
 }
@@ -515,20 +518,21 @@ fn render(error: ErrorResponse) -> Response<Bytes> {
     response
 }
 
-/// The slow path: the revocation store must be asked (or the body buffered).
+/// The slow path: the revocation store must be asked for a request whose token
+/// `check_cached` already verified.
 async fn authorize<B>(
     shared: Arc<Shared>,
     mut parts: http::request::Parts,
     body: B,
+    pending: PendingCheck,
 ) -> Result<Request<B>, Response<Bytes>>
 where
     B: http_body::Body + From<Bytes> + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    // Only the parts are borrowed across the check; the body (often not Sync) stays owned.
     let Shared { gate, options } = &*shared;
-    let decision = gate.check(RequestParts::from(&parts)).await;
+    let decision = gate.finish(pending).await;
     match options.review(gate, &parts, decision) {
         Ok(Decision::Public) => Ok(Request::from_parts(parts, body)),
         Ok(Decision::Allow(identity)) => {

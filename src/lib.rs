@@ -32,7 +32,9 @@ pub mod ws;
 
 pub use config::{App, ConfigError, ConfigSnapshot};
 pub use error::{AuthError, ErrorResponse};
-pub use gate::{Decision, Gate, Identity, IdentityKind, RequestParts, RevocationEndpoint};
+pub use gate::{
+    Decision, Gate, Identity, IdentityKind, PendingCheck, RequestParts, RevocationEndpoint,
+};
 #[cfg(feature = "tower")]
 pub use layer::{ChatAuth, ChatAuthLayer};
 pub use reload::ConfigHandle;
