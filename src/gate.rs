@@ -306,8 +306,13 @@ fn parse_query(query: &str) -> Query<'_> {
     found
 }
 
+/// A header as text. `from_utf8` rather than `HeaderValue::to_str`, whose byte-by-byte
+/// check of a 200-byte token showed in the profile; a non-ASCII value still fails later,
+/// as malformed, because no token or keyword contains one.
 fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
+    headers
+        .get(name)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
 }
 
 fn strip_bearer(token: &str) -> &str {
@@ -404,7 +409,7 @@ fn authenticate(
         TokenKind::Server => IdentityKind::Server,
         TokenKind::Developer => IdentityKind::Developer,
     };
-    let user_id: Option<Arc<str>> = verified.claims.user_id.as_deref().map(Arc::from);
+    let user_id = verified.claims.user_id;
 
     if let (true, Some(json), Some(user)) = (websocket, query.json.as_deref(), user_id.as_deref()) {
         check_connect_user(json, user)?;

@@ -3,7 +3,6 @@
 //! SDKs retry forever without refreshing their token. Both adapters write these bytes.
 
 use crate::error::ErrorResponse;
-use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use sha1::{Digest, Sha1};
 
@@ -21,7 +20,7 @@ pub fn accept_key(client_key: &[u8]) -> String {
     let mut sha1 = Sha1::new();
     sha1.update(client_key);
     sha1.update(HANDSHAKE_GUID.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(sha1.finalize())
+    base64_simd::STANDARD.encode_to_string(sha1.finalize())
 }
 
 fn frame_header(out: &mut BytesMut, opcode: u8, len: usize) {

@@ -100,7 +100,7 @@ fn app(dev: bool) -> App {
     app
 }
 
-fn verify(token: &str, app: &App) -> Result<token::VerifiedToken<'static>, AuthError> {
+fn verify(token: &str, app: &App) -> Result<token::VerifiedToken, AuthError> {
     let config = ConfigSnapshot::with_apps(vec![]);
     token::verify(token, app, &config.auth, now_unix())
 }

@@ -24,7 +24,7 @@ fn config() -> &'static ConfigSnapshot {
     })
 }
 
-fn verify(token: &str) -> Result<token::VerifiedToken<'static>, chatgate::AuthError> {
+fn verify(token: &str) -> Result<token::VerifiedToken, chatgate::AuthError> {
     let config = config();
     token::verify(token, config.app("k").unwrap(), &config.auth, now_unix())
 }
