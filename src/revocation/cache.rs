@@ -1,10 +1,19 @@
-//! moka in front of the store: "no cutoff" is cached too (the common case), concurrent
-//! misses for one key share one store read, and store events invalidate at once.
+//! A bounded in-memory cache in front of the store: "no cutoff" is cached too (the
+//! common case), concurrent misses for one key share one store read, and store events
+//! invalidate at once.
 //!
-//! The hit path ([`RevocationCache::cached_cutoff`]) is synchronous: one `ArcSwap`
-//! load, one moka `sync` lookup for the user and one hash lookup in the small app
-//! table. No I/O, no lock, no `.await`. Misses go through [`Inflight`], which makes
-//! concurrent misses for one key share a single store read.
+//! The hit path ([`RevocationCache::cached_cutoff`]) is synchronous: one lookup in the
+//! user table (a shard read lock held for the lookup only) and one in the small app
+//! table behind `ArcSwap`. No I/O, no `.await`, no clock read: entries carry the unix
+//! second they were cached, compared with the `now` the gate already read for the
+//! token's `exp`. Misses go through [`Inflight`], which makes concurrent misses for one
+//! key share a single store read.
+//!
+//! The user table is `quick_cache` rather than moka: moka keeps ~300 bytes of
+//! bookkeeping per entry (its entry, expiry and policy nodes, each allocated apart),
+//! and a million cached users must fit in 200 bytes each; quick_cache keeps an entry in
+//! one slab slot (~130 bytes with the user id), is resized live, and finds `(app, user)`
+//! from borrowed strings, so a lookup clones no `Arc`.
 
 use super::{RevocationEvent, RevocationStore, StoreError, UserCutoffChange};
 use crate::config::RevocationSettings;
@@ -13,7 +22,7 @@ use crate::time::{Cutoff, now_unix};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::OnceCell;
@@ -30,6 +39,57 @@ struct UserKey {
     user: Arc<str>,
 }
 
+/// A [`UserKey`] made of borrowed strings, for lookups. Its derived `Hash` hashes the
+/// same two `str`s in the same order as `UserKey`'s, as `Equivalent` requires.
+#[derive(Hash)]
+struct UserRef<'a> {
+    app: &'a str,
+    user: &'a str,
+}
+
+impl quick_cache::Equivalent<UserKey> for UserRef<'_> {
+    fn equivalent(&self, key: &UserKey) -> bool {
+        *key.app == *self.app && *key.user == *self.user
+    }
+}
+
+impl<'a> From<&'a UserKey> for UserRef<'a> {
+    fn from(key: &'a UserKey) -> Self {
+        UserRef {
+            app: &key.app,
+            user: &key.user,
+        }
+    }
+}
+
+/// A cached answer and the unix second it was read from the store.
+#[derive(Debug, Clone, Copy)]
+struct Cached {
+    cutoff: Option<Cutoff>,
+    read_at: i64,
+}
+
+impl Cached {
+    fn now(cutoff: Option<Cutoff>) -> Self {
+        Cached {
+            cutoff,
+            read_at: now_unix(),
+        }
+    }
+
+    /// The answer while it is younger than the TTL. The TTL is read at lookup, so a
+    /// reload that shortens it applies to entries already cached.
+    fn fresh(self, now: i64, ttl_seconds: i64) -> Option<Option<Cutoff>> {
+        (now < self.read_at.saturating_add(ttl_seconds)).then_some(self.cutoff)
+    }
+}
+
+type UserTable = quick_cache::sync::Cache<UserKey, Cached, quick_cache::UnitWeighter, FastHash>;
+
+/// App-wide cutoffs: a handful of entries read on every request and written once per
+/// TTL, so a copy-on-write map behind `ArcSwap` beats a concurrent cache.
+type AppTable = HashMap<Arc<str>, Cached, FastHash>;
+
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct CacheStats {
@@ -44,66 +104,18 @@ pub struct CacheStats {
 /// The cached view of a [`RevocationStore`].
 pub struct RevocationCache {
     store: Arc<dyn RevocationStore>,
-    // moka cannot resize or retime a live cache, so a config reload that changes
-    // `cache_capacity` / `cache_ttl_seconds` swaps in new (empty) caches: the store stays
-    // the truth, the cost is a round of misses.
-    tuned: ArcSwap<Tuned>,
+    users: UserTable,
+    apps: ArcSwap<AppTable>,
+    // The `[revocation]` settings a reload may change, read without a guard.
+    capacity: AtomicU64,
+    ttl_seconds: AtomicI64,
+    store_timeout_ms: AtomicU64,
     // Bumped by every invalidation: a store read that started before one must not put
     // its (possibly older) answer in the cache.
     generation: AtomicU64,
     users_inflight: Inflight<UserKey>,
     apps_inflight: Inflight<Arc<str>>,
     stats: CacheStats,
-}
-
-/// App-wide cutoffs: a handful of entries read on every request and written once per
-/// TTL, so a copy-on-write map behind `ArcSwap` beats a concurrent cache.
-/// Entries carry the unix second they stop being trusted, compared with the `now` the
-/// gate already read for the token's `exp`: no clock read on the hot path.
-type AppTable = HashMap<Arc<str>, (Option<Cutoff>, i64), FastHash>;
-
-/// The caches and the settings they were built with.
-struct Tuned {
-    users: moka::sync::Cache<UserKey, Option<Cutoff>, FastHash>,
-    apps: ArcSwap<AppTable>,
-    capacity: u64,
-    ttl: Duration,
-    store_timeout: Duration,
-}
-
-impl Tuned {
-    fn new(settings: &RevocationSettings) -> Self {
-        Tuned {
-            users: moka::sync::Cache::builder()
-                .max_capacity(settings.cache_capacity)
-                .time_to_live(settings.cache_ttl)
-                .build_with_hasher(FastHash::default()),
-            apps: ArcSwap::from_pointee(AppTable::default()),
-            capacity: settings.cache_capacity,
-            ttl: settings.cache_ttl,
-            store_timeout: settings.store_timeout,
-        }
-    }
-
-    fn app(&self, app: &str, now: i64) -> Option<Option<Cutoff>> {
-        let apps = self.apps.load();
-        let (cutoff, trusted_until) = apps.get(app)?;
-        (now < *trusted_until).then_some(*cutoff)
-    }
-
-    fn set_app(&self, app: &Arc<str>, cutoff: Option<Option<Cutoff>>) {
-        self.apps.rcu(|apps| {
-            let mut apps = AppTable::clone(apps);
-            match cutoff {
-                Some(cutoff) => {
-                    let ttl = self.ttl.as_secs().max(1) as i64;
-                    apps.insert(app.clone(), (cutoff, now_unix() + ttl))
-                }
-                None => apps.remove(app),
-            };
-            apps
-        });
-    }
 }
 
 /// Misses in flight, one shared cell per key. The mutex only guards the map while a
@@ -140,13 +152,37 @@ impl<K: Hash + Eq + Clone> Inflight<K> {
     }
 }
 
+/// The TTL in whole seconds, at least one.
+fn ttl_seconds(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1)
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl RevocationCache {
     /// A cache over `store`, sized and timed by `[revocation]`. Call
     /// [`RevocationCache::spawn_invalidation`] to follow the store's events.
     pub fn new(store: Arc<dyn RevocationStore>, settings: &RevocationSettings) -> Arc<Self> {
+        let options = quick_cache::OptionsBuilder::new()
+            .weight_capacity(settings.cache_capacity)
+            // Grow with use: a configured million must not be allocated up front.
+            .estimated_items_capacity(settings.cache_capacity.min(4096) as usize)
+            .build()
+            .expect("a positive capacity (config validation) is valid");
         Arc::new(RevocationCache {
             store,
-            tuned: ArcSwap::from_pointee(Tuned::new(settings)),
+            users: UserTable::with_options(
+                options,
+                quick_cache::UnitWeighter,
+                FastHash::default(),
+                Default::default(),
+            ),
+            apps: ArcSwap::default(),
+            capacity: AtomicU64::new(settings.cache_capacity),
+            ttl_seconds: AtomicI64::new(ttl_seconds(settings.cache_ttl)),
+            store_timeout_ms: AtomicU64::new(millis(settings.store_timeout)),
             generation: AtomicU64::new(0),
             users_inflight: Inflight::new(),
             apps_inflight: Inflight::new(),
@@ -155,25 +191,24 @@ impl RevocationCache {
     }
 
     /// Follows `[revocation]` cache settings (`cache_capacity`, `cache_ttl_seconds`,
-    /// `store_timeout_ms`) through config reloads. True when the caches were rebuilt
-    /// (capacity or TTL changed), which empties them.
+    /// `store_timeout_ms`) through config reloads, in place: a smaller capacity evicts
+    /// down to it, a shorter TTL applies to entries already cached, and nothing else is
+    /// dropped. True when a setting changed.
     pub fn apply_settings(&self, settings: &RevocationSettings) -> bool {
-        let current = self.tuned.load();
-        if current.capacity == settings.cache_capacity && current.ttl == settings.cache_ttl {
-            if current.store_timeout != settings.store_timeout {
-                self.tuned.store(Arc::new(Tuned {
-                    users: current.users.clone(),
-                    apps: ArcSwap::new(current.apps.load_full()),
-                    capacity: current.capacity,
-                    ttl: current.ttl,
-                    store_timeout: settings.store_timeout,
-                }));
-            }
-            return false;
+        let mut changed = false;
+        if self
+            .capacity
+            .swap(settings.cache_capacity, Ordering::Relaxed)
+            != settings.cache_capacity
+        {
+            self.users.set_capacity(settings.cache_capacity);
+            changed = true;
         }
-        self.tuned.store(Arc::new(Tuned::new(settings)));
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        true
+        let ttl = ttl_seconds(settings.cache_ttl);
+        changed |= self.ttl_seconds.swap(ttl, Ordering::Relaxed) != ttl;
+        let timeout = millis(settings.store_timeout);
+        changed |= self.store_timeout_ms.swap(timeout, Ordering::Relaxed) != timeout;
+        changed
     }
 
     /// Applies the cache settings of every config version `config` swaps in, until
@@ -190,7 +225,7 @@ impl RevocationCache {
                 };
                 versions.borrow_and_update();
                 if cache.apply_settings(&config.load().revocation) {
-                    tracing::info!(target: "chatgate::revocation", "revocation cache rebuilt for new settings");
+                    tracing::info!(target: "chatgate::revocation", "revocation cache settings applied");
                 }
                 drop((cache, config));
                 if versions.changed().await.is_err() {
@@ -212,8 +247,7 @@ impl RevocationCache {
 
     /// Number of cached entries (approximate, for metrics).
     pub fn entry_count(&self) -> u64 {
-        let tuned = self.tuned.load();
-        tuned.users.entry_count() + tuned.apps.load().len() as u64
+        (self.users.len() + self.apps.load().len()) as u64
     }
 
     /// Follows the store's change events until the store drops its sender. A lagging
@@ -239,35 +273,53 @@ impl RevocationCache {
     /// Applies one change event to the cache.
     pub async fn apply_event(&self, event: &RevocationEvent) {
         self.generation.fetch_add(1, Ordering::SeqCst);
-        let tuned = self.tuned.load();
         match event {
-            RevocationEvent::User { app, user, .. } => tuned.users.invalidate(&UserKey {
-                app: app.clone(),
-                user: user.clone(),
-            }),
-            RevocationEvent::App { app, .. } => tuned.set_app(app, None),
+            RevocationEvent::User { app, user, .. } => {
+                self.users.remove(&UserRef { app, user });
+            }
+            RevocationEvent::App { app, .. } => self.set_app(app, None),
             RevocationEvent::Resync => {
-                tuned.users.invalidate_all();
-                tuned.apps.store(Arc::default());
+                self.users.clear();
+                self.apps.store(Arc::default());
             }
         }
+    }
+
+    fn ttl(&self) -> i64 {
+        self.ttl_seconds.load(Ordering::Relaxed)
+    }
+
+    fn store_timeout(&self) -> Duration {
+        Duration::from_millis(self.store_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    fn cached_app(&self, app: &str, now: i64) -> Option<Option<Cutoff>> {
+        self.apps.load().get(app)?.fresh(now, self.ttl())
+    }
+
+    fn cached_user(&self, app: &str, user: &str, now: i64) -> Option<Option<Cutoff>> {
+        self.users
+            .get(&UserRef { app, user })?
+            .fresh(now, self.ttl())
+    }
+
+    fn set_app(&self, app: &Arc<str>, cutoff: Option<Option<Cutoff>>) {
+        self.apps.rcu(|apps| {
+            let mut apps = AppTable::clone(apps);
+            match cutoff {
+                Some(cutoff) => apps.insert(app.clone(), Cached::now(cutoff)),
+                None => apps.remove(app),
+            };
+            apps
+        });
     }
 
     /// The cutoff that applies to a user's tokens (the later of the user's and the
     /// app's stored cutoffs) when both are cached: no I/O, no `.await`.
     /// `now` is the current unix second (the gate has it already).
-    pub fn cached_cutoff(
-        &self,
-        app: &Arc<str>,
-        user: &Arc<str>,
-        now: i64,
-    ) -> Option<Option<Cutoff>> {
-        let tuned = self.tuned.load();
-        let app_cutoff = tuned.app(app, now)?;
-        let user_cutoff = tuned.users.get(&UserKey {
-            app: app.clone(),
-            user: user.clone(),
-        })?;
+    pub fn cached_cutoff(&self, app: &str, user: &str, now: i64) -> Option<Option<Cutoff>> {
+        let app_cutoff = self.cached_app(app, now)?;
+        let user_cutoff = self.cached_user(app, user, now)?;
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
         Some(app_cutoff.max(user_cutoff))
     }
@@ -293,35 +345,30 @@ impl RevocationCache {
         app: &Arc<str>,
         user: &Arc<str>,
     ) -> Result<Option<Cutoff>, StoreError> {
-        let key = UserKey {
-            app: app.clone(),
-            user: user.clone(),
-        };
-        let (timeout, cached) = {
-            let tuned = self.tuned.load();
-            (tuned.store_timeout, tuned.users.get(&key))
-        };
-        if let Some(hit) = cached {
+        if let Some(hit) = self.cached_user(app, user, now_unix()) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let key = UserKey {
+            app: app.clone(),
+            user: user.clone(),
+        };
         let generation = self.generation.load(Ordering::Acquire);
-        let read = bounded(timeout, self.store.user_cutoff(app, user));
+        let read = bounded(self.store_timeout(), self.store.user_cutoff(app, user));
         let cutoff = self
             .users_inflight
             .read(&key, read)
             .await
             .map_err(|e| self.count_error(&e))?;
         if self.generation.load(Ordering::Acquire) == generation {
-            let tuned = self.tuned.load();
-            tuned.users.insert(key.clone(), cutoff);
+            self.users.insert(key.clone(), Cached::now(cutoff));
             // An invalidation may have landed between the check and the insert; its
             // own removal then ran before our insert, so take the answer out again.
             // SeqCst here and on the bump: store-buffering between the two sides must
             // not let each miss the other.
             if self.generation.load(Ordering::SeqCst) != generation {
-                tuned.users.invalidate(&key);
+                self.users.remove(&UserRef::from(&key));
             }
         }
         Ok(cutoff)
@@ -329,28 +376,23 @@ impl RevocationCache {
 
     /// The app-wide cutoff set through the API.
     pub async fn app_cutoff(&self, app: &Arc<str>) -> Result<Option<Cutoff>, StoreError> {
-        let (timeout, cached) = {
-            let tuned = self.tuned.load();
-            (tuned.store_timeout, tuned.app(app, now_unix()))
-        };
-        if let Some(hit) = cached {
+        if let Some(hit) = self.cached_app(app, now_unix()) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let generation = self.generation.load(Ordering::Acquire);
-        let read = bounded(timeout, self.store.app_cutoff(app));
+        let read = bounded(self.store_timeout(), self.store.app_cutoff(app));
         let cutoff = self
             .apps_inflight
             .read(app, read)
             .await
             .map_err(|e| self.count_error(&e))?;
         if self.generation.load(Ordering::Acquire) == generation {
-            let tuned = self.tuned.load();
-            tuned.set_app(app, Some(cutoff));
+            self.set_app(app, Some(cutoff));
             // As for users: an invalidation between the check and the insert.
             if self.generation.load(Ordering::SeqCst) != generation {
-                tuned.set_app(app, None);
+                self.set_app(app, None);
             }
         }
         Ok(cutoff)
@@ -362,19 +404,19 @@ impl RevocationCache {
         app: &Arc<str>,
         changes: &[UserCutoffChange],
     ) -> Result<(), StoreError> {
-        let timeout = self.tuned.load().store_timeout;
-        bounded(timeout, self.store.set_user_cutoffs(app, changes))
-            .await
-            .map_err(|e| self.count_error(&e))?;
+        bounded(
+            self.store_timeout(),
+            self.store.set_user_cutoffs(app, changes),
+        )
+        .await
+        .map_err(|e| self.count_error(&e))?;
         self.generation.fetch_add(1, Ordering::SeqCst);
-        // Loaded after the write: caches swapped in meanwhile must drop the old value too.
         // The store's own event does this as well; doing it here means the writer sees
         // its write even before the event arrives.
-        let tuned = self.tuned.load();
         for change in changes {
-            tuned.users.invalidate(&UserKey {
-                app: app.clone(),
-                user: Arc::from(change.user_id.as_str()),
+            self.users.remove(&UserRef {
+                app,
+                user: &change.user_id,
             });
         }
         Ok(())
@@ -386,12 +428,11 @@ impl RevocationCache {
         app: &Arc<str>,
         cutoff: Option<Cutoff>,
     ) -> Result<(), StoreError> {
-        let timeout = self.tuned.load().store_timeout;
-        bounded(timeout, self.store.set_app_cutoff(app, cutoff))
+        bounded(self.store_timeout(), self.store.set_app_cutoff(app, cutoff))
             .await
             .map_err(|e| self.count_error(&e))?;
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.tuned.load().set_app(app, None);
+        self.set_app(app, None);
         Ok(())
     }
 
@@ -545,36 +586,50 @@ mod tests {
         }
     }
     #[tokio::test]
-    async fn new_cache_settings_rebuild_the_caches_and_the_store_still_answers() {
+    async fn new_cache_settings_apply_in_place_and_keep_what_still_fits() {
         let store = Arc::new(MemoryStore::new());
         let cache = RevocationCache::new(store.clone(), &settings());
-        let (app, user): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("u"));
-        assert_eq!(cache.user_cutoff(&app, &user).await, Ok(None));
-        cache.tuned.load().users.run_pending_tasks();
-        assert_eq!(cache.entry_count(), 1);
+        let app: Arc<str> = Arc::from("a");
+        let users: Vec<Arc<str>> = (0..100).map(|i| Arc::from(format!("u{i}"))).collect();
+        for user in &users {
+            assert_eq!(cache.user_cutoff(&app, user).await, Ok(None));
+        }
+        assert_eq!(cache.entry_count(), 100);
 
         let mut same = settings();
         same.store_timeout = Duration::from_millis(300);
-        assert!(
-            !cache.apply_settings(&same),
+        assert!(cache.apply_settings(&same));
+        assert!(!cache.apply_settings(&same), "nothing new the second time");
+        assert_eq!(cache.store_timeout(), Duration::from_millis(300));
+        assert_eq!(
+            cache.entry_count(),
+            100,
             "a timeout alone keeps the entries"
         );
-        assert_eq!(cache.tuned.load().store_timeout, Duration::from_millis(300));
-        assert_eq!(cache.entry_count(), 1);
 
         let mut smaller = same.clone();
         smaller.cache_capacity = 10;
-        smaller.cache_ttl = Duration::from_secs(5);
         assert!(cache.apply_settings(&smaller));
-        assert_eq!(cache.entry_count(), 0);
-        let tuned = cache.tuned.load();
-        assert_eq!(tuned.users.policy().max_capacity(), Some(10));
-        assert_eq!(
-            tuned.users.policy().time_to_live(),
-            Some(Duration::from_secs(5))
+        let kept = cache.entry_count();
+        // approximately: each shard rounds its share of the capacity up
+        assert!(
+            (1..=10 + cache.users.num_shards() as u64).contains(&kept),
+            "evicted down to the new capacity, kept {kept}"
         );
-        drop(tuned);
-        assert_eq!(cache.user_cutoff(&app, &user).await, Ok(None));
+
+        let now = now_unix();
+        let cached = users
+            .iter()
+            .find(|u| cache.cached_user(&app, u, now).is_some())
+            .expect("an entry survived the resize")
+            .clone();
+        let mut shorter = smaller.clone();
+        shorter.cache_ttl = Duration::from_secs(5);
+        assert!(cache.apply_settings(&shorter));
+        // the shorter TTL applies to the entries already cached
+        assert!(cache.cached_user(&app, &cached, now + 4).is_some());
+        assert!(cache.cached_user(&app, &cached, now + 6).is_none());
+        assert_eq!(cache.user_cutoff(&app, &cached).await, Ok(None));
     }
 
     #[tokio::test]
@@ -588,7 +643,7 @@ mod tests {
         changed.cache_capacity = 42;
         config.store(crate::config::ConfigSnapshot::with_apps(vec![]).with_revocation(changed));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        while cache.tuned.load().capacity != 42 {
+        while cache.capacity.load(Ordering::Relaxed) != 42 {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "new capacity not applied within 1s"
@@ -702,15 +757,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn user_entries_expire_with_the_ttl() {
+    async fn entries_expire_with_the_ttl() {
         let store = probe(0, false);
         let mut settings = settings();
-        settings.cache_ttl = Duration::from_millis(1);
+        settings.cache_ttl = Duration::from_secs(2);
         let cache = RevocationCache::new(store.clone(), &settings);
         let (app, user): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("u"));
         cache.cutoff(&app, &user).await.unwrap();
         assert_eq!(store.reads.load(Ordering::SeqCst), 1);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = now_unix();
+        assert!(cache.cached_cutoff(&app, &user, now + 1).is_some());
+        // two seconds after the read (at most three after `now`), both entries are stale
+        assert!(cache.cached_cutoff(&app, &user, now + 3).is_none());
+        assert!(cache.cached_user(&app, &user, now + 3).is_none());
+        assert!(cache.cached_app(&app, now + 3).is_none());
+        // and a lookup that finds a stale entry reads the store again
+        cache.users.insert(
+            UserKey {
+                app: app.clone(),
+                user: user.clone(),
+            },
+            Cached {
+                cutoff: None,
+                read_at: now - 10,
+            },
+        );
         cache.cutoff(&app, &user).await.unwrap();
         assert_eq!(store.reads.load(Ordering::SeqCst), 2);
     }
