@@ -336,7 +336,9 @@ pub struct ConfigSnapshot {
     pub auth: AuthSettings,
     /// `[revocation]`.
     pub revocation: RevocationSettings,
-    apps: HashMap<Arc<str>, Arc<App>>,
+    // foldhash: the table is fixed at load, so a caller's keys cannot flood it, and
+    // the lookup is on every request.
+    apps: HashMap<Arc<str>, Arc<App>, foldhash::fast::RandomState>,
     app_order: Vec<Arc<str>>,
 }
 
@@ -622,7 +624,7 @@ fn build_settings(
                 "revocation.store_timeout_ms",
             )?,
         },
-        apps: HashMap::new(),
+        apps: HashMap::default(),
         app_order: Vec::new(),
     })
 }
