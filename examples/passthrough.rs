@@ -1,7 +1,7 @@
 //! BENCHMARK BASELINE ONLY, NOT FOR PRODUCTION: a Pingora pass-through with no auth at
 //! all, tuned like chatgate's edge proxy (mimalloc, one prebuilt peer, no compression
-//! module, one thread, no work stealing), so `benches/compare.sh` measures what the
-//! auth gate itself costs.
+//! module, one thread, no work stealing, the same upstream timeouts), so
+//! `benches/compare.sh` measures what the auth gate itself costs.
 //!
 //! ```sh
 //! cargo run --release --features proxy --example passthrough -- \
@@ -30,6 +30,14 @@ struct Args {
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Upstream connect timeout, ms (chatgate's default: 2000; 0 = none).
+    #[arg(long, default_value_t = 2_000)]
+    connect_timeout_ms: u64,
+    /// Upstream read and write timeout, ms (chatgate's default: 30000; 0 = none).
+    /// Pingora arms a timer around every upstream read and write when one is set, so a
+    /// pass-through without them would not be chatgate minus its auth.
+    #[arg(long, default_value_t = 30_000)]
+    read_timeout_ms: u64,
 }
 
 struct PassThrough {
@@ -64,13 +72,16 @@ fn main() {
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
+    let timeout = |ms: u64| (ms > 0).then(|| std::time::Duration::from_millis(ms));
+    let mut peer = HttpPeer::new(address, false, String::new());
+    peer.options.connection_timeout = timeout(args.connect_timeout_ms);
+    peer.options.read_timeout = timeout(args.read_timeout_ms);
+    peer.options.write_timeout = timeout(args.read_timeout_ms);
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut proxy = pingora::proxy::http_proxy_service(
         &server.configuration,
-        PassThrough {
-            peer: HttpPeer::new(address, false, String::new()),
-        },
+        PassThrough { peer },
     );
     proxy.add_tcp(&args.listen);
     server.add_service(proxy);

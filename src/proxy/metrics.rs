@@ -6,7 +6,9 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
-use std::sync::Mutex;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -18,6 +20,9 @@ pub const UNKNOWN_APP: &str = "unknown";
 pub struct ProxyMetrics {
     registry: Registry,
     allowed: IntCounterVec,
+    // `with_label_values` hashes, locks and clones on every call; an allowed request is
+    // the hot path, so each app's counter is looked up once and kept here.
+    allowed_by_app: ArcSwap<HashMap<Arc<str>, IntCounter, foldhash::fast::RandomState>>,
     denied: IntCounterVec,
     check_seconds: Histogram,
     websockets_open: IntGauge,
@@ -111,6 +116,7 @@ impl ProxyMetrics {
         ProxyMetrics {
             registry,
             allowed,
+            allowed_by_app: ArcSwap::default(),
             denied,
             check_seconds,
             websockets_open,
@@ -125,7 +131,18 @@ impl ProxyMetrics {
 
     /// Counts an allowed request.
     pub fn allowed(&self, app: &str) {
-        self.allowed.with_label_values(&[app]).inc();
+        if let Some(counter) = self.allowed_by_app.load().get(app) {
+            counter.inc();
+            return;
+        }
+        let counter = self.allowed.with_label_values(&[app]);
+        counter.inc();
+        let app: Arc<str> = Arc::from(app);
+        self.allowed_by_app.rcu(|counters| {
+            let mut counters = HashMap::clone(counters);
+            counters.insert(app.clone(), counter.clone());
+            counters
+        });
     }
 
     /// Counts a refused request. `app` must be a configured api_key or [`UNKNOWN_APP`].
