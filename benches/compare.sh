@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
 # Side-by-side proxy benchmark (issue 7): chatgate with a valid token and a warm
-# revocation cache, chatgate's own Pingora pass-through (no auth), HAProxy with
-# jwt_verify (HS256 + alg + exp checks), HAProxy pass-through, all in front of one nginx
-# upstream serving a ~100-byte JSON reply. Interleaved rounds, loopback only, bounded.
+# revocation cache; the same chatgate binary with auth off (every path public), which
+# isolates what the auth check costs; a bare Pingora pass-through tuned the same way;
+# HAProxy with jwt_verify (HS256 + alg + exp checks); HAProxy pass-through. All in front
+# of one nginx upstream serving a ~100-byte JSON reply. Interleaved rounds (each round
+# starts at the next target, so no target always runs first), loopback only, bounded.
 #
 # Proxies are pinned to core 0; nginx and wrk to core 1. Each proxy runs one thread.
 # Prints requests/s, p50/p99 latency and proxy CPU µs per request (the proxy core's busy
 # time: user + system of the proxy process, divided by requests), then the ratios.
 #
-#   benches/compare.sh                  # 3 rounds x 10 s per target (~3 min incl. build)
-#   ROUNDS=5 DURATION=10 benches/compare.sh
+#   benches/compare.sh                  # 5 rounds x 8 s per target (~4 min incl. build)
+#   ROUNDS=9 DURATION=6 benches/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-8}
 CONNECTIONS=${CONNECTIONS:-32}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 SECRET="bench-secret-0123456789abcdef0123456789abcdef"
 UPSTREAM_PORT=18180
-declare -A PORT=([chatgate]=18181 [passthrough]=18182 [haproxy_jwt]=18183 [haproxy_plain]=18184)
-TARGETS=(chatgate passthrough haproxy_jwt haproxy_plain)
+declare -A PORT=([chatgate]=18181 [chatgate_noauth]=18185 [passthrough]=18182
+  [haproxy_jwt]=18183 [haproxy_plain]=18184)
+TARGETS=(chatgate chatgate_noauth passthrough haproxy_jwt haproxy_plain)
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need wrk || ! need haproxy || ! need nginx; then
@@ -82,6 +85,12 @@ EOF
 taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/chatgate.toml" >"$WORK/chatgate.log" 2>&1 &
 PIDS+=($!)
 CHATGATE_PID=$!
+# the same proxy with every path public: chatgate minus its auth check
+sed -e "s/${PORT[chatgate]}/${PORT[chatgate_noauth]}/" "$WORK/chatgate.toml" >"$WORK/noauth.toml"
+printf '[auth]\npublic_paths = ["/*"]\n' >>"$WORK/noauth.toml"
+taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/noauth.toml" >"$WORK/noauth.log" 2>&1 &
+PIDS+=($!)
+NOAUTH_PID=$!
 
 taskset -c "$PROXY_CPU" "$PASSTHROUGH" --listen "127.0.0.1:${PORT[passthrough]}" \
   --upstream "127.0.0.1:$UPSTREAM_PORT" >"$WORK/passthrough.log" 2>&1 &
@@ -122,7 +131,7 @@ HAPROXY_JWT_PID=$!
 taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy_plain.cfg" >"$WORK/haproxy_plain.log" 2>&1 &
 PIDS+=($!)
 HAPROXY_PLAIN_PID=$!
-declare -A PID=([chatgate]=$CHATGATE_PID [passthrough]=$PASSTHROUGH_PID \
+declare -A PID=([chatgate]=$CHATGATE_PID [chatgate_noauth]=$NOAUTH_PID [passthrough]=$PASSTHROUGH_PID \
   [haproxy_jwt]=$HAPROXY_JWT_PID [haproxy_plain]=$HAPROXY_PLAIN_PID)
 
 TOKEN=$("$BIN" token create --config "$WORK/chatgate.toml" --api-key bench --user bench-user --ttl 2h)
@@ -156,7 +165,8 @@ RESULTS="$WORK/results.tsv"
 
 echo "rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS proxy core=$PROXY_CPU load core=$LOAD_CPU"
 for round in $(seq 1 "$ROUNDS"); do
-  for target in "${TARGETS[@]}"; do
+  for offset in $(seq 0 $((${#TARGETS[@]} - 1))); do
+    target=${TARGETS[$(((round - 1 + offset) % ${#TARGETS[@]}))]}
     before=$(cpu_ticks "${PID[$target]}")
     out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
       -H "Authorization: $TOKEN" -H "stream-auth-type: jwt" "http://127.0.0.1:${PORT[$target]}$URL_PATH")
@@ -185,7 +195,20 @@ for target in "${TARGETS[@]}"; do
   printf '| %s | %.0f | %.0f | %.0f | %.2f |\n' "$target" "${MED_RPS[$target]}" "$p50" "${MED_P99[$target]}" "${MED_CPU[$target]}"
 done
 echo
-awk -v a="${MED_RPS[chatgate]}" -v b="${MED_RPS[haproxy_jwt]}" 'BEGIN { printf "chatgate / HAProxy-jwt requests/s: %.3f\n", a / b }'
-awk -v a="${MED_P99[chatgate]}" -v b="${MED_P99[haproxy_jwt]}" 'BEGIN { printf "chatgate / HAProxy-jwt p99:        %.3f\n", a / b }'
-awk -v a="${MED_RPS[chatgate]}" -v b="${MED_RPS[passthrough]}" 'BEGIN { printf "chatgate / pass-through requests/s: %.3f (auth costs %.1f%%)\n", a / b, (1 - a / b) * 100 }'
-awk -v a="${MED_CPU[chatgate]}" -v b="${MED_CPU[passthrough]}" 'BEGIN { printf "chatgate - pass-through CPU:        %.2f µs/req\n", a - b }'
+# Ratios: the median over rounds of each round's own ratio, so that a noisy round
+# (the machine is shared) moves both sides of its ratio together.
+ratio() { # numerator denominator column
+  awk -v a="$1" -v b="$2" -v c="$3" '$2 == a {x[$1] = $c} $2 == b {y[$1] = $c}
+    END { for (r in x) if (r in y && y[r] > 0) print x[r] / y[r] }' "$RESULTS" | median
+}
+diff_cpu() {
+  awk -v a="$1" -v b="$2" '$2 == a {x[$1] = $6} $2 == b {y[$1] = $6}
+    END { for (r in x) if (r in y) print x[r] - y[r] }' "$RESULTS" | median
+}
+printf 'chatgate / HAProxy-jwt requests/s:       %.3f\n' "$(ratio chatgate haproxy_jwt 3)"
+printf 'chatgate / HAProxy-jwt p99:              %.3f\n' "$(ratio chatgate haproxy_jwt 5)"
+auth=$(ratio chatgate chatgate_noauth 3)
+printf 'chatgate / chatgate without auth req/s:  %.3f (auth costs %.1f%%, %.2f µs CPU/req)\n' \
+  "$auth" "$(awk -v r="$auth" 'BEGIN { print (1 - r) * 100 }')" "$(diff_cpu chatgate chatgate_noauth)"
+printf 'chatgate without auth / Pingora pass-through req/s: %.3f\n' "$(ratio chatgate_noauth passthrough 3)"
+printf 'Pingora pass-through / HAProxy-jwt req/s: %.3f\n' "$(ratio passthrough haproxy_jwt 3)"
