@@ -79,10 +79,7 @@ fn main() {
     peer.options.write_timeout = timeout(args.read_timeout_ms);
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let mut proxy = pingora::proxy::http_proxy_service(
-        &server.configuration,
-        PassThrough { peer },
-    );
+    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, PassThrough { peer });
     proxy.add_tcp(&args.listen);
     server.add_service(proxy);
     server.run_forever();

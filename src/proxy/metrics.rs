@@ -2,14 +2,14 @@
 
 use crate::error::AuthError;
 use crate::revocation::RevocationCache;
+use arc_swap::ArcSwap;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
-use arc_swap::ArcSwap;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Label used for requests whose `api_key` names no configured app: arbitrary client

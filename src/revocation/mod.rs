@@ -1,5 +1,5 @@
 //! Revocation cutoffs ("revoke tokens issued before T", contract §3): the store trait,
-//! its backends, and the moka cache the request path reads.
+//! its backends, and the cache the request path reads.
 //!
 //! The request path only ever talks to [`RevocationCache`]; a cache hit does no I/O
 //! and holds no lock across `.await`.
