@@ -620,6 +620,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn non_ascii_header_values_are_malformed_not_missing_or_a_panic() {
+        let gate = gate();
+        let uri = "/channels?api_key=key";
+        let method = Method::GET;
+        let parsed: Uri = uri.parse().unwrap();
+        for (name, value) in [
+            (
+                "authorization",
+                "Bearer t\u{f6}ken.p\u{e4}yload.sig".as_bytes(),
+            ),
+            ("authorization", b"Bearer \xff\xfe.a.b".as_slice()),
+            ("stream-auth-type", "j\u{fc}t".as_bytes()),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                http::header::AUTHORIZATION,
+                TokenBuilder::user("alice").sign(SECRET).parse().unwrap(),
+            );
+            headers.insert(
+                http::HeaderName::from_static(name),
+                http::HeaderValue::from_bytes(value).unwrap(),
+            );
+            let decision = gate
+                .check(RequestParts {
+                    method: &method,
+                    uri: &parsed,
+                    headers: &headers,
+                })
+                .await;
+            assert!(
+                matches!(decision, Err(AuthError::Malformed(_))),
+                "{name}: {value:?} gave {decision:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn raw_and_bearer_headers_both_authenticate() {
         let gate = gate();
         let token = TokenBuilder::user("alice").sign(SECRET);

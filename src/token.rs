@@ -154,9 +154,8 @@ fn numeric_date<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64
             Ok(Some(n))
         }
         fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
-            i64::try_from(n)
-                .map(Some)
-                .map_err(|_| E::custom("date out of range"))
+            // Beyond i64, as a float would be read: the far future.
+            Ok(Some(i64::try_from(n).unwrap_or(i64::MAX)))
         }
         fn visit_f64<E: serde::de::Error>(self, f: f64) -> Result<Self::Value, E> {
             if f.is_finite() {
@@ -746,6 +745,39 @@ mod tests {
             base64url(r#"{"user_id":"b","exp":1000}"#)
         );
         assert_eq!(check(&expired, &a), Err(AuthError::Expired));
+    }
+
+    #[test]
+    fn payloads_too_big_for_the_stack_buffer_verify_too() {
+        let a = app(&["s"]);
+        let padding = "x".repeat(1500);
+        let token = TokenBuilder::user("alice")
+            .claim("padding", padding.as_str())
+            .sign("s");
+        assert!(token.len() < auth().max_token_bytes);
+        let verified = check(&token, &a).expect("a 2 KB token verifies");
+        assert_eq!(verified.claims.user_id.as_deref(), Some("alice"));
+        let tampered = token.replacen("eHh4", "eHh5", 1);
+        assert_ne!(tampered, token);
+        assert_eq!(check(&tampered, &a), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn integer_float_and_null_dates_are_read_and_others_named() {
+        let at = |payload: &str| parse_claims(payload.as_bytes());
+        let claims = at(r#"{"user_id":"u","iat":10,"exp":20.9,"nbf":null}"#).unwrap();
+        assert_eq!(
+            (claims.issued_at, claims.expires_at, claims.not_before),
+            (Some(10), Some(20), None)
+        );
+        assert_eq!(
+            at(r#"{"exp":18446744073709551615}"#).unwrap().expires_at,
+            Some(i64::MAX)
+        );
+        assert_eq!(
+            at(r#"{"iat":"10"}"#),
+            Err(AuthError::Malformed(Malformed::ClaimType("iat")))
+        );
     }
 
     #[test]
