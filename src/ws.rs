@@ -71,6 +71,89 @@ pub fn rejection_frames(error: &ErrorResponse) -> Bytes {
     out.freeze()
 }
 
+/// Follows the frame boundaries of one direction of a proxied WebSocket, chunk by
+/// chunk, so that a proxy can cut the byte stream between frames: a frame injected in
+/// the middle of another would corrupt the connection. Reads only frame headers (never
+/// payloads), so it works with any extension, masked or not.
+#[derive(Debug, Default, Clone)]
+pub struct FrameBoundaries {
+    header: [u8; 14],
+    header_len: usize,
+    payload_left: u64,
+}
+
+impl FrameBoundaries {
+    /// Whether the bytes followed so far end exactly between two frames.
+    pub fn at_boundary(&self) -> bool {
+        self.header_len == 0 && self.payload_left == 0
+    }
+
+    /// Follows `bytes` through.
+    pub fn advance(&mut self, bytes: &[u8]) {
+        self.consume(bytes, false);
+    }
+
+    /// Follows `bytes` up to the end of the frame in progress and returns how many
+    /// bytes that took (`Some(0)` at a boundary); `None` when that frame goes on past
+    /// `bytes`, which were all followed.
+    pub fn finish_frame(&mut self, bytes: &[u8]) -> Option<usize> {
+        if self.at_boundary() {
+            return Some(0);
+        }
+        let used = self.consume(bytes, true);
+        self.at_boundary().then_some(used)
+    }
+
+    /// Consumes bytes; with `stop_at_boundary`, stops at the first frame end.
+    fn consume(&mut self, bytes: &[u8], stop_at_boundary: bool) -> usize {
+        let mut used = 0;
+        loop {
+            if self.payload_left > 0 {
+                let rest = (bytes.len() - used) as u64;
+                let take = self.payload_left.min(rest);
+                used += take as usize;
+                self.payload_left -= take;
+                if self.payload_left > 0 || stop_at_boundary {
+                    return used;
+                }
+            }
+            if used == bytes.len() {
+                return used;
+            }
+            self.header[self.header_len] = bytes[used];
+            self.header_len += 1;
+            used += 1;
+            if self.header_len >= 2 && self.header_len == header_size(&self.header) {
+                self.payload_left = payload_len(&self.header[..self.header_len]);
+                self.header_len = 0;
+                if self.payload_left == 0 && stop_at_boundary {
+                    return used;
+                }
+            }
+        }
+    }
+}
+
+/// The size of a frame header, from its first two bytes.
+fn header_size(header: &[u8; 14]) -> usize {
+    let extended = match header[1] & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let mask = if header[1] & 0x80 != 0 { 4 } else { 0 };
+    2 + extended + mask
+}
+
+/// The payload length a complete frame header announces.
+fn payload_len(header: &[u8]) -> u64 {
+    match header[1] & 0x7f {
+        126 => u64::from(u16::from_be_bytes([header[2], header[3]])),
+        127 => u64::from_be_bytes(header[2..10].try_into().expect("eight length bytes")),
+        len => u64::from(len),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +190,84 @@ mod tests {
         };
         assert_eq!(&rest[..text_len], &response.ws_frame[..]);
         assert_eq!(&bytes[header + text_len..], &close_frame(1000, "")[..]);
+    }
+
+    fn frames(sizes: &[usize]) -> Vec<Vec<u8>> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let mut frame = text_frame(&vec![b'a' + (i % 26) as u8; n]).to_vec();
+                if i % 3 == 1 {
+                    // a masked frame, as clients send: mask bit and four key bytes
+                    frame[1] |= 0x80;
+                    let at = match n {
+                        0..=125 => 2,
+                        126..=0xFFFF => 4,
+                        _ => 10,
+                    };
+                    frame.splice(at..at, [1, 2, 3, 4]);
+                }
+                frame
+            })
+            .collect()
+    }
+
+    /// Follows `stream[..cut]` in chunks of `chunk`, then asks for the end of the frame
+    /// in progress, also in chunks: where does the tracker say to cut?
+    fn cut_point(stream: &[u8], cut: usize, chunk: usize) -> usize {
+        let mut tracker = FrameBoundaries::default();
+        for piece in stream[..cut].chunks(chunk) {
+            tracker.advance(piece);
+        }
+        let mut offset = cut;
+        for piece in stream[cut..].chunks(chunk) {
+            match tracker.finish_frame(piece) {
+                Some(used) => return offset + used,
+                None => offset += piece.len(),
+            }
+        }
+        assert!(tracker.at_boundary(), "the stream ends with a whole frame");
+        offset
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_cut_is_the_first_frame_end_at_or_after_any_point(
+            sizes in proptest::collection::vec(
+                proptest::prop_oneof![0usize..130, 0usize..70_000],
+                1..6,
+            ),
+            chunk in 1usize..2_000,
+            cut_at in 0.0f64..1.0,
+        ) {
+            let frames = frames(&sizes);
+            let stream = frames.concat();
+            let mut boundaries = vec![0];
+            for frame in &frames {
+                boundaries.push(boundaries.last().unwrap() + frame.len());
+            }
+            let cut = ((stream.len() as f64) * cut_at) as usize;
+            let expected = *boundaries.iter().find(|&&b| b >= cut).unwrap();
+            proptest::prop_assert_eq!(cut_point(&stream, cut, chunk), expected);
+        }
+    }
+
+    #[test]
+    fn a_boundary_is_reported_at_once_and_after_a_whole_frame() {
+        let mut tracker = FrameBoundaries::default();
+        assert_eq!(tracker.finish_frame(b"anything"), Some(0));
+        let frame = text_frame(b"hello");
+        tracker.advance(&frame[..3]);
+        assert!(!tracker.at_boundary());
+        assert_eq!(tracker.finish_frame(&frame[3..5]), None);
+        assert_eq!(tracker.finish_frame(&frame[5..]), Some(2));
+        assert!(tracker.at_boundary());
+        // an empty frame (a ping, say) whose header was split: it ends with its header
+        let empty = text_frame(b"");
+        tracker.advance(&empty[..1]);
+        let mut rest = empty[1..].to_vec();
+        rest.extend_from_slice(&frame);
+        assert_eq!(tracker.finish_frame(&rest), Some(1));
     }
 }

@@ -280,6 +280,99 @@ async fn a_valid_websocket_is_proxied_and_frames_flow_both_ways() {
     assert_eq!(upstream.requests().len(), 5);
 }
 
+/// Revokes every token `user` holds, through the proxy's `PATCH /users`.
+async fn revoke(proxy: &Proxy, user: &str) {
+    // one second ahead: tokens minted this second are covered too
+    let cutoff = now_unix() + 1;
+    let body = format!(
+        r#"{{"users":[{{"id":"{user}","set":{{"revoke_tokens_issued_before":{cutoff}}}}}]}}"#
+    );
+    let response = reqwest::Client::new()
+        .patch(proxy.url(&format!("/users?api_key={KEY}")))
+        .header("authorization", server_token())
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn a_live_websocket_whose_token_is_revoked_is_closed_with_4000_then_refused_with_40() {
+    let (_upstream, proxy) = echo_proxy().await;
+    within(Duration::from_secs(30), async {
+        let url = proxy.ws_url(&format!(
+            "/connect?api_key={KEY}&authorization={}",
+            user_token("rita")
+        ));
+        let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        socket.next().await.unwrap().unwrap(); // greeting
+        // an answer is on its way from the upstream while the token is revoked
+        socket
+            .send(Message::Text("later:800:too late".into()))
+            .await
+            .unwrap();
+        revoke(&proxy, "rita").await;
+        let next = socket.next().await.expect("a frame").unwrap();
+        let Message::Close(Some(close)) = next else {
+            panic!("expected the 4000 close instead of the upstream's answer, got {next:?}")
+        };
+        assert_eq!(u16::from(close.code), 4000);
+        assert_eq!(close.reason, "token revoked");
+        // what the SDK does next: reconnect, and learn the token must be refreshed
+        let (frame, code) = websocket_rejection(&url).await;
+        assert_stream_error(&frame["error"], 40, 401, "reconnect with a revoked token");
+        assert_eq!(code, Some(CloseCode::Normal));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_revoked_client_that_speaks_first_is_cut_off_then_refused_with_40() {
+    let (_upstream, proxy) = echo_proxy().await;
+    within(Duration::from_secs(30), async {
+        let url = proxy.ws_url(&format!(
+            "/connect?api_key={KEY}&authorization={}",
+            user_token("sam")
+        ));
+        let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        socket.next().await.unwrap().unwrap(); // greeting
+        revoke(&proxy, "sam").await;
+        // The watch learns of the revocation asynchronously: keep talking (bounded)
+        // until the proxy ends the connection. No echo may follow the end.
+        let mut ended = false;
+        for i in 0..50 {
+            if socket
+                .send(Message::Text(format!("said {i}").into()))
+                .await
+                .is_err()
+            {
+                ended = true;
+                break;
+            }
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => assert_eq!(text, format!("echo:said {i}")),
+                Some(Ok(Message::Close(frame))) => {
+                    assert_ne!(frame.map(|f| f.code), Some(CloseCode::Normal));
+                    ended = true;
+                    break;
+                }
+                Some(Ok(other)) => panic!("unexpected {other:?}"),
+                None | Some(Err(_)) => {
+                    ended = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ended, "the connection outlived the revocation");
+        let (frame, _) = websocket_rejection(&url).await;
+        assert_stream_error(&frame["error"], 40, 401, "reconnect with a revoked token");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_idle_websocket_stays_up_past_60_seconds() {
     let (_upstream, proxy) = echo_proxy().await;

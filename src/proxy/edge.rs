@@ -1,6 +1,7 @@
 //! [`EdgeProxy`]: the `ProxyHttp` that `chatgate serve` runs.
 
 use super::filter::{ChatAuthFilter, Verdict};
+use super::live::LiveWatch;
 use super::metrics::ProxyMetrics;
 use crate::config::{ConfigSnapshot, UpstreamSettings};
 use crate::error::AuthError;
@@ -34,6 +35,8 @@ pub struct EdgeCtx {
     pub attempts: usize,
     /// Index of the peer last tried, so a retry goes to the next one.
     pub peer: Option<usize>,
+    /// An open WebSocket's token watch: ends the connection when the token does.
+    pub live: Option<LiveWatch>,
 }
 
 impl EdgeProxy {
@@ -127,8 +130,39 @@ impl ProxyHttp for EdgeProxy {
         {
             ctx.websocket_open = true;
             self.metrics().websocket_opened();
+            if let Some(identity) = &ctx.identity {
+                ctx.live = LiveWatch::start(self.auth.gate(), identity);
+            }
         }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<Option<std::time::Duration>> {
+        if let Some(live) = &mut ctx.live {
+            live.filter_downstream(body);
+        }
+        Ok(None)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        // A client of an ended session sends nothing more upstream: ending the
+        // connection makes its SDK reconnect, and the reconnect gets the code-40 frame.
+        match ctx.live.as_ref().and_then(LiveWatch::ended) {
+            Some(end) => Error::e_explain(ErrorType::Custom("live session ended"), end.reason()),
+            None => Ok(()),
+        }
     }
 
     fn fail_to_connect(
@@ -151,8 +185,15 @@ impl ProxyHttp for EdgeProxy {
         &self,
         session: &mut Session,
         e: &Error,
-        _ctx: &mut Self::CTX,
+        ctx: &mut Self::CTX,
     ) -> FailToProxy {
+        if ctx.live.as_ref().and_then(LiveWatch::ended).is_some() {
+            // Our own end of a live session: not an upstream failure, nothing to answer.
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         let error = match (e.esource(), e.etype()) {
             (ErrorSource::Upstream, kind) if is_timeout(kind) => AuthError::UpstreamTimeout,
             (ErrorSource::Upstream, _) => AuthError::UpstreamUnavailable,

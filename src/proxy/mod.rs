@@ -17,12 +17,14 @@
 pub mod admin;
 mod edge;
 mod filter;
+mod live;
 mod metrics;
 
 pub use edge::{EdgeCtx, EdgeProxy};
 pub use filter::{
     AUTH_HEADER, ChatAuthFilter, MAX_REVOCATION_BODY, USER_ID_HEADER, Verdict, respond,
 };
+pub use live::LiveWatch;
 pub use metrics::{ProxyMetrics, UNKNOWN_APP};
 
 use crate::gate::Gate;

@@ -224,6 +224,16 @@ async fn echo_websocket(stream: TcpStream) -> std::io::Result<()> {
     // Bounded by the client closing the socket.
     while let Some(Ok(message)) = socket.next().await {
         match message {
+            // "later:<ms>:<text>": answer after a pause, so a test can change something
+            // while the upstream has an answer on its way.
+            Message::Text(text) if text.starts_with("later:") => {
+                let (ms, rest) = text["later:".len()..].split_once(':').unwrap_or(("0", ""));
+                tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+                let answer = Message::Text(format!("echo:{rest}").into());
+                if socket.send(answer).await.is_err() {
+                    break;
+                }
+            }
             Message::Text(text)
                 if socket
                     .send(Message::Text(format!("echo:{text}").into()))
