@@ -1,6 +1,7 @@
 //! The official SDKs through the edge proxy: the Python SDK's server calls and
 //! revocations, and the JS SDK's `connectUser` (valid token, expired token refreshed by
-//! a tokenProvider, developer token). The SDKs come from `.ci/run` (pip, npm).
+//! a tokenProvider, developer token, and a live session revoked under it). The SDKs come
+//! from `.ci/run` (pip, npm).
 
 #[path = "common/proxy_harness.rs"]
 mod harness;
@@ -194,4 +195,63 @@ async function connect(key, user, token) {{
             .contains("43"),
         "{out}"
     );
+}
+
+/// Contract §4, live: the JS SDK is connected when its user's tokens are revoked (by
+/// the JS server SDK's `revokeUserToken`, through the proxy). The proxy ends the live
+/// socket; the SDK reconnects on its own, gets the code-40 frame, asks its
+/// tokenProvider for a new token and is connected again.
+#[tokio::test]
+async fn js_sdk_reconnects_with_a_fresh_token_after_a_live_revocation() {
+    let (_upstream, proxy) = echo_proxy().await;
+    // issued before the revocation the script makes
+    let first = TokenBuilder::user("dana")
+        .issued_at(now_unix() - 10)
+        .sign(SECRET);
+    let script = format!(
+        r#"
+const {{ StreamChat }} = require('stream-chat');
+const base = '{base}';
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+(async () => {{
+  const server = new StreamChat('{KEY}', '{SECRET}', {{ baseURL: base, timeout: 5000 }});
+  const client = new StreamChat('{KEY}', {{ baseURL: base, timeout: 5000 }});
+  let calls = 0;
+  const provider = async () => {{
+    calls += 1;
+    if (calls === 1) return '{first}';
+    // issued after the cutoff (which is rounded up to its second); within the leeway
+    return server.createToken('dana', undefined, Math.floor(Date.now() / 1000) + 2);
+  }};
+  const out = {{}};
+  await client.connectUser({{ id: 'dana' }}, provider);
+  out.connected = client.wsConnection.isHealthy;
+  let closes = 0;
+  const firstSocket = client.wsConnection.ws;
+  firstSocket.on('close', (code) => {{ closes += 1; out.close_code = code; }});
+  await server.revokeUserToken('dana', new Date());
+  // The end of the session rides on the next traffic: the client's own (binary
+  // frames, which the test upstream ignores). Bounded: 100 x 100 ms.
+  await sleep(300);
+  for (let i = 0; i < 100; i++) {{
+    if (calls >= 2 && client.wsConnection.isHealthy && client.wsConnection.ws !== firstSocket) break;
+    if (firstSocket.readyState === 1) firstSocket.send(Buffer.from([i]));
+    await sleep(100);
+  }}
+  out.first_socket_closed = closes;
+  out.provider_calls = calls;
+  out.reconnected = client.wsConnection.isHealthy && client.wsConnection.ws !== firstSocket;
+  await client.disconnectUser();
+  console.log(JSON.stringify(out));
+  process.exit(0);
+}})().catch((e) => {{ console.error(e); process.exit(1); }});
+"#,
+        base = proxy.url(""),
+    );
+    let out = run_script(js_command(script), "the JS SDK (npm install in tests/sdk)").await;
+    assert_eq!(out["connected"], true, "{out}");
+    assert_eq!(out["first_socket_closed"], 1, "{out}");
+    assert_ne!(out["close_code"], 1000, "{out}");
+    assert!(out["provider_calls"].as_i64().unwrap() >= 2, "{out}");
+    assert_eq!(out["reconnected"], true, "{out}");
 }
