@@ -680,6 +680,83 @@ async fn admin_endpoints_report_health_readiness_metrics_and_config() {
 }
 
 #[tokio::test]
+async fn sigquit_hands_the_listener_to_a_new_instance_without_failing_a_request() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let mut old = Proxy::start(ProxyOptions {
+        upstreams: vec![upstream.address.to_string()],
+        ..ProxyOptions::default()
+    })
+    .await;
+    let _ = std::fs::remove_file(old.upgrade_sock());
+    let mut successor = old.start_successor();
+    // the successor waits for the sockets on the handover socket
+    within(STEP, async {
+        while !old.upgrade_sock().exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // A new connection for every request, the whole time: none may be refused or fail.
+    let url = old.url(&format!("/channels?api_key={KEY}"));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(async move {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let token = user_token("alice");
+        let mut outcomes = Vec::new();
+        // bounded: at most 3,000 requests, 10 ms apart
+        for _ in 0..3_000 {
+            if *stopped.borrow() {
+                break;
+            }
+            let outcome = client
+                .get(&url)
+                .header("authorization", &token)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.to_string());
+            outcomes.push(outcome);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        outcomes
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    old.quit();
+    // grace period (3 s) plus Pingora's runtime shutdown
+    old.wait_exit(Duration::from_secs(20)).await;
+    assert!(successor.running(), "the new instance is still serving");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(true).unwrap();
+    let outcomes = within(STEP, load).await.unwrap();
+    let failed: Vec<_> = outcomes.iter().filter(|o| **o != Ok(200)).collect();
+    assert!(
+        outcomes.len() > 100,
+        "only {} requests made",
+        outcomes.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        outcomes.len()
+    );
+    // the new instance takes the admin port over once the old one has gone
+    within(STEP, async {
+        loop {
+            match reqwest::get(old.admin_url("/healthz")).await {
+                Ok(response) if response.status() == 200 => break,
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish_then_exits() {
     let upstream = TestUpstream::start(Behaviour::Slow).await;
     let mut proxy = Proxy::start(ProxyOptions {

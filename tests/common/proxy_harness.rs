@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -268,6 +269,27 @@ pub struct Proxy {
     config_text: String,
 }
 
+fn upgrade_sock_for(listen_port: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("chatgate-test-{listen_port}.sock"))
+}
+
+/// A chatgate started with `--upgrade`, killed on drop.
+pub struct Successor(Child);
+
+impl Successor {
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -292,6 +314,36 @@ impl Proxy {
     pub fn terminate(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// The Unix socket listening sockets are handed over on in an upgrade.
+    pub fn upgrade_sock(&self) -> PathBuf {
+        upgrade_sock_for(self.address.port())
+    }
+
+    /// Starts a second chatgate on the same config with `--upgrade`: it waits on
+    /// [`Proxy::upgrade_sock`] for this one's listening sockets. Killed on drop.
+    pub fn start_successor(&self) -> Successor {
+        let child = Command::new(env!("CARGO_BIN_EXE_chatgate"))
+            .args(["serve", "--upgrade", "--config"])
+            .arg(self.config.path())
+            .arg("--upgrade-sock")
+            .arg(self.upgrade_sock())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the chatgate binary runs");
+        Successor(child)
+    }
+
+    /// Sends SIGQUIT: hand the listening sockets to a successor, then drain.
+    pub fn quit(&self) {
+        let status = Command::new("kill")
+            .args(["-QUIT", &self.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
@@ -346,7 +398,7 @@ impl Proxy {
             .args(["serve", "--config"])
             .arg(config.path())
             .arg("--upgrade-sock")
-            .arg(std::env::temp_dir().join(format!("chatgate-test-{listen_port}.sock")))
+            .arg(upgrade_sock_for(listen_port))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
