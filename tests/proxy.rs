@@ -280,6 +280,23 @@ async fn a_valid_websocket_is_proxied_and_frames_flow_both_ways() {
     assert_eq!(upstream.requests().len(), 5);
 }
 
+/// A WebSocket connected through the proxy as `user`, its greeting read; and its URL.
+async fn connected(
+    proxy: &Proxy,
+    user: &str,
+) -> (
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    String,
+) {
+    let url = proxy.ws_url(&format!(
+        "/connect?api_key={KEY}&authorization={}",
+        user_token(user)
+    ));
+    let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    socket.next().await.unwrap().unwrap(); // greeting
+    (socket, url)
+}
+
 /// Revokes every token `user` holds, through the proxy's `PATCH /users`.
 async fn revoke(proxy: &Proxy, user: &str) {
     // one second ahead: tokens minted this second are covered too
@@ -302,12 +319,7 @@ async fn revoke(proxy: &Proxy, user: &str) {
 async fn a_live_websocket_whose_token_is_revoked_is_closed_with_4000_then_refused_with_40() {
     let (_upstream, proxy) = echo_proxy().await;
     within(Duration::from_secs(30), async {
-        let url = proxy.ws_url(&format!(
-            "/connect?api_key={KEY}&authorization={}",
-            user_token("rita")
-        ));
-        let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
-        socket.next().await.unwrap().unwrap(); // greeting
+        let (mut socket, url) = connected(&proxy, "rita").await;
         // an answer is on its way from the upstream while the token is revoked
         socket
             .send(Message::Text("later:800:too late".into()))
@@ -332,12 +344,7 @@ async fn a_live_websocket_whose_token_is_revoked_is_closed_with_4000_then_refuse
 async fn a_revoked_client_that_speaks_first_is_cut_off_then_refused_with_40() {
     let (_upstream, proxy) = echo_proxy().await;
     within(Duration::from_secs(30), async {
-        let url = proxy.ws_url(&format!(
-            "/connect?api_key={KEY}&authorization={}",
-            user_token("sam")
-        ));
-        let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
-        socket.next().await.unwrap().unwrap(); // greeting
+        let (mut socket, url) = connected(&proxy, "sam").await;
         revoke(&proxy, "sam").await;
         // The watch learns of the revocation asynchronously: keep talking (bounded)
         // until the proxy ends the connection. No echo may follow the end.

@@ -116,6 +116,17 @@ print(json.dumps(out))
     assert!(patches[0].contains(r#""u1""#));
 }
 
+/// A Node script around `body`, which defines `async function main(out)`: `main` fills
+/// `out`, which is printed as the last line of JSON; any throw fails the script.
+fn js_main(body: &str) -> String {
+    format!(
+        "const {{ StreamChat }} = require('stream-chat');\n{body}\n\
+         const out = {{}};\n\
+         main(out).then(() => {{ console.log(JSON.stringify(out)); process.exit(0); }}, \
+         (e) => {{ console.error(e); process.exit(1); }});\n"
+    )
+}
+
 fn js_command(script: String) -> Command {
     let mut command = Command::new("node");
     command
@@ -137,9 +148,8 @@ async fn js_sdk_connect_user_works_through_the_proxy() {
     let fresh = TokenBuilder::user("carol")
         .expires_in(Duration::from_secs(3600))
         .sign(SECRET);
-    let script = format!(
+    let script = js_main(&format!(
         r#"
-const {{ StreamChat }} = require('stream-chat');
 const base = '{base}';
 async function connect(key, user, token) {{
   const client = new StreamChat(key, {{ baseURL: base, timeout: 5000 }});
@@ -150,8 +160,7 @@ async function connect(key, user, token) {{
     return {{ ok: false, error: String(e && e.message || e), client }};
   }}
 }}
-(async () => {{
-  const out = {{}};
+async function main(out) {{
   const a = await connect('{KEY}', 'alice', '{valid}');
   out.valid = {{ ok: a.ok, me: a.me, error: a.error }};
   await a.client.disconnectUser();
@@ -170,12 +179,10 @@ async function connect(key, user, token) {{
   const n = await connect('{KEY}', 'bender', dev.devToken('bender'));
   out.developer_refused = {{ ok: n.ok, error: n.error }};
   await n.client.disconnectUser();
-  console.log(JSON.stringify(out));
-  process.exit(0);
-}})().catch((e) => {{ console.error(e); process.exit(1); }});
+}}
 "#,
         base = proxy.url(""),
-    );
+    ));
     let out = run_script(js_command(script), "the JS SDK (npm install in tests/sdk)").await;
     assert_eq!(out["valid"]["ok"], true, "{out}");
     assert_eq!(out["valid"]["me"], "alice", "{out}");
@@ -208,12 +215,11 @@ async fn js_sdk_reconnects_with_a_fresh_token_after_a_live_revocation() {
     let first = TokenBuilder::user("dana")
         .issued_at(now_unix() - 10)
         .sign(SECRET);
-    let script = format!(
+    let script = js_main(&format!(
         r#"
-const {{ StreamChat }} = require('stream-chat');
 const base = '{base}';
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-(async () => {{
+async function main(out) {{
   const server = new StreamChat('{KEY}', '{SECRET}', {{ baseURL: base, timeout: 5000 }});
   const client = new StreamChat('{KEY}', {{ baseURL: base, timeout: 5000 }});
   let calls = 0;
@@ -223,7 +229,6 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
     // issued after the cutoff (which is rounded up to its second); within the leeway
     return server.createToken('dana', undefined, Math.floor(Date.now() / 1000) + 2);
   }};
-  const out = {{}};
   await client.connectUser({{ id: 'dana' }}, provider);
   out.connected = client.wsConnection.isHealthy;
   let closes = 0;
@@ -242,12 +247,10 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   out.provider_calls = calls;
   out.reconnected = client.wsConnection.isHealthy && client.wsConnection.ws !== firstSocket;
   await client.disconnectUser();
-  console.log(JSON.stringify(out));
-  process.exit(0);
-}})().catch((e) => {{ console.error(e); process.exit(1); }});
+}}
 "#,
         base = proxy.url(""),
-    );
+    ));
     let out = run_script(js_command(script), "the JS SDK (npm install in tests/sdk)").await;
     assert_eq!(out["connected"], true, "{out}");
     assert_eq!(out["first_socket_closed"], 1, "{out}");

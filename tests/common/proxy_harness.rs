@@ -312,8 +312,12 @@ pub struct ProxyOptions {
 impl Proxy {
     /// Sends SIGTERM (Pingora's graceful shutdown) and returns at once.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
@@ -342,11 +346,7 @@ impl Proxy {
 
     /// Sends SIGQUIT: hand the listening sockets to a successor, then drain.
     pub fn quit(&self) {
-        let status = Command::new("kill")
-            .args(["-QUIT", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.signal("QUIT");
     }
 
     /// Waits (at most `limit`) for the process to exit.
