@@ -210,5 +210,7 @@ printf 'chatgate / HAProxy-jwt p99:              %.3f\n' "$(ratio chatgate hapro
 auth=$(ratio chatgate chatgate_noauth 3)
 printf 'chatgate / chatgate without auth req/s:  %.3f (auth costs %.1f%%, %.2f µs CPU/req)\n' \
   "$auth" "$(awk -v r="$auth" 'BEGIN { print (1 - r) * 100 }')" "$(diff_cpu chatgate chatgate_noauth)"
+printf 'chatgate / Pingora pass-through req/s: %.3f (%.2f µs CPU/req)\n' \
+  "$(ratio chatgate passthrough 3)" "$(diff_cpu chatgate passthrough)"
 printf 'chatgate without auth / Pingora pass-through req/s: %.3f\n' "$(ratio chatgate_noauth passthrough 3)"
 printf 'Pingora pass-through / HAProxy-jwt req/s: %.3f\n' "$(ratio passthrough haproxy_jwt 3)"
