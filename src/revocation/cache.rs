@@ -521,6 +521,26 @@ mod tests {
         })
     }
 
+    #[test]
+    fn a_borrowed_key_hashes_and_compares_as_the_owned_one() {
+        use std::hash::BuildHasher;
+        let hasher = FastHash::default();
+        let owned = UserKey {
+            app: Arc::from("app"),
+            user: Arc::from("user"),
+        };
+        let borrowed = UserRef::from(&owned);
+        assert_eq!(hasher.hash_one(&owned), hasher.hash_one(&borrowed));
+        assert!(quick_cache::Equivalent::equivalent(&borrowed, &owned));
+        // the split between app and user is part of the key
+        let shifted = UserRef {
+            app: "ap",
+            user: "puser",
+        };
+        assert!(!quick_cache::Equivalent::equivalent(&shifted, &owned));
+        assert_ne!(hasher.hash_one(&owned), hasher.hash_one(&shifted));
+    }
+
     #[tokio::test]
     async fn concurrent_misses_share_one_store_read_and_then_hit() {
         let store = probe(50, false);
