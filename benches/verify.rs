@@ -78,6 +78,12 @@ fn bench_verify(c: &mut Criterion) {
             jsonwebtoken::decode::<StreamClaims>(black_box(&token), &key, &validation).unwrap()
         })
     });
+    group.bench_function("chatgate_token_verify_first_sight", |b| {
+        b.iter(|| {
+            token::verify_uncached(black_box(&token), &app, &config.auth, now_unix()).unwrap()
+        })
+    });
+    // A client repeats its token on every request: the app's verified-token cache.
     group.bench_function("chatgate_token_verify", |b| {
         b.iter(|| token::verify(black_box(&token), &app, &config.auth, now_unix()).unwrap())
     });

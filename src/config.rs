@@ -269,6 +269,7 @@ pub struct App {
     pub allow_anonymous: bool,
     /// App-wide cutoff from the config file.
     pub revoke_tokens_issued_before: Option<Cutoff>,
+    verified: crate::token::VerifiedTokens,
 }
 
 impl App {
@@ -281,7 +282,13 @@ impl App {
             disable_auth_checks: false,
             allow_anonymous: false,
             revoke_tokens_issued_before: None,
+            verified: crate::token::VerifiedTokens::default(),
         }
+    }
+
+    /// Tokens this app already verified (part of the snapshot: a reload starts afresh).
+    pub fn verified_tokens(&self) -> &crate::token::VerifiedTokens {
+        &self.verified
     }
 
     /// The prebuilt keys, in rotation order.
