@@ -69,6 +69,18 @@ impl Identity {
     pub fn is_server(&self) -> bool {
         self.kind == IdentityKind::Server
     }
+
+    /// What a server token for `app` yields: for code that authenticated its caller
+    /// itself and applies a revocation with [`Gate::apply_revocation`].
+    pub fn server(app: &str) -> Self {
+        Identity {
+            app: Arc::from(app),
+            kind: IdentityKind::Server,
+            user_id: None,
+            issued_at: None,
+            expires_at: None,
+        }
+    }
 }
 
 /// The Stream endpoints whose revocation fields chatgate applies itself.
@@ -894,15 +906,12 @@ mod tests {
     }
 
     async fn revoke_user(gate: &Gate, body: &str) -> Result<(), AuthError> {
-        let server = Identity {
-            app: Arc::from("key"),
-            kind: IdentityKind::Server,
-            user_id: None,
-            issued_at: None,
-            expires_at: None,
-        };
-        gate.apply_revocation(&server, RevocationEndpoint::Users, body.as_bytes())
-            .await
+        gate.apply_revocation(
+            &Identity::server("key"),
+            RevocationEndpoint::Users,
+            body.as_bytes(),
+        )
+        .await
     }
 
     #[tokio::test]
@@ -968,13 +977,7 @@ mod tests {
         };
         assert_eq!(check(&before).await, Err(AuthError::Revoked));
         user(check(&after).await);
-        let identity = Identity {
-            app: Arc::from("key"),
-            kind: IdentityKind::Server,
-            user_id: None,
-            issued_at: None,
-            expires_at: None,
-        };
+        let identity = Identity::server("key");
         gate.apply_revocation(
             &identity,
             RevocationEndpoint::App,

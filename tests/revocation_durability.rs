@@ -8,7 +8,7 @@ use chatgate::revocation::RevocationCache;
 use chatgate::revocation::embedded::EmbeddedStore;
 use chatgate::time::now_unix;
 use chatgate::{
-    AuthError, ConfigHandle, ConfigSnapshot, Decision, Gate, Identity, IdentityKind, RequestParts,
+    AuthError, ConfigHandle, ConfigSnapshot, Decision, Gate, Identity, RequestParts,
     RevocationEndpoint, TokenBuilder,
 };
 use std::io::BufRead;
@@ -59,13 +59,7 @@ fn child_revokes_then_waits_to_be_killed() {
             })
             .collect();
         let body = format!(r#"{{"users":[{}]}}"#, users.join(","));
-        let server = Identity {
-            app: Arc::from("key"),
-            kind: IdentityKind::Server,
-            user_id: None,
-            issued_at: None,
-            expires_at: None,
-        };
+        let server = Identity::server("key");
         gate.apply_revocation(&server, RevocationEndpoint::Users, body.as_bytes())
             .await
             .expect("revocation written");
