@@ -472,11 +472,14 @@ mod tests {
         }
     }
 
-    /// A store that counts reads and can be made slow or broken.
+    /// A store that counts reads and can be made slow, broken, or held until the test
+    /// releases each read.
     struct Probe {
         reads: AtomicUsize,
         delay: Duration,
         broken: bool,
+        release: Option<tokio::sync::Semaphore>,
+        answer: Option<Cutoff>,
         events: broadcast::Sender<RevocationEvent>,
     }
 
@@ -484,11 +487,14 @@ mod tests {
     impl RevocationStore for Probe {
         async fn user_cutoff(&self, _: &str, _: &str) -> Result<Option<Cutoff>, StoreError> {
             self.reads.fetch_add(1, Ordering::SeqCst);
+            if let Some(release) = &self.release {
+                release.acquire().await.unwrap().forget();
+            }
             tokio::time::sleep(self.delay).await;
             if self.broken {
                 Err(StoreError::Unavailable("down".into()))
             } else {
-                Ok(Some(Cutoff::from_unix_seconds(7)))
+                Ok(self.answer)
             }
         }
         async fn set_user_cutoffs(
@@ -517,6 +523,8 @@ mod tests {
             reads: AtomicUsize::new(0),
             delay: Duration::from_millis(delay_ms),
             broken,
+            release: None,
+            answer: Some(Cutoff::from_unix_seconds(7)),
             events: broadcast::channel(16).0,
         })
     }
@@ -677,46 +685,14 @@ mod tests {
             .expect("follower still running 1s after the config was dropped")
             .unwrap();
     }
-    /// A store whose reads wait for the test to let them finish.
-    struct Gated {
-        reads: AtomicUsize,
-        release: tokio::sync::Semaphore,
-        events: broadcast::Sender<RevocationEvent>,
-    }
-
-    #[async_trait::async_trait]
-    impl RevocationStore for Gated {
-        async fn user_cutoff(&self, _: &str, _: &str) -> Result<Option<Cutoff>, StoreError> {
-            self.reads.fetch_add(1, Ordering::SeqCst);
-            self.release.acquire().await.unwrap().forget();
-            Ok(None)
-        }
-        async fn set_user_cutoffs(
-            &self,
-            _: &str,
-            _: &[UserCutoffChange],
-        ) -> Result<(), StoreError> {
-            Ok(())
-        }
-        async fn app_cutoff(&self, _: &str) -> Result<Option<Cutoff>, StoreError> {
-            Ok(None)
-        }
-        async fn set_app_cutoff(&self, _: &str, _: Option<Cutoff>) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn subscribe(&self) -> broadcast::Receiver<RevocationEvent> {
-            self.events.subscribe()
-        }
-        async fn ping(&self) -> Result<(), StoreError> {
-            Ok(())
-        }
-    }
-
     #[tokio::test]
     async fn a_read_overtaken_by_an_invalidation_is_answered_but_not_cached() {
-        let store = Arc::new(Gated {
+        let store = Arc::new(Probe {
             reads: AtomicUsize::new(0),
-            release: tokio::sync::Semaphore::new(0),
+            delay: Duration::ZERO,
+            broken: false,
+            release: Some(tokio::sync::Semaphore::new(0)),
+            answer: None,
             events: broadcast::channel(16).0,
         });
         let mut settings = settings();
@@ -742,7 +718,7 @@ mod tests {
                 cutoff: Some(Cutoff::from_unix_seconds(5)),
             })
             .await;
-        store.release.add_permits(2);
+        store.release.as_ref().unwrap().add_permits(2);
         assert_eq!(read.await.unwrap(), Ok(None));
         // Its answer predates the event: the next lookup must read the store again.
         assert_eq!(cache.user_cutoff(&app, &user).await, Ok(None));
