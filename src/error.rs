@@ -1,6 +1,11 @@
 //! The one error type of a gate decision, mapped once to Stream's code, HTTP status
-//! and JSON body (contract §4). Adapters render [`ErrorResponse`]; nothing else
-//! matches on [`AuthError`].
+//! and JSON body (contract §4). Adapters copy out the [`Rejection`] built from it;
+//! nothing outside this module (and its `rejection` submodule) matches on
+//! [`AuthError`]'s variants.
+
+mod rejection;
+
+pub use rejection::Rejection;
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -205,7 +210,8 @@ impl AuthError {
     }
 }
 
-/// A rendered rejection, transport-neutral: adapters copy it onto the wire.
+/// Stream's error object rendered once: the JSON body, its status, and the text of the
+/// WebSocket error frame. [`Rejection`] puts it on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorResponse {
     /// HTTP status (equal to the body's `StatusCode`).

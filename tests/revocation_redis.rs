@@ -65,13 +65,7 @@ async fn check(gate: &Gate, token: &str) -> Result<Decision, AuthError> {
 }
 
 fn server_identity() -> Identity {
-    Identity {
-        app: Arc::from("key"),
-        kind: chatgate::IdentityKind::Server,
-        user_id: None,
-        issued_at: None,
-        expires_at: None,
-    }
+    Identity::server("key")
 }
 
 async fn revoke_users(gate: &Gate, body: String) -> Result<(), AuthError> {

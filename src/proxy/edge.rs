@@ -1,10 +1,10 @@
 //! [`EdgeProxy`]: the `ProxyHttp` that `chatgate serve` runs.
 
-use super::filter::{ChatAuthFilter, Verdict};
+use super::filter::{ChatAuthFilter, Verdict, write_rejection};
 use super::live::LiveWatch;
 use super::metrics::ProxyMetrics;
 use crate::config::{ConfigSnapshot, UpstreamSettings};
-use crate::error::AuthError;
+use crate::error::{AuthError, Rejection};
 use crate::gate::{Identity, RequestParts};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -194,9 +194,11 @@ impl ProxyHttp for EdgeProxy {
                 can_reuse_downstream: false,
             };
         }
-        let error = match (e.esource(), e.etype()) {
-            (ErrorSource::Upstream, kind) if is_timeout(kind) => AuthError::UpstreamTimeout,
-            (ErrorSource::Upstream, _) => AuthError::UpstreamUnavailable,
+        let (error, label) = match (e.esource(), e.etype()) {
+            (ErrorSource::Upstream, kind) if is_timeout(kind) => {
+                (AuthError::UpstreamTimeout, "timeout")
+            }
+            (ErrorSource::Upstream, _) => (AuthError::UpstreamUnavailable, "unavailable"),
             // The client went away or sent garbage: nobody to answer, or Pingora's 400.
             (ErrorSource::Downstream, ErrorType::WriteError)
             | (ErrorSource::Downstream, ErrorType::ReadError)
@@ -215,32 +217,16 @@ impl ProxyHttp for EdgeProxy {
             }
             // Internal errors come from our own filters; the upstream was never reached
             // or did not answer, which is what a client can act on.
-            _ => AuthError::UpstreamUnavailable,
+            _ => (AuthError::UpstreamUnavailable, "unavailable"),
         };
-        self.metrics().upstream_error(match error {
-            AuthError::UpstreamTimeout => "timeout",
-            _ => "unavailable",
-        });
+        self.metrics().upstream_error(label);
         let status = error.status().as_u16();
         // Only a response not yet started can still be answered; otherwise the client
         // sees the connection close mid-body, which is all HTTP allows.
         if session.response_written().is_none() {
-            let response = error.response();
-            let written = async {
-                let mut header = ResponseHeader::build(response.status, Some(3))?;
-                header.insert_header(
-                    http::header::CONTENT_TYPE,
-                    crate::error::ErrorResponse::CONTENT_TYPE,
-                )?;
-                header.insert_header(http::header::CONTENT_LENGTH, response.body.len())?;
-                header.insert_header(http::header::CONNECTION, "close")?;
-                session.set_keepalive(None);
-                session
-                    .write_response_header(Box::new(header), false)
-                    .await?;
-                session.write_response_body(Some(response.body), true).await
-            };
-            if let Err(write_error) = written.await {
+            session.set_keepalive(None);
+            let rejection = Rejection::http(&error).closing();
+            if let Err(write_error) = write_rejection(session, rejection).await {
                 tracing::debug!(target: "chatgate::proxy", %write_error, "could not answer an upstream failure");
             }
         }
