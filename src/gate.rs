@@ -905,6 +905,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_policy_is_part_of_the_decision() {
+        let token = TokenBuilder::user("a").sign(SECRET);
+        let auth = [("authorization", token.as_str())];
+        let anon = [("stream-auth-type", "anonymous")];
+        // An app outside only_apps is unknown whatever its token, before it is read.
+        let elsewhere = gate().with_policy(Policy::new().only_apps(["other"]));
+        for headers in [&auth[..], &[("authorization", "garbage")][..], &anon[..]] {
+            assert_eq!(
+                get(&elsewhere, "/x?api_key=key", headers).await,
+                Err(AuthError::UnknownApiKey),
+                "{headers:?}"
+            );
+        }
+        let served = gate().with_policy(Policy::new().only_apps(["key"]));
+        user(get(&served, "/x?api_key=key", &auth).await);
+        // The anonymous override widens and narrows the app's own setting.
+        let widened = gate().with_policy(Policy::new().allow_anonymous(true));
+        let identity = user(get(&widened, "/x?api_key=key", &anon).await);
+        assert_eq!(identity, Identity::anonymous("key"));
+        let error = run(&widened, Method::PATCH, "/app?api_key=key", &anon)
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), 17);
+        let narrowed = gate_with(|a| a.allow_anonymous = true)
+            .with_policy(Policy::new().allow_anonymous(false));
+        assert_eq!(
+            get(&narrowed, "/x?api_key=key", &anon).await,
+            Err(AuthError::AnonymousNotAllowed)
+        );
+        // Extra public paths join the config's.
+        let public = gate().with_policy(Policy::new().public_path("/static/*"));
+        assert_eq!(
+            get(&public, "/static/a.js", &[]).await,
+            Ok(Decision::Public)
+        );
+        assert_eq!(get(&public, "/healthz", &[]).await, Ok(Decision::Public));
+        assert!(get(&public, "/other", &[]).await.is_err());
+    }
+
+    #[tokio::test]
     async fn public_paths_need_nothing() {
         assert_eq!(get(&gate(), "/healthz", &[]).await, Ok(Decision::Public));
     }

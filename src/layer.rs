@@ -505,16 +505,14 @@ impl Shared {
             path = parts.uri.path(),
             "request refused"
         );
-        let rejection = Rejection::new(error, &RequestParts::from(&*parts));
-        let rejection = if rejection.is_upgrade() {
-            match upgrade::refuse(parts, rejection) {
-                Ok(switching) => return switching,
+        let mut rejection = Rejection::new(error, &RequestParts::from(&*parts));
+        if rejection.is_upgrade() {
+            match parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
+                Some(on_upgrade) => return upgrade::refuse(on_upgrade, rejection),
                 // Not served by hyper with upgrades: the HTTP refusal is all there is.
-                Err(_) => Rejection::http(error),
+                None => rejection = Rejection::http(error),
             }
-        } else {
-            rejection
-        };
+        }
         match &self.renderer {
             Some(render) => render(error),
             None => rejection.into(),

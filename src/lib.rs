@@ -31,9 +31,9 @@ pub mod token;
 pub mod ws;
 
 pub use config::{App, ConfigError, ConfigSnapshot};
-pub use error::{AuthError, ErrorResponse};
+pub use error::{AuthError, ErrorResponse, Rejection};
 pub use gate::{
-    Decision, Gate, Identity, IdentityKind, PendingCheck, RequestParts, RevocationEndpoint,
+    Decision, Gate, Identity, IdentityKind, PendingCheck, Policy, RequestParts, RevocationEndpoint,
 };
 #[cfg(feature = "tower")]
 pub use layer::{ChatAuth, ChatAuthLayer};

@@ -15,16 +15,11 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const WS_REJECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sends a WebSocket rejection: returns its 101 for the layer to answer with, and
-/// writes its frames once hyper has upgraded the connection. `Err` gives the
-/// rejection back when the request carries no `OnUpgrade` (not served by hyper with
-/// upgrades), so the caller can answer over HTTP instead.
+/// writes its frames on the connection once hyper has upgraded it.
 pub(super) fn refuse(
-    parts: &mut http::request::Parts,
+    on_upgrade: hyper::upgrade::OnUpgrade,
     rejection: Rejection,
-) -> Result<Response<Bytes>, Rejection> {
-    let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
-        return Err(rejection);
-    };
+) -> Response<Bytes> {
     let (head, frames) = rejection.into_head();
     tokio::spawn(async move {
         match tokio::time::timeout(WS_REJECTION_TIMEOUT, send_and_close(on_upgrade, frames)).await {
@@ -35,7 +30,7 @@ pub(super) fn refuse(
             Err(_) => tracing::debug!(target: "chatgate::layer", "refused WebSocket timed out"),
         }
     });
-    Ok(head.map(|()| Bytes::new()))
+    head.map(|()| Bytes::new())
 }
 
 /// Writes the frames, half-closes, then drains what the client still sends (its close
