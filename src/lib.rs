@@ -11,7 +11,6 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod cli;
 pub mod config;
 #[cfg(feature = "axum")]
 pub mod demo;

@@ -339,7 +339,6 @@ impl BackgroundService for AdminService {
 mod tests {
     use super::*;
     use crate::config::{App, ConfigSnapshot, StoreKind};
-    use clap::Parser as _;
 
     #[test]
     fn an_upgrade_is_refused_with_the_embedded_store_or_the_demo_upstream() {
@@ -357,27 +356,6 @@ mod tests {
             check_upgrade_possible(&snapshot)
                 .unwrap_err()
                 .contains("demo")
-        );
-    }
-
-    #[test]
-    fn serve_takes_the_config_and_upgrade_flags() {
-        let cli = crate::cli::Cli::try_parse_from([
-            "chatgate",
-            "serve",
-            "--config",
-            "x.toml",
-            "--upgrade",
-        ])
-        .unwrap();
-        let crate::cli::Command::Serve(args) = cli.command else {
-            panic!("not serve")
-        };
-        assert_eq!(args.config, PathBuf::from("x.toml"));
-        assert!(args.upgrade);
-        assert_eq!(
-            args.upgrade_sock,
-            PathBuf::from("/tmp/chatgate-upgrade.sock")
         );
     }
 }

@@ -1,8 +1,8 @@
 //! The `chatgate` command line: `serve`, `token create|inspect`, `config check`,
 //! `revoke`. The binary only calls [`main`]; everything here is testable library code.
 
-use crate::config::{App, ConfigSnapshot};
-use crate::token::{self, TokenBuilder};
+use chatgate::config::{App, ConfigSnapshot};
+use chatgate::token::{self, TokenBuilder};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,7 +28,7 @@ pub enum Command {
     Config(ConfigCommand),
     /// Run the edge proxy (and its admin listener) with a config file.
     #[cfg(feature = "proxy")]
-    Serve(crate::proxy::ServeArgs),
+    Serve(chatgate::proxy::ServeArgs),
     /// Revoke (or un-revoke) tokens in the configured revocation store.
     #[command(subcommand)]
     Revoke(RevokeCommand),
@@ -138,7 +138,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Token(TokenCommand::Inspect(args)) => inspect_token(&args),
         Command::Config(ConfigCommand::Check { file }) => check_config(&file),
         #[cfg(feature = "proxy")]
-        Command::Serve(args) => crate::proxy::serve(&args),
+        Command::Serve(args) => chatgate::proxy::serve(&args),
         Command::Revoke(command) => revoke(&command).map(|done| println!("{done}")),
     };
     match result {
@@ -201,7 +201,7 @@ fn inspect_token(args: &InspectArgs) -> Result<(), String> {
         loaded
             .as_ref()
             .map(|(snapshot, app)| (&**app, &snapshot.auth)),
-        crate::time::now_unix(),
+        chatgate::time::now_unix(),
     );
     let mut failed = false;
     for check in &report {
@@ -250,7 +250,7 @@ pub fn revoke(command: &RevokeCommand) -> Result<String, String> {
         RevokeCommand::App(args) => (None, args),
     };
     let (snapshot, app) = load_app(&args.config, &args.api_key)?;
-    if snapshot.revocation.store == crate::config::StoreKind::Memory {
+    if snapshot.revocation.store == chatgate::config::StoreKind::Memory {
         return Err(format!(
             "{}: [revocation] store = \"memory\" lives inside the running process, so a \
              command cannot change it: use PATCH /{} of that process with a server token \
@@ -274,7 +274,7 @@ pub fn revoke(command: &RevokeCommand) -> Result<String, String> {
         let write = async {
             match target {
                 Some(user) => {
-                    let change = crate::revocation::UserCutoffChange {
+                    let change = chatgate::revocation::UserCutoffChange {
                         user_id: user.to_owned(),
                         cutoff,
                     };
@@ -305,24 +305,26 @@ pub fn revoke(command: &RevokeCommand) -> Result<String, String> {
 }
 
 /// `--before` (or now), rounded up to the whole second like the API's cutoffs.
-fn revoke_cutoff(before: Option<&str>) -> Result<crate::time::Cutoff, String> {
+fn revoke_cutoff(before: Option<&str>) -> Result<chatgate::time::Cutoff, String> {
     let at = match before {
-        Some(text) => crate::time::parse_stream_time(text).map_err(|e| format!("--before: {e}"))?,
+        Some(text) => {
+            chatgate::time::parse_stream_time(text).map_err(|e| format!("--before: {e}"))?
+        }
         None => chrono::Utc::now(),
     };
     // Same bound as the API's (contract §3): a far-future cutoff is a typo, and it
     // would lock every user out until then.
-    if at.timestamp() > crate::time::now_unix() + 300 {
+    if at.timestamp() > chatgate::time::now_unix() + 300 {
         return Err(format!(
             "--before: {} is more than 5 minutes in the future",
             at.to_rfc3339()
         ));
     }
-    Ok(crate::time::Cutoff::from_datetime(at))
+    Ok(chatgate::time::Cutoff::from_datetime(at))
 }
 
-fn describe_store(settings: &crate::config::RevocationSettings) -> String {
-    use crate::config::StoreKind;
+fn describe_store(settings: &chatgate::config::RevocationSettings) -> String {
+    use chatgate::config::StoreKind;
     match settings.store {
         StoreKind::Memory => "store: memory".into(),
         StoreKind::Embedded => format!("store: embedded {}", settings.path.display()),
@@ -333,13 +335,13 @@ fn describe_store(settings: &crate::config::RevocationSettings) -> String {
 /// Opens the configured store; an embedded file held by a running proxy gets an error
 /// that says how to revoke through that proxy instead.
 async fn open_cli_store(
-    settings: &crate::config::RevocationSettings,
+    settings: &chatgate::config::RevocationSettings,
     api_key: &str,
     user: Option<&str>,
-) -> Result<std::sync::Arc<dyn crate::revocation::RevocationStore>, String> {
+) -> Result<std::sync::Arc<dyn chatgate::revocation::RevocationStore>, String> {
     #[cfg(feature = "embedded")]
-    if settings.store == crate::config::StoreKind::Embedded {
-        use crate::revocation::embedded::{EmbeddedStore, OpenError};
+    if settings.store == chatgate::config::StoreKind::Embedded {
+        use chatgate::revocation::embedded::{EmbeddedStore, OpenError};
         return match EmbeddedStore::try_open(&settings.path) {
             Ok(store) => Ok(std::sync::Arc::new(store)),
             Err(locked @ OpenError::Locked(_)) => Err(locked_hint(&locked, api_key, user)),
@@ -347,15 +349,18 @@ async fn open_cli_store(
         };
     }
     let _ = (api_key, user);
-    tokio::time::timeout(CLI_STORE_TIMEOUT, crate::revocation::open_store(settings))
-        .await
-        .map_err(|_| "the revocation store did not answer within 10 s".to_owned())?
-        .map_err(|e| e.to_string())
+    tokio::time::timeout(
+        CLI_STORE_TIMEOUT,
+        chatgate::revocation::open_store(settings),
+    )
+    .await
+    .map_err(|_| "the revocation store did not answer within 10 s".to_owned())?
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(feature = "embedded")]
 fn locked_hint(
-    locked: &crate::revocation::embedded::OpenError,
+    locked: &chatgate::revocation::embedded::OpenError,
     api_key: &str,
     user: Option<&str>,
 ) -> String {
@@ -416,10 +421,10 @@ mod tests {
         let token = create_token(&args).unwrap();
         let (snapshot, app) = load_app(file.path(), "k").unwrap();
         let verified =
-            token::verify(&token, &app, &snapshot.auth, crate::time::now_unix()).unwrap();
+            token::verify(&token, &app, &snapshot.auth, chatgate::time::now_unix()).unwrap();
         assert_eq!(verified.claims.user_id.as_deref(), Some("alice"));
         let exp = verified.claims.expires_at.unwrap();
-        assert!((exp - crate::time::now_unix() - 3600).abs() <= 2);
+        assert!((exp - chatgate::time::now_unix() - 3600).abs() <= 2);
         assert!(verified.claims.issued_at.is_some());
     }
 
@@ -511,9 +516,9 @@ mod tests {
         })
     }
 
-    use crate::revocation::RevocationStore;
-    use crate::revocation::embedded::EmbeddedStore;
-    use crate::time::Cutoff;
+    use chatgate::revocation::RevocationStore;
+    use chatgate::revocation::embedded::EmbeddedStore;
+    use chatgate::time::Cutoff;
 
     #[test]
     fn revoke_user_writes_the_embedded_store_and_clear_removes_it() {
@@ -547,9 +552,9 @@ mod tests {
     #[test]
     fn revoke_app_defaults_to_now_and_can_be_cleared() {
         let (dir, config) = embedded_config();
-        let before = crate::time::now_unix();
+        let before = chatgate::time::now_unix();
         revoke(&revoke_command(&config, &["app", "--api-key", "k"]).unwrap()).unwrap();
-        let after = crate::time::now_unix();
+        let after = chatgate::time::now_unix();
         let (_, app) = stored(dir.path());
         let app = app.expect("an app cutoff").unix_seconds();
         // now, rounded up: a token minted in this very second is revoked too
@@ -603,5 +608,20 @@ mod tests {
         let error =
             revoke(&revoke_command(&config, &["app", "--api-key", "k"]).unwrap()).unwrap_err();
         assert!(error.contains("PATCH /app"), "{error}");
+    }
+
+    #[test]
+    fn serve_takes_the_config_and_upgrade_flags() {
+        let cli =
+            Cli::try_parse_from(["chatgate", "serve", "--config", "x.toml", "--upgrade"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.config, PathBuf::from("x.toml"));
+        assert!(args.upgrade);
+        assert_eq!(
+            args.upgrade_sock,
+            PathBuf::from("/tmp/chatgate-upgrade.sock")
+        );
     }
 }
