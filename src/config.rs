@@ -731,8 +731,9 @@ fn build(
         let revoke_tokens_issued_before = match &app.revoke_tokens_issued_before {
             None => None,
             Some(text) => {
-                let at_time = parse_stream_time(text)
-                    .map_err(|m| at.error(&key_of("revoke_tokens_issued_before"), &m))?;
+                let at_time = parse_stream_time(text).map_err(|m| {
+                    at.error(&key_of("revoke_tokens_issued_before"), &m.to_string())
+                })?;
                 if at_time.timestamp() > now_unix() + 300 {
                     return Err(at.error(
                         &key_of("revoke_tokens_issued_before"),

@@ -1,8 +1,11 @@
 //! The `chatgate` command line: `serve`, `token create|inspect`, `config check`,
-//! `revoke`. The binary only calls [`main`]; everything here is testable library code.
+//! `revoke`. Argument parsing and presentation only: each command calls the library.
 
+use crate::inspect::inspect;
+use crate::serve::{ServeArgs, ServeError, serve};
 use chatgate::config::{App, ConfigSnapshot};
-use chatgate::token::{self, TokenBuilder};
+use chatgate::revocation::StoreError;
+use chatgate::token::TokenBuilder;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,8 +30,7 @@ pub enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Run the edge proxy (and its admin listener) with a config file.
-    #[cfg(feature = "proxy")]
-    Serve(chatgate::proxy::ServeArgs),
+    Serve(ServeArgs),
     /// Revoke (or un-revoke) tokens in the configured revocation store.
     #[command(subcommand)]
     Revoke(RevokeCommand),
@@ -126,6 +128,72 @@ pub struct RevokeArgs {
     pub clear: bool,
 }
 
+/// Why a command failed; printed as `error: {message}`.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The config file.
+    #[error(transparent)]
+    Config(#[from] chatgate::ConfigError),
+    /// `--api-key` names no configured app.
+    #[error("{}: no app with api_key {api_key:?} (configured: {known})", .config.display())]
+    UnknownApp {
+        /// The config file.
+        config: PathBuf,
+        /// The key asked for.
+        api_key: String,
+        /// The configured keys, comma-separated.
+        known: String,
+    },
+    /// `--user ""`.
+    #[error("--user must not be empty")]
+    EmptyUser,
+    /// `revoke user ""`.
+    #[error("the user id must not be empty")]
+    EmptyUserId,
+    /// `revoke` on a store only the running process holds.
+    #[error(
+        "{}: [revocation] store = \"memory\" lives inside the running process, so a \
+         command cannot change it: use PATCH /{path} of that process with a server token \
+         (`chatgate token create --server --api-key {api_key}`)",
+        .config.display()
+    )]
+    MemoryStore {
+        /// The config file.
+        config: PathBuf,
+        /// `users` or `app`.
+        path: &'static str,
+        /// The app.
+        api_key: String,
+    },
+    /// `--before` is not a date.
+    #[error("--before: {0}")]
+    Before(#[from] chatgate::time::TimeError),
+    /// `--before` is too far ahead.
+    #[error("--before: {0} is more than 5 minutes in the future")]
+    FutureCutoff(String),
+    /// The store is held by a running proxy; the message says how to go through it.
+    #[error("{0}")]
+    StoreLocked(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The store took longer than [`CLI_STORE_TIMEOUT`].
+    #[error("the revocation store did not answer within 10 s")]
+    StoreTimeout,
+    /// The async runtime did not start.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    /// stdin could not be read.
+    #[error(transparent)]
+    Stdin(std::io::Error),
+    /// `token inspect` found a failing check.
+    #[error("the token would be rejected")]
+    Rejected,
+    /// `serve`.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
 /// Parses the process arguments and runs.
 pub fn main() -> ExitCode {
     run(Cli::parse())
@@ -137,8 +205,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Token(TokenCommand::Create(args)) => create_token(&args).map(|t| println!("{t}")),
         Command::Token(TokenCommand::Inspect(args)) => inspect_token(&args),
         Command::Config(ConfigCommand::Check { file }) => check_config(&file),
-        #[cfg(feature = "proxy")]
-        Command::Serve(args) => chatgate::proxy::serve(&args),
+        Command::Serve(args) => serve(&args).map_err(CliError::from),
         Command::Revoke(command) => revoke(&command).map(|done| println!("{done}")),
     };
     match result {
@@ -153,25 +220,25 @@ pub fn run(cli: Cli) -> ExitCode {
 fn load_app(
     config: &std::path::Path,
     api_key: &str,
-) -> Result<(ConfigSnapshot, std::sync::Arc<App>), String> {
-    let snapshot = ConfigSnapshot::load(config).map_err(|e| e.to_string())?;
+) -> Result<(ConfigSnapshot, std::sync::Arc<App>), CliError> {
+    let snapshot = ConfigSnapshot::load(config)?;
     let app = snapshot.app(api_key).cloned().ok_or_else(|| {
         let known: Vec<&str> = snapshot.apps().map(|a| &*a.api_key).collect();
-        format!(
-            "{}: no app with api_key {api_key:?} (configured: {})",
-            config.display(),
-            known.join(", ")
-        )
+        CliError::UnknownApp {
+            config: config.to_owned(),
+            api_key: api_key.to_owned(),
+            known: known.join(", "),
+        }
     })?;
     Ok((snapshot, app))
 }
 
 /// `token create`: the token text.
-pub fn create_token(args: &CreateArgs) -> Result<String, String> {
+pub fn create_token(args: &CreateArgs) -> Result<String, CliError> {
     let (_, app) = load_app(&args.config, &args.api_key)?;
     let mut builder = match &args.user {
         Some(user) if !user.is_empty() => TokenBuilder::user(user),
-        Some(_) => return Err("--user must not be empty".into()),
+        Some(_) => return Err(CliError::EmptyUser),
         None => TokenBuilder::server(),
     };
     if args.no_iat {
@@ -183,11 +250,10 @@ pub fn create_token(args: &CreateArgs) -> Result<String, String> {
     Ok(builder.sign(app.signing_secret()))
 }
 
-fn inspect_token(args: &InspectArgs) -> Result<(), String> {
+fn inspect_token(args: &InspectArgs) -> Result<(), CliError> {
     let token = if args.token == "-" {
         let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-            .map_err(|e| e.to_string())?;
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(CliError::Stdin)?;
         text.trim().to_owned()
     } else {
         args.token.clone()
@@ -196,7 +262,7 @@ fn inspect_token(args: &InspectArgs) -> Result<(), String> {
         (Some(config), Some(api_key)) => Some(load_app(config, api_key)?),
         _ => None,
     };
-    let report = token::inspect(
+    let report = inspect(
         &token,
         loaded
             .as_ref()
@@ -214,14 +280,14 @@ fn inspect_token(args: &InspectArgs) -> Result<(), String> {
         }
     }
     if failed {
-        Err("the token would be rejected".into())
+        Err(CliError::Rejected)
     } else {
         Ok(())
     }
 }
 
-fn check_config(file: &std::path::Path) -> Result<(), String> {
-    let snapshot = ConfigSnapshot::load(file).map_err(|e| e.to_string())?;
+fn check_config(file: &std::path::Path) -> Result<(), CliError> {
+    let snapshot = ConfigSnapshot::load(file)?;
     println!(
         "{}: ok ({} app(s), listen {}, upstream {}, store {:?}, hash {})",
         file.display(),
@@ -239,11 +305,11 @@ fn check_config(file: &std::path::Path) -> Result<(), String> {
 const CLI_STORE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `revoke user|app`: applies the change to the configured store and says what it did.
-pub fn revoke(command: &RevokeCommand) -> Result<String, String> {
+pub fn revoke(command: &RevokeCommand) -> Result<String, CliError> {
     let (target, args) = match command {
         RevokeCommand::User(args) => {
             if args.user.is_empty() {
-                return Err("the user id must not be empty".into());
+                return Err(CliError::EmptyUserId);
             }
             (Some(args.user.as_str()), &args.revoke)
         }
@@ -251,14 +317,11 @@ pub fn revoke(command: &RevokeCommand) -> Result<String, String> {
     };
     let (snapshot, app) = load_app(&args.config, &args.api_key)?;
     if snapshot.revocation.store == chatgate::config::StoreKind::Memory {
-        return Err(format!(
-            "{}: [revocation] store = \"memory\" lives inside the running process, so a \
-             command cannot change it: use PATCH /{} of that process with a server token \
-             (`chatgate token create --server --api-key {}`)",
-            args.config.display(),
-            if target.is_some() { "users" } else { "app" },
-            args.api_key
-        ));
+        return Err(CliError::MemoryStore {
+            config: args.config.clone(),
+            path: if target.is_some() { "users" } else { "app" },
+            api_key: args.api_key.clone(),
+        });
     }
     let cutoff = if args.clear {
         None
@@ -268,7 +331,7 @@ pub fn revoke(command: &RevokeCommand) -> Result<String, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        .map_err(CliError::Runtime)?;
     runtime.block_on(async {
         let store = open_cli_store(&snapshot.revocation, &app.api_key, target).await?;
         let write = async {
@@ -286,8 +349,8 @@ pub fn revoke(command: &RevokeCommand) -> Result<String, String> {
             }
         };
         match tokio::time::timeout(CLI_STORE_TIMEOUT, write).await {
-            Ok(written) => written.map_err(|e| e.to_string()),
-            Err(_) => Err("the revocation store did not answer within 10 s".to_owned()),
+            Ok(written) => written.map_err(CliError::from),
+            Err(_) => Err(CliError::StoreTimeout),
         }
     })?;
     let whose = match target {
@@ -305,20 +368,15 @@ pub fn revoke(command: &RevokeCommand) -> Result<String, String> {
 }
 
 /// `--before` (or now), rounded up to the whole second like the API's cutoffs.
-fn revoke_cutoff(before: Option<&str>) -> Result<chatgate::time::Cutoff, String> {
+fn revoke_cutoff(before: Option<&str>) -> Result<chatgate::time::Cutoff, CliError> {
     let at = match before {
-        Some(text) => {
-            chatgate::time::parse_stream_time(text).map_err(|e| format!("--before: {e}"))?
-        }
+        Some(text) => chatgate::time::parse_stream_time(text)?,
         None => chrono::Utc::now(),
     };
     // Same bound as the API's (contract §3): a far-future cutoff is a typo, and it
     // would lock every user out until then.
     if at.timestamp() > chatgate::time::now_unix() + 300 {
-        return Err(format!(
-            "--before: {} is more than 5 minutes in the future",
-            at.to_rfc3339()
-        ));
+        return Err(CliError::FutureCutoff(at.to_rfc3339()));
     }
     Ok(chatgate::time::Cutoff::from_datetime(at))
 }
@@ -338,14 +396,16 @@ async fn open_cli_store(
     settings: &chatgate::config::RevocationSettings,
     api_key: &str,
     user: Option<&str>,
-) -> Result<std::sync::Arc<dyn chatgate::revocation::RevocationStore>, String> {
+) -> Result<std::sync::Arc<dyn chatgate::revocation::RevocationStore>, CliError> {
     #[cfg(feature = "embedded")]
     if settings.store == chatgate::config::StoreKind::Embedded {
         use chatgate::revocation::embedded::{EmbeddedStore, OpenError};
         return match EmbeddedStore::try_open(&settings.path) {
             Ok(store) => Ok(std::sync::Arc::new(store)),
-            Err(locked @ OpenError::Locked(_)) => Err(locked_hint(&locked, api_key, user)),
-            Err(OpenError::Failed(error)) => Err(error.to_string()),
+            Err(locked @ OpenError::Locked(_)) => {
+                Err(CliError::StoreLocked(locked_hint(&locked, api_key, user)))
+            }
+            Err(OpenError::Failed(error)) => Err(error.into()),
         };
     }
     let _ = (api_key, user);
@@ -354,8 +414,8 @@ async fn open_cli_store(
         chatgate::revocation::open_store(settings),
     )
     .await
-    .map_err(|_| "the revocation store did not answer within 10 s".to_owned())?
-    .map_err(|e| e.to_string())
+    .map_err(|_| CliError::StoreTimeout)?
+    .map_err(CliError::from)
 }
 
 #[cfg(feature = "embedded")]
@@ -421,7 +481,8 @@ mod tests {
         let token = create_token(&args).unwrap();
         let (snapshot, app) = load_app(file.path(), "k").unwrap();
         let verified =
-            token::verify(&token, &app, &snapshot.auth, chatgate::time::now_unix()).unwrap();
+            chatgate::token::verify(&token, &app, &snapshot.auth, chatgate::time::now_unix())
+                .unwrap();
         assert_eq!(verified.claims.user_id.as_deref(), Some("alice"));
         let exp = verified.claims.expires_at.unwrap();
         assert!((exp - chatgate::time::now_unix() - 3600).abs() <= 2);
@@ -449,6 +510,7 @@ mod tests {
         assert!(
             create_token(&args)
                 .unwrap_err()
+                .to_string()
                 .contains("no app with api_key \"x\"")
         );
         assert!(
@@ -570,18 +632,30 @@ mod tests {
         assert!(
             revoke(&unknown)
                 .unwrap_err()
+                .to_string()
                 .contains("no app with api_key \"nope\"")
         );
         let bad = revoke_command(&config, &["app", "--api-key", "k", "--before", "someday"]);
-        assert!(revoke(&bad.unwrap()).unwrap_err().contains("--before"));
+        assert!(
+            revoke(&bad.unwrap())
+                .unwrap_err()
+                .to_string()
+                .contains("--before")
+        );
         let future = revoke_command(
             &config,
             &["app", "--api-key", "k", "--before", "2999-01-01T00:00:00Z"],
         );
-        assert!(revoke(&future.unwrap()).unwrap_err().contains("future"));
+        assert!(
+            revoke(&future.unwrap())
+                .unwrap_err()
+                .to_string()
+                .contains("future")
+        );
         let memory = config_file();
         let error = revoke(&revoke_command(memory.path(), &["app", "--api-key", "k"]).unwrap())
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("PATCH /app"), "{error}");
         assert!(
             revoke_command(
@@ -597,7 +671,8 @@ mod tests {
         let (dir, config) = embedded_config();
         let _proxy = EmbeddedStore::open(&dir.path().join("revocations.db")).unwrap();
         let error = revoke(&revoke_command(&config, &["user", "alice", "--api-key", "k"]).unwrap())
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("locked"), "{error}");
         assert!(error.contains("PATCH /users"), "{error}");
         assert!(
@@ -605,8 +680,9 @@ mod tests {
             "{error}"
         );
         assert!(error.contains(r#""id":"alice""#), "{error}");
-        let error =
-            revoke(&revoke_command(&config, &["app", "--api-key", "k"]).unwrap()).unwrap_err();
+        let error = revoke(&revoke_command(&config, &["app", "--api-key", "k"]).unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("PATCH /app"), "{error}");
     }
 
