@@ -36,6 +36,7 @@ pub struct Identity {
 
 /// What kind of caller an [`Identity`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum IdentityKind {
     /// A signed user token.
     User,
@@ -85,6 +86,7 @@ impl Identity {
 
 /// The Stream endpoints whose revocation fields chatgate applies itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RevocationEndpoint {
     /// `PATCH /users`: per-user cutoffs.
     Users,
@@ -94,6 +96,7 @@ pub enum RevocationEndpoint {
 
 /// The outcome of [`Gate::check`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Decision {
     /// A public path: forward without an identity.
     Public,

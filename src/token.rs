@@ -93,6 +93,7 @@ impl HmacKey {
 
 /// What a valid token stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum TokenKind {
     /// Signed, with `user_id`.
     User,

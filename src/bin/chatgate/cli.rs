@@ -387,6 +387,7 @@ fn describe_store(settings: &chatgate::config::RevocationSettings) -> String {
         StoreKind::Memory => "store: memory".into(),
         StoreKind::Embedded => format!("store: embedded {}", settings.path.display()),
         StoreKind::Redis => format!("store: redis {}", settings.redis_url),
+        other => format!("store: {other:?}"),
     }
 }
 
@@ -405,7 +406,7 @@ async fn open_cli_store(
             Err(locked @ OpenError::Locked(_)) => {
                 Err(CliError::StoreLocked(locked_hint(&locked, api_key, user)))
             }
-            Err(OpenError::Failed(error)) => Err(error.into()),
+            Err(other) => Err(StoreError::from(other).into()),
         };
     }
     let _ = (api_key, user);
