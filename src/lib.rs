@@ -6,7 +6,7 @@
 //! react to. One transport-neutral core, [`Gate`], serves:
 //!
 //! - a tower layer (feature `tower`, axum extractors with `axum`),
-//! - a Pingora edge proxy (feature `proxy`, [`proxy::run`]),
+//! - a Pingora edge proxy (feature `proxy`, `proxy::run`),
 //! - a TOML config, validated whole and hot-swapped,
 //! - a demo chat API to put behind either (feature `demo`).
 //!

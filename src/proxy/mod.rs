@@ -1,4 +1,4 @@
-//! The Pingora edge proxy (feature `proxy`): `chatgate serve`.
+//! The Pingora edge proxy (feature `proxy`): what `chatgate serve` runs.
 //!
 //! - [`ChatAuthFilter`] runs the gate inside any Pingora `ProxyHttp::request_filter`
 //!   (see `examples/pingora_custom_proxy.rs`);
