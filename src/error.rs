@@ -17,6 +17,7 @@ pub const MORE_INFO_URL: &str = "https://getstream.io/chat/docs/api_errors_respo
 /// Why a token is malformed (Stream code 5). Kept as a closed set so messages can
 /// never echo a token or a secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Malformed {
     /// No token was sent where one was required.
     Missing,
@@ -69,6 +70,7 @@ impl Malformed {
 /// code, status and message come from [`AuthError::code`], [`AuthError::status`] and
 /// the `Display` impl.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuthError {
     /// The `api_key` query parameter is missing (code 2).
     #[error("api_key not found: send it as the api_key query parameter")]

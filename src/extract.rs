@@ -39,6 +39,7 @@ use std::convert::Infallible;
 
 /// Why an identity extractor refused a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IdentityRejection {
     /// No [`Identity`] in the extensions: the layer is not in front of this route, or
     /// the path is public. A server bug, hence 500.

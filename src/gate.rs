@@ -47,6 +47,7 @@ pub struct Identity {
 
 /// What kind of caller an [`Identity`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum IdentityKind {
     /// A signed user token.
     User,
@@ -123,6 +124,7 @@ impl Identity {
 
 /// The Stream endpoints whose revocation fields chatgate applies itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RevocationEndpoint {
     /// `PATCH /users`: per-user cutoffs.
     Users,
@@ -132,6 +134,7 @@ pub enum RevocationEndpoint {
 
 /// The outcome of [`Gate::check`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Decision {
     /// A public path: forward without an identity.
     Public,

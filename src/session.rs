@@ -22,6 +22,7 @@ pub struct LiveSession {
 
 /// Why a live session must end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SessionEnd {
     /// The token's `exp` (plus the leeway) has passed.
     Expired,

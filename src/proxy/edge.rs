@@ -16,6 +16,26 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// Why `[upstream]` gives no peers to proxy to.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpstreamError {
+    /// `addresses = []`.
+    #[error("[upstream] addresses is empty")]
+    NoAddresses,
+    /// An address that does not resolve.
+    #[error("upstream {address}: {source}")]
+    Resolve {
+        /// The address as configured.
+        address: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// An address that resolves to nothing.
+    #[error("upstream {0}: no address")]
+    NoAddress(String),
+}
+
 /// The edge proxy: [`ChatAuthFilter`] in front of `[upstream] addresses`.
 pub struct EdgeProxy {
     auth: ChatAuthFilter,
@@ -41,7 +61,7 @@ pub struct EdgeCtx {
 
 impl EdgeProxy {
     /// A proxy over `auth`, with peers built from the current `[upstream]`.
-    pub fn new(auth: ChatAuthFilter) -> Result<Self, String> {
+    pub fn new(auth: ChatAuthFilter) -> Result<Self, UpstreamError> {
         let upstreams = Upstreams::new(&auth.gate().config().load().upstream)?;
         Ok(EdgeProxy { auth, upstreams })
     }
@@ -276,7 +296,7 @@ struct PeerSet {
 }
 
 impl Upstreams {
-    fn new(settings: &UpstreamSettings) -> Result<Self, String> {
+    fn new(settings: &UpstreamSettings) -> Result<Self, UpstreamError> {
         Ok(Upstreams {
             current: ArcSwap::from_pointee(PeerSet::build(settings)?),
             next: AtomicUsize::new(0),
@@ -318,9 +338,9 @@ impl Upstreams {
 }
 
 impl PeerSet {
-    fn build(settings: &UpstreamSettings) -> Result<Self, String> {
+    fn build(settings: &UpstreamSettings) -> Result<Self, UpstreamError> {
         if settings.addresses.is_empty() {
-            return Err("[upstream] addresses is empty".into());
+            return Err(UpstreamError::NoAddresses);
         }
         let mut http = Vec::with_capacity(settings.addresses.len());
         let mut websocket = Vec::with_capacity(settings.addresses.len());
@@ -328,9 +348,12 @@ impl PeerSet {
         for address in &settings.addresses {
             let resolved: SocketAddr = address
                 .to_socket_addrs()
-                .map_err(|e| format!("upstream {address}: {e}"))?
+                .map_err(|source| UpstreamError::Resolve {
+                    address: address.clone(),
+                    source,
+                })?
                 .next()
-                .ok_or_else(|| format!("upstream {address}: no address"))?;
+                .ok_or_else(|| UpstreamError::NoAddress(address.clone()))?;
             let host = address
                 .rsplit_once(':')
                 .map_or(address.as_str(), |(host, _)| host)
