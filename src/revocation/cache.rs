@@ -81,52 +81,86 @@ impl<'a> From<&'a UserKey> for UserRef<'a> {
     }
 }
 
-/// A cached answer and the unix second it was read from the store.
+/// A cached answer and the unix second it was read from the store, in 12 bytes so
+/// that a [`Slot`] is 16 and moka's value node stays in a 48-byte allocation.
 #[derive(Debug, Clone, Copy)]
 struct Cached {
-    cutoff: Option<Cutoff>,
-    read_at: i64,
+    /// The cutoff's unix second, or [`NO_CUTOFF`].
+    cutoff: i64,
+    /// Unsigned: good until 2106.
+    read_at: u32,
 }
+
+/// No cutoff date parses to this second (chrono stops ~262,000 years out).
+const NO_CUTOFF: i64 = i64::MIN;
 
 impl Cached {
     fn now(cutoff: Option<Cutoff>) -> Self {
+        Cached::at(cutoff, now_unix())
+    }
+
+    fn at(cutoff: Option<Cutoff>, read_at: i64) -> Self {
         Cached {
-            cutoff,
-            read_at: now_unix(),
+            cutoff: cutoff.map_or(NO_CUTOFF, Cutoff::unix_seconds),
+            read_at: u32::try_from(read_at.max(0)).unwrap_or(u32::MAX),
         }
+    }
+
+    fn cutoff(self) -> Option<Cutoff> {
+        (self.cutoff != NO_CUTOFF).then(|| Cutoff::from_unix_seconds(self.cutoff))
     }
 
     /// The answer while it is younger than the TTL. The TTL is read at lookup, so a
     /// reload that shortens it applies to entries already cached.
     fn fresh(self, now: i64, ttl_seconds: i64) -> Option<Option<Cutoff>> {
-        (now < self.read_at.saturating_add(ttl_seconds)).then_some(self.cutoff)
+        (now < i64::from(self.read_at).saturating_add(ttl_seconds)).then(|| self.cutoff())
     }
 }
 
-/// One store read's outcome, shared by every request that missed on the same key.
-type Read = Shared<BoxFuture<'static, StoreAnswer>>;
+/// One store read's outcome, shared by every request that missed on the same key
+/// (behind an `Arc`, to keep a [`Slot`] at 16 bytes).
+type Read = Arc<Shared<BoxFuture<'static, StoreAnswer>>>;
 
 /// What a table holds for a key.
 #[derive(Clone)]
 enum Slot {
-    Ready(Cached),
+    /// A [`Cached`], its fields inline so that the tag fits beside them.
+    Ready {
+        cutoff: i64,
+        read_at: u32,
+    },
     Reading(Read),
 }
 
+const _: () = assert!(std::mem::size_of::<Slot>() == 16);
+
+impl From<Cached> for Slot {
+    fn from(cached: Cached) -> Self {
+        Slot::Ready {
+            cutoff: cached.cutoff,
+            read_at: cached.read_at,
+        }
+    }
+}
+
 impl Slot {
-    fn fresh(&self, now: i64, ttl_seconds: i64) -> Option<Option<Cutoff>> {
-        match self {
-            Slot::Ready(cached) => cached.fresh(now, ttl_seconds),
+    fn ready(&self) -> Option<Cached> {
+        match *self {
+            Slot::Ready { cutoff, read_at } => Some(Cached { cutoff, read_at }),
             Slot::Reading(_) => None,
         }
+    }
+
+    fn fresh(&self, now: i64, ttl_seconds: i64) -> Option<Option<Cutoff>> {
+        self.ready()?.fresh(now, ttl_seconds)
     }
 
     /// Whether a miss should start a new read instead of joining this slot: a stale
     /// answer, or a read that ended without leaving an answer behind it.
     fn replaceable(&self, now: i64, ttl_seconds: i64) -> bool {
         match self {
-            Slot::Ready(cached) => cached.fresh(now, ttl_seconds).is_none(),
             Slot::Reading(read) => read.peek().is_some(),
+            ready => ready.fresh(now, ttl_seconds).is_none(),
         }
     }
 }
@@ -202,11 +236,11 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Table<K> {
             if copied == capacity {
                 break;
             }
-            let Slot::Ready(cached) = slot else { continue };
+            let Some(cached) = slot.ready() else { continue };
             if fresh.contains_key(&*key) {
                 continue;
             }
-            fresh.insert(K::clone(&key), Slot::Ready(cached));
+            fresh.insert(K::clone(&key), cached.into());
             if !old.contains_key(&*key) {
                 fresh.invalidate(&*key);
             }
@@ -453,8 +487,8 @@ impl RevocationCache {
             )
             .into_value();
         match slot {
-            Slot::Ready(cached) => Ok(cached.cutoff),
-            Slot::Reading(read) => read.await,
+            Slot::Ready { .. } => Ok(slot.ready().and_then(Cached::cutoff)),
+            Slot::Reading(read) => Shared::clone(&read).await,
         }
     }
 
@@ -479,6 +513,7 @@ impl RevocationCache {
         }
         .boxed()
         .shared()
+        .into()
     }
 
     /// Puts a read's answer in the table, unless an invalidation overtook the read;
@@ -490,7 +525,7 @@ impl RevocationCache {
                 table
                     .current
                     .load()
-                    .insert(key.clone(), Slot::Ready(Cached::now(*cutoff)));
+                    .insert(key.clone(), Cached::now(*cutoff).into());
                 // An invalidation may have landed between the check and the insert;
                 // its own removal then ran before our insert, so take the answer out
                 // again. SeqCst here and on the bump: store-buffering between the two
@@ -908,10 +943,7 @@ mod tests {
                 app: app.clone(),
                 user: user.clone(),
             },
-            Slot::Ready(Cached {
-                cutoff: None,
-                read_at: now - 10,
-            }),
+            Cached::at(None, now - 10).into(),
         );
         cache.cutoff(&app, &user).await.unwrap();
         assert_eq!(store.reads.load(Ordering::SeqCst), 2);
