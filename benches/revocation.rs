@@ -1,6 +1,7 @@
 //! What the revocation check costs per request, next to the bare token verify in the
-//! same run; and a cache miss against a real Redis (when `redis-server` can be started
-//! and the `redis` feature is on). Target (issue 3): a cache hit adds at most 100 ns.
+//! same run; a cache miss against the in-memory store (the cache's own cost of a miss)
+//! and against a real Redis (when `redis-server` can be started and the `redis` feature
+//! is on). Target (issue 3): a cache hit adds at most 100 ns.
 //!
 //! `cargo bench --bench revocation --features redis`
 //!
@@ -224,6 +225,38 @@ fn bench_cache_hit(c: &mut Criterion) {
     group.finish();
 }
 
+fn bench_memory_miss(c: &mut Criterion) {
+    use criterion::BatchSize;
+
+    let runtime = runtime();
+    let config = config();
+    let cache = {
+        let _guard = runtime.enter();
+        RevocationCache::new(Arc::new(MemoryStore::new()), &config.revocation)
+    };
+    let app_key: Arc<str> = Arc::from("demo-key");
+    runtime.block_on(cache.app_cutoff(&app_key)).unwrap();
+    let mut next_user = 0u64;
+    let mut group = c.benchmark_group("revocation_miss");
+    // Each iteration a user never seen before: the store read is a hash map lookup, so
+    // this is what the cache itself costs on a miss (lookup, coalescing, insert).
+    group.bench_function("cache_miss_memory_store", |b| {
+        b.iter_batched(
+            || {
+                next_user += 1;
+                Arc::<str>::from(format!("user-{next_user:015}"))
+            },
+            |user| {
+                runtime
+                    .block_on(cache.user_cutoff(&app_key, &user))
+                    .unwrap()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
 #[cfg(feature = "redis")]
 fn bench_redis_miss(c: &mut Criterion) {
     use chatgate::config::{RevocationSettings, StoreErrorPolicy, StoreKind};
@@ -302,6 +335,6 @@ criterion_group! {
     config = Criterion::default()
         .measurement_time(Duration::from_secs(3))
         .warm_up_time(Duration::from_secs(1));
-    targets = bench_cache_hit, bench_redis_miss
+    targets = bench_cache_hit, bench_memory_miss, bench_redis_miss
 }
 criterion_main!(benches);
