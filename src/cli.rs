@@ -198,9 +198,11 @@ fn inspect_token(args: &InspectArgs) -> Result<(), String> {
     };
     let report = token::inspect(
         &token,
-        loaded
-            .as_ref()
-            .map(|(snapshot, app)| (&**app, &snapshot.auth)),
+        loaded.as_ref().map(|(snapshot, app)| token::InspectedApp {
+            api_key: &app.api_key,
+            keyring: app.keyring(),
+            rules: app.token_rules(&snapshot.auth),
+        }),
         crate::time::now_unix(),
     );
     let mut failed = false;
@@ -415,8 +417,13 @@ mod tests {
         };
         let token = create_token(&args).unwrap();
         let (snapshot, app) = load_app(file.path(), "k").unwrap();
-        let verified =
-            token::verify(&token, &app, &snapshot.auth, crate::time::now_unix()).unwrap();
+        let verified = token::verify(
+            &token,
+            app.keyring(),
+            &app.token_rules(&snapshot.auth),
+            crate::time::now_unix(),
+        )
+        .unwrap();
         assert_eq!(verified.claims.user_id.as_deref(), Some("alice"));
         let exp = verified.claims.expires_at.unwrap();
         assert!((exp - crate::time::now_unix() - 3600).abs() <= 2);

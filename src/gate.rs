@@ -434,7 +434,7 @@ fn authenticate(
     }
 
     let token = token.ok_or(AuthError::Malformed(Malformed::Missing))?;
-    let verified = token::verify(token, app, &config.auth, now)?;
+    let verified = token::verify(token, app.keyring(), &app.token_rules(&config.auth), now)?;
     let kind = match verified.kind {
         TokenKind::User => IdentityKind::User,
         TokenKind::Server => IdentityKind::Server,
