@@ -143,7 +143,7 @@ fn bench_cache_hit(c: &mut Criterion) {
     let runtime = runtime();
     let config = config();
     let app = config.app("demo-key").unwrap().clone();
-    let auth = config.auth.clone();
+    let rules = app.token_rules(&config.auth);
     let store = Arc::new(MemoryStore::new());
     let (gate, cache) = {
         let _guard = runtime.enter();
@@ -182,7 +182,7 @@ fn bench_cache_hit(c: &mut Criterion) {
     // Synchronous, as the gate runs them: the bare verify, and the revocation lookup the
     // gate adds for a user token (app and user cutoff, warm cache).
     group.bench_function("token_verify", |b| {
-        b.iter(|| token::verify(black_box(&alice), &app, &auth, now_unix()).unwrap())
+        b.iter(|| token::verify(black_box(&alice), app.keyring(), &rules, now_unix()).unwrap())
     });
     group.bench_function("cached_cutoff_hit", |b| {
         b.iter(|| {
@@ -207,7 +207,8 @@ fn bench_cache_hit(c: &mut Criterion) {
     });
     group.bench_function("token_verify_then_cached_cutoff", |b| {
         b.iter(|| {
-            let verified = token::verify(black_box(&alice), &app, &auth, now_unix()).unwrap();
+            let verified =
+                token::verify(black_box(&alice), app.keyring(), &rules, now_unix()).unwrap();
             let cutoff = cache.cached_cutoff(&app_key, &user, now).unwrap();
             (verified.claims.issued_at, cutoff)
         })

@@ -486,7 +486,7 @@ fn authenticate(
     }
 
     let token = token.ok_or(AuthError::Malformed(Malformed::Missing))?;
-    let verified = token::verify(token, app, &config.auth, now)?;
+    let verified = token::verify(token, app.keyring(), &app.token_rules(&config.auth), now)?;
     let claims = verified.claims;
     let app_key = app.api_key.clone();
     let identity = match (verified.kind, claims.user_id) {
