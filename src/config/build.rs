@@ -5,11 +5,12 @@
 
 use super::locate::Locator;
 use super::schema::{
-    RawApp, RawAuth, RawConfig, RawRevocation, RawServer, RawUpstream, StringOrList,
+    RawApp, RawAuth, RawConfig, RawLog, RawRevocation, RawServer, RawUpstream, StringOrList,
 };
 use super::{
-    App, AuthSettings, ConfigError, ConfigSnapshot, PublicPaths, RevocationSettings,
-    ServerSettings, StoreErrorPolicy, StoreKind, UpstreamSettings, content_hash,
+    App, AuthSettings, ConfigError, ConfigSnapshot, LogFormat, LogSettings, PublicPaths,
+    RevocationSettings, ServerSettings, StoreErrorPolicy, StoreKind, UpstreamSettings,
+    content_hash,
 };
 use crate::time::{Cutoff, now_unix, parse_stream_time};
 use std::collections::HashMap;
@@ -32,6 +33,7 @@ pub(super) fn build_settings(
         upstream: upstream(&raw.upstream, at)?,
         auth: auth(&raw.auth, at)?,
         revocation: revocation(&raw.revocation, at, base_dir)?,
+        log: log(&raw.log, at)?,
         apps: HashMap::default(),
         app_order: Vec::new(),
     })
@@ -98,6 +100,23 @@ fn server(server: &RawServer, at: &Locator) -> Result<ServerSettings, ConfigErro
         threads,
         work_stealing: server.work_stealing.unwrap_or(false),
         grace_period: Duration::from_secs(server.grace_period_seconds.unwrap_or(30)),
+    })
+}
+
+fn log(log: &RawLog, at: &Locator) -> Result<LogSettings, ConfigError> {
+    let format = match log.format.as_deref().unwrap_or("text") {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            return Err(at.error(
+                "log.format",
+                &format!("unknown format {other:?}: \"text\" or \"json\""),
+            ));
+        }
+    };
+    Ok(LogSettings {
+        format,
+        user_ids: log.user_ids.unwrap_or(true),
     })
 }
 

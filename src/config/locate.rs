@@ -113,9 +113,12 @@ impl<'a> Locator<'a> {
     pub(super) fn toml_error(&self, error: &toml::de::Error) -> ConfigError {
         let offset = error.span().map(|s| s.start).unwrap_or(0);
         let (line, column) = self.line_col(offset);
+        // A duplicate key makes toml_edit refuse the document too, so there is no tree
+        // to search: the key is read from the text at the error's offset.
         let key = self
             .key_at(offset)
             .or_else(|| quoted_field(error.message()))
+            .or_else(|| written_key_at(self.text, offset))
             .unwrap_or_else(|| "(document)".to_owned());
         ConfigError::Invalid {
             file: self.file.clone(),
@@ -200,6 +203,30 @@ fn key_in_value(value: &toml_edit::Value, offset: usize, path: &str) -> Option<S
     }
 }
 
+/// The dotted key written at `offset` (a `key =` line or a `[table]` header), under
+/// the table header above it, read from the text alone.
+fn written_key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?.trim();
+    let bare = |s: &str| s.trim().trim_matches('"').trim_matches('\'').to_owned();
+    if let Some(header) = line.strip_prefix('[') {
+        let name = header.trim_start_matches('[').split(']').next()?;
+        return Some(bare(name));
+    }
+    let (name, _) = line.split_once('=')?;
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .and_then(|h| h.trim_start_matches('[').split(']').next().map(bare));
+    Some(match table {
+        Some(table) => join_key(&table, &bare(name)),
+        None => bare(name),
+    })
+}
+
 fn quoted_field(message: &str) -> Option<String> {
     let start = message.find('`')? + 1;
     let end = start + message[start..].find('`')?;
@@ -233,5 +260,20 @@ mod tests {
         let cut = &VALID[..VALID.find("[[apps]]").unwrap()];
         let (_, _, key, _) = invalid(cut);
         assert_eq!(key, "apps");
+    }
+
+    #[test]
+    fn a_duplicate_key_or_table_is_named() {
+        let text = VALID.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nlisten = \"127.0.0.1:8081\"",
+        );
+        let (line, _, key, message) = invalid(&text);
+        assert_eq!((line, key.as_str()), (4, "server.listen"), "{message}");
+        assert!(message.contains("duplicate"), "{message}");
+
+        let text = VALID.replace("[auth]", "[server]\nthreads = 2\n[auth]");
+        let (_, _, key, message) = invalid(&text);
+        assert_eq!(key, "server", "{message}");
     }
 }

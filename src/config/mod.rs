@@ -5,11 +5,13 @@
 //!
 //! By concern: `schema` is the file as written, `build` validates it section by
 //! section, `locate` turns an error into a place, `diff` tells a reload what needs a
-//! restart. Every error names the file, `line:column` and the key, e.g.
+//! restart (and `config check` what a reload would change and which secrets are weak). Every error names the file, `line:column` and the key, e.g.
 //! `config.toml:14:1: apps[1].api_key: duplicate api_key "demo-key" (first defined at line 9)`.
 
 mod build;
 mod diff;
+
+pub use diff::{DEMO_SECRET, MIN_SECRET_BYTES};
 mod locate;
 mod schema;
 
@@ -76,6 +78,25 @@ pub struct ServerSettings {
     pub work_stealing: bool,
     /// How long in-flight requests get to finish after SIGTERM.
     pub grace_period: Duration,
+}
+
+/// `[log]`: the access log (`chatgate::access`) and the log format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// Text or JSON lines. Read once at start: a reload cannot change it.
+    pub format: LogFormat,
+    /// Put the verified user id in the access log (`false` for privacy-sensitive
+    /// deployments: the line keeps app and auth kind).
+    pub user_ids: bool,
+}
+
+/// `[log] format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (ANSI colour only on a terminal).
+    Text,
+    /// One JSON object a line, for log shippers.
+    Json,
 }
 
 /// `[upstream]`: where allowed requests go.
@@ -274,6 +295,8 @@ pub struct ConfigSnapshot {
     pub auth: AuthSettings,
     /// `[revocation]`.
     pub revocation: RevocationSettings,
+    /// `[log]`.
+    pub log: LogSettings,
     // foldhash: the table is fixed at load, so a caller's keys cannot flood it, and
     // the lookup is on every request.
     apps: HashMap<Arc<str>, Arc<App>, foldhash::fast::RandomState>,

@@ -16,6 +16,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) revocation: RawRevocation,
     #[serde(default)]
+    pub(super) log: RawLog,
+    #[serde(default)]
     pub(super) apps: Vec<RawApp>,
 }
 
@@ -61,6 +63,13 @@ pub(super) struct RawRevocation {
     pub(super) cache_capacity: Option<u64>,
     pub(super) on_store_error: Option<String>,
     pub(super) store_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLog {
+    pub(super) format: Option<String>,
+    pub(super) user_ids: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,6 +1,14 @@
 //! The admin listener (`[server] admin_listen`): `/healthz`, `/readyz`, `/metrics`,
 //! `/config`. A small axum server, run as a Pingora background service so it starts and
 //! stops with the proxy.
+//!
+//! `/readyz` answers what a load balancer needs to know before sending traffic: 200
+//! only when the proxy's listener accepts connections, a config with apps is loaded
+//! and the revocation store answers; otherwise 503 with the reason of each check. A
+//! draining instance (after SIGTERM or SIGQUIT) is 503 `draining` while this listener
+//! stays up, so the balancer sees it leave instead of a refused connection. The
+//! listener check connects to the proxy's port: Pingora binds it on its own runtime
+//! and says nothing when that fails, so asking the socket is the honest answer.
 
 use super::metrics::ProxyMetrics;
 use crate::reload::ConfigHandle;
@@ -11,11 +19,67 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Longest `/readyz` waits for the revocation store's ping.
 const READY_PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest `/readyz` waits for the proxy's listener to accept a connection.
+const READY_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What `/readyz` cannot read from the config or the store: where the proxy listens
+/// and whether it is draining.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    listen: Option<SocketAddr>,
+    draining: AtomicBool,
+}
+
+impl Readiness {
+    /// Readiness of a proxy listening on `listen` (`None`: no listener to check).
+    pub fn new(listen: Option<SocketAddr>) -> Self {
+        Readiness {
+            listen,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The proxy stopped accepting: `/readyz` says 503 `draining` from now on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Readiness::start_draining`] was called.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether the proxy's listener accepts a connection.
+    async fn listener(&self) -> Result<(), String> {
+        let Some(mut address) = self.listen else {
+            return Ok(());
+        };
+        // A wildcard listener is reached on loopback.
+        if address.ip().is_unspecified() {
+            address.set_ip(match address {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        match tokio::time::timeout(
+            READY_CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(address),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(format!("listener {address} not accepting: {error}")),
+            Err(_) => Err(format!("listener {address} did not accept in time")),
+        }
+    }
+}
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -26,6 +90,8 @@ pub struct AdminState {
     pub cache: Arc<RevocationCache>,
     /// The proxy's metrics.
     pub metrics: Arc<ProxyMetrics>,
+    /// The listener and drain state `/readyz` reports.
+    pub readiness: Arc<Readiness>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -60,17 +126,29 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
+    let draining = state.readiness.draining();
     let config_loaded = state.config.load().apps().next().is_some();
-    let store = match tokio::time::timeout(READY_PING_TIMEOUT, state.cache.store().ping()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(error.to_string()),
-        Err(_) => Err("revocation store did not answer in time".to_owned()),
+    let (store, listener) = tokio::join!(
+        async {
+            match tokio::time::timeout(READY_PING_TIMEOUT, state.cache.store().ping()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err("revocation store did not answer in time".to_owned()),
+            }
+        },
+        state.readiness.listener()
+    );
+    let ready = !draining && config_loaded && store.is_ok() && listener.is_ok();
+    let reason = |check: &Result<(), String>| match check {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => e.clone(),
     };
-    let ready = config_loaded && store.is_ok();
     let body = serde_json::json!({
         "ready": ready,
+        "draining": draining,
+        "listener": reason(&listener),
         "config": if config_loaded { "ok" } else { "no apps configured" },
-        "store": match &store { Ok(()) => "ok", Err(e) => e.as_str() },
+        "store": reason(&store),
     });
     let status = if ready {
         StatusCode::OK
@@ -81,6 +159,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
+    state.metrics.observe_config(&state.config);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(&state.cache),
@@ -134,6 +213,7 @@ mod tests {
             config: ConfigHandle::new(config),
             cache,
             metrics: Arc::new(ProxyMetrics::new()),
+            readiness: Arc::new(Readiness::new(None)),
         }
     }
 
@@ -151,5 +231,38 @@ mod tests {
         let config: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert!(config["content_hash"].is_string());
         assert_eq!(config["apps"], 1);
+    }
+
+    #[tokio::test]
+    async fn readyz_is_503_with_the_reason_while_draining_or_not_listening() {
+        let state = state();
+        state.readiness.start_draining();
+        let (status, text) = get_text(state, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+        let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (&body["ready"], &body["draining"]),
+            (&false.into(), &true.into())
+        );
+
+        // A port nothing listens on: bound, then released.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut state = super::tests::state();
+        state.readiness = Arc::new(Readiness::new(Some(closed)));
+        let (status, text) = get_text(state.clone(), "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+        let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            body["listener"].as_str().unwrap().contains("not accepting"),
+            "{body}"
+        );
+
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        state.readiness = Arc::new(Readiness::new(Some(open.local_addr().unwrap())));
+        let (status, text) = get_text(state, "/readyz").await;
+        assert_eq!(status, StatusCode::OK, "{text}");
     }
 }

@@ -1,5 +1,6 @@
 //! [`EdgeProxy`]: the `ProxyHttp` that `chatgate serve` runs.
 
+use super::access_log::AccessRecord;
 use super::filter::{ChatAuthFilter, Verdict, write_rejection};
 use super::live::LiveWatch;
 use super::metrics::ProxyMetrics;
@@ -57,6 +58,8 @@ pub struct EdgeCtx {
     pub peer: Option<usize>,
     /// An open WebSocket's token watch: ends the connection when the token does.
     pub live: Option<LiveWatch>,
+    /// What the access log line of this request says.
+    pub access: AccessRecord,
 }
 
 impl EdgeProxy {
@@ -90,7 +93,12 @@ impl ProxyHttp for EdgeProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         ctx.websocket = RequestParts::from(&**session.req_header()).is_websocket_upgrade();
-        match self.auth.request_filter(session).await? {
+        let (verdict, refused) = self.auth.decide(session).await?;
+        if let Some(refused) = refused {
+            ctx.access.code = Some(refused.code);
+            ctx.access.refused_app = Some(refused.app);
+        }
+        match verdict {
             Verdict::Responded => Ok(true),
             Verdict::Forward(identity) => {
                 ctx.identity = identity;
@@ -118,6 +126,7 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
         ctx.attempts += 1;
+        ctx.access.upstream_picked();
         let config = self.auth.gate().config().load();
         let (index, peer) = self.upstreams.pick(&config, ctx.websocket, ctx.peer);
         ctx.peer = Some(index);
@@ -144,6 +153,7 @@ impl ProxyHttp for EdgeProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        ctx.access.upstream_answered();
         if ctx.websocket
             && !ctx.websocket_open
             && upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
@@ -240,6 +250,7 @@ impl ProxyHttp for EdgeProxy {
             _ => (AuthError::UpstreamUnavailable, "unavailable"),
         };
         self.metrics().upstream_error(label);
+        ctx.access.code = Some(error.code());
         let status = error.status().as_u16();
         // Only a response not yet started can still be answered; otherwise the client
         // sees the connection close mid-body, which is all HTTP allows.
@@ -256,11 +267,15 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
-    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         if ctx.websocket_open {
             ctx.websocket_open = false;
             self.metrics().websocket_closed();
         }
+        let status = session.response_written().map(|r| r.status.as_u16());
+        self.metrics().response(status, ctx.access.upstream_time);
+        let config = self.auth.gate().config().load();
+        ctx.access.emit(session, ctx.identity.as_ref(), &config);
     }
 
     // Pingora's default summary includes the query string, where WebSocket clients send

@@ -106,6 +106,15 @@ impl ChatAuthFilter {
     /// the config asks for (and never the client's own). `Err` is an I/O error on the
     /// client connection.
     pub async fn request_filter(&self, session: &mut Session) -> pingora::Result<Verdict> {
+        Ok(self.decide(session).await?.0)
+    }
+
+    /// [`ChatAuthFilter::request_filter`], also saying what was refused (for the
+    /// access log).
+    pub(crate) async fn decide(
+        &self,
+        session: &mut Session,
+    ) -> pingora::Result<(Verdict, Option<Refused>)> {
         strip_identity_headers(session);
         let started = Instant::now();
         let decision = self
@@ -114,7 +123,7 @@ impl ChatAuthFilter {
             .await;
         self.metrics.observe_check(started.elapsed());
         let identity = match decision {
-            Ok(Decision::Public) => return Ok(Verdict::Forward(None)),
+            Ok(Decision::Public) => return Ok((Verdict::Forward(None), None)),
             Ok(Decision::Allow(identity)) => Ok(identity),
             Ok(Decision::Revocation(identity, endpoint)) => {
                 self.revocation(session, identity, endpoint).await?
@@ -127,10 +136,11 @@ impl ChatAuthFilter {
                 if self.gate.config().load().upstream.forward_identity {
                     set_identity_headers(session, &identity)?;
                 }
-                Ok(Verdict::Forward(Some(identity)))
+                Ok((Verdict::Forward(Some(identity)), None))
             }
             Err(error) => {
-                self.metrics.denied(&self.app_label(session), &error);
+                let app = self.app_label(session);
+                self.metrics.denied(&app, &error);
                 tracing::debug!(
                     target: "chatgate::proxy",
                     code = error.code(),
@@ -139,7 +149,11 @@ impl ChatAuthFilter {
                     "request refused"
                 );
                 respond(session, &error).await?;
-                Ok(Verdict::Responded)
+                let refused = Refused {
+                    code: error.code(),
+                    app,
+                };
+                Ok((Verdict::Responded, Some(refused)))
             }
         }
     }
@@ -181,6 +195,15 @@ impl ChatAuthFilter {
             .and_then(|(_, key)| config.app(&key).map(|app| app.api_key.to_string()))
             .unwrap_or_else(|| UNKNOWN_APP.to_owned())
     }
+}
+
+/// A refusal, as the access log reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refused {
+    /// The Stream error code.
+    pub(crate) code: i32,
+    /// The metrics' app label: a configured api_key or `unknown`.
+    pub(crate) app: String,
 }
 
 impl std::fmt::Debug for ChatAuthFilter {

@@ -1,16 +1,30 @@
 //! Prometheus metrics of the edge proxy, served on the admin listener's `/metrics`.
+//!
+//! Every series exists from the first scrape, zero where nothing happened yet: a rate
+//! or an alert over a series that appears only with its first event sees no change
+//! from "absent" to 1 and stays silent. So the labelled families are created up front
+//! for their known label values (status classes, upstream error kinds, configured
+//! apps, also after a reload adds one); only refusals, whose (app, code, reason)
+//! combinations are many, appear with their first event. Figures owned elsewhere (the
+//! revocation cache's counters, the reload counters) are copied in at scrape time.
 
 use crate::error::AuthError;
+use crate::reload::ConfigHandle;
 use crate::revocation::RevocationCache;
 use arc_swap::ArcSwap;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// `upstream_error` kinds, created at zero.
+const UPSTREAM_ERROR_KINDS: [&str; 2] = ["unavailable", "timeout"];
+/// Status classes of `chatgate_responses_total`, index = status / 100 - 1.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Label used for requests whose `api_key` names no configured app: arbitrary client
 /// input must not become a label value (unbounded series).
@@ -31,6 +45,11 @@ pub struct ProxyMetrics {
     cache_misses: IntCounter,
     store_errors: IntCounter,
     cache_entries: IntGauge,
+    /// Looked up once: counted on every response.
+    responses: [IntCounter; 5],
+    upstream_seconds: Histogram,
+    reloads: IntCounterVec,
+    last_reload_success: Gauge,
     /// Serialises the copy of the cache's atomics into the counters, so two concurrent
     /// scrapes cannot add the same delta twice.
     sync: Mutex<()>,
@@ -100,8 +119,63 @@ impl ProxyMetrics {
             "Cutoffs (or their absence) currently cached",
         )
         .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "chatgate_build_info",
+                "Always 1; the labels say which chatgate runs",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let responses_by_class = IntCounterVec::new(
+            Opts::new(
+                "chatgate_responses_total",
+                "Responses sent to clients (refusals and upstream failures included), by status class",
+            ),
+            &["class"],
+        )
+        .expect("valid metric");
+        let responses = STATUS_CLASSES.map(|class| responses_by_class.with_label_values(&[class]));
+        let upstream_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "chatgate_upstream_response_seconds",
+                "From picking an upstream to its response head (connect included)",
+            )
+            .buckets(vec![
+                0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+        )
+        .expect("valid metric");
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "chatgate_config_reloads_total",
+                "Config reloads, by result (success: swapped in; failure: kept the running config)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for result in ["success", "failure"] {
+            reloads.with_label_values(&[result]);
+        }
+        let last_reload_success = Gauge::new(
+            "chatgate_config_last_reload_success_timestamp_seconds",
+            "Unix time the running config was loaded (at start or by the last successful reload)",
+        )
+        .expect("valid metric");
+        for kind in UPSTREAM_ERROR_KINDS {
+            upstream_errors.with_label_values(&[kind]);
+        }
         for collector in [
             Box::new(allowed.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(build_info),
+            Box::new(responses_by_class),
+            Box::new(upstream_seconds.clone()),
+            Box::new(reloads.clone()),
+            Box::new(last_reload_success.clone()),
             Box::new(denied.clone()),
             Box::new(check_seconds.clone()),
             Box::new(websockets_open.clone()),
@@ -113,6 +187,13 @@ impl ProxyMetrics {
         ] {
             registry.register(collector).expect("unique metric names");
         }
+        // CPU, memory, file descriptors and start time of this process (Linux).
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric names");
         ProxyMetrics {
             registry,
             allowed,
@@ -125,6 +206,10 @@ impl ProxyMetrics {
             cache_misses,
             store_errors,
             cache_entries,
+            responses,
+            upstream_seconds,
+            reloads,
+            last_reload_success,
             sync: Mutex::new(()),
         }
     }
@@ -176,6 +261,42 @@ impl ProxyMetrics {
     /// Counts a request that failed at the upstream (`unavailable`, `timeout`).
     pub fn upstream_error(&self, kind: &str) {
         self.upstream_errors.with_label_values(&[kind]).inc();
+    }
+
+    /// Counts a response sent to a client (`None`: the client got none) and how long
+    /// the upstream took to answer, if it was asked.
+    pub fn response(&self, status: Option<u16>, upstream: Option<Duration>) {
+        if let Some(counter) = status
+            .and_then(|s| (s / 100).checked_sub(1))
+            .and_then(|class| self.responses.get(usize::from(class)))
+        {
+            counter.inc();
+        }
+        if let Some(upstream) = upstream {
+            self.upstream_seconds.observe(upstream.as_secs_f64());
+        }
+    }
+
+    /// Copies the reload counters and the last load time in, and creates the
+    /// allowed-requests series of every configured app (a reload may add one).
+    pub fn observe_config(&self, config: &ConfigHandle) {
+        let _guard = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+        let status = config.status();
+        for (result, now) in [
+            ("success", status.reloads_ok),
+            ("failure", status.reloads_failed),
+        ] {
+            let counter = self.reloads.with_label_values(&[result]);
+            counter.inc_by(now.saturating_sub(counter.get()));
+        }
+        let loaded = status
+            .loaded_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_reload_success.set(loaded.as_secs_f64());
+        for app in config.load().apps() {
+            self.allowed.with_label_values(&[&*app.api_key]);
+        }
     }
 
     /// The Prometheus text exposition, with the revocation cache's counters copied in.
@@ -259,5 +380,71 @@ mod tests {
         assert!(text.contains("chatgate_revocation_cache_hits_total 7"));
         assert!(text.contains("chatgate_revocation_cache_misses_total 2"));
         assert!(text.contains("chatgate_revocation_store_errors_total 0"));
+    }
+
+    #[test]
+    fn every_series_is_there_before_its_first_event() {
+        let metrics = ProxyMetrics::new();
+        let config = ConfigHandle::new(ConfigSnapshot::with_apps(vec![crate::config::App::new(
+            "demo-key",
+            vec!["s".into()],
+        )]));
+        metrics.observe_config(&config);
+        let cache = RevocationCache::new(
+            Arc::new(MemoryStore::new()),
+            &ConfigSnapshot::with_apps(vec![]).revocation,
+        );
+        let text = metrics.render(&cache);
+        for series in [
+            concat!(
+                "chatgate_build_info{version=\"",
+                env!("CARGO_PKG_VERSION"),
+                "\"} 1"
+            ),
+            r#"chatgate_responses_total{class="2xx"} 0"#,
+            r#"chatgate_responses_total{class="5xx"} 0"#,
+            "chatgate_upstream_response_seconds_count 0",
+            r#"chatgate_config_reloads_total{result="success"} 0"#,
+            r#"chatgate_config_reloads_total{result="failure"} 0"#,
+            r#"chatgate_upstream_errors_total{kind="timeout"} 0"#,
+            r#"chatgate_requests_allowed_total{app="demo-key"} 0"#,
+            "chatgate_websockets_open 0",
+            "process_start_time_seconds",
+            "process_resident_memory_bytes",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+        let loaded: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("chatgate_config_last_reload_success_timestamp_seconds "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(loaded > 1.7e9, "{loaded}");
+    }
+
+    #[test]
+    fn responses_are_counted_by_class_and_upstream_time_observed() {
+        let metrics = ProxyMetrics::new();
+        metrics.response(Some(200), Some(Duration::from_millis(3)));
+        metrics.response(Some(401), None);
+        metrics.response(Some(502), Some(Duration::from_secs(1)));
+        metrics.response(None, None);
+        metrics.response(Some(99), None);
+        let cache = RevocationCache::new(
+            Arc::new(MemoryStore::new()),
+            &ConfigSnapshot::with_apps(vec![]).revocation,
+        );
+        let text = metrics.render(&cache);
+        for series in [
+            r#"chatgate_responses_total{class="1xx"} 0"#,
+            r#"chatgate_responses_total{class="2xx"} 1"#,
+            r#"chatgate_responses_total{class="4xx"} 1"#,
+            r#"chatgate_responses_total{class="5xx"} 1"#,
+            "chatgate_upstream_response_seconds_count 2",
+            r#"chatgate_upstream_response_seconds_bucket{le="0.005"} 1"#,
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! - [`EdgeProxy`] is the `ProxyHttp` the binary runs: round robin over
 //!   `[upstream] addresses`, retries of failed connects for idempotent requests,
 //!   optional TLS, WebSockets with long idle timeouts, JSON 502/504 on upstream failure;
+//! - [`access_log`] writes one line per request (target `chatgate::access`);
 //! - [`admin`] serves `/healthz`, `/readyz`, `/metrics` and `/config`;
 //! - [`run`] wires them into a Pingora `Server` that stops on a [`Shutdown`] of the
 //!   caller's choice: Unix signals for `chatgate serve`, any future for a test or an
@@ -17,6 +18,7 @@
 //! listening sockets to a new process started with `chatgate serve --upgrade`
 //! (zero-downtime upgrade), then drains like SIGTERM.
 
+pub mod access_log;
 pub mod admin;
 mod edge;
 mod filter;
@@ -134,6 +136,15 @@ pub enum ServeError {
     /// `[upstream]` gives no peer.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// `[server] listen` could not be bound (Pingora would retry it for 30 s and then
+    /// leave the process running without a proxy listener).
+    #[error("cannot listen on {address} ([server] listen): {source}")]
+    Listen {
+        /// The configured address.
+        address: std::net::SocketAddr,
+        /// The bind error.
+        source: std::io::Error,
+    },
     /// `[server] admin_listen` could not be bound.
     #[error("admin_listen {address}: {source}")]
     AdminListen {
@@ -168,6 +179,17 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
+    if !options.upgrade {
+        // Pingora binds on its own runtime, retrying for 30 s and then running on
+        // without the listener while `/readyz` cannot tell why; a trial bind here turns
+        // a busy or forbidden port into an error and a non-zero exit. (During an
+        // upgrade the running instance holds the port and hands it over.)
+        let address = snapshot.server.listen;
+        drop(
+            std::net::TcpListener::bind(address)
+                .map_err(|source| ServeError::Listen { address, source })?,
+        );
+    }
     let store = support.block_on(open_store(&snapshot.revocation))?;
     let cache = RevocationCache::new(store, &snapshot.revocation);
     let gate = Gate::new(config.clone(), cache.clone());
@@ -221,6 +243,7 @@ pub fn run(
                     config: config.clone(),
                     cache: cache.clone(),
                     metrics,
+                    readiness: Arc::new(admin::Readiness::new(Some(snapshot.server.listen))),
                 },
             },
         ));
@@ -340,8 +363,14 @@ impl BackgroundService for AdminService {
                 return;
             }
         };
+        // The admin listener outlives the drain: `/readyz` turns 503 `draining` when
+        // the proxy stops accepting, and the listener ends with Pingora's runtimes
+        // after the grace period, so a balancer polling it sees the instance leave.
+        let readiness = self.state.readiness.clone();
         let stop = async move {
             let _ = shutdown.changed().await;
+            readiness.start_draining();
+            std::future::pending::<()>().await;
         };
         if let Err(error) = admin::serve(listener, self.state.clone(), stop).await {
             tracing::error!(target: "chatgate::proxy", %error, "admin listener stopped");

@@ -68,6 +68,12 @@ impl Keyring {
         self.secrets.len()
     }
 
+    /// The secrets, for the config's own checks (weak or demo secrets, reload
+    /// differences); never leaves the crate.
+    pub(crate) fn secrets(&self) -> &[String] {
+        &self.secrets
+    }
+
     /// The position (0 = the signing secret) of the first secret whose HMAC-SHA256 of
     /// `signing_input` is `tag`, if any. Each comparison is constant time.
     pub fn matching_secret(&self, signing_input: &[u8], tag: &[u8]) -> Option<usize> {

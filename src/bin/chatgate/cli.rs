@@ -13,7 +13,13 @@ use std::time::Duration;
 
 /// chatgate: an auth gate for Stream-style chat APIs.
 #[derive(Debug, Parser)]
-#[command(name = "chatgate", version, about, propagate_version = true)]
+#[command(
+    name = "chatgate",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "Examples:\n  chatgate serve --config config.toml\n  chatgate config check config.toml\n  chatgate token create --api-key demo-key --user alice --ttl 1h\n  chatgate revoke user alice --api-key demo-key\n\nEach subcommand's --help has its own examples."
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -24,15 +30,27 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Mint or explain tokens.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  chatgate token create --api-key demo-key --user alice --ttl 1h\n  chatgate token inspect \"$TOKEN\" --config config.toml --api-key demo-key"
+    )]
     Token(TokenCommand),
     /// Validate config files.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  chatgate config check config.toml"
+    )]
     Config(ConfigCommand),
     /// Run the edge proxy (and its admin listener) with a config file.
+    #[command(
+        after_help = "Examples:\n  chatgate serve --config config.toml\n  RUST_LOG=chatgate=debug chatgate serve --config /etc/chatgate/config.toml\n  # zero-downtime upgrade: start the new binary, then SIGQUIT the old one\n  chatgate serve --config config.toml --upgrade && kill -QUIT <old pid>\n\nSignals: SIGHUP reloads the config, SIGTERM drains and exits, SIGINT exits at once."
+    )]
     Serve(ServeArgs),
     /// Revoke (or un-revoke) tokens in the configured revocation store.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  chatgate revoke user alice --api-key demo-key\n  chatgate revoke app --api-key demo-key --clear"
+    )]
     Revoke(RevokeCommand),
 }
 
@@ -40,8 +58,14 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Mint a user token (or a server token with --server), signed with the app's first secret.
+    #[command(
+        after_help = "Examples:\n  chatgate token create --api-key demo-key --user alice --ttl 1h\n  chatgate token create --api-key demo-key --user alice --no-iat\n  chatgate token create --api-key demo-key --server\n  TOKEN=$(chatgate token create --config /etc/chatgate/config.toml --api-key demo-key --user alice)"
+    )]
     Create(CreateArgs),
     /// Decode a token and say which check passes or fails and why.
+    #[command(
+        after_help = "Examples:\n  chatgate token inspect \"$TOKEN\"\n  chatgate token inspect \"$TOKEN\" --config config.toml --api-key demo-key\n  echo \"$TOKEN\" | chatgate token inspect - --config config.toml --api-key demo-key\n\nExit status 1 when a check fails. Secrets are never printed."
+    )]
     Inspect(InspectArgs),
 }
 
@@ -85,9 +109,15 @@ pub struct InspectArgs {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Validate a config file: exit 0 and a summary, or the error with file:line:column and key.
+    #[command(
+        after_help = "Examples:\n  chatgate config check config.toml\n  chatgate config check /etc/chatgate/config.toml && systemctl reload chatgate\n  # what a reload from running.toml to new.toml would change\n  chatgate config check running.toml new.toml\n\nWarnings (exit status 0): the demo secret, secrets shorter than 32 bytes."
+    )]
     Check {
         /// The file.
         file: PathBuf,
+        /// A second file: check it too and print what replacing FILE with it changes
+        /// (what a reload would do).
+        newer: Option<PathBuf>,
     },
 }
 
@@ -95,8 +125,14 @@ pub enum ConfigCommand {
 #[derive(Debug, Subcommand)]
 pub enum RevokeCommand {
     /// Revoke one user's tokens issued before a time (default: now), or clear that.
+    #[command(
+        after_help = "Examples:\n  chatgate revoke user alice --api-key demo-key\n  chatgate revoke user alice --api-key demo-key --before 2026-01-01T00:00:00Z\n  chatgate revoke user alice --api-key demo-key --clear"
+    )]
     User(RevokeUserArgs),
     /// Revoke every user token of the app issued before a time (default: now), or clear that.
+    #[command(
+        after_help = "Examples:\n  chatgate revoke app --api-key demo-key\n  chatgate revoke app --api-key demo-key --before \"2026-01-01 12:00:00\"\n  chatgate revoke app --api-key demo-key --clear"
+    )]
     App(RevokeArgs),
 }
 
@@ -174,6 +210,16 @@ pub enum CliError {
     /// The store is held by a running proxy; the message says how to go through it.
     #[error("{0}")]
     StoreLocked(String),
+    /// The running proxy refused or failed the revocation request.
+    #[error("the proxy on {address} answered {status}: {body}")]
+    ProxyRefused {
+        /// `[server] listen`.
+        address: std::net::SocketAddr,
+        /// The HTTP status.
+        status: u16,
+        /// The answer's body (a Stream error JSON from chatgate, or the upstream's).
+        body: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -204,7 +250,9 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Token(TokenCommand::Create(args)) => create_token(&args).map(|t| println!("{t}")),
         Command::Token(TokenCommand::Inspect(args)) => inspect_token(&args),
-        Command::Config(ConfigCommand::Check { file }) => check_config(&file),
+        Command::Config(ConfigCommand::Check { file, newer }) => {
+            check_config(&file, newer.as_deref())
+        }
         Command::Serve(args) => serve(&args).map_err(CliError::from),
         Command::Revoke(command) => revoke(&command).map(|done| println!("{done}")),
     };
@@ -288,7 +336,33 @@ fn inspect_token(args: &InspectArgs) -> Result<(), CliError> {
     }
 }
 
-fn check_config(file: &std::path::Path) -> Result<(), CliError> {
+fn check_config(file: &std::path::Path, newer: Option<&std::path::Path>) -> Result<(), CliError> {
+    let snapshot = check_one(file)?;
+    if let Some(newer) = newer {
+        let next = check_one(newer)?;
+        let changes = snapshot.changes_to(&next);
+        if changes.is_empty() {
+            println!(
+                "a reload from {} to {} changes nothing",
+                file.display(),
+                newer.display()
+            );
+        } else {
+            println!(
+                "a reload from {} to {} changes:",
+                file.display(),
+                newer.display()
+            );
+            for change in changes {
+                println!("  {change}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads one file, prints its summary and its warnings (stderr, exit status kept).
+fn check_one(file: &std::path::Path) -> Result<ConfigSnapshot, CliError> {
     let snapshot = ConfigSnapshot::load(file)?;
     println!(
         "{}: ok ({} app(s), listen {}, upstream {}, store {:?}, hash {})",
@@ -299,7 +373,10 @@ fn check_config(file: &std::path::Path) -> Result<(), CliError> {
         snapshot.revocation.store,
         snapshot.content_hash
     );
-    Ok(())
+    for warning in snapshot.warnings() {
+        eprintln!("warning: {}: {warning}", file.display());
+    }
+    Ok(snapshot)
 }
 
 /// How long the CLI waits for the store (it is not on a request path, so more than
@@ -318,13 +395,6 @@ pub fn revoke(command: &RevokeCommand) -> Result<String, CliError> {
         RevokeCommand::App(args) => (None, args),
     };
     let (snapshot, app) = load_app(&args.config, &args.api_key)?;
-    if snapshot.revocation.store == chatgate::config::StoreKind::Memory {
-        return Err(CliError::MemoryStore {
-            config: args.config.clone(),
-            path: if target.is_some() { "users" } else { "app" },
-            api_key: args.api_key.clone(),
-        });
-    }
     let cutoff = if args.clear {
         None
     } else {
@@ -334,32 +404,46 @@ pub fn revoke(command: &RevokeCommand) -> Result<String, CliError> {
         .enable_all()
         .build()
         .map_err(CliError::Runtime)?;
-    runtime.block_on(async {
-        let store = open_cli_store(&snapshot.revocation, &app.api_key, target).await?;
-        let write = async {
-            match target {
-                Some(user) => {
-                    let change = chatgate::revocation::UserCutoffChange {
-                        user_id: user.to_owned(),
-                        cutoff,
-                    };
-                    store
-                        .set_user_cutoffs(&app.api_key, std::slice::from_ref(&change))
-                        .await
+    let through = runtime.block_on(async {
+        // The memory store lives inside the running proxy and an embedded file is
+        // locked by it: either way the change has to go through that proxy, as the
+        // API's own PATCH, so its cache and its store see it at once.
+        let held = match snapshot.revocation.store {
+            chatgate::config::StoreKind::Memory => Some(CliError::MemoryStore {
+                config: args.config.clone(),
+                path: if target.is_some() { "users" } else { "app" },
+                api_key: args.api_key.clone(),
+            }),
+            _ => match open_cli_store(&snapshot.revocation, &app.api_key, target).await {
+                Ok(store) => {
+                    write_to_store(&*store, &app.api_key, target, cutoff).await?;
+                    None
                 }
-                None => store.set_app_cutoff(&app.api_key, cutoff).await,
-            }
+                Err(locked @ CliError::StoreLocked(_)) => Some(locked),
+                Err(other) => return Err(other),
+            },
         };
-        match tokio::time::timeout(CLI_STORE_TIMEOUT, write).await {
-            Ok(written) => written.map_err(CliError::from),
-            Err(_) => Err(CliError::StoreTimeout),
+        let Some(held) = held else {
+            return Ok(None);
+        };
+        match revoke_through_proxy(&snapshot, &app, target, cutoff).await {
+            Ok(address) => Ok(Some(address)),
+            // Nobody listens: the recipe in `held` is all that can be said.
+            Err(ProxyCall::Unreachable) => Err(held),
+            Err(ProxyCall::Failed(error)) => Err(error),
         }
     })?;
     let whose = match target {
         Some(user) => format!("user {user:?} of app {:?}", &*app.api_key),
         None => format!("every user of app {:?}", &*app.api_key),
     };
-    let store = describe_store(&snapshot.revocation);
+    let store = match through {
+        Some(address) => format!(
+            "through the running proxy on {address}, {}",
+            describe_store(&snapshot.revocation)
+        ),
+        None => describe_store(&snapshot.revocation),
+    };
     Ok(match cutoff {
         Some(cutoff) => format!(
             "revoked tokens of {whose} issued before {} ({store})",
@@ -367,6 +451,134 @@ pub fn revoke(command: &RevokeCommand) -> Result<String, CliError> {
         ),
         None => format!("cleared the revocation cutoff of {whose} ({store})"),
     })
+}
+
+async fn write_to_store(
+    store: &dyn chatgate::revocation::RevocationStore,
+    api_key: &str,
+    target: Option<&str>,
+    cutoff: Option<chatgate::time::Cutoff>,
+) -> Result<(), CliError> {
+    let write = async {
+        match target {
+            Some(user) => {
+                let change = chatgate::revocation::UserCutoffChange {
+                    user_id: user.to_owned(),
+                    cutoff,
+                };
+                store
+                    .set_user_cutoffs(api_key, std::slice::from_ref(&change))
+                    .await
+            }
+            None => store.set_app_cutoff(api_key, cutoff).await,
+        }
+    };
+    match tokio::time::timeout(CLI_STORE_TIMEOUT, write).await {
+        Ok(written) => written.map_err(CliError::from),
+        Err(_) => Err(CliError::StoreTimeout),
+    }
+}
+
+/// Why [`revoke_through_proxy`] did not apply the change.
+enum ProxyCall {
+    /// Nothing accepted a connection on `[server] listen`.
+    Unreachable,
+    /// The proxy answered, but not with success (or the exchange broke off).
+    Failed(CliError),
+}
+
+/// Sends the revocation as the API's `PATCH /users` or `PATCH /app` to the proxy on
+/// `[server] listen`, with a one-minute server token minted from the app's secret.
+/// chatgate applies the cutoff durably before it forwards the request, so the answer
+/// is the proof. hyper's client, already in the tree through the proxy, speaks the
+/// HTTP/1.1 (a hand-written request would have to parse chunked answers itself).
+async fn revoke_through_proxy(
+    snapshot: &ConfigSnapshot,
+    app: &App,
+    target: Option<&str>,
+    cutoff: Option<chatgate::time::Cutoff>,
+) -> Result<std::net::SocketAddr, ProxyCall> {
+    use http_body_util::BodyExt as _;
+    let mut address = snapshot.server.listen;
+    if address.ip().is_unspecified() {
+        address.set_ip(match address {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let failed = |message: String| {
+        ProxyCall::Failed(CliError::ProxyRefused {
+            address,
+            status: 0,
+            body: message,
+        })
+    };
+    let stream = match tokio::time::timeout(
+        CLI_STORE_TIMEOUT,
+        tokio::net::TcpStream::connect(address),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(_)) | Err(_) => return Err(ProxyCall::Unreachable),
+    };
+    let when = cutoff.map_or(serde_json::Value::Null, |c| c.to_rfc3339().into());
+    let (path, body) = match target {
+        Some(user) => (
+            "users",
+            serde_json::json!({"users": [{"id": user, "set": {"revoke_tokens_issued_before": when}}]}),
+        ),
+        None => (
+            "app",
+            serde_json::json!({"revoke_tokens_issued_before": when}),
+        ),
+    };
+    let token = TokenBuilder::server()
+        .expires_in(Duration::from_secs(60))
+        .sign(app.signing_secret());
+    let api_key: String = form_urlencoded::byte_serialize(app.api_key.as_bytes()).collect();
+    let request = http::Request::patch(format!("/{path}?api_key={api_key}"))
+        .header(http::header::HOST, address.to_string())
+        .header(http::header::AUTHORIZATION, token)
+        .header("stream-auth-type", "jwt")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .map_err(|e| failed(e.to_string()))?;
+    let exchange = async {
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        let driver = tokio::spawn(connection);
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        driver.abort();
+        Ok::<_, String>((status, String::from_utf8_lossy(&body).trim().to_owned()))
+    };
+    let (status, body) = tokio::time::timeout(CLI_STORE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| failed("no answer within 10 s".into()))?
+        .map_err(failed)?;
+    if (200..300).contains(&status) {
+        Ok(address)
+    } else {
+        Err(ProxyCall::Failed(CliError::ProxyRefused {
+            address,
+            status,
+            body,
+        }))
+    }
 }
 
 /// `--before` (or now), rounded up to the whole second like the API's cutoffs.
@@ -451,11 +663,23 @@ fn locked_hint(
 mod tests {
     use super::*;
 
+    /// `[server] listen` on a loopback port nothing listens on: `revoke` tries the
+    /// running proxy there, and must not find one of another test or program.
+    fn closed_listen() -> String {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\n")
+    }
+
     fn config_file() -> tempfile::NamedTempFile {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(
             file.path(),
-            "[revocation]\nstore = \"memory\"\n[[apps]]\napi_key = \"k\"\nsecrets = [\"s\"]\n",
+            closed_listen()
+                + "[revocation]\nstore = \"memory\"\n[[apps]]\napi_key = \"k\"\nsecrets = [\"s\"]\n",
         )
         .unwrap();
         file
@@ -552,7 +776,8 @@ mod tests {
         let path = dir.path().join("config.toml");
         std::fs::write(
             &path,
-            "[revocation]\nstore = \"embedded\"\npath = \"revocations.db\"\n\
+            closed_listen()
+                + "[revocation]\nstore = \"embedded\"\npath = \"revocations.db\"\n\
              [[apps]]\napi_key = \"k\"\nsecrets = [\"s\"]\n",
         )
         .unwrap();

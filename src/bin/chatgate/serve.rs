@@ -5,8 +5,10 @@
 //! subscriber nor starts an upstream of its own.
 
 use chatgate::ConfigHandle;
+use chatgate::config::LogFormat;
 use chatgate::proxy::{self, RunOptions, Shutdown};
 use clap::Args;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 /// `chatgate serve`: run the edge proxy.
@@ -49,8 +51,13 @@ pub enum ServeError {
 /// Loads the config, starts the demo upstream when the config asks for it, and runs
 /// the proxy until a Unix signal stops it.
 pub fn serve(args: &ServeArgs) -> Result<(), ServeError> {
-    init_logging();
+    // The config names the log format, so it is read first; its errors are printed by
+    // the caller, not logged.
     let config = ConfigHandle::from_file(&args.config)?;
+    init_logging(config.load().log.format);
+    for warning in config.load().warnings() {
+        tracing::warn!(target: "chatgate::config", "{warning}");
+    }
     let mut options = RunOptions::default();
     options.upgrade = args.upgrade;
     options.upgrade_sock = args.upgrade_sock.clone();
@@ -68,14 +75,28 @@ pub fn serve(args: &ServeArgs) -> Result<(), ServeError> {
     Ok(served?)
 }
 
-fn init_logging() {
+/// Logs go to stderr (stdout stays free for a command's output), as text or JSON lines
+/// (`[log] format`), with ANSI colour only when stderr is a terminal: escape codes in a
+/// file or journald are noise. Read once: a reload cannot change the format.
+fn init_logging(format: LogFormat) {
     // Pingora logs through `log`; tracing-subscriber forwards it.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        // Fields at the top level of each object, where log shippers look for them.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+    };
 }
 
 /// The built-in demo chat API ([`chatgate::demo`]) on the first upstream address

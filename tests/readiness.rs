@@ -1,0 +1,98 @@
+//! Honest readiness and shutdown, through the `chatgate` binary: `/readyz` is 200 only
+//! while the proxy's listener accepts, 503 `draining` (on a still-open admin port)
+//! after SIGTERM, and a listen port that cannot be bound ends the process at once with
+//! the address in the message and a non-zero exit.
+
+#[path = "common/proxy_harness.rs"]
+mod harness;
+
+use harness::*;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn readyz_checks_the_listener_and_turns_503_draining_while_the_admin_port_stays_up() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let mut proxy = Proxy::start(ProxyOptions {
+        upstreams: vec![upstream.address.to_string()],
+        ..ProxyOptions::default()
+    })
+    .await;
+    let client = reqwest::Client::builder().timeout(STEP).build().unwrap();
+    let ready = client.get(proxy.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(
+        (&body["listener"], &body["draining"]),
+        (&"ok".into(), &false.into())
+    );
+
+    proxy.terminate();
+    // The harness's grace period is 3 s: the admin port answers through it.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let body = loop {
+        let response = client.get(proxy.admin_url("/readyz")).send().await.unwrap();
+        if response.status() == 503 {
+            break response.json::<serde_json::Value>().await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "/readyz still 200 after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (&body["ready"], &body["draining"]),
+        (&false.into(), &true.into())
+    );
+    let health = client
+        .get(proxy.admin_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        health.status(),
+        200,
+        "the admin listener is up during the drain"
+    );
+    let status = proxy.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn a_busy_listen_port_ends_the_process_with_the_address_and_a_failure_status() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = busy.local_addr().unwrap();
+    let config = format!(
+        "[server]\nlisten = \"{address}\"\nadmin_listen = \"off\"\nthreads = 1\n\
+         [upstream]\naddresses = [\"127.0.0.1:9\"]\n\
+         [revocation]\nstore = \"memory\"\n\
+         [[apps]]\napi_key = \"k\"\nsecrets = [\"s\"]\n"
+    );
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(file.path(), config).unwrap();
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatgate"))
+        .args(["serve", "--config"])
+        .arg(file.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the chatgate binary runs");
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > STEP {
+            let _ = child.kill();
+            panic!("chatgate kept running with its listen port taken");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!status.success());
+    assert!(
+        stderr.contains(&address.to_string()) && stderr.contains("[server] listen"),
+        "{stderr}"
+    );
+    drop(busy);
+}
