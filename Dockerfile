@@ -11,7 +11,7 @@
 
 # --- build -----------------------------------------------------------------------
 FROM rust:1-bookworm AS build
-# cmake: Pingora's zlib-ng; pkg-config + libssl-dev: Pingora's OpenSSL (build.rs says so
+# cmake: Pingora's zlib-ng; pkg-config + libssl-dev: Pingora's OpenSSL (scripts/cmake says so
 # when one is missing).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends cmake pkg-config libssl-dev \
