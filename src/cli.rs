@@ -326,7 +326,10 @@ fn describe_store(settings: &crate::config::RevocationSettings) -> String {
     match settings.store {
         StoreKind::Memory => "store: memory".into(),
         StoreKind::Embedded => format!("store: embedded {}", settings.path.display()),
-        StoreKind::Redis => format!("store: redis {}", settings.redis_url),
+        StoreKind::Redis => format!(
+            "store: redis {}",
+            crate::config::redact_url(&settings.redis_url)
+        ),
     }
 }
 

@@ -111,6 +111,13 @@ struct RawRevocation {
     cache_capacity: Option<u64>,
     on_store_error: Option<String>,
     store_timeout_ms: Option<u64>,
+    // Redis in production (issue 15): see `RedisSettings`.
+    sentinels: Option<Vec<String>>,
+    sentinel_master: Option<String>,
+    redis_ca_file: Option<String>,
+    redis_password_env: Option<String>,
+    redis_password_file: Option<String>,
+    min_replicas_acked: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,7 +246,7 @@ pub enum StoreErrorPolicy {
 }
 
 /// `[revocation]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RevocationSettings {
     /// The backend.
     pub store: StoreKind,
@@ -255,7 +262,130 @@ pub struct RevocationSettings {
     pub on_store_error: StoreErrorPolicy,
     /// Longest wait for the store on a cache miss.
     pub store_timeout: Duration,
+    /// How the redis store reaches, authenticates to and trusts Redis.
+    pub redis: RedisSettings,
 }
+
+impl std::fmt::Debug for RevocationSettings {
+    // `redis_url` may hold a password: logs get the redacted form.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RevocationSettings")
+            .field("store", &self.store)
+            .field("path", &self.path)
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("cache_ttl", &self.cache_ttl)
+            .field("cache_capacity", &self.cache_capacity)
+            .field("on_store_error", &self.on_store_error)
+            .field("store_timeout", &self.store_timeout)
+            .field("redis", &self.redis)
+            .finish()
+    }
+}
+
+// === redis in production (issue 15): TLS, credentials, Sentinel, replica acks ===
+
+/// The `[revocation]` keys of the redis store beyond `redis_url`. None of them holds a
+/// secret: the password is read from `password_env` / `password_file` when the store
+/// connects, so it is never part of a config snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `sentinels`: `host:port` of Redis Sentinels; when set, they name the primary
+    /// (`sentinel_master`) and the host in `redis_url` is not used.
+    pub sentinels: Vec<String>,
+    /// `sentinel_master`: the name the sentinels monitor the primary under.
+    pub sentinel_master: Option<String>,
+    /// `redis_ca_file`: PEM CA(s) trusted for `rediss://` instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// `redis_password_env`: environment variable holding the password.
+    pub password_env: Option<String>,
+    /// `redis_password_file`: file holding the password (first line, trimmed).
+    pub password_file: Option<PathBuf>,
+    /// `min_replicas_acked`: replicas that must hold a revocation before it is
+    /// answered 2xx. `None`: 1 when the primary has replicas, else 0.
+    pub min_replicas_acked: Option<u32>,
+}
+
+/// `url` with the password of its user-info replaced by `***` (for logs, `/config`, the CLI).
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let user_info = &rest[..at];
+    let user = match user_info.split_once(':') {
+        Some((user, _password)) => format!("{user}:***"),
+        // `redis://secret@host`: a lone user-info is the password (legacy AUTH form).
+        None if !user_info.is_empty() => "***".to_owned(),
+        None => String::new(),
+    };
+    format!("{scheme}://{user}{}", &rest[at..])
+}
+
+fn build_redis_settings(
+    revocation: &RawRevocation,
+    at: &Locator,
+    base_dir: &Path,
+) -> Result<RedisSettings, ConfigError> {
+    let sentinels = revocation.sentinels.clone().unwrap_or_default();
+    for (i, sentinel) in sentinels.iter().enumerate() {
+        let valid = sentinel.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !valid {
+            return Err(at.error(
+                &format!("revocation.sentinels[{i}]"),
+                &format!("{sentinel:?} must be host:port"),
+            ));
+        }
+    }
+    let sentinel_master = revocation.sentinel_master.clone();
+    match (&sentinel_master, sentinels.is_empty()) {
+        (Some(name), false) if !name.is_empty() => {}
+        (None, true) => {}
+        (_, false) => {
+            return Err(at.error(
+                "revocation.sentinel_master",
+                "sentinels are set: name the monitored primary (sentinel_master = \"mymaster\")",
+            ));
+        }
+        (Some(_), true) => {
+            return Err(at.error(
+                "revocation.sentinel_master",
+                "needs sentinels = [\"host:port\", ...]",
+            ));
+        }
+    }
+    if revocation.redis_password_env.is_some() && revocation.redis_password_file.is_some() {
+        return Err(at.error(
+            "revocation.redis_password_file",
+            "set redis_password_env or redis_password_file, not both",
+        ));
+    }
+    if revocation.redis_password_env.as_deref() == Some("") {
+        return Err(at.error("revocation.redis_password_env", "must not be empty"));
+    }
+    let non_empty_path = |value: &Option<String>, key: &str| match value.as_deref() {
+        Some("") => Err(at.error(key, "must not be empty")),
+        Some(path) => Ok(Some(base_dir.join(path))),
+        None => Ok(None),
+    };
+    Ok(RedisSettings {
+        sentinels,
+        sentinel_master,
+        ca_file: non_empty_path(&revocation.redis_ca_file, "revocation.redis_ca_file")?,
+        password_env: revocation.redis_password_env.clone(),
+        password_file: non_empty_path(
+            &revocation.redis_password_file,
+            "revocation.redis_password_file",
+        )?,
+        min_replicas_acked: revocation.min_replicas_acked,
+    })
+}
+
+// === end of the redis settings ===
 
 /// One `[[apps]]` entry, with its HMAC keys prebuilt.
 pub struct App {
@@ -439,6 +569,7 @@ impl ConfigSnapshot {
         if self.revocation.store != newer.revocation.store
             || self.revocation.path != newer.revocation.path
             || self.revocation.redis_url != newer.revocation.redis_url
+            || self.revocation.redis != newer.revocation.redis
         {
             changed.push("revocation.store");
         }
@@ -630,6 +761,7 @@ fn build_settings(
                 250,
                 "revocation.store_timeout_ms",
             )?,
+            redis: build_redis_settings(revocation, at, base_dir)?,
         },
         apps: HashMap::default(),
         app_order: Vec::new(),

@@ -92,6 +92,17 @@ async fn config(State(state): State<AdminState>) -> Response {
     // version, content_hash, loaded_at, source, last reload error and counts.
     let mut body = state.config.status().to_json();
     body["apps"] = state.config.load().apps().count().into();
+    // How the revocation store is reached (never a password) and what to fix about it.
+    let store = state.cache.store();
+    let warnings: Vec<serde_json::Value> = store
+        .warnings()
+        .into_iter()
+        .map(|w| serde_json::json!({"kind": w.kind, "message": w.message}))
+        .collect();
+    body["revocation_store"] = serde_json::json!({
+        "backend": store.report(),
+        "warnings": warnings,
+    });
     json(StatusCode::OK, body)
 }
 

@@ -21,16 +21,35 @@
 //! {"kind":"app","app":"k","cutoff":1795860000}
 //! ```
 //!
-//! Commands go through a [`ConnectionManager`], which reconnects by itself. Pub/sub needs
-//! its own connection: a background task holds it, pings it so a silently dead link is
-//! noticed, and reconnects with backoff (100 ms doubling to 5 s). Messages published
-//! while it was away are lost, so after every reconnect it sends
-//! [`RevocationEvent::Resync`] and caches start over from Redis.
+//! Production Redis (issue 15): `rediss://` with the system's roots or a private CA,
+//! ACL user and password, and Sentinel ([`endpoint`]); both connections follow the
+//! primary through a failover with no restart and resync caches after any reconnect
+//! ([`link`]).
+//!
+//! No revocation lost: a write is acknowledged only once it is on the primary and on
+//! `min_replicas_acked` replicas (`WAIT`, sent in the same round trip as the
+//! transaction, with a little less than `store_timeout_ms`). A write the replicas did
+//! not confirm is an error, so the API answers the contract's 503 and the client
+//! retries (writes are idempotent: they set a cutoff). Without the `WAIT`, a failover
+//! right after the 2xx promotes a replica that never saw the cutoff, and the stolen
+//! phone's token works again. The default is 1 when the primary has replicas or
+//! Sentinels are used, else 0 (a lone Redis has nothing to wait for).
+//!
+//! At each connection to a primary, its persistence is read (`CONFIG GET`) and a Redis
+//! that persists nothing is warned about in the log, `/metrics` and `/config`
+//! ([`health`]).
 
-use super::{RevocationEvent, RevocationStore, StoreError, UserCutoffChange};
+mod endpoint;
+mod health;
+mod link;
+
+pub use endpoint::RedisOptions;
+
+use super::{RevocationEvent, RevocationStore, StoreError, StoreWarning, UserCutoffChange};
 use crate::time::Cutoff;
-use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSub};
+use endpoint::Endpoint;
+use health::Persistence;
+use link::Link;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,9 +67,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A command that got no answer in this long fails (the cache's own, shorter
 /// `store_timeout` usually fires first; this bounds callers that do not use the cache).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Subscriber reconnect backoff.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often the idle subscriber connection is pinged to notice a dead peer.
 const SUBSCRIBER_PING_EVERY: Duration = Duration::from_secs(5);
 
@@ -107,8 +123,12 @@ impl Drop for AbortOnDrop {
 
 /// A Redis-backed store shared by several instances.
 pub struct RedisStore {
-    commands: ConnectionManager,
+    options: RedisOptions,
+    link: Arc<Link>,
     events: broadcast::Sender<RevocationEvent>,
+    /// Replicas each write waits for (decided at connect, see the module docs).
+    min_replicas_acked: u32,
+    _supervisor: AbortOnDrop,
     _subscriber: AbortOnDrop,
 }
 
@@ -116,139 +136,144 @@ fn unavailable(error: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("redis: {error}"))
 }
 
-fn map_redis(error: redis::RedisError) -> StoreError {
-    if error.is_timeout() {
-        StoreError::Timeout
-    } else {
-        unavailable(error)
-    }
-}
-
-async fn bounded<T>(
-    what: &str,
-    work: impl Future<Output = redis::RedisResult<T>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, work).await {
-        Ok(result) => result.map_err(map_redis),
-        Err(_) => Err(unavailable(format!(
-            "{what}: no answer within {CONNECT_TIMEOUT:?}"
-        ))),
-    }
-}
-
-/// Opens a pub/sub connection subscribed to [`CHANNEL`], within [`CONNECT_TIMEOUT`].
-async fn subscribe(client: &redis::Client) -> Result<PubSub, StoreError> {
-    bounded("subscribe", async {
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(CHANNEL).await?;
-        Ok(pubsub)
-    })
-    .await
-}
-
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port/db`): one command connection and one
-    /// subscriber connection, each attempt bounded to a couple of seconds. Fails when
-    /// Redis cannot be reached, rather than starting blind to other instances' writes.
+    /// Connects to `url` (`redis://host:port/db`, `rediss://user:password@host:port`)
+    /// with the defaults of [`RedisOptions::new`].
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Self::connect_pinging_every(url, SUBSCRIBER_PING_EVERY).await
+        Self::connect_with(RedisOptions::new(url)).await
     }
 
-    async fn connect_pinging_every(url: &str, ping_every: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_min_delay(BACKOFF_MIN)
-            .set_max_delay(BACKOFF_MAX)
-            .set_number_of_retries(2);
-        let commands = bounded(
-            "connect",
-            ConnectionManager::new_with_config(client.clone(), config),
-        )
-        .await?;
+    /// Connects as `[revocation]` says.
+    pub async fn from_settings(
+        settings: &crate::config::RevocationSettings,
+    ) -> Result<Self, StoreError> {
+        Self::connect_with(RedisOptions::from_settings(settings)?).await
+    }
+
+    /// Connects to the primary: one command connection and one subscriber connection,
+    /// each attempt bounded to a couple of seconds. Fails when Redis cannot be reached,
+    /// rather than starting blind to other instances' writes.
+    pub async fn connect_with(options: RedisOptions) -> Result<Self, StoreError> {
+        Self::connect_pinging_every(options, SUBSCRIBER_PING_EVERY).await
+    }
+
+    async fn connect_pinging_every(
+        options: RedisOptions,
+        ping_every: Duration,
+    ) -> Result<Self, StoreError> {
+        let endpoint = Arc::new(Endpoint::new(&options)?);
+        let link = Link::connect(&endpoint).await?;
         // Subscribed before `connect` returns: a write made by another instance after
         // this point is always heard.
-        let pubsub = subscribe(&client).await?;
+        let pubsub = link::subscribe(&endpoint).await?;
+        let min_replicas_acked = match options.min_replicas_acked {
+            Some(n) => n,
+            None if endpoint.uses_sentinels() => 1,
+            None => u32::from(link.replicas().unwrap_or(0) > 0),
+        };
+        tracing::info!(
+            target: "chatgate::revocation",
+            primary = link.address().as_deref().unwrap_or("?"),
+            replicas = ?link.replicas(),
+            min_replicas_acked,
+            persistence = %link.persistence().describe(),
+            "redis revocation store connected"
+        );
         let events = broadcast::channel(1024).0;
-        let subscriber = tokio::spawn(follow(client, pubsub, events.clone(), ping_every));
+        let supervisor = tokio::spawn(link::supervise(
+            endpoint.clone(),
+            link.clone(),
+            events.clone(),
+        ));
+        let subscriber = tokio::spawn(link::follow(
+            endpoint,
+            pubsub,
+            events.clone(),
+            link.epochs(),
+            ping_every,
+        ));
         Ok(RedisStore {
-            commands,
+            options,
+            link,
             events,
+            min_replicas_acked,
+            _supervisor: AbortOnDrop(supervisor),
             _subscriber: AbortOnDrop(subscriber),
         })
     }
 
-    async fn publish_atomically(
+    /// Replicas each write waits for before it is acknowledged.
+    pub fn min_replicas_acked(&self) -> u32 {
+        self.min_replicas_acked
+    }
+
+    /// The `WAIT` timeout: four fifths of the store timeout, so that the answer
+    /// ("reached k of n replicas") arrives before the caller gives up.
+    fn wait_millis(&self) -> u64 {
+        let millis = u64::try_from(self.options.store_timeout.as_millis()).unwrap_or(u64::MAX);
+        // WAIT 0 would block for ever.
+        (millis / 5 * 4).max(1)
+    }
+
+    async fn read(&self, command: redis::Cmd) -> Result<Option<Cutoff>, StoreError> {
+        let mut connection = self.link.connection()?;
+        let seconds: Option<i64> = command
+            .query_async(&mut connection)
+            .await
+            .map_err(|e| self.link.failed(e))?;
+        Ok(seconds.map(Cutoff::from_unix_seconds))
+    }
+
+    /// Runs `writes` and the announcement of `message` in one `MULTI`/`EXEC`, then
+    /// `WAIT`s for the replicas, all in one round trip.
+    async fn write(
         &self,
-        mut pipe: redis::Pipeline,
+        writes: impl FnOnce(&mut redis::Pipeline),
         message: &Message,
     ) -> Result<(), StoreError> {
         let payload = serde_json::to_string(message).map_err(unavailable)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("MULTI").ignore();
+        writes(&mut pipe);
         pipe.publish(CHANNEL, payload).ignore();
-        let mut connection = self.commands.clone();
-        pipe.query_async::<()>(&mut connection)
+        pipe.cmd("EXEC");
+        let needed = self.min_replicas_acked;
+        if needed > 0 {
+            pipe.cmd("WAIT").arg(needed).arg(self.wait_millis());
+        }
+        let mut connection = self.link.connection()?;
+        let replies: Vec<redis::Value> = pipe
+            .query_async(&mut connection)
             .await
-            .map_err(map_redis)
+            .map_err(|e| self.link.failed(e))?;
+        check_write(&replies, needed, self.wait_millis())
     }
 }
 
-/// The subscriber task: turns channel messages into events, reconnects when the
-/// connection drops or stops answering pings, and sends `Resync` after each reconnect.
-/// It runs until the store drops it.
-async fn follow(
-    client: redis::Client,
-    first: PubSub,
-    events: broadcast::Sender<RevocationEvent>,
-    ping_every: Duration,
-) {
-    let mut connection = Some(first);
-    let mut delay = BACKOFF_MIN;
-    loop {
-        if let Some(pubsub) = connection.take() {
-            listen(pubsub, &events, ping_every).await;
-            tracing::warn!(target: "chatgate::revocation", "redis subscriber connection lost, reconnecting");
-        }
-        tokio::time::sleep(delay).await;
-        match subscribe(&client).await {
-            Ok(pubsub) => {
-                tracing::info!(target: "chatgate::revocation", "redis subscriber reconnected, resyncing caches");
-                delay = BACKOFF_MIN;
-                connection = Some(pubsub);
-                // Messages published while disconnected are gone: forget everything.
-                let _ = events.send(RevocationEvent::Resync);
-            }
-            Err(error) => {
-                tracing::warn!(target: "chatgate::revocation", %error, retry_in = ?delay, "redis subscriber reconnect failed");
-                delay = (delay * 2).min(BACKOFF_MAX);
+/// The answers to `EXEC` (and `WAIT`): every queued write succeeded, and enough
+/// replicas have them.
+fn check_write(replies: &[redis::Value], needed: u32, wait_millis: u64) -> Result<(), StoreError> {
+    match replies.first() {
+        Some(redis::Value::Array(results)) => {
+            if let Some(redis::Value::ServerError(error)) = results
+                .iter()
+                .find(|r| matches!(r, redis::Value::ServerError(_)))
+            {
+                return Err(unavailable(format!("write failed: {error:?}")));
             }
         }
+        other => return Err(unavailable(format!("transaction not run: {other:?}"))),
     }
-}
-
-/// Reads messages until the connection ends or a ping goes unanswered.
-async fn listen(pubsub: PubSub, events: &broadcast::Sender<RevocationEvent>, ping_every: Duration) {
-    let (mut sink, mut stream) = pubsub.split();
-    let mut ping = tokio::time::interval(ping_every);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    loop {
-        tokio::select! {
-            message = stream.next() => {
-                let Some(message) = message else { return };
-                for event in decode(message.get_payload_bytes()) {
-                    let _ = events.send(event);
-                }
-            }
-            _ = ping.tick() => {
-                // A subscribed RESP2 connection answers PING with ["pong", ""], not +PONG.
-                let answered =
-                    tokio::time::timeout(RESPONSE_TIMEOUT, sink.ping::<redis::Value>()).await;
-                if !matches!(answered, Ok(Ok(_))) {
-                    return;
-                }
-            }
-        }
+    if needed == 0 {
+        return Ok(());
+    }
+    match replies.get(1) {
+        Some(redis::Value::Int(acked)) if *acked >= i64::from(needed) => Ok(()),
+        Some(redis::Value::Int(acked)) => Err(unavailable(format!(
+            "written on the primary but acknowledged by {acked} of the {needed} replicas \
+             required (min_replicas_acked) within {wait_millis} ms: not acknowledged, retry"
+        ))),
+        other => Err(unavailable(format!("unexpected WAIT answer: {other:?}"))),
     }
 }
 
@@ -266,14 +291,9 @@ fn decode(payload: &[u8]) -> Vec<RevocationEvent> {
 #[async_trait::async_trait]
 impl RevocationStore for RedisStore {
     async fn user_cutoff(&self, app: &str, user: &str) -> Result<Option<Cutoff>, StoreError> {
-        let mut connection = self.commands.clone();
-        let seconds: Option<i64> = redis::cmd("HGET")
-            .arg(users_key(app))
-            .arg(user)
-            .query_async(&mut connection)
-            .await
-            .map_err(map_redis)?;
-        Ok(seconds.map(Cutoff::from_unix_seconds))
+        let mut command = redis::cmd("HGET");
+        command.arg(users_key(app)).arg(user);
+        self.read(command).await
     }
 
     async fn set_user_cutoffs(
@@ -285,16 +305,6 @@ impl RevocationStore for RedisStore {
             return Ok(());
         }
         let key = users_key(app);
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for change in changes {
-            match change.cutoff {
-                Some(cutoff) => pipe
-                    .hset(&key, &change.user_id, cutoff.unix_seconds())
-                    .ignore(),
-                None => pipe.hdel(&key, &change.user_id).ignore(),
-            };
-        }
         let message = Message::Users {
             app: app.to_owned(),
             users: changes
@@ -302,32 +312,37 @@ impl RevocationStore for RedisStore {
                 .map(|c| (c.user_id.clone(), c.cutoff.map(Cutoff::unix_seconds)))
                 .collect(),
         };
-        self.publish_atomically(pipe, &message).await
+        let writes = |pipe: &mut redis::Pipeline| {
+            for change in changes {
+                match change.cutoff {
+                    Some(cutoff) => pipe
+                        .hset(&key, &change.user_id, cutoff.unix_seconds())
+                        .ignore(),
+                    None => pipe.hdel(&key, &change.user_id).ignore(),
+                };
+            }
+        };
+        self.write(writes, &message).await
     }
 
     async fn app_cutoff(&self, app: &str) -> Result<Option<Cutoff>, StoreError> {
-        let mut connection = self.commands.clone();
-        let seconds: Option<i64> = redis::cmd("HGET")
-            .arg(APPS_KEY)
-            .arg(app)
-            .query_async(&mut connection)
-            .await
-            .map_err(map_redis)?;
-        Ok(seconds.map(Cutoff::from_unix_seconds))
+        let mut command = redis::cmd("HGET");
+        command.arg(APPS_KEY).arg(app);
+        self.read(command).await
     }
 
     async fn set_app_cutoff(&self, app: &str, cutoff: Option<Cutoff>) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        match cutoff {
-            Some(cutoff) => pipe.hset(APPS_KEY, app, cutoff.unix_seconds()).ignore(),
-            None => pipe.hdel(APPS_KEY, app).ignore(),
-        };
         let message = Message::App {
             app: app.to_owned(),
             cutoff: cutoff.map(Cutoff::unix_seconds),
         };
-        self.publish_atomically(pipe, &message).await
+        let writes = |pipe: &mut redis::Pipeline| {
+            match cutoff {
+                Some(cutoff) => pipe.hset(APPS_KEY, app, cutoff.unix_seconds()).ignore(),
+                None => pipe.hdel(APPS_KEY, app).ignore(),
+            };
+        };
+        self.write(writes, &message).await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<RevocationEvent> {
@@ -335,18 +350,39 @@ impl RevocationStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut connection = self.commands.clone();
+        let mut connection = self.link.connection()?;
         redis::cmd("PING")
             .query_async::<String>(&mut connection)
             .await
             .map(|_| ())
-            .map_err(map_redis)
+            .map_err(|e| self.link.failed(e))
+    }
+
+    fn warnings(&self) -> Vec<StoreWarning> {
+        match self.link.persistence() {
+            Persistence::Nothing => vec![StoreWarning {
+                kind: "redis_persists_nothing",
+                message: "Redis persists nothing (no AOF, no RDB save rules): a restart of \
+                          Redis loses every revocation; set appendonly yes"
+                    .into(),
+            }],
+            _ => Vec::new(),
+        }
+    }
+
+    fn report(&self) -> serde_json::Value {
+        let mut report = self.options.describe();
+        report["primary"] = self.link.address().into();
+        report["connected_replicas"] = self.link.replicas().into();
+        report["min_replicas_acked"] = self.min_replicas_acked.into();
+        report["persistence"] = self.link.persistence().describe().into();
+        report
     }
 }
 
 /// A throwaway `redis-server` for the tests below (shared with the integration tests).
 #[cfg(test)]
-#[path = "../../tests/support/redis_server.rs"]
+#[path = "../../../tests/support/redis_server.rs"]
 mod test_redis_server;
 
 #[cfg(test)]
@@ -417,7 +453,10 @@ mod tests {
         let redis = super::test_redis_server::RedisServer::start();
         let store = tokio::time::timeout(
             Duration::from_secs(30),
-            RedisStore::connect_pinging_every(&redis.url(), Duration::from_millis(10)),
+            RedisStore::connect_pinging_every(
+                RedisOptions::new(&redis.url()),
+                Duration::from_millis(10),
+            ),
         )
         .await
         .unwrap()
