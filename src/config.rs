@@ -317,7 +317,8 @@ pub fn redact_url(url: &str) -> String {
     let user_info = &rest[..at];
     let user = match user_info.split_once(':') {
         Some((user, _password)) => format!("{user}:***"),
-        // `redis://secret@host`: a lone user-info is the password (legacy AUTH form).
+        // `redis://x@host`: a lone user-info is a user name, but is often a password
+        // pasted in the wrong place; hiding a user name costs nothing.
         None if !user_info.is_empty() => "***".to_owned(),
         None => String::new(),
     };
@@ -383,6 +384,80 @@ fn build_redis_settings(
         )?,
         min_replicas_acked: revocation.min_replicas_acked,
     })
+}
+
+#[cfg(test)]
+mod redis_settings_tests {
+    use super::*;
+
+    fn parse(revocation: &str) -> Result<ConfigSnapshot, ConfigError> {
+        let text = format!(
+            "[revocation]\nstore = \"redis\"\n{revocation}\n[[apps]]\napi_key = \"k\"\nsecrets = [\"s\"]\n"
+        );
+        ConfigSnapshot::parse_with_env(&text, Path::new("/etc/chatgate/chatgate.toml"), &|_| None)
+    }
+
+    #[test]
+    fn redis_keys_are_read_and_checked() {
+        let config = parse(
+            "redis_url = \"rediss://gate@redis:6380\"\nsentinels = [\"10.0.0.1:26379\", \"s2:26379\"]\n\
+             sentinel_master = \"mymaster\"\nredis_ca_file = \"ca.pem\"\n\
+             redis_password_file = \"redis.pw\"\nmin_replicas_acked = 2",
+        )
+        .unwrap();
+        let redis = &config.revocation.redis;
+        assert_eq!(redis.sentinels, ["10.0.0.1:26379", "s2:26379"]);
+        assert_eq!(redis.sentinel_master.as_deref(), Some("mymaster"));
+        assert_eq!(
+            redis.ca_file.as_deref(),
+            Some(Path::new("/etc/chatgate/ca.pem"))
+        );
+        assert_eq!(
+            redis.password_file.as_deref(),
+            Some(Path::new("/etc/chatgate/redis.pw"))
+        );
+        assert_eq!(redis.min_replicas_acked, Some(2));
+        assert_eq!(
+            parse("").unwrap().revocation.redis,
+            RedisSettings::default()
+        );
+
+        for (text, key) in [
+            (
+                "sentinels = [\"nohost\"]\nsentinel_master = \"m\"",
+                "revocation.sentinels[0]",
+            ),
+            ("sentinels = [\"h:1\"]", "revocation.sentinel_master"),
+            ("sentinel_master = \"m\"", "revocation.sentinel_master"),
+            (
+                "redis_password_env = \"A\"\nredis_password_file = \"f\"",
+                "revocation.redis_password_file",
+            ),
+            ("redis_ca_file = \"\"", "revocation.redis_ca_file"),
+        ] {
+            let error = parse(text)
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {text}"));
+            assert_eq!(error.key(), Some(key), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("rediss://gate:hunter2@redis:6380/0"),
+            "rediss://gate:***@redis:6380/0"
+        );
+        assert_eq!(redact_url("redis://hunter2@redis"), "redis://***@redis");
+        assert_eq!(redact_url("redis://:hunter2@redis"), "redis://:***@redis");
+        assert_eq!(redact_url("redis://redis:6379/0"), "redis://redis:6379/0");
+        assert_eq!(
+            redact_url("unix:///run/redis.sock"),
+            "unix:///run/redis.sock"
+        );
+        let config = parse("redis_url = \"redis://u:hunter2@redis\"").unwrap();
+        assert!(!format!("{:?}", config.revocation).contains("hunter2"));
+    }
 }
 
 // === end of the redis settings ===
