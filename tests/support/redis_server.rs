@@ -203,6 +203,16 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Sends a signal (`"STOP"`, `"CONT"`) with `kill(1)`, e.g. to make a replica lag.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// Kills it (SIGKILL) and waits for it to exit.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -1,5 +1,6 @@
-//! The shared store for several chatgate instances: cutoffs live in Redis, and every
-//! write is announced on a pub/sub channel so each instance's cache invalidates at once.
+//! The shared store for several chatgate instances (the revocations of contract §3):
+//! cutoffs live in Redis, and every write is announced on a pub/sub channel so each
+//! instance's cache invalidates at once.
 //!
 //! Layout (all names under the `chatgate:` prefix, so one Redis can hold other data):
 //!
@@ -422,6 +423,36 @@ mod tests {
                 cutoff: None
             }]
         );
+    }
+
+    #[test]
+    fn a_write_counts_only_when_every_command_ran_and_enough_replicas_confirmed() {
+        use redis::Value;
+        let exec_ok = Value::Array(vec![Value::Int(1), Value::Int(1)]);
+        assert_eq!(check_write(&[exec_ok.clone()], 0, 200), Ok(()));
+        assert_eq!(
+            check_write(&[exec_ok.clone(), Value::Int(1)], 1, 200),
+            Ok(())
+        );
+        assert_eq!(
+            check_write(&[exec_ok.clone(), Value::Int(2)], 1, 200),
+            Ok(())
+        );
+        let short = check_write(&[exec_ok.clone(), Value::Int(0)], 1, 200).unwrap_err();
+        assert!(
+            short
+                .to_string()
+                .contains("acknowledged by 0 of the 1 replicas"),
+            "{short}"
+        );
+        assert!(check_write(&[exec_ok], 1, 200).is_err(), "no WAIT answer");
+        // EXEC's array holds the error of a queued command that failed when run.
+        let failed = redis::parse_redis_value(b"*2\r\n:1\r\n-WRONGTYPE Operation\r\n").unwrap();
+        assert!(
+            matches!(&failed, Value::Array(items) if matches!(items[1], Value::ServerError(_)))
+        );
+        assert!(check_write(&[failed, Value::Int(1)], 1, 200).is_err());
+        assert!(check_write(&[Value::Nil], 0, 200).is_err(), "EXEC aborted");
     }
 
     #[test]
