@@ -260,6 +260,47 @@ mod tests {
         assert!(!format!("{options:?}").contains("from-the-env"));
     }
 
+    fn settings(redis: crate::config::RedisSettings) -> RevocationSettings {
+        let mut settings = crate::config::ConfigSnapshot::with_apps(vec![])
+            .revocation
+            .clone();
+        settings.redis = redis;
+        settings
+    }
+
+    #[test]
+    fn the_password_is_read_from_the_environment_or_the_first_line_of_a_file() {
+        // PATH is always set; a test cannot set a variable (`set_var` is unsafe).
+        let from_env = RedisOptions::from_settings(&settings(crate::config::RedisSettings {
+            password_env: Some("PATH".into()),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(from_env.password, std::env::var("PATH").ok());
+        let unset = RedisOptions::from_settings(&settings(crate::config::RedisSettings {
+            password_env: Some("CHATGATE_TEST_SURELY_UNSET_15".into()),
+            ..Default::default()
+        }))
+        .unwrap_err();
+        assert!(unset.to_string().contains("CHATGATE_TEST_SURELY_UNSET_15"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "  s3cret \nignored\n").unwrap();
+        let from_file = RedisOptions::from_settings(&settings(crate::config::RedisSettings {
+            password_file: Some(file.clone()),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(from_file.password.as_deref(), Some("s3cret"));
+        std::fs::write(&file, "\n").unwrap();
+        let empty = RedisOptions::from_settings(&settings(crate::config::RedisSettings {
+            password_file: Some(file),
+            ..Default::default()
+        }));
+        assert!(empty.is_err());
+    }
+
     #[test]
     fn a_password_given_twice_or_a_ca_without_tls_is_refused() {
         let mut options = RedisOptions::new("redis://:inurl@127.0.0.1:6379");
