@@ -429,7 +429,7 @@ mod tests {
     fn a_write_counts_only_when_every_command_ran_and_enough_replicas_confirmed() {
         use redis::Value;
         let exec_ok = Value::Array(vec![Value::Int(1), Value::Int(1)]);
-        assert_eq!(check_write(&[exec_ok.clone()], 0, 200), Ok(()));
+        assert_eq!(check_write(std::slice::from_ref(&exec_ok), 0, 200), Ok(()));
         assert_eq!(
             check_write(&[exec_ok.clone(), Value::Int(1)], 1, 200),
             Ok(())
