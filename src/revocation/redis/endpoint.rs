@@ -118,7 +118,11 @@ impl RedisOptions {
             "sentinels": self.sentinels,
             "sentinel_master": self.sentinel_master,
             "tls": self.tls(),
-            "ca": if self.ca_pem.is_some() { "redis_ca_file" } else { "system roots" },
+            "ca": match (self.tls(), self.ca_pem.is_some()) {
+                (false, _) => None,
+                (true, true) => Some("redis_ca_file"),
+                (true, false) => Some("system roots"),
+            },
         })
     }
 }
