@@ -1,7 +1,8 @@
 //! The Redis store as it runs in production (issue 15), against real processes on
 //! loopback: a primary, a replica and three Sentinels (`redis-server --sentinel`) with two
 //! gates; `kill -9` of the primary right after a revocation's 2xx; a TLS-only Redis with
-//! an ACL user; `WAIT` refusing what no replica confirmed; the persistence warning.
+//! an ACL user, alone and behind a TLS Sentinel; `WAIT` refusing what no replica
+//! confirmed; the persistence warning.
 //!
 //! Skipped, loudly, only when `redis-server` is not installed (CI installs it).
 //! The measurements of the README are `#[ignore]`d tests here (long):
@@ -583,6 +584,79 @@ async fn a_tls_only_redis_with_an_acl_user() {
             let error = result.err().expect("must be refused").to_string();
             assert!(!error.contains("s3cret"), "{error}");
         }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn sentinels_and_nodes_over_tls_with_acl_users() {
+    require_redis!();
+    timeout(Duration::from_secs(60), async {
+        let tls = TlsFiles::generate();
+        // chatgate's user, and the Sentinel's own (it needs every channel for its hellos).
+        let acl: Vec<String> = [
+            "--tls-replication",
+            "yes",
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "gate",
+            "on",
+            ">s3cret-pw",
+            "~chatgate:*",
+            "&chatgate:*",
+            "+@all",
+            "--user",
+            "sentinel",
+            "on",
+            ">sentinel-pw",
+            "allchannels",
+            "+@all",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let primary = RedisServer::start_tls(&tls, &acl);
+        let sentinel = RedisServer::start_sentinel_with(
+            MASTER,
+            primary.port(),
+            1,
+            Some(&tls),
+            &format!(
+                "sentinel auth-user {MASTER} sentinel\nsentinel auth-pass {MASTER} sentinel-pw\n"
+            ),
+        );
+        let mut options = RedisOptions::new("rediss://gate:s3cret-pw@127.0.0.1");
+        options.sentinels = vec![format!("127.0.0.1:{}", sentinel.port())];
+        options.sentinel_master = Some(MASTER.into());
+        options.ca_pem = Some(std::fs::read(&tls.ca_cert).unwrap());
+        // A lone primary: nothing to wait for.
+        options.min_replicas_acked = Some(0);
+        // The system roots do not know this CA: the Sentinel itself is not trusted.
+        let untrusted = RedisOptions {
+            ca_pem: None,
+            ..options.clone()
+        };
+        let refused = timeout(Duration::from_secs(15), RedisStore::connect_with(untrusted))
+            .await
+            .expect("a refused connection must not hang");
+        assert!(refused.is_err());
+        let gate = instance(options, StoreErrorPolicy::Deny).await;
+        assert_eq!(
+            gate.store.report()["primary"],
+            format!("127.0.0.1:{}", primary.port())
+        );
+        let now = now_unix();
+        revoke(&gate.gate, "tess", now).await.unwrap();
+        assert_eq!(
+            check(&gate.gate, &token("tess", now)).await.0,
+            Err(AuthError::Revoked)
+        );
+        let report = gate.store.report().to_string();
+        assert!(!report.contains("s3cret"), "{report}");
+        assert_eq!(gate.store.report()["tls"], true);
     })
     .await
     .expect("test timed out");

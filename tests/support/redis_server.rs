@@ -103,29 +103,53 @@ impl RedisServer {
     /// Starts a Sentinel on a free port watching `primary_port` as `master`, with a
     /// quorum of `quorum` and a 1 s down-after.
     pub fn start_sentinel(master: &str, primary_port: u16, quorum: u32) -> Self {
+        Self::start_sentinel_with(master, primary_port, quorum, None, "")
+    }
+
+    /// The same, TLS-only (`tls-port`, and TLS to the nodes it watches) when `tls` is
+    /// set, with `extra` config lines (e.g. `sentinel auth-user`).
+    pub fn start_sentinel_with(
+        master: &str,
+        primary_port: u16,
+        quorum: u32,
+        tls: Option<&TlsFiles>,
+        extra: &str,
+    ) -> Self {
         Self::start_retrying(|port| {
             let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
             // A Sentinel rewrites its config file, so it needs one of its own.
             let config = dir.path().join("sentinel.conf");
+            let listen = match tls {
+                None => format!("port {port}\n"),
+                Some(tls) => format!(
+                    "port 0\ntls-port {port}\ntls-replication yes\ntls-auth-clients no\n\
+                     tls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n",
+                    tls.server_cert, tls.server_key, tls.ca_cert
+                ),
+            };
             std::fs::write(
                 &config,
                 format!(
-                    "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                    "{listen}bind 127.0.0.1\ndir {dir}\n\
                      sentinel monitor {master} 127.0.0.1 {primary_port} {quorum}\n\
                      sentinel down-after-milliseconds {master} 1000\n\
                      sentinel failover-timeout {master} 10000\n\
-                     sentinel parallel-syncs {master} 1\n",
+                     sentinel parallel-syncs {master} 1\n{extra}",
                     dir = dir.path().display()
                 ),
             )
             .map_err(|e| e.to_string())?;
             let child = spawn(Command::new("redis-server").arg(&config).arg("--sentinel"))?;
+            let ready = match tls {
+                None => Ready::Ping,
+                Some(_) => Ready::Listening(port),
+            };
             RedisServer {
                 child: Some(child),
                 port,
                 _dir: dir,
             }
-            .wait_ready(Ready::Ping)
+            .wait_ready(ready)
         })
     }
 
