@@ -200,19 +200,32 @@ impl Topology {
     /// happen (Sentinels learn replicas from INFO every 10 s, each other every 2 s).
     async fn settled(&self) {
         let primary = self.primary_port();
-        eventually(
-            "the replica is online",
-            Duration::from_secs(30),
-            || async move {
-                let info: String = redis::cmd("INFO")
+        let info = |port: u16| async move {
+            match timeout(Duration::from_secs(2), async {
+                redis::cmd("INFO")
                     .arg("replication")
-                    .query_async(&mut connection(primary).await)
+                    .query_async::<String>(&mut connection(port).await)
                     .await
-                    .unwrap_or_default();
-                info.contains("state=online")
-            },
-        )
-        .await;
+            })
+            .await
+            {
+                Ok(Ok(info)) => info,
+                other => format!("{other:?}"),
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !info(primary).await.contains("state=online") {
+            if Instant::now() > deadline {
+                // Say what each node thinks, for whoever reads the failure.
+                let mut states = String::new();
+                for node in &self.nodes {
+                    let port = node.port();
+                    states += &format!("\n--- node {port}:\n{}", info(port).await);
+                }
+                panic!("the replica is not online within 30 s (primary {primary}):{states}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         for sentinel in &self.sentinels {
             let port = sentinel.port();
             eventually(
