@@ -756,7 +756,8 @@ async fn measure_revocations_lost_over_20_primary_kills() {
             lost_revocations += usize::from(!enforced);
         }
         eprintln!(
-            "kill {kill}: revocation {}; both gates on the new primary after {:?}",
+            "kill {kill}: revocation {}; both gates on the new primary after {:?}; \
+             revocations lost so far: {lost_revocations}",
             if answered {
                 "acknowledged"
             } else {
