@@ -35,6 +35,7 @@ async fn instance(url: &str, policy: StoreErrorPolicy) -> Instance {
         cache_capacity: 10_000,
         on_store_error: policy,
         store_timeout: Duration::from_millis(200),
+        redis: Default::default(),
     };
     let store = Arc::new(RedisStore::connect(url).await.expect("connect to redis"));
     let cache = RevocationCache::new(store.clone(), &settings);

@@ -246,6 +246,7 @@ fn revocation(
             250,
             "revocation.store_timeout_ms",
         )?,
+        redis: super::redis::build_redis_settings(revocation, at, base_dir)?,
     })
 }
 

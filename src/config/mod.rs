@@ -11,12 +11,14 @@
 mod build;
 mod diff;
 mod locate;
+mod redis;
 mod schema;
 
 use crate::time::Cutoff;
 use crate::token::{Keyring, TokenRules};
 use build::{build, build_settings};
 use locate::Locator;
+pub use redis::{RedisSettings, redact_url};
 use schema::RawConfig;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -167,7 +169,7 @@ pub enum StoreErrorPolicy {
 }
 
 /// `[revocation]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RevocationSettings {
     /// The backend.
     pub store: StoreKind,
@@ -183,6 +185,24 @@ pub struct RevocationSettings {
     pub on_store_error: StoreErrorPolicy,
     /// Longest wait for the store on a cache miss.
     pub store_timeout: Duration,
+    /// How the redis store reaches, authenticates to and trusts Redis.
+    pub redis: RedisSettings,
+}
+
+impl std::fmt::Debug for RevocationSettings {
+    // `redis_url` may hold a password: logs get the redacted form.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RevocationSettings")
+            .field("store", &self.store)
+            .field("path", &self.path)
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("cache_ttl", &self.cache_ttl)
+            .field("cache_capacity", &self.cache_capacity)
+            .field("on_store_error", &self.on_store_error)
+            .field("store_timeout", &self.store_timeout)
+            .field("redis", &self.redis)
+            .finish()
+    }
 }
 
 /// One `[[apps]]` entry, with its [`Keyring`] (HMAC keys prebuilt, verified tokens).

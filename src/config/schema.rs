@@ -61,6 +61,13 @@ pub(super) struct RawRevocation {
     pub(super) cache_capacity: Option<u64>,
     pub(super) on_store_error: Option<String>,
     pub(super) store_timeout_ms: Option<u64>,
+    // Redis in production (issue 15): see `RedisSettings`.
+    pub(super) sentinels: Option<Vec<String>>,
+    pub(super) sentinel_master: Option<String>,
+    pub(super) redis_ca_file: Option<String>,
+    pub(super) redis_password_env: Option<String>,
+    pub(super) redis_password_file: Option<String>,
+    pub(super) min_replicas_acked: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -4,8 +4,8 @@ use crate::error::AuthError;
 use crate::revocation::RevocationCache;
 use arc_swap::ArcSwap;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -31,6 +31,7 @@ pub struct ProxyMetrics {
     cache_misses: IntCounter,
     store_errors: IntCounter,
     cache_entries: IntGauge,
+    store_warnings: IntGaugeVec,
     /// Serialises the copy of the cache's atomics into the counters, so two concurrent
     /// scrapes cannot add the same delta twice.
     sync: Mutex<()>,
@@ -100,6 +101,14 @@ impl ProxyMetrics {
             "Cutoffs (or their absence) currently cached",
         )
         .expect("valid metric");
+        let store_warnings = IntGaugeVec::new(
+            Opts::new(
+                "chatgate_revocation_store_warning",
+                "1 for each problem with the revocation store's setup (e.g. redis_persists_nothing)",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(allowed.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(denied.clone()),
@@ -110,6 +119,7 @@ impl ProxyMetrics {
             Box::new(cache_misses.clone()),
             Box::new(store_errors.clone()),
             Box::new(cache_entries.clone()),
+            Box::new(store_warnings.clone()),
         ] {
             registry.register(collector).expect("unique metric names");
         }
@@ -125,6 +135,7 @@ impl ProxyMetrics {
             cache_misses,
             store_errors,
             cache_entries,
+            store_warnings,
             sync: Mutex::new(()),
         }
     }
@@ -193,6 +204,12 @@ impl ProxyMetrics {
             }
             self.cache_entries
                 .set(i64::try_from(cache.entry_count()).unwrap_or(i64::MAX));
+            self.store_warnings.reset();
+            for warning in cache.store().warnings() {
+                self.store_warnings
+                    .with_label_values(&[warning.kind])
+                    .set(1);
+            }
         }
         let mut out = Vec::with_capacity(4096);
         TextEncoder::new()
