@@ -8,10 +8,19 @@
 //! the current config snapshot ([`Gate::check_cached`]); only a user whose revocation
 //! cutoffs are not cached yet waits for the store ([`Gate::finish`]). Both halves end in
 //! the same step, which applies the cutoff and names the outcome.
+//!
+//! By concern: `credentials` reads what the request presents (query, headers, connect
+//! payload), `policy` is the embedder's rules combined with the config's keys, and this
+//! file holds the decision itself.
 
+mod credentials;
 mod policy;
 
 pub use policy::Policy;
+
+pub use crate::request::RequestParts;
+
+use credentials::Credentials;
 
 use crate::config::{App, ConfigSnapshot, StoreErrorPolicy};
 use crate::error::{AuthError, Malformed};
@@ -19,8 +28,7 @@ use crate::reload::ConfigHandle;
 use crate::revocation::{RevocationCache, parse_app_update, parse_users_update};
 use crate::time::{Cutoff, now_unix};
 use crate::token::{self, TokenKind};
-use http::{HeaderMap, Method, Uri, header};
-use std::borrow::Cow;
+use http::Method;
 use std::sync::Arc;
 
 /// Header naming the auth type (`jwt` or `anonymous`).
@@ -139,38 +147,6 @@ pub enum Decision {
     /// A server token calling a revocation endpoint: the adapter buffers the body,
     /// calls [`Gate::apply_revocation`], and forwards the request if that succeeds.
     Revocation(Identity, RevocationEndpoint),
-}
-
-/// The parts of a request the gate reads. `http::request::Parts` (tower) and Pingora's
-/// `RequestHeader` both provide them.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestParts<'a> {
-    /// Method.
-    pub method: &'a Method,
-    /// Path and query.
-    pub uri: &'a Uri,
-    /// Headers.
-    pub headers: &'a HeaderMap,
-}
-
-impl<'a> From<&'a http::request::Parts> for RequestParts<'a> {
-    fn from(parts: &'a http::request::Parts) -> Self {
-        RequestParts {
-            method: &parts.method,
-            uri: &parts.uri,
-            headers: &parts.headers,
-        }
-    }
-}
-
-impl<'a> RequestParts<'a> {
-    /// Whether this is a WebSocket upgrade request.
-    pub fn is_websocket_upgrade(&self) -> bool {
-        self.headers
-            .get(header::UPGRADE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-    }
 }
 
 /// What the synchronous step found; the revocation step needs no config guard.
@@ -348,71 +324,6 @@ fn decide(
     })
 }
 
-/// The query parameters the gate reads, borrowed unless percent-encoded.
-#[derive(Default)]
-struct Query<'a> {
-    api_key: Option<Cow<'a, str>>,
-    authorization: Option<Cow<'a, str>>,
-    auth_type: Option<Cow<'a, str>>,
-    json: Option<Cow<'a, str>>,
-}
-
-/// Reads the four parameters the gate needs, as `application/x-www-form-urlencoded`
-/// does (`form_urlencoded::parse` is the reference in the tests), but decodes only the
-/// components it keeps, and only those with something to decode: the common query
-/// costs no allocation and no UTF-8 repair pass.
-fn parse_query(query: &str) -> Query<'_> {
-    let mut found = Query::default();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let slot = match &*decode_component(name) {
-            "api_key" => &mut found.api_key,
-            "authorization" => &mut found.authorization,
-            "stream-auth-type" => &mut found.auth_type,
-            "json" => &mut found.json,
-            _ => continue,
-        };
-        *slot = Some(decode_component(value));
-    }
-    found
-}
-
-/// One query component: `+` is a space, `%XX` a byte, invalid UTF-8 replaced.
-fn decode_component(raw: &str) -> Cow<'_, str> {
-    if !raw.bytes().any(|b| b == b'%' || b == b'+') {
-        return Cow::Borrowed(raw);
-    }
-    let spaced = raw.replace('+', " ");
-    Cow::Owned(
-        percent_encoding::percent_decode_str(&spaced)
-            .decode_utf8_lossy()
-            .into_owned(),
-    )
-}
-
-/// A header as text. `from_utf8` rather than `HeaderValue::to_str`, whose byte-by-byte
-/// check of a 200-byte token showed in the profile; a non-ASCII value still fails later,
-/// as malformed, because no token or keyword contains one.
-fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
-    headers
-        .get(name)
-        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-}
-
-fn strip_bearer(token: &str) -> &str {
-    let token = token.trim();
-    match token.get(..6) {
-        Some(scheme)
-            if scheme.eq_ignore_ascii_case("bearer")
-                && token[6..].starts_with(|c: char| c.is_ascii_whitespace()) =>
-        {
-            token[6..].trim_start()
-        }
-        Some(scheme) if scheme.eq_ignore_ascii_case("bearer") && token.len() == 6 => "",
-        _ => token,
-    }
-}
-
 fn revocation_endpoint(method: &Method, path: &str) -> Option<RevocationEndpoint> {
     if method != Method::PATCH {
         return None;
@@ -433,38 +344,18 @@ fn authenticate(
     now: i64,
 ) -> Result<Option<Verified>, AuthError> {
     let path = request.uri.path();
-    if config.auth.public_paths.contains(path) || policy.is_public(path) {
+    if policy.is_public(&config.auth, path) {
         return Ok(None);
     }
-    let query = parse_query(request.uri.query().unwrap_or(""));
-    let api_key = query.api_key.as_deref().ok_or(AuthError::MissingApiKey)?;
+    let presented = Credentials::read(request);
+    let api_key = presented.api_key().ok_or(AuthError::MissingApiKey)?;
     // An app the policy does not serve is as unknown as one the config lacks.
     let app = config
         .app(api_key)
         .filter(|app| policy.serves(app))
         .ok_or(AuthError::UnknownApiKey)?;
-    let websocket = request.is_websocket_upgrade();
-
-    // Swift sends headers on the upgrade too, so headers win when both are present.
-    let header_token = header_str(request.headers, header::AUTHORIZATION);
-    let token = match header_token {
-        Some(t) => Some(strip_bearer(t)),
-        None if websocket => query.authorization.as_deref().map(strip_bearer),
-        None => None,
-    }
-    .filter(|t| !t.is_empty());
-
-    let auth_type = header_str(request.headers, AUTH_TYPE_HEADER).or(if websocket {
-        query.auth_type.as_deref()
-    } else {
-        None
-    });
-    let anonymous = match auth_type.map(str::trim) {
-        None => false,
-        Some(t) if t.eq_ignore_ascii_case("jwt") => false,
-        Some(t) if t.eq_ignore_ascii_case("anonymous") => true,
-        Some(_) => return Err(AuthError::Malformed(Malformed::AuthType)),
-    };
+    let token = presented.token();
+    let anonymous = presented.is_anonymous()?;
 
     let endpoint = revocation_endpoint(request.method, path);
     if anonymous {
@@ -501,8 +392,8 @@ fn authenticate(
     }
     .with_token_times(claims.issued_at, claims.expires_at);
 
-    if let (true, Some(json), Some(user)) = (websocket, query.json.as_deref(), identity.user_id()) {
-        check_connect_user(json, user)?;
+    if let Some(user) = identity.user_id() {
+        presented.check_connect_user(user)?;
     }
     if endpoint.is_some() && !identity.is_server() {
         return Err(AuthError::NotAllowed(
@@ -522,42 +413,13 @@ fn app_config_cutoff(app: &App) -> Option<Cutoff> {
     app.revoke_tokens_issued_before
 }
 
-/// `/connect?json={"user_id":..,"user_details":{"id":..}}` must name the token's user.
-fn check_connect_user(json: &str, token_user: &str) -> Result<(), AuthError> {
-    #[derive(serde::Deserialize)]
-    struct Connect<'a> {
-        #[serde(borrow, default)]
-        user_id: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        user_details: Option<Details<'a>>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Details<'a> {
-        #[serde(borrow, default)]
-        id: Option<Cow<'a, str>>,
-    }
-    let connect: Connect<'_> = serde_json::from_str(json).map_err(|_| {
-        AuthError::BadInput("the json query parameter is not a valid connect payload".into())
-    })?;
-    let claimed = [connect.user_id, connect.user_details.and_then(|d| d.id)];
-    if claimed
-        .iter()
-        .flatten()
-        .any(|claimed| claimed.as_ref() != token_user)
-    {
-        return Err(AuthError::NotAllowed(
-            "the user_id in the connect payload does not match the token's user_id",
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{App, StoreErrorPolicy, StoreKind};
     use crate::revocation::{MemoryStore, RevocationStore, UserCutoffChange};
     use crate::token::TokenBuilder;
+    use http::{HeaderMap, Uri, header};
     use std::time::Duration;
 
     const SECRET: &str = "secret";
@@ -604,31 +466,6 @@ mod tests {
         match decision {
             Ok(Decision::Allow(identity)) => identity,
             other => panic!("expected Allow, got {other:?}"),
-        }
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn the_query_reads_as_form_urlencoded_does(
-            query in proptest::string::string_regex(
-                "((api_key|authorization|stream-auth-type|json|api%5Fkey|x|)(=[a-zA-Z0-9%+=._\\-]{0,12})?&?){0,6}"
-            ).unwrap(),
-        ) {
-            let ours = parse_query(&query);
-            let mut reference: [Option<String>; 4] = Default::default();
-            for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-                let at = match &*name {
-                    "api_key" => 0,
-                    "authorization" => 1,
-                    "stream-auth-type" => 2,
-                    "json" => 3,
-                    _ => continue,
-                };
-                reference[at] = Some(value.into_owned());
-            }
-            let ours = [ours.api_key, ours.authorization, ours.auth_type, ours.json]
-                .map(|v| v.map(Cow::into_owned));
-            proptest::prop_assert_eq!(ours, reference);
         }
     }
 
@@ -857,30 +694,16 @@ mod tests {
         let gate = gate();
         let server = TokenBuilder::server().sign(SECRET);
         let user_token = TokenBuilder::user("a").sign(SECRET);
-        let decision = run(
-            &gate,
-            Method::PATCH,
-            "/users?api_key=key",
-            &[("authorization", &server)],
-        )
-        .await
-        .unwrap();
-        assert!(matches!(
-            decision,
-            Decision::Revocation(_, RevocationEndpoint::Users)
-        ));
-        let decision = run(
-            &gate,
-            Method::PATCH,
-            "/app?api_key=key",
-            &[("authorization", &server)],
-        )
-        .await
-        .unwrap();
-        assert!(matches!(
-            decision,
-            Decision::Revocation(_, RevocationEndpoint::App)
-        ));
+        for (uri, endpoint) in [
+            ("/users?api_key=key", RevocationEndpoint::Users),
+            ("/app?api_key=key", RevocationEndpoint::App),
+        ] {
+            let decision = run(&gate, Method::PATCH, uri, &[("authorization", &server)]).await;
+            assert!(
+                matches!(&decision, Ok(Decision::Revocation(_, e)) if *e == endpoint),
+                "{uri}: {decision:?}"
+            );
+        }
         let error = run(
             &gate,
             Method::PATCH,

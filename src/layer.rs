@@ -5,11 +5,25 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! // Store, cache, reload and invalidation, in one call (see `from_config_file`):
+//! let layer = chatgate::ChatAuthLayer::from_config_file("config.toml")
+//!     .await?
+//!     .public_path("/metrics");
+//! // router.layer(layer), or tower::ServiceBuilder::new().layer(layer).service(svc)
+//! # let _ = layer;
+//! # Ok(()) }
+//! ```
+//!
+//! Wired by hand, the same layer without a file watcher:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use chatgate::{ChatAuthLayer, ConfigHandle, Gate, revocation};
 //!
 //! let config = ConfigHandle::from_file("config.toml")?;
 //! let store = revocation::open_store(&config.load().revocation).await?;
 //! let cache = revocation::RevocationCache::new(store, &config.load().revocation);
+//! cache.spawn_invalidation();
 //! let layer = ChatAuthLayer::new(Gate::new(config, cache)).public_path("/metrics");
 //! // router.layer(layer), or tower::ServiceBuilder::new().layer(layer).service(svc)
 //! # let _ = layer;
@@ -50,6 +64,7 @@
 //!
 //! The layer holds a [`Gate`], which holds the [`crate::ConfigHandle`]: a
 //! `store()` on that handle (by the file watcher or by hand) is seen by the next request.
+//! [`ChatAuthLayer::from_config_file`] starts that watcher itself.
 //!
 //! # Design
 //!
@@ -60,9 +75,11 @@
 //! (and, for a WebSocket, onto the upgraded connection by `upgrade`).
 
 mod replay;
+mod setup;
 mod upgrade;
 
 pub use replay::ReplayBody;
+pub use setup::SetupError;
 
 use crate::error::{AuthError, Rejection};
 use crate::gate::{
@@ -114,6 +131,9 @@ pub struct ChatAuth<S> {
 struct Shared {
     gate: Gate,
     renderer: Option<RejectionRenderer>,
+    /// The tasks [`ChatAuthLayer::from_config_file`] started: they end when the last
+    /// layer or service holding this state is dropped.
+    background: Option<Arc<setup::Background>>,
 }
 
 pin_project! {
@@ -157,8 +177,20 @@ impl ChatAuthLayer {
             shared: Arc::new(Shared {
                 gate,
                 renderer: None,
+                background: None,
             }),
         }
+    }
+
+    /// The same layer, owning the tasks that keep its config and cache current.
+    fn owning(mut self, background: setup::Background) -> Self {
+        Arc::make_mut(&mut self.shared).background = Some(Arc::new(background));
+        self
+    }
+
+    #[cfg(test)]
+    fn background(&self) -> Option<&setup::Background> {
+        self.shared.background.as_deref()
     }
 
     /// Serves `path` without auth, in addition to the config's `[auth] public_paths`.

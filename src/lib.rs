@@ -28,6 +28,7 @@ pub mod layer;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 pub mod reload;
+pub mod request;
 pub mod revocation;
 pub mod session;
 pub mod time;

@@ -5,10 +5,11 @@
 //! recover from a live session closed by a revocation.
 //! Skips with a notice when `node` or `tests/sdk/node_modules` is missing.
 
+mod common;
+
+use chatgate::TokenBuilder;
 use chatgate::demo::{DemoState, router};
-use chatgate::revocation::{MemoryStore, RevocationCache};
 use chatgate::time::now_unix;
-use chatgate::{App, ChatAuthLayer, ConfigHandle, ConfigSnapshot, Gate, TokenBuilder};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,13 +42,11 @@ fn sdk_available() -> bool {
 
 /// The example's stack on loopback; counts the `/connect` attempts that reach it.
 async fn start() -> (SocketAddr, Arc<AtomicUsize>) {
-    let config = ConfigSnapshot::with_apps(vec![App::new(KEY, vec![SECRET.into()])]);
-    let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &config.revocation);
-    let gate = Gate::new(ConfigHandle::new(config), cache);
+    let layer = common::layer(common::config(vec![common::app(KEY, SECRET)])).await;
     let connects = Arc::new(AtomicUsize::new(0));
     let counter = connects.clone();
     let app = router(DemoState::new())
-        .layer(ChatAuthLayer::new(gate))
+        .layer(layer)
         .layer(tower::util::MapRequestLayer::new(
             move |request: axum::extract::Request| {
                 if request.uri().path() == "/connect" {
@@ -56,10 +55,7 @@ async fn start() -> (SocketAddr, Arc<AtomicUsize>) {
                 request
             },
         ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, connects)
+    (common::serve(app).await, connects)
 }
 
 async fn run_node(addr: SocketAddr, scenario: &str, tokens: &[(&str, String)]) -> Value {
