@@ -120,8 +120,13 @@ pub async fn open_store(
         StoreKind::Embedded => Err(StoreError::Unavailable(
             "this build has no embedded store: enable the `embedded` feature".into(),
         )),
+        // Boxed: the redis client's Sentinel and TLS connection futures nest so deeply
+        // that every async caller of open_store overflowed rustc's layout query depth.
+        // Opening happens once, so the allocation costs nothing that matters.
         #[cfg(feature = "redis")]
-        StoreKind::Redis => Ok(Arc::new(redis::RedisStore::from_settings(settings).await?)),
+        StoreKind::Redis => Ok(Arc::new(
+            Box::pin(redis::RedisStore::from_settings(settings)).await?,
+        )),
         #[cfg(not(feature = "redis"))]
         StoreKind::Redis => Err(StoreError::Unavailable(
             "this build has no redis store: enable the `redis` feature".into(),
