@@ -415,6 +415,9 @@ fn repeated_parameters(token: &str, other_token: &str) -> Vec<String> {
         format!("api%5Fkey={KEY_B}&api_key={KEY}"),
         format!("api%5fkey={KEY}&api_key={KEY}"),
         format!("%61%70%69%5f%6b%65%79={KEY}&api_key={KEY}"),
+        // `;` separates pairs for older Go and Python parsers.
+        format!("api_key={KEY};api_key={KEY_B}"),
+        format!("x=1;api_key={KEY_B}&api_key={KEY}"),
         format!("api_key={KEY}&authorization={token}&authorization={token}"),
         format!("api_key={KEY}&authorization={token}&%61uthorization={other_token}"),
         format!("api_key={KEY}&authorization={token}&authorization="),
@@ -1012,6 +1015,13 @@ async fn encoded_slashes_backslashes_and_control_characters_in_a_path_are_refuse
             "/chan%09nels",
             "/channels%0D%0AX-Injected:%201",
             "/static/%2e%2e%2fchannels",
+            // A `%` that is not an escape: one decode of `%%32%65` would leave `%2e`.
+            "/static/%%32%65%%32%65/channels",
+            "/channels%zz",
+            "/channels%2",
+            // Path parameters: servlet containers read `/static/..;/channels` as `/channels`.
+            "/static/..;/channels",
+            "/channels;x=1",
         ]
         .iter()
         .map(|p| p.as_bytes().to_vec())
@@ -1291,9 +1301,20 @@ async fn a_user_id_with_control_characters_or_edge_whitespace_is_malformed_and_n
         let mut findings = Findings::default();
         let channels = format!("/channels?api_key={KEY}");
         // Inner spaces are text: the control case.
-        let fine = user_token("alice smith");
-        let (answer, forwarded) = rig.send(&get(&channels, &[("Authorization", &fine)])).await;
-        findings.check("alice smith", forwarded_as(&answer, &forwarded, &channels));
+        for fine in ["alice smith", "josé", "用户"] {
+            let token = user_token(fine);
+            let (answer, forwarded) = rig
+                .send(&get(&channels, &[("Authorization", &token)]))
+                .await;
+            findings.check(fine, forwarded_as(&answer, &forwarded, &channels));
+            findings.check(
+                fine,
+                identity_is(
+                    &forwarded,
+                    &[("x-chatgate-user-id", fine), ("x-chatgate-auth", "user")],
+                ),
+            );
+        }
         for id in [
             "alice\u{0}",
             "\u{1}alice",
