@@ -4,6 +4,7 @@
 
 use crate::config::{App, ConfigSnapshot, StoreErrorPolicy};
 use crate::error::{AuthError, Malformed};
+use crate::normalize;
 use crate::reload::ConfigHandle;
 use crate::revocation::{RevocationCache, UserCutoffChange};
 use crate::time::{Cutoff, now_unix, parse_json_time};
@@ -378,7 +379,9 @@ fn authenticate(
     request: RequestParts<'_>,
     now: i64,
 ) -> Result<Option<Verified>, AuthError> {
-    let path = request.uri.path();
+    // Contract §6: everything below matches the normal form, which the adapters forward.
+    let path = normalize::request(request.method, request.uri, request.headers)?;
+    let path = &*path;
     if config.auth.public_paths.contains(path) {
         return Ok(None);
     }
@@ -389,12 +392,23 @@ fn authenticate(
 
     // Swift sends headers on the upgrade too, so headers win when both are present.
     let header_token = header_str(request.headers, header::AUTHORIZATION);
+    let query_token = query
+        .authorization
+        .as_deref()
+        .map(strip_bearer)
+        .filter(|t| !t.is_empty());
     let token = match header_token {
         Some(t) => Some(strip_bearer(t)),
-        None if websocket => query.authorization.as_deref().map(strip_bearer),
+        None if websocket => query_token,
         None => None,
     }
     .filter(|t| !t.is_empty());
+    if let (true, Some(header), Some(query)) = (websocket, token, query_token)
+        && header != query
+    {
+        // One credential (contract §6 rule 1): the upstream may read either.
+        return Err(normalize::Unsafe::TokensDiffer.into());
+    }
 
     let auth_type = header_str(request.headers, AUTH_TYPE_HEADER).or(if websocket {
         query.auth_type.as_deref()
@@ -441,6 +455,12 @@ fn authenticate(
         TokenKind::Developer => IdentityKind::Developer,
     };
     let user_id = verified.claims.user_id;
+    if user_id
+        .as_deref()
+        .is_some_and(|id| !normalize::user_id_is_text(id))
+    {
+        return Err(AuthError::Malformed(Malformed::UserIdNotText));
+    }
 
     if let (true, Some(json), Some(user)) = (websocket, query.json.as_deref(), user_id.as_deref()) {
         check_connect_user(json, user)?;

@@ -29,7 +29,7 @@
 //! so no token) is echoed. The gate turns them into code 4 (400, or the WebSocket
 //! rejection on an upgrade).
 
-use http::{HeaderMap, Method};
+use http::{HeaderMap, Method, Uri};
 use std::borrow::Cow;
 
 /// Query parameters a request may carry at most once (rule 1).
@@ -84,6 +84,43 @@ pub enum Unsafe {
     /// A standard method spelled in another case.
     #[error("the method must be written in upper case")]
     MethodCase,
+}
+
+impl From<Unsafe> for crate::error::AuthError {
+    fn from(why: Unsafe) -> Self {
+        crate::error::AuthError::BadInput(why.to_string())
+    }
+}
+
+/// The one normalisation step: refuses what §6 refuses and returns the path in normal
+/// form, which is what the gate matches and what an adapter must forward
+/// ([`target`] builds the request target from it).
+pub fn request<'a>(
+    method: &Method,
+    uri: &'a Uri,
+    headers: &HeaderMap,
+) -> Result<Cow<'a, str>, Unsafe> {
+    check_method(method)?;
+    check_repeated(uri.query().unwrap_or(""), headers)?;
+    path(uri.path())
+}
+
+/// The origin-form target to forward: the normal path and the query as it was sent.
+pub fn target(normal_path: &str, query: Option<&str>) -> String {
+    match query {
+        Some(query) => format!("{normal_path}?{query}"),
+        None => normal_path.to_owned(),
+    }
+}
+
+/// `uri` with its path replaced by `normal_path`; scheme, authority (absolute-form)
+/// and query are kept.
+pub fn with_path(uri: &Uri, normal_path: &str) -> Uri {
+    let mut parts = uri.clone().into_parts();
+    // A normal path is a valid path (it only lost escapes of unreserved characters,
+    // slashes and dot segments), so the rebuilt target always parses.
+    parts.path_and_query = target(normal_path, uri.query()).parse().ok();
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
 }
 
 /// The standard methods (RFC 9110 §9 and PATCH), which [`check_method`] wants upper case.
