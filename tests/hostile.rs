@@ -1773,10 +1773,20 @@ async fn at_trace_level_no_token_secret_or_server_token_reaches_the_proxy_output
 
 // === rule 9: pipelined requests ===
 
+/// Longest an answer (or the close) may take once the one before it arrived, beyond
+/// the upstream's own time: "at once" for a proxy on loopback.
+const AT_ONCE: Duration = Duration::from_secs(3);
+
 /// Sends `writes` on one connection, `pause` apart; returns each answer in order,
 /// stopping at the first that does not come (the connection closed, or stayed silent
-/// for `STEP`).
-async fn pipeline(rig: &Rig, writes: &[Vec<u8>], pause: Duration, expected: usize) -> Vec<Answer> {
+/// for `AT_ONCE` plus `upstream_time`).
+async fn pipeline(
+    rig: &Rig,
+    writes: &[Vec<u8>],
+    pause: Duration,
+    expected: usize,
+    upstream_time: Duration,
+) -> Vec<Answer> {
     let mut stream = TcpStream::connect(rig.proxy.address).await.unwrap();
     for (i, write) in writes.iter().enumerate() {
         if i > 0 {
@@ -1790,7 +1800,7 @@ async fn pipeline(rig: &Rig, writes: &[Vec<u8>], pause: Duration, expected: usiz
     let mut buffer = Vec::new();
     let mut answers = Vec::new();
     for _ in 0..expected {
-        let answer = read_answer(&mut stream, &mut buffer, STEP).await;
+        let answer = read_answer(&mut stream, &mut buffer, AT_ONCE + upstream_time).await;
         let last = matches!(answer, Answer::Closed | Answer::Silent);
         answers.push(answer);
         if last {
@@ -1924,7 +1934,7 @@ async fn pipelined_requests_are_answered_in_order_or_the_connection_is_closed_at
         for (n, spec) in pipelines.iter().enumerate() {
             let before = rig.upstream.requests().len();
             let all: Vec<u8> = spec.iter().flat_map(|p| p.request.clone()).collect();
-            let answers = pipeline(&rig, &[all], Duration::ZERO, spec.len()).await;
+            let answers = pipeline(&rig, &[all], Duration::ZERO, spec.len(), Duration::ZERO).await;
             let forwarded = rig.upstream.requests().split_off(before);
             judge_pipeline(
                 &format!("pipeline {n}"),
@@ -1967,7 +1977,7 @@ async fn requests_pipelined_while_the_first_is_upstream_are_answered_in_order_or
         let before = rig.upstream.requests().len();
         let later: Vec<u8> = rest.iter().flat_map(|p| p.request.clone()).collect();
         let writes = [first.request.clone(), later];
-        let answers = pipeline(&rig, &writes, Duration::from_millis(300), 3).await;
+        let answers = pipeline(&rig, &writes, Duration::from_millis(300), 3, SLOW_ANSWER).await;
         let forwarded = rig.upstream.requests().split_off(before);
         let spec: Vec<Piped> = std::iter::once(first).chain(rest).collect();
         judge_pipeline("slow upstream", &spec, &answers, &forwarded, &mut findings);
