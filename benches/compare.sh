@@ -33,7 +33,7 @@ if ! need wrk || ! need haproxy || ! need nginx; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk haproxy nginx-light >/dev/null
 fi
 
-cargo build --release --features proxy --bin chatgate --example passthrough
+cargo build --release --features cli --bin chatgate --example passthrough
 BIN=target/release/chatgate
 PASSTHROUGH=target/release/examples/passthrough
 

@@ -1,10 +1,10 @@
 //! chatgate's demo chat API behind `ChatAuthLayer`, in one axum server.
 //!
 //! ```sh
-//! cargo run --example axum_chat_api --features axum -- config.toml 127.0.0.1:3000
+//! cargo run --example axum_chat_api --features demo -- config.toml 127.0.0.1:3000
 //! KEY=demo-key
-//! TOKEN=$(cargo run -q --features proxy -- token create --api-key $KEY --user alice --ttl 1h)
-//! SERVER=$(cargo run -q --features proxy -- token create --api-key $KEY --server)
+//! TOKEN=$(cargo run -q --features cli -- token create --api-key $KEY --user alice --ttl 1h)
+//! SERVER=$(cargo run -q --features cli -- token create --api-key $KEY --server)
 //! curl -s "http://127.0.0.1:3000/channels/messaging/general/query?api_key=$KEY" \
 //!      -H "Authorization: $TOKEN" -H "stream-auth-type: jwt" -H "content-type: application/json" -d '{}'
 //! curl -s "http://127.0.0.1:3000/channels/messaging/general/message?api_key=$KEY" \

@@ -4,7 +4,7 @@
 //! `benches/compare.sh` measures what the auth gate itself costs.
 //!
 //! ```sh
-//! cargo run --release --features proxy --example passthrough -- \
+//! cargo run --release --features cli --example passthrough -- \
 //!     --listen 127.0.0.1:18182 --upstream 127.0.0.1:18180
 //! ```
 

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 
 /// A config that could not be loaded. The message always says where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
     #[error("{file}: cannot read config: {message}")]
@@ -220,6 +221,7 @@ impl PublicPaths {
 
 /// Which revocation store backs the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StoreKind {
     /// In process memory (tests, single process, nothing survives a restart).
     Memory,
@@ -231,6 +233,7 @@ pub enum StoreKind {
 
 /// What to do with a cache miss while the store cannot answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StoreErrorPolicy {
     /// Answer 503 (the default: a revoked token must not get through because Redis blinked).
     Deny,
@@ -731,8 +734,9 @@ fn build(
         let revoke_tokens_issued_before = match &app.revoke_tokens_issued_before {
             None => None,
             Some(text) => {
-                let at_time = parse_stream_time(text)
-                    .map_err(|m| at.error(&key_of("revoke_tokens_issued_before"), &m))?;
+                let at_time = parse_stream_time(text).map_err(|m| {
+                    at.error(&key_of("revoke_tokens_issued_before"), &m.to_string())
+                })?;
                 if at_time.timestamp() > now_unix() + 300 {
                     return Err(at.error(
                         &key_of("revoke_tokens_issued_before"),

@@ -1,6 +1,11 @@
 //! The one error type of a gate decision, mapped once to Stream's code, HTTP status
-//! and JSON body (contract §4). Adapters render [`ErrorResponse`]; nothing else
-//! matches on [`AuthError`].
+//! and JSON body (contract §4). Adapters copy out the [`Rejection`] built from it;
+//! nothing outside this module (and its `rejection` submodule) matches on
+//! [`AuthError`]'s variants.
+
+mod rejection;
+
+pub use rejection::Rejection;
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -12,6 +17,7 @@ pub const MORE_INFO_URL: &str = "https://getstream.io/chat/docs/api_errors_respo
 /// Why a token is malformed (Stream code 5). Kept as a closed set so messages can
 /// never echo a token or a secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Malformed {
     /// No token was sent where one was required.
     Missing,
@@ -69,6 +75,7 @@ impl Malformed {
 /// code, status and message come from [`AuthError::code`], [`AuthError::status`] and
 /// the `Display` impl.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuthError {
     /// The `api_key` query parameter is missing (code 2).
     #[error("api_key not found: send it as the api_key query parameter")]
@@ -210,7 +217,8 @@ impl AuthError {
     }
 }
 
-/// A rendered rejection, transport-neutral: adapters copy it onto the wire.
+/// Stream's error object rendered once: the JSON body, its status, and the text of the
+/// WebSocket error frame. [`Rejection`] puts it on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorResponse {
     /// HTTP status (equal to the body's `StatusCode`).

@@ -28,17 +28,18 @@
 //! When the layer is missing, extracting an [`Identity`] fails with a 500 that says so,
 //! rather than treating the request as anonymous.
 
-use crate::error::AuthError;
+use crate::error::{AuthError, Rejection};
 use crate::gate::{Identity, IdentityKind};
 use crate::session::LiveSession;
 use axum::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum::response::{IntoResponse, Response};
+use http::StatusCode;
 use http::request::Parts;
-use http::{HeaderValue, StatusCode, header};
 use std::convert::Infallible;
 
 /// Why an identity extractor refused a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IdentityRejection {
     /// No [`Identity`] in the extensions: the layer is not in front of this route, or
     /// the path is public. A server bug, hence 500.
@@ -75,13 +76,7 @@ impl IntoResponse for IdentityRejection {
                     reason = error.reason(),
                     "identity refused by extractor"
                 );
-                let rendered = error.response();
-                let mut response = (rendered.status, rendered.body).into_response();
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static(crate::ErrorResponse::CONTENT_TYPE),
-                );
-                response
+                http::Response::from(Rejection::http(&error)).map(axum::body::Body::from)
             }
         }
     }
@@ -185,7 +180,6 @@ impl<S: Send + Sync> FromRequestParts<S> for ServerIdentity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn parts_with(identity: Option<Identity>) -> Parts {
         let mut parts = http::Request::new(()).into_parts().0;
@@ -196,12 +190,12 @@ mod tests {
     }
 
     fn identity_of(kind: IdentityKind, user: Option<&str>) -> Identity {
-        Identity {
-            app: Arc::from("key"),
-            kind,
-            user_id: user.map(Arc::from),
-            issued_at: None,
-            expires_at: None,
+        match (kind, user) {
+            (IdentityKind::User, Some(user)) => Identity::user("key", user),
+            (IdentityKind::Developer, Some(user)) => Identity::developer("key", user),
+            (IdentityKind::Server, None) => Identity::server("key"),
+            (IdentityKind::Anonymous, None) => Identity::anonymous("key"),
+            other => panic!("no such identity: {other:?}"),
         }
     }
 

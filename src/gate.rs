@@ -1,6 +1,17 @@
 //! The transport-neutral decision: "who is this, or why not" for one request
 //! (contract §1-§5). Both adapters call [`Gate::check`] with the request's method,
-//! URI and headers; neither knows how the answer is made.
+//! URI and headers; neither knows how the answer is made. The embedder's own rules
+//! (apps served, anonymous override, extra public paths) are a [`Policy`] the gate
+//! applies inside the same decision, so no adapter decides anything after it.
+//!
+//! One decision has two halves: everything but revocation is decided synchronously on
+//! the current config snapshot ([`Gate::check_cached`]); only a user whose revocation
+//! cutoffs are not cached yet waits for the store ([`Gate::finish`]). Both halves end in
+//! the same step, which applies the cutoff and names the outcome.
+
+mod policy;
+
+pub use policy::Policy;
 
 use crate::config::{App, ConfigSnapshot, StoreErrorPolicy};
 use crate::error::{AuthError, Malformed};
@@ -37,6 +48,7 @@ pub struct Identity {
 
 /// What kind of caller an [`Identity`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum IdentityKind {
     /// A signed user token.
     User,
@@ -71,13 +83,40 @@ impl Identity {
         self.kind == IdentityKind::Server
     }
 
-    /// What a server token for `app` yields: for code that authenticated its caller
-    /// itself and applies a revocation with [`Gate::apply_revocation`].
-    pub fn server(app: &str) -> Self {
+    /// A user token's identity.
+    pub fn user(app: impl Into<Arc<str>>, user_id: impl Into<Arc<str>>) -> Self {
+        Self::with_kind(app, IdentityKind::User, Some(user_id.into()))
+    }
+
+    /// A developer token's identity (an app with `disable_auth_checks`).
+    pub fn developer(app: impl Into<Arc<str>>, user_id: impl Into<Arc<str>>) -> Self {
+        Self::with_kind(app, IdentityKind::Developer, Some(user_id.into()))
+    }
+
+    /// A server token's identity; also what code that authenticated its caller itself
+    /// passes to [`Gate::apply_revocation`].
+    pub fn server(app: impl Into<Arc<str>>) -> Self {
+        Self::with_kind(app, IdentityKind::Server, None)
+    }
+
+    /// An anonymous caller's identity (`stream-auth-type: anonymous`).
+    pub fn anonymous(app: impl Into<Arc<str>>) -> Self {
+        Self::with_kind(app, IdentityKind::Anonymous, None)
+    }
+
+    /// The same identity with the token's `iat` and `exp`, which revocation and live
+    /// sessions read.
+    pub fn with_token_times(mut self, issued_at: Option<i64>, expires_at: Option<i64>) -> Self {
+        self.issued_at = issued_at;
+        self.expires_at = expires_at;
+        self
+    }
+
+    fn with_kind(app: impl Into<Arc<str>>, kind: IdentityKind, user_id: Option<Arc<str>>) -> Self {
         Identity {
-            app: Arc::from(app),
-            kind: IdentityKind::Server,
-            user_id: None,
+            app: app.into(),
+            kind,
+            user_id,
             issued_at: None,
             expires_at: None,
         }
@@ -86,6 +125,7 @@ impl Identity {
 
 /// The Stream endpoints whose revocation fields chatgate applies itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RevocationEndpoint {
     /// `PATCH /users`: per-user cutoffs.
     Users,
@@ -95,6 +135,7 @@ pub enum RevocationEndpoint {
 
 /// The outcome of [`Gate::check`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Decision {
     /// A public path: forward without an identity.
     Public,
@@ -158,20 +199,34 @@ impl std::fmt::Debug for PendingCheck {
     }
 }
 
-/// The gate: config snapshot plus revocation cache. Cheap to clone.
+/// The gate: config snapshot, revocation cache and policy. Cheap to clone.
 #[derive(Clone)]
 pub struct Gate {
     config: ConfigHandle,
     revocations: Arc<RevocationCache>,
+    policy: Arc<Policy>,
 }
 
 impl Gate {
-    /// A gate over a live config and a revocation cache.
+    /// A gate over a live config and a revocation cache, with the default [`Policy`]
+    /// (the config alone decides).
     pub fn new(config: ConfigHandle, revocations: Arc<RevocationCache>) -> Self {
         Gate {
             config,
             revocations,
+            policy: Arc::default(),
         }
+    }
+
+    /// The same gate applying `policy` on top of the config.
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = Arc::new(policy);
+        self
+    }
+
+    /// The policy this gate applies on top of the config.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// The live config.
@@ -207,19 +262,20 @@ impl Gate {
             Err(error) => return Ok(Err(error)),
         };
         let stored = match &verified.identity.user_id {
-            None => None,
+            None => Ok(None),
             Some(user) => {
                 let app = &verified.identity.app;
                 match self.revocations.cached_cutoff(app, user, verified.now) {
-                    Some(hit) => hit,
+                    Some(hit) => Ok(hit),
                     None => return Err(PendingCheck(verified)),
                 }
             }
         };
-        Ok(decide(verified, Ok(stored)))
+        Ok(decide(verified, stored))
     }
 
-    /// Completes a [`Gate::check_cached`] that needed the revocation store.
+    /// Completes a [`Gate::check_cached`] that needed the revocation store: the same
+    /// last step, with the cutoff read from the store.
     pub async fn finish(&self, pending: PendingCheck) -> Result<Decision, AuthError> {
         let verified = pending.0;
         let stored = match &verified.identity.user_id {
@@ -231,7 +287,7 @@ impl Gate {
 
     /// Everything but revocation, on the snapshot current now; `Ok(None)` is a public path.
     fn verify(&self, request: RequestParts<'_>) -> Result<Option<Verified>, AuthError> {
-        authenticate(&self.config.load(), request, now_unix())
+        authenticate(&self.config.load(), &self.policy, request, now_unix())
     }
 
     /// Applies the revocation fields of a `PATCH /users` or `PATCH /app` body for the
@@ -271,7 +327,8 @@ impl Gate {
     }
 }
 
-/// The decision once the stored cutoff (or the store's failure) is known.
+/// The last step of both paths: the decision once the stored cutoff (or the store's
+/// failure) is known.
 fn decide(
     verified: Verified,
     stored: Result<Option<Cutoff>, crate::revocation::StoreError>,
@@ -372,22 +429,27 @@ fn revocation_endpoint(method: &Method, path: &str) -> Option<RevocationEndpoint
     }
 }
 
-/// Everything but revocation: public paths, app, auth type, token, WS user match.
-/// `Ok(None)` is a public path.
+/// Everything but revocation: public paths, app, auth type, token, WS user match, with
+/// the policy applied where each rule is decided. `Ok(None)` is a public path.
 fn authenticate(
     config: &ConfigSnapshot,
+    policy: &Policy,
     request: RequestParts<'_>,
     now: i64,
 ) -> Result<Option<Verified>, AuthError> {
     // Contract §6: everything below matches the normal form, which the adapters forward.
     let path = normalize::request(request.method, request.uri, request.headers)?;
     let path = &*path;
-    if config.auth.public_paths.contains(path) {
+    if config.auth.public_paths.contains(path) || policy.is_public(path) {
         return Ok(None);
     }
     let query = parse_query(request.uri.query().unwrap_or(""));
     let api_key = query.api_key.as_deref().ok_or(AuthError::MissingApiKey)?;
-    let app = config.app(api_key).ok_or(AuthError::UnknownApiKey)?;
+    // An app the policy does not serve is as unknown as one the config lacks.
+    let app = config
+        .app(api_key)
+        .filter(|app| policy.serves(app))
+        .ok_or(AuthError::UnknownApiKey)?;
     let websocket = request.is_websocket_upgrade();
 
     // Swift sends headers on the upgrade too, so headers win when both are present.
@@ -424,7 +486,7 @@ fn authenticate(
 
     let endpoint = revocation_endpoint(request.method, path);
     if anonymous {
-        if !app.allow_anonymous {
+        if !policy.admits_anonymous(app) {
             return Err(AuthError::AnonymousNotAllowed);
         }
         if endpoint.is_some() {
@@ -434,13 +496,7 @@ fn authenticate(
         }
         return Ok(Some(Verified {
             now,
-            identity: Identity {
-                app: app.api_key.clone(),
-                kind: IdentityKind::Anonymous,
-                user_id: None,
-                issued_at: None,
-                expires_at: None,
-            },
+            identity: Identity::anonymous(app.api_key.clone()),
             config_cutoff: None,
             policy: config.revocation.on_store_error,
             endpoint: None,
@@ -449,36 +505,38 @@ fn authenticate(
 
     let token = token.ok_or(AuthError::Malformed(Malformed::Missing))?;
     let verified = token::verify(token, app, &config.auth, now)?;
-    let kind = match verified.kind {
-        TokenKind::User => IdentityKind::User,
-        TokenKind::Server => IdentityKind::Server,
-        TokenKind::Developer => IdentityKind::Developer,
-    };
-    let user_id = verified.claims.user_id;
-    if user_id
+    let claims = verified.claims;
+    if claims
+        .user_id
         .as_deref()
         .is_some_and(|id| !normalize::user_id_is_text(id))
     {
         return Err(AuthError::Malformed(Malformed::UserIdNotText));
     }
+    let app_key = app.api_key.clone();
+    let identity = match (verified.kind, claims.user_id) {
+        (TokenKind::Server, _) => Identity::server(app_key),
+        (TokenKind::User, Some(user)) => Identity::user(app_key, user),
+        (TokenKind::Developer, Some(user)) => Identity::developer(app_key, user),
+        // token::verify names a token without user_id a server token; never widen a
+        // user or developer token into one.
+        (TokenKind::User | TokenKind::Developer, None) => {
+            return Err(AuthError::Malformed(Malformed::EmptyUserId));
+        }
+    }
+    .with_token_times(claims.issued_at, claims.expires_at);
 
-    if let (true, Some(json), Some(user)) = (websocket, query.json.as_deref(), user_id.as_deref()) {
+    if let (true, Some(json), Some(user)) = (websocket, query.json.as_deref(), identity.user_id()) {
         check_connect_user(json, user)?;
     }
-    if endpoint.is_some() && kind != IdentityKind::Server {
+    if endpoint.is_some() && !identity.is_server() {
         return Err(AuthError::NotAllowed(
             "only server-side auth can revoke tokens: use a server token",
         ));
     }
     Ok(Some(Verified {
         now,
-        identity: Identity {
-            app: app.api_key.clone(),
-            kind,
-            user_id,
-            issued_at: verified.claims.issued_at,
-            expires_at: verified.claims.expires_at,
-        },
+        identity,
         config_cutoff: app_config_cutoff(app),
         policy: config.revocation.on_store_error,
         endpoint,
@@ -868,6 +926,46 @@ mod tests {
             .await,
         );
         assert_eq!(ws.kind, IdentityKind::Anonymous);
+    }
+
+    #[tokio::test]
+    async fn the_policy_is_part_of_the_decision() {
+        let token = TokenBuilder::user("a").sign(SECRET);
+        let auth = [("authorization", token.as_str())];
+        let anon = [("stream-auth-type", "anonymous")];
+        // An app outside only_apps is unknown whatever its token, before it is read.
+        let elsewhere = gate().with_policy(Policy::new().only_apps(["other"]));
+        for headers in [&auth[..], &[("authorization", "garbage")][..], &anon[..]] {
+            assert_eq!(
+                get(&elsewhere, "/x?api_key=key", headers).await,
+                Err(AuthError::UnknownApiKey),
+                "{headers:?}"
+            );
+        }
+        let served = gate().with_policy(Policy::new().only_apps(["key"]));
+        user(get(&served, "/x?api_key=key", &auth).await);
+        // The anonymous override widens and narrows the app's own setting.
+        let widened = gate().with_policy(Policy::new().allow_anonymous(true));
+        let identity = user(get(&widened, "/x?api_key=key", &anon).await);
+        assert_eq!(identity, Identity::anonymous("key"));
+        let error = run(&widened, Method::PATCH, "/app?api_key=key", &anon)
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), 17);
+        let narrowed = gate_with(|a| a.allow_anonymous = true)
+            .with_policy(Policy::new().allow_anonymous(false));
+        assert_eq!(
+            get(&narrowed, "/x?api_key=key", &anon).await,
+            Err(AuthError::AnonymousNotAllowed)
+        );
+        // Extra public paths join the config's.
+        let public = gate().with_policy(Policy::new().public_path("/static/*"));
+        assert_eq!(
+            get(&public, "/static/a.js", &[]).await,
+            Ok(Decision::Public)
+        );
+        assert_eq!(get(&public, "/healthz", &[]).await, Ok(Decision::Public));
+        assert!(get(&public, "/other", &[]).await.is_err());
     }
 
     #[tokio::test]

@@ -50,17 +50,28 @@
 //!
 //! The layer holds a [`Gate`], which holds the [`crate::ConfigHandle`]: a
 //! `store()` on that handle (by the file watcher or by hand) is seen by the next request.
+//!
+//! # Design
+//!
+//! The layer only asks (as tower-http's middlewares do): its builder methods configure
+//! the gate's [`Policy`], and the gate's [`Decision`] is final. One function turns a
+//! decision into what happens next, for the synchronous and the awaited path alike;
+//! refusals are the [`Rejection`] the error module builds, copied into a response
+//! (and, for a WebSocket, onto the upgraded connection by `upgrade`).
 
-use crate::config::PublicPaths;
-use crate::error::{AuthError, ErrorResponse};
+mod replay;
+mod upgrade;
+
+pub use replay::ReplayBody;
+
+use crate::error::{AuthError, Rejection};
 use crate::gate::{
-    Decision, Gate, Identity, IdentityKind, PendingCheck, RequestParts, RevocationEndpoint,
+    Decision, Gate, Identity, PendingCheck, Policy, RequestParts, RevocationEndpoint,
 };
 use crate::normalize;
 use crate::session::LiveSession;
-use crate::ws;
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
 use pin_project_lite::pin_project;
 use std::borrow::Cow;
@@ -68,14 +79,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 use tower::{Layer, Service};
 
 /// Largest `PATCH /users` / `PATCH /app` body the layer buffers (1 MiB); larger is code 4.
 pub const MAX_REVOCATION_BODY_BYTES: usize = 1 << 20;
-
-/// How long a refused WebSocket may take to receive its frames and close.
-const WS_REJECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Renders an HTTP refusal. The body is converted into the service's response body
 /// with `From<Bytes>`.
@@ -103,21 +110,11 @@ pub struct ChatAuth<S> {
     shared: Arc<Shared>,
 }
 
-/// The gate and the options in one allocation: a request clones one `Arc`, not four
-/// (refcounts shared by every core are contended cache lines).
+/// The gate (with its policy) and the renderer in one allocation: a request clones one
+/// `Arc`, not several (refcounts shared by every core are contended cache lines).
 #[derive(Clone)]
 struct Shared {
     gate: Gate,
-    options: Options,
-}
-
-/// What the builder methods set; shared by every clone of the service.
-#[derive(Clone, Default)]
-struct Options {
-    public_entries: Vec<String>,
-    public_paths: PublicPaths,
-    apps: Option<Vec<Arc<str>>>,
-    anonymous: Option<bool>,
     renderer: Option<RejectionRenderer>,
 }
 
@@ -161,41 +158,33 @@ impl ChatAuthLayer {
         ChatAuthLayer {
             shared: Arc::new(Shared {
                 gate,
-                options: Options::default(),
+                renderer: None,
             }),
         }
     }
 
     /// Serves `path` without auth, in addition to the config's `[auth] public_paths`.
-    /// A trailing `*` makes it a prefix (`/static/*`).
-    pub fn public_path(mut self, path: impl Into<String>) -> Self {
-        let options = &mut Arc::make_mut(&mut self.shared).options;
-        options.public_entries.push(path.into());
-        options.public_paths = PublicPaths::new(options.public_entries.iter().cloned());
-        self
+    /// A trailing `*` makes it a prefix (`/static/*`). See [`Policy::public_path`].
+    pub fn public_path(self, path: impl Into<String>) -> Self {
+        self.with_policy(|policy| policy.public_path(path))
     }
 
     /// Accepts only tokens of these apps (api_keys); the config's other apps are
     /// answered as unknown (code 2). Useful when one config serves several services.
-    pub fn only_apps<I, K>(mut self, api_keys: I) -> Self
+    /// See [`Policy::only_apps`].
+    pub fn only_apps<I, K>(self, api_keys: I) -> Self
     where
         I: IntoIterator<Item = K>,
         K: AsRef<str>,
     {
-        Arc::make_mut(&mut self.shared).options.apps = Some(
-            api_keys
-                .into_iter()
-                .map(|k| Arc::from(k.as_ref()))
-                .collect(),
-        );
-        self
+        self.with_policy(|policy| policy.only_apps(api_keys))
     }
 
     /// Overrides the apps' `allow_anonymous` for this layer: `false` refuses anonymous
-    /// users (code 5) even where the config allows them, `true` admits them for every app.
-    pub fn allow_anonymous(mut self, allow: bool) -> Self {
-        Arc::make_mut(&mut self.shared).options.anonymous = Some(allow);
-        self
+    /// users (code 5) even where the config allows them, `true` admits them for every
+    /// app. See [`Policy::allow_anonymous`].
+    pub fn allow_anonymous(self, allow: bool) -> Self {
+        self.with_policy(|policy| policy.allow_anonymous(allow))
     }
 
     /// Renders HTTP refusals with `render` instead of [`render_error`]. WebSocket
@@ -204,7 +193,15 @@ impl ChatAuthLayer {
     where
         F: Fn(&AuthError) -> Response<Bytes> + Send + Sync + 'static,
     {
-        Arc::make_mut(&mut self.shared).options.renderer = Some(Arc::new(render));
+        Arc::make_mut(&mut self.shared).renderer = Some(Arc::new(render));
+        self
+    }
+
+    /// Changes the gate's policy: the builder methods are policy, decided by the gate.
+    fn with_policy(mut self, change: impl FnOnce(Policy) -> Policy) -> Self {
+        let shared = Arc::make_mut(&mut self.shared);
+        let policy = change(shared.gate.policy().clone());
+        shared.gate = shared.gate.clone().with_policy(policy);
         self
     }
 
@@ -229,18 +226,8 @@ impl std::fmt::Debug for ChatAuthLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatAuthLayer")
             .field("config", self.shared.gate.config())
-            .field("options", &self.shared.options)
-            .finish()
-    }
-}
-
-impl std::fmt::Debug for Options {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Options")
-            .field("public_paths", &self.public_entries)
-            .field("apps", &self.apps)
-            .field("anonymous", &self.anonymous)
-            .field("custom_renderer", &self.renderer.is_some())
+            .field("policy", self.shared.gate.policy())
+            .field("custom_renderer", &self.shared.renderer.is_some())
             .finish()
     }
 }
@@ -263,7 +250,7 @@ impl<S: std::fmt::Debug> std::fmt::Debug for ChatAuth<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatAuth")
             .field("inner", &self.inner)
-            .field("options", &self.shared.options)
+            .field("policy", self.shared.gate.policy())
             .finish()
     }
 }
@@ -285,51 +272,33 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let shared = &self.shared;
         let (mut parts, body) = request.into_parts();
         // Contract §6: the inner service gets the request the gate judges, and never a
         // client's own identity headers.
         if let Err(error) = normalize_request(&mut parts) {
             return ResponseFuture {
                 state: State::Refused {
-                    response: Some(shared.options.refuse(&mut parts, &error)),
+                    response: Some(self.shared.refuse(&mut parts, &error)),
                 },
             };
         }
-        if shared.options.public_paths.contains(parts.uri.path()) {
-            return ResponseFuture::calling(self.inner.call(Request::from_parts(parts, body)));
-        }
         // The common case (cached cutoffs, refusals) is decided here, with no future to
         // allocate, and calls the instance poll_ready readied.
-        let pending = match shared.gate.check_cached(RequestParts::from(&parts)) {
-            Err(pending) => pending,
-            Ok(decision) => match shared.options.review(&shared.gate, &parts, decision) {
-                Ok(Decision::Public) => {
-                    return ResponseFuture::calling(
-                        self.inner.call(Request::from_parts(parts, body)),
-                    );
-                }
-                Ok(Decision::Allow(identity)) => {
-                    admit(&shared.gate, &mut parts, identity);
-                    return ResponseFuture::calling(
-                        self.inner.call(Request::from_parts(parts, body)),
-                    );
-                }
-                Ok(Decision::Revocation(identity, endpoint)) => {
-                    let revoke = revoke(shared.clone(), parts, body, identity, endpoint);
-                    return self.later(Box::pin(revoke));
-                }
-                Err(error) => {
-                    return ResponseFuture {
-                        state: State::Refused {
-                            response: Some(shared.options.refuse(&mut parts, &error)),
-                        },
-                    };
-                }
+        match self.shared.gate.check_cached(RequestParts::from(&parts)) {
+            Ok(decision) => match settle(&self.shared, parts, body, decision) {
+                Next::Forward(request) => ResponseFuture::calling(self.inner.call(request)),
+                Next::Revoke(revoke) => self.later(revoke),
+                Next::Refuse(response) => ResponseFuture {
+                    state: State::Refused {
+                        response: Some(response),
+                    },
+                },
             },
-        };
-        let check = authorize(shared.clone(), parts, body, pending);
-        self.later(Box::pin(check))
+            Err(pending) => {
+                let check = authorize(self.shared.clone(), parts, body, pending);
+                self.later(Box::pin(check))
+            }
+        }
     }
 }
 
@@ -419,121 +388,60 @@ where
     }
 }
 
-// === impl ReplayBody ===
-
-pin_project! {
-    /// A request body the layer can rebuild: the original body streamed through, or the
-    /// bytes it buffered for a revocation endpoint. Lets a bare hyper service use the
-    /// layer: `ServiceBuilder::new().map_request(|r: Request<Incoming>| r.map(ReplayBody::new))`.
-    pub struct ReplayBody<B> {
-        #[pin]
-        inner: Replay<B>,
-    }
-}
-
-pin_project! {
-    #[project = ReplayProj]
-    enum Replay<B> {
-        Streaming {
-            #[pin]
-            body: B,
-        },
-        Buffered {
-            bytes: Option<Bytes>,
-        },
-    }
-}
-
-impl<B> ReplayBody<B> {
-    /// Streams `body` through unchanged.
-    pub fn new(body: B) -> Self {
-        ReplayBody {
-            inner: Replay::Streaming { body },
-        }
-    }
-}
-
-impl<B> From<Bytes> for ReplayBody<B> {
-    fn from(bytes: Bytes) -> Self {
-        ReplayBody {
-            inner: Replay::Buffered {
-                bytes: Some(bytes).filter(|b| !b.is_empty()),
-            },
-        }
-    }
-}
-
-impl<B> http_body::Body for ReplayBody<B>
-where
-    B: http_body::Body<Data = Bytes>,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
-        match self.project().inner.project() {
-            ReplayProj::Streaming { body } => body.poll_frame(cx),
-            ReplayProj::Buffered { bytes } => {
-                Poll::Ready(bytes.take().map(|b| Ok(http_body::Frame::data(b))))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Replay::Streaming { body } => body.is_end_stream(),
-            Replay::Buffered { bytes } => bytes.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        match &self.inner {
-            Replay::Streaming { body } => body.size_hint(),
-            Replay::Buffered { bytes } => {
-                http_body::SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
-        }
-    }
-}
-
-impl<B> std::fmt::Debug for ReplayBody<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.inner {
-            Replay::Streaming { .. } => f.write_str("ReplayBody::Streaming"),
-            Replay::Buffered { bytes } => f
-                .debug_struct("ReplayBody::Buffered")
-                .field("len", &bytes.as_ref().map_or(0, Bytes::len))
-                .finish(),
-        }
-    }
-}
-
 // === authorization ===
 
-/// The contract's HTTP refusal: status, `Content-Type: application/json`, Stream's
-/// error object. The default renderer, and a fallback for custom ones.
+/// The contract's HTTP refusal ([`Rejection::http`] as a response): status,
+/// `Content-Type: application/json`, Stream's error object. The default renderer, and a
+/// fallback for custom ones.
 pub fn render_error(error: &AuthError) -> Response<Bytes> {
-    render(error.response())
+    Rejection::http(error).into()
 }
 
-fn render(error: ErrorResponse) -> Response<Bytes> {
-    let mut response = Response::new(error.body);
-    *response.status_mut() = error.status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(ErrorResponse::CONTENT_TYPE),
-    );
-    response
+/// What the layer does with the gate's decision.
+enum Next<B> {
+    /// Call the inner service with this request.
+    Forward(Request<B>),
+    /// Apply a revocation body first: yields the request to forward or the refusal.
+    Revoke(Authorizing<B>),
+    /// Answer with this refusal.
+    Refuse(Response<Bytes>),
+}
+
+/// The one dispatch on a [`Decision`], shared by the synchronous path (`call`) and the
+/// awaited one (`authorize`).
+fn settle<B>(
+    shared: &Arc<Shared>,
+    mut parts: http::request::Parts,
+    body: B,
+    decision: Result<Decision, AuthError>,
+) -> Next<B>
+where
+    B: http_body::Body + From<Bytes> + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    match decision {
+        Ok(Decision::Public) => Next::Forward(Request::from_parts(parts, body)),
+        Ok(Decision::Allow(identity)) => {
+            admit(&shared.gate, &mut parts, identity);
+            Next::Forward(Request::from_parts(parts, body))
+        }
+        Ok(Decision::Revocation(identity, endpoint)) => Next::Revoke(Box::pin(revoke(
+            shared.clone(),
+            parts,
+            body,
+            identity,
+            endpoint,
+        ))),
+        Err(error) => Next::Refuse(shared.refuse(&mut parts, &error)),
+    }
 }
 
 /// The slow path: the revocation store must be asked for a request whose token
 /// `check_cached` already verified.
 async fn authorize<B>(
     shared: Arc<Shared>,
-    mut parts: http::request::Parts,
+    parts: http::request::Parts,
     body: B,
     pending: PendingCheck,
 ) -> Result<Request<B>, Response<Bytes>>
@@ -542,18 +450,11 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let Shared { gate, options } = &*shared;
-    let decision = gate.finish(pending).await;
-    match options.review(gate, &parts, decision) {
-        Ok(Decision::Public) => Ok(Request::from_parts(parts, body)),
-        Ok(Decision::Allow(identity)) => {
-            admit(gate, &mut parts, identity);
-            Ok(Request::from_parts(parts, body))
-        }
-        Ok(Decision::Revocation(identity, endpoint)) => {
-            revoke(shared.clone(), parts, body, identity, endpoint).await
-        }
-        Err(error) => Err(options.refuse(&mut parts, &error)),
+    let decision = shared.gate.finish(pending).await;
+    match settle(&shared, parts, body, decision) {
+        Next::Forward(request) => Ok(request),
+        Next::Revoke(revoke) => revoke.await,
+        Next::Refuse(response) => Err(response),
     }
 }
 
@@ -570,7 +471,6 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let Shared { gate, options } = &*shared;
     let bytes = match Limited::new(body, MAX_REVOCATION_BODY_BYTES)
         .collect()
         .await
@@ -580,11 +480,15 @@ where
             let error = AuthError::BadInput(format!(
                 "request body unreadable or larger than {MAX_REVOCATION_BODY_BYTES} bytes"
             ));
-            return Err(options.refuse(&mut parts, &error));
+            return Err(shared.refuse(&mut parts, &error));
         }
     };
-    if let Err(error) = gate.apply_revocation(&identity, endpoint, &bytes).await {
-        return Err(options.refuse(&mut parts, &error));
+    if let Err(error) = shared
+        .gate
+        .apply_revocation(&identity, endpoint, &bytes)
+        .await
+    {
+        return Err(shared.refuse(&mut parts, &error));
     }
     parts.extensions.insert(identity);
     Ok(Request::from_parts(parts, B::from(bytes)))
@@ -618,36 +522,9 @@ fn admit(gate: &Gate, parts: &mut http::request::Parts, identity: Identity) {
     parts.extensions.insert(identity);
 }
 
-impl Options {
-    /// Applies this layer's app and anonymous overrides to the gate's decision.
-    fn review(
-        &self,
-        gate: &Gate,
-        parts: &http::request::Parts,
-        decision: Result<Decision, AuthError>,
-    ) -> Result<Decision, AuthError> {
-        let decision = match (decision, self.anonymous) {
-            (Err(AuthError::AnonymousNotAllowed), Some(true)) => {
-                Ok(Decision::Allow(anonymous_identity(gate, parts)?))
-            }
-            (Ok(Decision::Allow(identity)), Some(false))
-                if identity.kind == IdentityKind::Anonymous =>
-            {
-                Err(AuthError::AnonymousNotAllowed)
-            }
-            (decision, _) => decision,
-        };
-        if let (Some(apps), Ok(Decision::Allow(identity) | Decision::Revocation(identity, _))) =
-            (&self.apps, &decision)
-            && !apps.contains(&identity.app)
-        {
-            return Err(AuthError::UnknownApiKey);
-        }
-        decision
-    }
-
-    /// Logs the refusal and renders it: the Stream WebSocket way for upgrades hyper
-    /// can hand over, as HTTP otherwise.
+impl Shared {
+    /// Logs the refusal and copies its [`Rejection`] into a response: the Stream
+    /// WebSocket one for upgrades hyper can hand over, the HTTP one otherwise.
     fn refuse(&self, parts: &mut http::request::Parts, error: &AuthError) -> Response<Bytes> {
         // The path only: query strings may carry tokens.
         tracing::debug!(
@@ -657,113 +534,30 @@ impl Options {
             path = parts.uri.path(),
             "request refused"
         );
-        if RequestParts::from(&*parts).is_websocket_upgrade()
-            && let Some(response) = refuse_upgrade(parts, error)
-        {
-            return response;
+        let mut rejection = Rejection::new(error, &RequestParts::from(&*parts));
+        if rejection.is_upgrade() {
+            match parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
+                Some(on_upgrade) => return upgrade::refuse(on_upgrade, rejection),
+                // Not served by hyper with upgrades: the HTTP refusal is all there is.
+                None => rejection = Rejection::http(error),
+            }
         }
         match &self.renderer {
             Some(render) => render(error),
-            None => render_error(error),
+            None => rejection.into(),
         }
     }
-}
-
-/// The gate refused anonymous for an app this layer admits anonymous users to: the
-/// app is known (the gate checks it first), so only the revocation endpoints remain
-/// closed to them.
-fn anonymous_identity(gate: &Gate, parts: &http::request::Parts) -> Result<Identity, AuthError> {
-    let query = parts.uri.query().unwrap_or("");
-    let api_key = form_urlencoded::parse(query.as_bytes())
-        .find(|(name, _)| name == "api_key")
-        .map(|(_, value)| value)
-        .ok_or(AuthError::MissingApiKey)?;
-    let config = gate.config().load();
-    let app = config.app(&api_key).ok_or(AuthError::UnknownApiKey)?;
-    let path = parts.uri.path();
-    let path = path.strip_suffix('/').unwrap_or(path);
-    if parts.method == Method::PATCH && (path == "/users" || path == "/app") {
-        return Err(AuthError::NotAllowed(
-            "only server-side auth can revoke tokens: use a server token",
-        ));
-    }
-    Ok(Identity {
-        app: app.api_key.clone(),
-        kind: IdentityKind::Anonymous,
-        user_id: None,
-        issued_at: None,
-        expires_at: None,
-    })
-}
-
-/// 101, then the error frame and a close 1000 on the upgraded connection. `None` when
-/// the connection cannot be upgraded here (no `OnUpgrade`, no key).
-fn refuse_upgrade(parts: &mut http::request::Parts, error: &AuthError) -> Option<Response<Bytes>> {
-    let key = parts.headers.get(header::SEC_WEBSOCKET_KEY)?;
-    let accept = HeaderValue::from_str(&ws::accept_key(key.as_bytes())).ok()?;
-    let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
-    let frames = ws::rejection_frames(&error.response());
-    tokio::spawn(async move {
-        match tokio::time::timeout(WS_REJECTION_TIMEOUT, send_and_close(on_upgrade, frames)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::debug!(target: "chatgate::layer", %error, "refused WebSocket went away")
-            }
-            Err(_) => tracing::debug!(target: "chatgate::layer", "refused WebSocket timed out"),
-        }
-    });
-    let mut response = Response::new(Bytes::new());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = response.headers_mut();
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-    Some(response)
-}
-
-/// Writes the frames, half-closes, then drains what the client still sends (its close
-/// frame) until it hangs up: closing with unread input would make the kernel reset the
-/// connection, and a reset can destroy the frames before the client reads them.
-async fn send_and_close(
-    on_upgrade: hyper::upgrade::OnUpgrade,
-    frames: Bytes,
-) -> Result<(), BoxError> {
-    use hyper::rt::{Read, Write};
-    const MAX_DRAIN_BYTES: usize = 64 * 1024;
-
-    let mut io = on_upgrade.await?;
-    let mut written = 0;
-    while written < frames.len() {
-        let n =
-            std::future::poll_fn(|cx| Pin::new(&mut io).poll_write(cx, &frames[written..])).await?;
-        if n == 0 {
-            return Err("connection closed while writing the rejection".into());
-        }
-        written += n;
-    }
-    std::future::poll_fn(|cx| Pin::new(&mut io).poll_flush(cx)).await?;
-    std::future::poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx)).await?;
-    let mut drained = 0;
-    let mut storage = [0u8; 1024];
-    while drained < MAX_DRAIN_BYTES {
-        let mut buf = hyper::rt::ReadBuf::new(&mut storage);
-        std::future::poll_fn(|cx| Pin::new(&mut io).poll_read(cx, buf.unfilled())).await?;
-        let n = buf.filled().len();
-        if n == 0 {
-            break;
-        }
-        drained += n;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{App, ConfigSnapshot};
+    use crate::error::ErrorResponse;
     use crate::reload::ConfigHandle;
     use crate::revocation::{MemoryStore, RevocationCache};
     use crate::token::TokenBuilder;
+    use http::{Method, StatusCode, header};
     use std::convert::Infallible;
 
     const SECRET: &str = "secret";
@@ -1130,17 +924,5 @@ mod tests {
         )
         .await;
         assert_eq!((status, code(&body)), (StatusCode::UNAUTHORIZED, 5));
-    }
-
-    #[tokio::test]
-    async fn a_replay_body_streams_the_original_or_yields_its_bytes_once() {
-        use http_body::Body as _;
-        let buffered: ReplayBody<http_body_util::Full<Bytes>> = Bytes::from_static(b"abc").into();
-        assert_eq!(buffered.size_hint().exact(), Some(3));
-        assert_eq!(&buffered.collect().await.unwrap().to_bytes()[..], b"abc");
-        let empty: ReplayBody<http_body_util::Full<Bytes>> = Bytes::new().into();
-        assert!(empty.is_end_stream());
-        let streamed = ReplayBody::new(http_body_util::Full::new(Bytes::from_static(b"xyz")));
-        assert_eq!(&streamed.collect().await.unwrap().to_bytes()[..], b"xyz");
     }
 }

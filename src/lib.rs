@@ -6,14 +6,18 @@
 //! react to. One transport-neutral core, [`Gate`], serves:
 //!
 //! - a tower layer (feature `tower`, axum extractors with `axum`),
-//! - a Pingora edge proxy and the `chatgate` binary (feature `proxy`),
-//! - a TOML config, validated whole and hot-swapped.
+//! - a Pingora edge proxy (feature `proxy`, `proxy::run`),
+//! - a TOML config, validated whole and hot-swapped,
+//! - a demo chat API to put behind either (feature `demo`).
+//!
+//! The `chatgate` binary (feature `cli`) is a thin command line over this library: the
+//! argument parsing, logging setup and the demo upstream are its own, so a library user
+//! compiles neither clap nor tracing-subscriber.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod cli;
 pub mod config;
-#[cfg(feature = "axum")]
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
 #[cfg(feature = "axum")]
@@ -32,9 +36,9 @@ pub mod token;
 pub mod ws;
 
 pub use config::{App, ConfigError, ConfigSnapshot};
-pub use error::{AuthError, ErrorResponse};
+pub use error::{AuthError, ErrorResponse, Rejection};
 pub use gate::{
-    Decision, Gate, Identity, IdentityKind, PendingCheck, RequestParts, RevocationEndpoint,
+    Decision, Gate, Identity, IdentityKind, PendingCheck, Policy, RequestParts, RevocationEndpoint,
 };
 #[cfg(feature = "tower")]
 pub use layer::{ChatAuth, ChatAuthLayer};

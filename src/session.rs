@@ -22,6 +22,7 @@ pub struct LiveSession {
 
 /// Why a live session must end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SessionEnd {
     /// The token's `exp` (plus the leeway) has passed.
     Expired,
@@ -165,13 +166,12 @@ mod tests {
     }
 
     fn identity(kind: IdentityKind, user: Option<&str>, iat: i64, exp: Option<i64>) -> Identity {
-        Identity {
-            app: Arc::from("key"),
-            kind,
-            user_id: user.map(Arc::from),
-            issued_at: Some(iat),
-            expires_at: exp,
+        match (kind, user) {
+            (IdentityKind::User, Some(user)) => Identity::user("key", user),
+            (IdentityKind::Server, None) => Identity::server("key"),
+            other => panic!("not used here: {other:?}"),
         }
+        .with_token_times(Some(iat), exp)
     }
 
     fn server() -> Identity {

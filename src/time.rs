@@ -53,10 +53,28 @@ impl Cutoff {
     }
 }
 
+/// Why a date from a config file, an API body or the command line was not taken.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TimeError {
+    /// A string in none of the formats [`parse_stream_time`] reads.
+    #[error("{0:?} is not a date: expected RFC 3339 like \"2026-11-28T10:00:00Z\"")]
+    NotADate(String),
+    /// A JSON number that does not fit a float.
+    #[error("not a number")]
+    NotANumber,
+    /// A number of seconds no date has.
+    #[error("{0} is out of range for a date")]
+    OutOfRange(f64),
+    /// A JSON value that is neither a string nor a number.
+    #[error("expected a date string, got {0}")]
+    NotADateValue(String),
+}
+
 /// Parses the date formats SDKs send: RFC 3339 with or without fraction and offset
 /// (`Z`, `+00:00`), naive ISO 8601 from Python's `isoformat()` (taken as UTC), with a
 /// `T` or a space between date and time, or a bare date.
-pub fn parse_stream_time(text: &str) -> Result<DateTime<Utc>, String> {
+pub fn parse_stream_time(text: &str) -> Result<DateTime<Utc>, TimeError> {
     let text = text.trim();
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {
         return Ok(t.with_timezone(&Utc));
@@ -77,25 +95,23 @@ pub fn parse_stream_time(text: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(d) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
         return Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
     }
-    Err(format!(
-        "{text:?} is not a date: expected RFC 3339 like \"2026-11-28T10:00:00Z\""
-    ))
+    Err(TimeError::NotADate(text.to_owned()))
 }
 
 /// Reads a JSON date value: a string in any [`parse_stream_time`] format, or a number of
 /// seconds (or milliseconds, when larger than any plausible second count) since the epoch.
-pub fn parse_json_time(value: &serde_json::Value) -> Result<DateTime<Utc>, String> {
+pub fn parse_json_time(value: &serde_json::Value) -> Result<DateTime<Utc>, TimeError> {
     match value {
         serde_json::Value::String(s) => parse_stream_time(s),
         serde_json::Value::Number(n) => {
-            let raw = n.as_f64().ok_or("not a number")?;
+            let raw = n.as_f64().ok_or(TimeError::NotANumber)?;
             // 1e11 seconds is the year 5138: anything bigger is milliseconds (Java's Date).
             let seconds = if raw.abs() >= 1e11 { raw / 1000.0 } else { raw };
             let nanos = (seconds.fract() * 1e9).round() as u32;
             DateTime::<Utc>::from_timestamp(seconds.trunc() as i64, nanos)
-                .ok_or_else(|| format!("{raw} is out of range for a date"))
+                .ok_or(TimeError::OutOfRange(raw))
         }
-        other => Err(format!("expected a date string, got {other}")),
+        other => Err(TimeError::NotADateValue(other.to_string())),
     }
 }
 
@@ -135,7 +151,7 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_naming_the_input() {
-        let err = parse_stream_time("yesterday").unwrap_err();
+        let err = parse_stream_time("yesterday").unwrap_err().to_string();
         assert!(err.contains("yesterday"));
     }
 

@@ -1,5 +1,5 @@
 //! Stream JWTs: parsing and verification exactly as contract §2 says, plus
-//! [`TokenBuilder`] to mint them and [`inspect`] to explain one.
+//! [`TokenBuilder`] to mint them and [`take_apart`] for tools that explain one.
 //!
 //! Verification is hand-rolled on `hmac`/`sha2` instead of `jsonwebtoken::decode` for
 //! three reasons the contract forces: padded base64url must be accepted, each failure
@@ -93,6 +93,7 @@ impl HmacKey {
 
 /// What a valid token stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum TokenKind {
     /// Signed, with `user_id`.
     User,
@@ -535,134 +536,54 @@ impl TokenBuilder {
     }
 }
 
-// === explaining ===
+// === taking a token apart ===
 
-/// One line of [`inspect`]'s report.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Check {
-    /// What was checked.
-    pub name: &'static str,
-    /// `Ok(detail)` or `Err(why)`.
-    pub outcome: Result<String, String>,
+/// A token taken apart without verifying it, for tools that explain a token
+/// (`chatgate token inspect`). Each part is decoded on its own, so one bad segment does
+/// not hide what the others say; [`verify`] stays the only judge.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Unverified<'a> {
+    /// The header segment, base64url-decoded.
+    pub header: Result<Vec<u8>, AuthError>,
+    /// Whether the header names the one algorithm accepted (HS256).
+    pub alg: Result<(), AuthError>,
+    /// The payload segment, base64url-decoded.
+    pub payload: Result<Vec<u8>, AuthError>,
+    /// The claims, parsed as [`verify`] parses them.
+    pub claims: Result<Claims, AuthError>,
+    /// `header.payload`: the bytes the signature is over.
+    pub signed: &'a [u8],
+    /// The signature segment as written ([`DEVELOPER_SIGNATURE`] for developer tokens).
+    pub signature: &'a str,
 }
 
-/// Decodes a token and reports each check: structure, header, claims, and, given an
-/// app, signature and times. Never prints the token or a secret.
-pub fn inspect(token: &str, app: Option<(&App, &AuthSettings)>, now: i64) -> Vec<Check> {
-    let mut report = Vec::new();
-    let mut push = |name, outcome| report.push(Check { name, outcome });
-    let Ok((header, payload, signature)) = segments(token.trim()) else {
-        push("structure", Err("not three '.'-separated segments".into()));
-        return report;
-    };
-    push(
-        "structure",
-        Ok(format!("{} bytes, 3 segments", token.trim().len())),
-    );
-    match decode_to_vec(header) {
-        Ok(bytes) => push("header", Ok(String::from_utf8_lossy(&bytes).into_owned())),
-        Err(e) => push("header", Err(format!("not base64url: {e}"))),
+/// Splits `token` into its three segments and decodes each; `Err` only when it is not
+/// three `.`-separated segments.
+pub fn take_apart(token: &str) -> Result<Unverified<'_>, AuthError> {
+    let (header, payload, signature) = segments(token)?;
+    let base64 = |_| AuthError::Malformed(Malformed::Base64);
+    Ok(Unverified {
+        header: decode_to_vec(header).map_err(base64),
+        alg: parse_header(header),
+        payload: decode_to_vec(payload).map_err(base64),
+        claims: with_decoded(payload, parse_claims),
+        signed: &token.as_bytes()[..header.len() + 1 + payload.len()],
+        signature,
+    })
+}
+
+impl Unverified<'_> {
+    /// The signature's bytes, or `None` when it is not base64url.
+    pub fn tag(&self) -> Option<Vec<u8>> {
+        decode_to_vec(self.signature).ok()
     }
-    push(
-        "alg",
-        parse_header(header)
-            .map(|_| "HS256".into())
-            .map_err(|e| e.to_string()),
-    );
-    match decode_to_vec(payload) {
-        Ok(bytes) => push("payload", Ok(String::from_utf8_lossy(&bytes).into_owned())),
-        Err(e) => push("payload", Err(format!("not base64url: {e}"))),
-    }
-    let claims = with_decoded(payload, parse_claims);
-    match &claims {
-        Ok(c) => push(
-            "kind",
-            Ok(match (&c.user_id, signature == DEVELOPER_SIGNATURE) {
-                (Some(u), true) => format!("developer token for user {u:?}"),
-                (Some(u), false) => format!("user token for user {u:?}"),
-                (None, _) => "server token (no user_id)".into(),
-            }),
-        ),
-        Err(e) => push("claims", Err(e.to_string())),
-    }
-    let Some((app, auth)) = app else {
-        push(
-            "signature",
-            Ok("not checked: pass --config and --api-key to verify".into()),
-        );
-        return report;
-    };
-    let verdict = verify(token.trim(), app, auth, now);
-    if signature != DEVELOPER_SIGNATURE {
-        let signed = &token.trim().as_bytes()[..header.len() + 1 + payload.len()];
-        let tag = decode_to_vec(signature).unwrap_or_default();
-        let matched = app
-            .keys()
-            .iter()
-            .position(|k| tag.len() == 32 && k.verify(signed, &tag));
-        push(
-            "signature",
-            match matched {
-                Some(0) => Ok("valid (current secret)".into()),
-                Some(i) => Ok(format!(
-                    "valid (secret #{}, an older one in rotation)",
-                    i + 1
-                )),
-                None => Err(format!(
-                    "matches none of the {} secret(s) of app {}",
-                    app.secret_count(),
-                    app.api_key
-                )),
-            },
-        );
-    }
-    if let Ok(c) = &claims {
-        let leeway = auth.leeway_seconds;
-        let when = |t: i64| crate::time::Cutoff::from_unix_seconds(t).to_rfc3339();
-        push(
-            "exp",
-            match c.expires_at {
-                None => Ok("none: valid indefinitely".into()),
-                Some(exp) if now >= exp + leeway => {
-                    Err(format!("expired at {} ({}s ago)", when(exp), now - exp))
-                }
-                Some(exp) => Ok(format!("expires at {} (in {}s)", when(exp), exp - now)),
-            },
-        );
-        if let Some(nbf) = c.not_before {
-            push(
-                "nbf",
-                if nbf > now + leeway {
-                    Err(format!("not valid before {}", when(nbf)))
-                } else {
-                    Ok(format!("valid since {}", when(nbf)))
-                },
-            );
-        }
-        push(
-            "iat",
-            match c.issued_at {
-                None => Ok("none: any revocation cutoff revokes this token".into()),
-                Some(iat) if iat > now + leeway => {
-                    Err(format!("issued in the future, at {}", when(iat)))
-                }
-                Some(iat) => Ok(format!("issued at {}", when(iat))),
-            },
-        );
-    }
-    push(
-        "verdict",
-        verdict
-            .map(|v| format!("accepted as a {:?} token (revocation not checked)", v.kind))
-            .map_err(|e| format!("rejected with code {}: {e}", e.code())),
-    );
-    report
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ConfigSnapshot, PublicPaths};
+    use crate::config::PublicPaths;
 
     const GO_VECTOR: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJ1c2VyX2lkIjoidG9tbWFzbyJ9.v-x-jt3ZnBXXbQ0GoWloIZtVnat2IE74U1a4Yuxd63M";
     const GO_EXPIRED: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJleHAiOjE1NjY5NDEyNzIsImlhdCI6MTU2Njk0MTI3MiwidXNlcl9pZCI6InRvbW1hc28ifQ.3HY2O_7o5ZjZ-6KCXLzyPpHZOlNEDy6_m3iNb5DKAMY";
@@ -968,22 +889,5 @@ mod tests {
         assert!(check(&token, &a).unwrap().claims.issued_at.is_none());
         let token = TokenBuilder::server().sign("s");
         assert_eq!(check(&token, &a).unwrap().kind, TokenKind::Server);
-    }
-
-    #[test]
-    fn inspect_explains_without_echoing_secrets() {
-        let config = ConfigSnapshot::with_apps(vec![app(&["secret"])]);
-        let app = config.app("key").unwrap();
-        let report = inspect(
-            GO_EXPIRED,
-            Some((app, &config.auth)),
-            crate::time::now_unix(),
-        );
-        let text = format!("{report:?}");
-        assert!(text.contains("tommaso"));
-        assert!(text.contains("rejected with code 40"));
-        assert!(!text.contains("\"secret\""));
-        let signature = report.iter().find(|c| c.name == "signature").unwrap();
-        assert!(signature.outcome.is_ok());
     }
 }

@@ -1,8 +1,9 @@
-//! The Stream way to refuse a WebSocket (contract §4): complete the upgrade (101),
-//! send one text frame `{"error":{...}}`, then close with 1000. A bare HTTP 401 makes
-//! SDKs retry forever without refreshing their token. Both adapters write these bytes.
+//! WebSocket wire format, as much as chatgate needs (contract §4): the handshake's
+//! accept key, unmasked server frames, and frame boundaries in a proxied stream. The
+//! Stream way to refuse a WebSocket (101, one text frame `{"error":{...}}`, close 1000)
+//! is assembled from these in [`crate::error::Rejection`], the one place that builds
+//! it for both adapters; the live-session close (4000) uses [`close_frame`].
 
-use crate::error::ErrorResponse;
 use bytes::{BufMut, Bytes, BytesMut};
 use sha1::{Digest, Sha1};
 
@@ -61,9 +62,10 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
     out.freeze()
 }
 
-/// The bytes after the 101: the error frame, then a normal close.
-pub fn rejection_frames(error: &ErrorResponse) -> Bytes {
-    let text = text_frame(&error.ws_frame);
+/// The bytes after a refusing 101: the error frame (`{"error":{...}}`), then a normal
+/// close.
+pub fn rejection_frames(error_frame: &[u8]) -> Bytes {
+    let text = text_frame(error_frame);
     let close = close_frame(CLOSE_NORMAL, "");
     let mut out = BytesMut::with_capacity(text.len() + close.len());
     out.put_slice(&text);
@@ -180,7 +182,7 @@ mod tests {
     #[test]
     fn rejection_is_the_error_frame_then_a_normal_close() {
         let response = AuthError::Expired.response();
-        let bytes = rejection_frames(&response);
+        let bytes = rejection_frames(&response.ws_frame);
         let text_len = response.ws_frame.len();
         assert_eq!(bytes[0], 0x81);
         let (header, rest) = if text_len < 126 {

@@ -488,10 +488,12 @@ async fn idempotent_requests_to_a_dead_peer_are_retried_on_the_next() {
 async fn client_sent_identity_headers_never_reach_the_upstream() {
     for forward_identity in [false, true] {
         let (upstream, proxy) = echo_proxy_with(|o| o.forward_identity = forward_identity).await;
+        // One token: two calls to user_token can straddle a second and differ in iat.
+        let token = user_token("alice");
         within(Duration::from_secs(30), async {
             let response = reqwest::Client::new()
                 .get(proxy.url(&format!("/channels?api_key={KEY}")))
-                .header("authorization", user_token("alice"))
+                .header("authorization", &token)
                 .header("x-chatgate-user-id", "mallory")
                 .header("x-chatgate-auth", "server")
                 .send()
@@ -504,7 +506,7 @@ async fn client_sent_identity_headers_never_reach_the_upstream() {
         assert_eq!(seen.len(), 1);
         let headers = &seen[0].headers;
         // The original token always goes upstream unchanged.
-        assert_eq!(headers["authorization"], user_token("alice"));
+        assert_eq!(headers["authorization"], token);
         if forward_identity {
             assert_eq!(headers["x-chatgate-user-id"], "alice");
             assert_eq!(headers["x-chatgate-auth"], "user");

@@ -1,10 +1,10 @@
 //! [`EdgeProxy`]: the `ProxyHttp` that `chatgate serve` runs.
 
-use super::filter::{ChatAuthFilter, Verdict};
+use super::filter::{ChatAuthFilter, Verdict, write_rejection};
 use super::live::LiveWatch;
 use super::metrics::ProxyMetrics;
 use crate::config::{ConfigSnapshot, UpstreamSettings};
-use crate::error::AuthError;
+use crate::error::{AuthError, Rejection};
 use crate::gate::{Identity, RequestParts};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -15,6 +15,26 @@ use pingora::{ErrorSource, ErrorType};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Why `[upstream]` gives no peers to proxy to.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpstreamError {
+    /// `addresses = []`.
+    #[error("[upstream] addresses is empty")]
+    NoAddresses,
+    /// An address that does not resolve.
+    #[error("upstream {address}: {source}")]
+    Resolve {
+        /// The address as configured.
+        address: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// An address that resolves to nothing.
+    #[error("upstream {0}: no address")]
+    NoAddress(String),
+}
 
 /// The edge proxy: [`ChatAuthFilter`] in front of `[upstream] addresses`.
 pub struct EdgeProxy {
@@ -41,7 +61,7 @@ pub struct EdgeCtx {
 
 impl EdgeProxy {
     /// A proxy over `auth`, with peers built from the current `[upstream]`.
-    pub fn new(auth: ChatAuthFilter) -> Result<Self, String> {
+    pub fn new(auth: ChatAuthFilter) -> Result<Self, UpstreamError> {
         let upstreams = Upstreams::new(&auth.gate().config().load().upstream)?;
         Ok(EdgeProxy { auth, upstreams })
     }
@@ -202,9 +222,11 @@ impl ProxyHttp for EdgeProxy {
                 can_reuse_downstream: false,
             };
         }
-        let error = match (e.esource(), e.etype()) {
-            (ErrorSource::Upstream, kind) if is_timeout(kind) => AuthError::UpstreamTimeout,
-            (ErrorSource::Upstream, _) => AuthError::UpstreamUnavailable,
+        let (error, label) = match (e.esource(), e.etype()) {
+            (ErrorSource::Upstream, kind) if is_timeout(kind) => {
+                (AuthError::UpstreamTimeout, "timeout")
+            }
+            (ErrorSource::Upstream, _) => (AuthError::UpstreamUnavailable, "unavailable"),
             // The client went away or sent garbage: nobody to answer, or Pingora's 400.
             (ErrorSource::Downstream, ErrorType::WriteError)
             | (ErrorSource::Downstream, ErrorType::ReadError)
@@ -223,32 +245,16 @@ impl ProxyHttp for EdgeProxy {
             }
             // Internal errors come from our own filters; the upstream was never reached
             // or did not answer, which is what a client can act on.
-            _ => AuthError::UpstreamUnavailable,
+            _ => (AuthError::UpstreamUnavailable, "unavailable"),
         };
-        self.metrics().upstream_error(match error {
-            AuthError::UpstreamTimeout => "timeout",
-            _ => "unavailable",
-        });
+        self.metrics().upstream_error(label);
         let status = error.status().as_u16();
         // Only a response not yet started can still be answered; otherwise the client
         // sees the connection close mid-body, which is all HTTP allows.
         if session.response_written().is_none() {
-            let response = error.response();
-            let written = async {
-                let mut header = ResponseHeader::build(response.status, Some(3))?;
-                header.insert_header(
-                    http::header::CONTENT_TYPE,
-                    crate::error::ErrorResponse::CONTENT_TYPE,
-                )?;
-                header.insert_header(http::header::CONTENT_LENGTH, response.body.len())?;
-                header.insert_header(http::header::CONNECTION, "close")?;
-                session.set_keepalive(None);
-                session
-                    .write_response_header(Box::new(header), false)
-                    .await?;
-                session.write_response_body(Some(response.body), true).await
-            };
-            if let Err(write_error) = written.await {
+            session.set_keepalive(None);
+            let rejection = Rejection::http(&error).closing();
+            if let Err(write_error) = write_rejection(session, rejection).await {
                 tracing::debug!(target: "chatgate::proxy", %write_error, "could not answer an upstream failure");
             }
         }
@@ -298,7 +304,7 @@ struct PeerSet {
 }
 
 impl Upstreams {
-    fn new(settings: &UpstreamSettings) -> Result<Self, String> {
+    fn new(settings: &UpstreamSettings) -> Result<Self, UpstreamError> {
         Ok(Upstreams {
             current: ArcSwap::from_pointee(PeerSet::build(settings)?),
             next: AtomicUsize::new(0),
@@ -340,9 +346,9 @@ impl Upstreams {
 }
 
 impl PeerSet {
-    fn build(settings: &UpstreamSettings) -> Result<Self, String> {
+    fn build(settings: &UpstreamSettings) -> Result<Self, UpstreamError> {
         if settings.addresses.is_empty() {
-            return Err("[upstream] addresses is empty".into());
+            return Err(UpstreamError::NoAddresses);
         }
         let mut http = Vec::with_capacity(settings.addresses.len());
         let mut websocket = Vec::with_capacity(settings.addresses.len());
@@ -350,9 +356,12 @@ impl PeerSet {
         for address in &settings.addresses {
             let resolved: SocketAddr = address
                 .to_socket_addrs()
-                .map_err(|e| format!("upstream {address}: {e}"))?
+                .map_err(|source| UpstreamError::Resolve {
+                    address: address.clone(),
+                    source,
+                })?
                 .next()
-                .ok_or_else(|| format!("upstream {address}: no address"))?;
+                .ok_or_else(|| UpstreamError::NoAddress(address.clone()))?;
             let host = address
                 .rsplit_once(':')
                 .map_or(address.as_str(), |(host, _)| host)

@@ -1,10 +1,13 @@
 //! [`ChatAuthFilter`]: the gate as a piece of any Pingora `ProxyHttp::request_filter`.
+//! The decision (including the embedder's [`crate::gate::Policy`]) is the gate's and the
+//! refusal is the error module's [`Rejection`]; this adapter reads revocation bodies,
+//! sets the identity headers and copies rejections onto the session.
 
 use super::metrics::{ProxyMetrics, UNKNOWN_APP};
-use crate::error::{AuthError, ErrorResponse};
+use crate::error::{AuthError, Rejection};
 use crate::gate::{Decision, Gate, Identity, RequestParts, RevocationEndpoint};
 use crate::normalize;
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 use std::sync::Arc;
@@ -258,19 +261,34 @@ fn forward_normal_target(session: &mut Session) -> pingora::Result<()> {
     Ok(())
 }
 
-/// Writes `error` in the contract's shape: JSON over HTTP (connection kept alive), or a
-/// completed upgrade with one error frame and a normal close for a WebSocket handshake.
+/// Writes `error` in the contract's shape by copying out its [`Rejection`]: JSON over
+/// HTTP (connection kept alive), or a completed upgrade with one error frame and a
+/// normal close for a WebSocket handshake.
 pub async fn respond(session: &mut Session, error: &AuthError) -> pingora::Result<()> {
-    let response = error.response();
-    let request = session.req_header();
-    let websocket_key = RequestParts::from(&**request)
-        .is_websocket_upgrade()
-        .then(|| request.headers.get("sec-websocket-key").cloned())
-        .flatten();
-    match websocket_key {
-        Some(key) => respond_websocket(session, &response, key.as_bytes()).await,
-        None => respond_http(session, &response).await,
+    let rejection = Rejection::new(error, &RequestParts::from(&**session.req_header()));
+    if rejection.is_upgrade() {
+        // The socket is now a WebSocket: it must not go back to the HTTP keep-alive pool.
+        session.set_keepalive(None);
+    } else {
+        keep_alive_after_refusal(session);
     }
+    write_rejection(session, rejection).await
+}
+
+/// Copies a rejection onto the session: its head, then the bytes that follow it.
+pub(crate) async fn write_rejection(
+    session: &mut Session,
+    rejection: Rejection,
+) -> pingora::Result<()> {
+    let (head, body) = rejection.into_head();
+    let mut header = ResponseHeader::build(head.status(), Some(head.headers().len()))?;
+    for (name, value) in head.headers() {
+        header.insert_header(name.clone(), value)?;
+    }
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await
 }
 
 /// Refused bodies up to this size are read and discarded after the answer so the
@@ -280,7 +298,9 @@ const MAX_DRAINED_BODY: u64 = 64 * 1024;
 /// Longest a refused request's body may take to arrive before the connection closes.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-async fn respond_http(session: &mut Session, response: &ErrorResponse) -> pingora::Result<()> {
+/// Pingora closes a connection answered before its request body was read; a small body
+/// is drained instead (within the drain timeout) to keep the connection alive.
+fn keep_alive_after_refusal(session: &mut Session) {
     let small_body = session
         .req_header()
         .headers
@@ -288,40 +308,8 @@ async fn respond_http(session: &mut Session, response: &ErrorResponse) -> pingor
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .is_some_and(|length| length <= MAX_DRAINED_BODY);
     if small_body {
-        // Pingora closes a connection answered before its request body was read; a
-        // small body is drained instead (within the drain timeout) to keep it alive.
         let downstream = session.as_downstream_mut();
         downstream.set_close_on_response_before_downstream_finish(false);
         downstream.set_total_drain_timeout(Some(DRAIN_TIMEOUT));
     }
-    let mut header = ResponseHeader::build(response.status, Some(2))?;
-    header.insert_header(http::header::CONTENT_TYPE, ErrorResponse::CONTENT_TYPE)?;
-    header.insert_header(http::header::CONTENT_LENGTH, response.body.len())?;
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    session
-        .write_response_body(Some(response.body.clone()), true)
-        .await
-}
-
-async fn respond_websocket(
-    session: &mut Session,
-    response: &ErrorResponse,
-    key: &[u8],
-) -> pingora::Result<()> {
-    let mut header = ResponseHeader::build(http::StatusCode::SWITCHING_PROTOCOLS, Some(3))?;
-    header.insert_header(http::header::UPGRADE, "websocket")?;
-    header.insert_header(http::header::CONNECTION, "Upgrade")?;
-    header.insert_header(
-        http::header::SEC_WEBSOCKET_ACCEPT,
-        crate::ws::accept_key(key),
-    )?;
-    // The socket is now a WebSocket: it must not go back to the HTTP keep-alive pool.
-    session.set_keepalive(None);
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    let frames: Bytes = crate::ws::rejection_frames(response);
-    session.write_response_body(Some(frames), true).await
 }

@@ -1,4 +1,4 @@
-//! The Pingora edge proxy (feature `proxy`): `chatgate serve`.
+//! The Pingora edge proxy (feature `proxy`): what `chatgate serve` runs.
 //!
 //! - [`ChatAuthFilter`] runs the gate inside any Pingora `ProxyHttp::request_filter`
 //!   (see `examples/pingora_custom_proxy.rs`);
@@ -6,8 +6,11 @@
 //!   `[upstream] addresses`, retries of failed connects for idempotent requests,
 //!   optional TLS, WebSockets with long idle timeouts, JSON 502/504 on upstream failure;
 //! - [`admin`] serves `/healthz`, `/readyz`, `/metrics` and `/config`;
-//! - [`run`] wires them into a Pingora `Server` with a caller-chosen shutdown signal,
-//!   [`serve`] is the `chatgate serve` command.
+//! - [`run`] wires them into a Pingora `Server` that stops on a [`Shutdown`] of the
+//!   caller's choice: Unix signals for `chatgate serve`, any future for a test or an
+//!   embedding program. Argument parsing, logging setup and the demo upstream belong
+//!   to the binary (`src/bin/chatgate/`), so this module pulls in neither clap nor
+//!   tracing-subscriber.
 //!
 //! Signals (Pingora's): SIGTERM stops accepting and lets in-flight requests finish
 //! within `[server] grace_period_seconds`; SIGINT stops at once; SIGQUIT hands the
@@ -20,7 +23,7 @@ mod filter;
 mod live;
 mod metrics;
 
-pub use edge::{EdgeCtx, EdgeProxy};
+pub use edge::{EdgeCtx, EdgeProxy, UpstreamError};
 pub use filter::{
     AUTH_HEADER, ChatAuthFilter, MAX_REVOCATION_BODY, USER_ID_HEADER, Verdict, respond,
 };
@@ -32,80 +35,127 @@ use crate::reload::ConfigHandle;
 use crate::revocation::{RevocationCache, open_store};
 use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{RunArgs, Server, ShutdownSignalWatch, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long, after the grace period, Pingora waits for its runtimes to stop.
 const RUNTIME_SHUTDOWN_TIMEOUT_SECONDS: u64 = 5;
 
-/// `chatgate serve`: run the edge proxy.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ServeArgs {
-    /// The config file.
-    #[arg(long, default_value = "config.toml")]
-    pub config: PathBuf,
-    /// Take over the listening sockets of a running chatgate (zero-downtime upgrade:
-    /// start the new binary with --upgrade, then send SIGQUIT to the old one).
-    #[arg(long)]
-    pub upgrade: bool,
-    /// Unix socket the listening sockets are handed over on during an upgrade.
-    #[arg(long, default_value = "/tmp/chatgate-upgrade.sock")]
-    pub upgrade_sock: PathBuf,
-}
-
 /// Options of [`run`] that do not come from the config file.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RunOptions {
-    /// Take over the sockets of a running instance (see [`ServeArgs::upgrade`]).
+    /// Take over the listening sockets of a running instance (zero-downtime upgrade:
+    /// start the new process with this set, then send SIGQUIT to the old one).
     pub upgrade: bool,
-    /// The upgrade handover socket.
+    /// The Unix socket the listening sockets are handed over on during an upgrade.
     pub upgrade_sock: PathBuf,
 }
 
-impl From<&ServeArgs> for RunOptions {
-    fn from(args: &ServeArgs) -> Self {
+impl Default for RunOptions {
+    fn default() -> Self {
         RunOptions {
-            upgrade: args.upgrade,
-            upgrade_sock: args.upgrade_sock.clone(),
+            upgrade: false,
+            upgrade_sock: PathBuf::from("/tmp/chatgate-upgrade.sock"),
         }
     }
 }
 
-/// `chatgate serve --config F`: loads the config, then [`run`]s until a signal.
-pub fn serve(args: &ServeArgs) -> Result<(), String> {
-    init_logging();
-    let config = ConfigHandle::from_file(&args.config).map_err(|e| e.to_string())?;
-    run(
-        config,
-        RunOptions::from(args),
-        Box::new(pingora::server::UnixShutdownSignalWatch),
-    )
+/// What ends [`run`].
+#[non_exhaustive]
+pub enum Shutdown {
+    /// Pingora's Unix signals (see the module docs): what `chatgate serve` uses, and
+    /// the only choice that can hand the sockets over on SIGQUIT.
+    UnixSignals,
+    /// Drain like SIGTERM once the future completes; signals are left alone, so a
+    /// test or an embedding program decides when the proxy stops.
+    When(Pin<Box<dyn Future<Output = ()> + Send>>),
+    /// Any Pingora shutdown watch.
+    Watch(Box<dyn ShutdownSignalWatch>),
 }
 
-fn init_logging() {
-    // Pingora logs through `log`; tracing-subscriber forwards it. A second init (tests
-    // calling serve twice in one process) is harmless, so its error is ignored.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(true)
-        .try_init();
+impl Shutdown {
+    /// [`Shutdown::When`] `stop` completes.
+    pub fn when(stop: impl Future<Output = ()> + Send + 'static) -> Self {
+        Shutdown::When(Box::pin(stop))
+    }
+
+    fn into_watch(self) -> Box<dyn ShutdownSignalWatch> {
+        match self {
+            Shutdown::UnixSignals => Box::new(pingora::server::UnixShutdownSignalWatch),
+            Shutdown::When(stop) => Box::new(FutureWatch(tokio::sync::Mutex::new(Some(stop)))),
+            Shutdown::Watch(watch) => watch,
+        }
+    }
 }
 
-/// Runs the proxy, the admin listener and the background services for `config` until
-/// `shutdown` asks to stop (see the module docs for the Unix signals).
+impl std::fmt::Debug for Shutdown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Shutdown::UnixSignals => "Shutdown::UnixSignals",
+            Shutdown::When(_) => "Shutdown::When(..)",
+            Shutdown::Watch(_) => "Shutdown::Watch(..)",
+        })
+    }
+}
+
+/// A future as a Pingora shutdown watch: a graceful terminate once it completes.
+struct FutureWatch(tokio::sync::Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for FutureWatch {
+    async fn recv(&self) -> ShutdownSignal {
+        // Pingora asks once; were it to ask again, the future has already completed.
+        if let Some(stop) = self.0.lock().await.take() {
+            stop.await;
+        }
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Why [`run`] could not start (it returns `Ok` after a shutdown).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The config asks for something a zero-downtime upgrade cannot do.
+    #[error("{0}")]
+    UpgradeImpossible(&'static str),
+    /// The support runtime (store connections) did not start.
+    #[error("cannot start the support runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The revocation store did not open.
+    #[error("revocation store: {0}")]
+    Store(#[from] crate::revocation::StoreError),
+    /// `[upstream]` gives no peer.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// `[server] admin_listen` could not be bound.
+    #[error("admin_listen {address}: {source}")]
+    AdminListen {
+        /// The configured address.
+        address: std::net::SocketAddr,
+        /// The bind error.
+        source: std::io::Error,
+    },
+}
+
+/// Runs the proxy, the admin listener and the background services (revocation events,
+/// config reload on file change and SIGHUP) for `config` until `shutdown` asks to stop,
+/// then drains within `[server] grace_period_seconds`.
 ///
 /// Binds `[server] listen` and `[server] admin_listen` itself; errors before serving
-/// (store, addresses, demo upstream port) are returned, not logged.
+/// (store, addresses, admin port) are returned, not logged. It does not start the demo
+/// upstream (`[upstream] demo`): the binary does, as an application would start its own.
 pub fn run(
     config: ConfigHandle,
     options: RunOptions,
-    shutdown: Box<dyn ShutdownSignalWatch>,
-) -> Result<(), String> {
+    shutdown: Shutdown,
+) -> Result<(), ServeError> {
     let snapshot = config.load_full();
     if options.upgrade {
         check_upgrade_possible(&snapshot)?;
@@ -117,18 +167,11 @@ pub fn run(
         .thread_name("chatgate-support")
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the support runtime: {e}"))?;
-    let store = support
-        .block_on(open_store(&snapshot.revocation))
-        .map_err(|e| format!("revocation store: {e}"))?;
+        .map_err(ServeError::Runtime)?;
+    let store = support.block_on(open_store(&snapshot.revocation))?;
     let cache = RevocationCache::new(store, &snapshot.revocation);
     let gate = Gate::new(config.clone(), cache.clone());
     let metrics = Arc::new(ProxyMetrics::new());
-
-    let (demo_stop, demo_stopped) = tokio::sync::watch::channel(false);
-    if snapshot.upstream.demo {
-        start_demo_upstream(&support, &snapshot.upstream.addresses, demo_stopped)?;
-    }
 
     let conf = ServerConf {
         threads: snapshot.server.threads.max(1),
@@ -164,7 +207,10 @@ pub fn run(
         let listener = if options.upgrade {
             None
         } else {
-            Some(bind_nonblocking(address).map_err(|e| format!("admin_listen {address}: {e}"))?)
+            Some(
+                bind_nonblocking(address)
+                    .map_err(|source| ServeError::AdminListen { address, source })?,
+            )
         };
         server.add_service(background_service(
             "chatgate admin",
@@ -192,25 +238,27 @@ pub fn run(
         listen = %snapshot.server.listen,
         admin = ?snapshot.server.admin_listen,
         upstream = %snapshot.upstream.addresses.join(","),
-        demo = snapshot.upstream.demo,
         "chatgate serving"
     );
     server.run(RunArgs {
-        shutdown_signal: shutdown,
+        shutdown_signal: shutdown.into_watch(),
     });
-    let _ = demo_stop.send(true);
     support.shutdown_timeout(Duration::from_secs(2));
     Ok(())
 }
 
 /// The parts of a config that cannot be shared with the running instance during a
 /// zero-downtime upgrade are refused before anything starts.
-fn check_upgrade_possible(snapshot: &crate::config::ConfigSnapshot) -> Result<(), String> {
+fn check_upgrade_possible(snapshot: &crate::config::ConfigSnapshot) -> Result<(), ServeError> {
     if snapshot.revocation.store == crate::config::StoreKind::Embedded {
-        return Err("--upgrade needs [revocation] store = \"redis\" (or \"memory\"): the embedded store's file stays locked by the running instance until it exits".into());
+        return Err(ServeError::UpgradeImpossible(
+            "--upgrade needs [revocation] store = \"redis\" (or \"memory\"): the embedded store's file stays locked by the running instance until it exits",
+        ));
     }
     if snapshot.upstream.demo {
-        return Err("--upgrade is not supported with [upstream] demo = true (the demo API's port belongs to the running instance)".into());
+        return Err(ServeError::UpgradeImpossible(
+            "--upgrade is not supported with [upstream] demo = true (the demo API's port belongs to the running instance)",
+        ));
     }
     Ok(())
 }
@@ -219,40 +267,6 @@ fn bind_nonblocking(address: std::net::SocketAddr) -> std::io::Result<std::net::
     let listener = std::net::TcpListener::bind(address)?;
     listener.set_nonblocking(true)?;
     Ok(listener)
-}
-
-/// Starts the built-in demo chat API ([`crate::demo`]) on the first upstream address
-/// (quickstart only).
-fn start_demo_upstream(
-    runtime: &tokio::runtime::Runtime,
-    addresses: &[String],
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) -> Result<(), String> {
-    let address = addresses
-        .first()
-        .ok_or("[upstream] demo needs an address to listen on")?;
-    let listener = std::net::TcpListener::bind(address.as_str())
-        .map_err(|e| format!("demo upstream on {address}: {e}"))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| format!("demo upstream on {address}: {e}"))?;
-    tracing::warn!(target: "chatgate::proxy", %address, "[upstream] demo = true: serving the DEMO chat API, not for production");
-    runtime.spawn(async move {
-        let listener = match tokio::net::TcpListener::from_std(listener) {
-            Ok(listener) => listener,
-            Err(error) => {
-                tracing::error!(target: "chatgate::proxy", %error, "demo upstream");
-                return;
-            }
-        };
-        let shutdown = async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        };
-        if let Err(error) = crate::demo::serve(listener, shutdown).await {
-            tracing::error!(target: "chatgate::proxy", %error, "demo upstream stopped");
-        }
-    });
-    Ok(())
 }
 
 /// Follows the revocation store's change events, and `[revocation]` cache settings
@@ -339,7 +353,6 @@ impl BackgroundService for AdminService {
 mod tests {
     use super::*;
     use crate::config::{App, ConfigSnapshot, StoreKind};
-    use clap::Parser as _;
 
     #[test]
     fn an_upgrade_is_refused_with_the_embedded_store_or_the_demo_upstream() {
@@ -348,36 +361,17 @@ mod tests {
         assert!(
             check_upgrade_possible(&snapshot)
                 .unwrap_err()
+                .to_string()
                 .contains("store")
         );
         snapshot.revocation.store = StoreKind::Redis;
-        assert_eq!(check_upgrade_possible(&snapshot), Ok(()));
+        assert!(check_upgrade_possible(&snapshot).is_ok());
         snapshot.upstream.demo = true;
         assert!(
             check_upgrade_possible(&snapshot)
                 .unwrap_err()
+                .to_string()
                 .contains("demo")
-        );
-    }
-
-    #[test]
-    fn serve_takes_the_config_and_upgrade_flags() {
-        let cli = crate::cli::Cli::try_parse_from([
-            "chatgate",
-            "serve",
-            "--config",
-            "x.toml",
-            "--upgrade",
-        ])
-        .unwrap();
-        let crate::cli::Command::Serve(args) = cli.command else {
-            panic!("not serve")
-        };
-        assert_eq!(args.config, PathBuf::from("x.toml"));
-        assert!(args.upgrade);
-        assert_eq!(
-            args.upgrade_sock,
-            PathBuf::from("/tmp/chatgate-upgrade.sock")
         );
     }
 }

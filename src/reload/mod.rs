@@ -71,6 +71,7 @@ pub struct ReloadFailure {
 
 /// What a successful [`ConfigHandle::reload`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReloadOutcome {
     /// A new snapshot is live.
     Applied {

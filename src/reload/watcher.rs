@@ -31,6 +31,7 @@ const MAX_DELAY_LIMIT: Duration = Duration::from_secs(10);
 
 /// Why a watcher could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum WatchError {
     /// The config was not loaded from a file.
     #[error("this config was not loaded from a file, there is nothing to watch")]

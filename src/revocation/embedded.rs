@@ -26,6 +26,7 @@ fn unavailable(error: impl std::fmt::Display) -> StoreError {
 
 /// Why [`EmbeddedStore::try_open`] failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum OpenError {
     /// Another process (usually a running chatgate) holds the file's lock.
     #[error("{}: the revocation database is locked by another process (is chatgate running?)", .0.display())]

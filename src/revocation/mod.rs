@@ -20,6 +20,7 @@ use tokio::sync::broadcast;
 
 /// A store could not answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The backend failed (connection refused, I/O error, ...).
     #[error("revocation store unavailable: {0}")]
@@ -40,6 +41,7 @@ pub struct UserCutoffChange {
 
 /// A change seen by a store: the cache invalidates on it, live sessions may close on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RevocationEvent {
     /// A user's cutoff changed.
     User {

@@ -1,8 +1,11 @@
 //! The `chatgate` command line: `serve`, `token create|inspect`, `config check`,
-//! `revoke`. The binary only calls [`main`]; everything here is testable library code.
+//! `revoke`. Argument parsing and presentation only: each command calls the library.
 
-use crate::config::{App, ConfigSnapshot};
-use crate::token::{self, TokenBuilder};
+use crate::inspect::inspect;
+use crate::serve::{ServeArgs, ServeError, serve};
+use chatgate::config::{App, ConfigSnapshot};
+use chatgate::revocation::StoreError;
+use chatgate::token::TokenBuilder;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,8 +30,7 @@ pub enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Run the edge proxy (and its admin listener) with a config file.
-    #[cfg(feature = "proxy")]
-    Serve(crate::proxy::ServeArgs),
+    Serve(ServeArgs),
     /// Revoke (or un-revoke) tokens in the configured revocation store.
     #[command(subcommand)]
     Revoke(RevokeCommand),
@@ -126,6 +128,72 @@ pub struct RevokeArgs {
     pub clear: bool,
 }
 
+/// Why a command failed; printed as `error: {message}`.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The config file.
+    #[error(transparent)]
+    Config(#[from] chatgate::ConfigError),
+    /// `--api-key` names no configured app.
+    #[error("{}: no app with api_key {api_key:?} (configured: {known})", .config.display())]
+    UnknownApp {
+        /// The config file.
+        config: PathBuf,
+        /// The key asked for.
+        api_key: String,
+        /// The configured keys, comma-separated.
+        known: String,
+    },
+    /// `--user ""`.
+    #[error("--user must not be empty")]
+    EmptyUser,
+    /// `revoke user ""`.
+    #[error("the user id must not be empty")]
+    EmptyUserId,
+    /// `revoke` on a store only the running process holds.
+    #[error(
+        "{}: [revocation] store = \"memory\" lives inside the running process, so a \
+         command cannot change it: use PATCH /{path} of that process with a server token \
+         (`chatgate token create --server --api-key {api_key}`)",
+        .config.display()
+    )]
+    MemoryStore {
+        /// The config file.
+        config: PathBuf,
+        /// `users` or `app`.
+        path: &'static str,
+        /// The app.
+        api_key: String,
+    },
+    /// `--before` is not a date.
+    #[error("--before: {0}")]
+    Before(#[from] chatgate::time::TimeError),
+    /// `--before` is too far ahead.
+    #[error("--before: {0} is more than 5 minutes in the future")]
+    FutureCutoff(String),
+    /// The store is held by a running proxy; the message says how to go through it.
+    #[error("{0}")]
+    StoreLocked(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The store took longer than [`CLI_STORE_TIMEOUT`].
+    #[error("the revocation store did not answer within 10 s")]
+    StoreTimeout,
+    /// The async runtime did not start.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    /// stdin could not be read.
+    #[error(transparent)]
+    Stdin(std::io::Error),
+    /// `token inspect` found a failing check.
+    #[error("the token would be rejected")]
+    Rejected,
+    /// `serve`.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
 /// Parses the process arguments and runs.
 pub fn main() -> ExitCode {
     run(Cli::parse())
@@ -137,8 +205,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Token(TokenCommand::Create(args)) => create_token(&args).map(|t| println!("{t}")),
         Command::Token(TokenCommand::Inspect(args)) => inspect_token(&args),
         Command::Config(ConfigCommand::Check { file }) => check_config(&file),
-        #[cfg(feature = "proxy")]
-        Command::Serve(args) => crate::proxy::serve(&args),
+        Command::Serve(args) => serve(&args).map_err(CliError::from),
         Command::Revoke(command) => revoke(&command).map(|done| println!("{done}")),
     };
     match result {
@@ -153,25 +220,25 @@ pub fn run(cli: Cli) -> ExitCode {
 fn load_app(
     config: &std::path::Path,
     api_key: &str,
-) -> Result<(ConfigSnapshot, std::sync::Arc<App>), String> {
-    let snapshot = ConfigSnapshot::load(config).map_err(|e| e.to_string())?;
+) -> Result<(ConfigSnapshot, std::sync::Arc<App>), CliError> {
+    let snapshot = ConfigSnapshot::load(config)?;
     let app = snapshot.app(api_key).cloned().ok_or_else(|| {
         let known: Vec<&str> = snapshot.apps().map(|a| &*a.api_key).collect();
-        format!(
-            "{}: no app with api_key {api_key:?} (configured: {})",
-            config.display(),
-            known.join(", ")
-        )
+        CliError::UnknownApp {
+            config: config.to_owned(),
+            api_key: api_key.to_owned(),
+            known: known.join(", "),
+        }
     })?;
     Ok((snapshot, app))
 }
 
 /// `token create`: the token text.
-pub fn create_token(args: &CreateArgs) -> Result<String, String> {
+pub fn create_token(args: &CreateArgs) -> Result<String, CliError> {
     let (_, app) = load_app(&args.config, &args.api_key)?;
     let mut builder = match &args.user {
         Some(user) if !user.is_empty() => TokenBuilder::user(user),
-        Some(_) => return Err("--user must not be empty".into()),
+        Some(_) => return Err(CliError::EmptyUser),
         None => TokenBuilder::server(),
     };
     if args.no_iat {
@@ -183,11 +250,10 @@ pub fn create_token(args: &CreateArgs) -> Result<String, String> {
     Ok(builder.sign(app.signing_secret()))
 }
 
-fn inspect_token(args: &InspectArgs) -> Result<(), String> {
+fn inspect_token(args: &InspectArgs) -> Result<(), CliError> {
     let token = if args.token == "-" {
         let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-            .map_err(|e| e.to_string())?;
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(CliError::Stdin)?;
         text.trim().to_owned()
     } else {
         args.token.clone()
@@ -196,12 +262,12 @@ fn inspect_token(args: &InspectArgs) -> Result<(), String> {
         (Some(config), Some(api_key)) => Some(load_app(config, api_key)?),
         _ => None,
     };
-    let report = token::inspect(
+    let report = inspect(
         &token,
         loaded
             .as_ref()
             .map(|(snapshot, app)| (&**app, &snapshot.auth)),
-        crate::time::now_unix(),
+        chatgate::time::now_unix(),
     );
     let mut failed = false;
     for check in &report {
@@ -214,14 +280,14 @@ fn inspect_token(args: &InspectArgs) -> Result<(), String> {
         }
     }
     if failed {
-        Err("the token would be rejected".into())
+        Err(CliError::Rejected)
     } else {
         Ok(())
     }
 }
 
-fn check_config(file: &std::path::Path) -> Result<(), String> {
-    let snapshot = ConfigSnapshot::load(file).map_err(|e| e.to_string())?;
+fn check_config(file: &std::path::Path) -> Result<(), CliError> {
+    let snapshot = ConfigSnapshot::load(file)?;
     println!(
         "{}: ok ({} app(s), listen {}, upstream {}, store {:?}, hash {})",
         file.display(),
@@ -239,26 +305,23 @@ fn check_config(file: &std::path::Path) -> Result<(), String> {
 const CLI_STORE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `revoke user|app`: applies the change to the configured store and says what it did.
-pub fn revoke(command: &RevokeCommand) -> Result<String, String> {
+pub fn revoke(command: &RevokeCommand) -> Result<String, CliError> {
     let (target, args) = match command {
         RevokeCommand::User(args) => {
             if args.user.is_empty() {
-                return Err("the user id must not be empty".into());
+                return Err(CliError::EmptyUserId);
             }
             (Some(args.user.as_str()), &args.revoke)
         }
         RevokeCommand::App(args) => (None, args),
     };
     let (snapshot, app) = load_app(&args.config, &args.api_key)?;
-    if snapshot.revocation.store == crate::config::StoreKind::Memory {
-        return Err(format!(
-            "{}: [revocation] store = \"memory\" lives inside the running process, so a \
-             command cannot change it: use PATCH /{} of that process with a server token \
-             (`chatgate token create --server --api-key {}`)",
-            args.config.display(),
-            if target.is_some() { "users" } else { "app" },
-            args.api_key
-        ));
+    if snapshot.revocation.store == chatgate::config::StoreKind::Memory {
+        return Err(CliError::MemoryStore {
+            config: args.config.clone(),
+            path: if target.is_some() { "users" } else { "app" },
+            api_key: args.api_key.clone(),
+        });
     }
     let cutoff = if args.clear {
         None
@@ -268,13 +331,13 @@ pub fn revoke(command: &RevokeCommand) -> Result<String, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        .map_err(CliError::Runtime)?;
     runtime.block_on(async {
         let store = open_cli_store(&snapshot.revocation, &app.api_key, target).await?;
         let write = async {
             match target {
                 Some(user) => {
-                    let change = crate::revocation::UserCutoffChange {
+                    let change = chatgate::revocation::UserCutoffChange {
                         user_id: user.to_owned(),
                         cutoff,
                     };
@@ -286,8 +349,8 @@ pub fn revoke(command: &RevokeCommand) -> Result<String, String> {
             }
         };
         match tokio::time::timeout(CLI_STORE_TIMEOUT, write).await {
-            Ok(written) => written.map_err(|e| e.to_string()),
-            Err(_) => Err("the revocation store did not answer within 10 s".to_owned()),
+            Ok(written) => written.map_err(CliError::from),
+            Err(_) => Err(CliError::StoreTimeout),
         }
     })?;
     let whose = match target {
@@ -305,57 +368,60 @@ pub fn revoke(command: &RevokeCommand) -> Result<String, String> {
 }
 
 /// `--before` (or now), rounded up to the whole second like the API's cutoffs.
-fn revoke_cutoff(before: Option<&str>) -> Result<crate::time::Cutoff, String> {
+fn revoke_cutoff(before: Option<&str>) -> Result<chatgate::time::Cutoff, CliError> {
     let at = match before {
-        Some(text) => crate::time::parse_stream_time(text).map_err(|e| format!("--before: {e}"))?,
+        Some(text) => chatgate::time::parse_stream_time(text)?,
         None => chrono::Utc::now(),
     };
     // Same bound as the API's (contract §3): a far-future cutoff is a typo, and it
     // would lock every user out until then.
-    if at.timestamp() > crate::time::now_unix() + 300 {
-        return Err(format!(
-            "--before: {} is more than 5 minutes in the future",
-            at.to_rfc3339()
-        ));
+    if at.timestamp() > chatgate::time::now_unix() + 300 {
+        return Err(CliError::FutureCutoff(at.to_rfc3339()));
     }
-    Ok(crate::time::Cutoff::from_datetime(at))
+    Ok(chatgate::time::Cutoff::from_datetime(at))
 }
 
-fn describe_store(settings: &crate::config::RevocationSettings) -> String {
-    use crate::config::StoreKind;
+fn describe_store(settings: &chatgate::config::RevocationSettings) -> String {
+    use chatgate::config::StoreKind;
     match settings.store {
         StoreKind::Memory => "store: memory".into(),
         StoreKind::Embedded => format!("store: embedded {}", settings.path.display()),
         StoreKind::Redis => format!("store: redis {}", settings.redis_url),
+        other => format!("store: {other:?}"),
     }
 }
 
 /// Opens the configured store; an embedded file held by a running proxy gets an error
 /// that says how to revoke through that proxy instead.
 async fn open_cli_store(
-    settings: &crate::config::RevocationSettings,
+    settings: &chatgate::config::RevocationSettings,
     api_key: &str,
     user: Option<&str>,
-) -> Result<std::sync::Arc<dyn crate::revocation::RevocationStore>, String> {
+) -> Result<std::sync::Arc<dyn chatgate::revocation::RevocationStore>, CliError> {
     #[cfg(feature = "embedded")]
-    if settings.store == crate::config::StoreKind::Embedded {
-        use crate::revocation::embedded::{EmbeddedStore, OpenError};
+    if settings.store == chatgate::config::StoreKind::Embedded {
+        use chatgate::revocation::embedded::{EmbeddedStore, OpenError};
         return match EmbeddedStore::try_open(&settings.path) {
             Ok(store) => Ok(std::sync::Arc::new(store)),
-            Err(locked @ OpenError::Locked(_)) => Err(locked_hint(&locked, api_key, user)),
-            Err(OpenError::Failed(error)) => Err(error.to_string()),
+            Err(locked @ OpenError::Locked(_)) => {
+                Err(CliError::StoreLocked(locked_hint(&locked, api_key, user)))
+            }
+            Err(other) => Err(StoreError::from(other).into()),
         };
     }
     let _ = (api_key, user);
-    tokio::time::timeout(CLI_STORE_TIMEOUT, crate::revocation::open_store(settings))
-        .await
-        .map_err(|_| "the revocation store did not answer within 10 s".to_owned())?
-        .map_err(|e| e.to_string())
+    tokio::time::timeout(
+        CLI_STORE_TIMEOUT,
+        chatgate::revocation::open_store(settings),
+    )
+    .await
+    .map_err(|_| CliError::StoreTimeout)?
+    .map_err(CliError::from)
 }
 
 #[cfg(feature = "embedded")]
 fn locked_hint(
-    locked: &crate::revocation::embedded::OpenError,
+    locked: &chatgate::revocation::embedded::OpenError,
     api_key: &str,
     user: Option<&str>,
 ) -> String {
@@ -416,10 +482,11 @@ mod tests {
         let token = create_token(&args).unwrap();
         let (snapshot, app) = load_app(file.path(), "k").unwrap();
         let verified =
-            token::verify(&token, &app, &snapshot.auth, crate::time::now_unix()).unwrap();
+            chatgate::token::verify(&token, &app, &snapshot.auth, chatgate::time::now_unix())
+                .unwrap();
         assert_eq!(verified.claims.user_id.as_deref(), Some("alice"));
         let exp = verified.claims.expires_at.unwrap();
-        assert!((exp - crate::time::now_unix() - 3600).abs() <= 2);
+        assert!((exp - chatgate::time::now_unix() - 3600).abs() <= 2);
         assert!(verified.claims.issued_at.is_some());
     }
 
@@ -444,6 +511,7 @@ mod tests {
         assert!(
             create_token(&args)
                 .unwrap_err()
+                .to_string()
                 .contains("no app with api_key \"x\"")
         );
         assert!(
@@ -511,9 +579,9 @@ mod tests {
         })
     }
 
-    use crate::revocation::RevocationStore;
-    use crate::revocation::embedded::EmbeddedStore;
-    use crate::time::Cutoff;
+    use chatgate::revocation::RevocationStore;
+    use chatgate::revocation::embedded::EmbeddedStore;
+    use chatgate::time::Cutoff;
 
     #[test]
     fn revoke_user_writes_the_embedded_store_and_clear_removes_it() {
@@ -547,9 +615,9 @@ mod tests {
     #[test]
     fn revoke_app_defaults_to_now_and_can_be_cleared() {
         let (dir, config) = embedded_config();
-        let before = crate::time::now_unix();
+        let before = chatgate::time::now_unix();
         revoke(&revoke_command(&config, &["app", "--api-key", "k"]).unwrap()).unwrap();
-        let after = crate::time::now_unix();
+        let after = chatgate::time::now_unix();
         let (_, app) = stored(dir.path());
         let app = app.expect("an app cutoff").unix_seconds();
         // now, rounded up: a token minted in this very second is revoked too
@@ -565,18 +633,30 @@ mod tests {
         assert!(
             revoke(&unknown)
                 .unwrap_err()
+                .to_string()
                 .contains("no app with api_key \"nope\"")
         );
         let bad = revoke_command(&config, &["app", "--api-key", "k", "--before", "someday"]);
-        assert!(revoke(&bad.unwrap()).unwrap_err().contains("--before"));
+        assert!(
+            revoke(&bad.unwrap())
+                .unwrap_err()
+                .to_string()
+                .contains("--before")
+        );
         let future = revoke_command(
             &config,
             &["app", "--api-key", "k", "--before", "2999-01-01T00:00:00Z"],
         );
-        assert!(revoke(&future.unwrap()).unwrap_err().contains("future"));
+        assert!(
+            revoke(&future.unwrap())
+                .unwrap_err()
+                .to_string()
+                .contains("future")
+        );
         let memory = config_file();
         let error = revoke(&revoke_command(memory.path(), &["app", "--api-key", "k"]).unwrap())
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("PATCH /app"), "{error}");
         assert!(
             revoke_command(
@@ -592,7 +672,8 @@ mod tests {
         let (dir, config) = embedded_config();
         let _proxy = EmbeddedStore::open(&dir.path().join("revocations.db")).unwrap();
         let error = revoke(&revoke_command(&config, &["user", "alice", "--api-key", "k"]).unwrap())
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("locked"), "{error}");
         assert!(error.contains("PATCH /users"), "{error}");
         assert!(
@@ -600,8 +681,24 @@ mod tests {
             "{error}"
         );
         assert!(error.contains(r#""id":"alice""#), "{error}");
-        let error =
-            revoke(&revoke_command(&config, &["app", "--api-key", "k"]).unwrap()).unwrap_err();
+        let error = revoke(&revoke_command(&config, &["app", "--api-key", "k"]).unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("PATCH /app"), "{error}");
+    }
+
+    #[test]
+    fn serve_takes_the_config_and_upgrade_flags() {
+        let cli =
+            Cli::try_parse_from(["chatgate", "serve", "--config", "x.toml", "--upgrade"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.config, PathBuf::from("x.toml"));
+        assert!(args.upgrade);
+        assert_eq!(
+            args.upgrade_sock,
+            PathBuf::from("/tmp/chatgate-upgrade.sock")
+        );
     }
 }

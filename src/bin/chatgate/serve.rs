@@ -1,0 +1,126 @@
+//! `chatgate serve`: logging, the demo upstream, then the library's [`proxy::run`].
+//!
+//! The logging setup and the demo chat API belong to the application, not to the
+//! library a user embeds (mini-redis's split): the library's proxy neither installs a
+//! subscriber nor starts an upstream of its own.
+
+use chatgate::ConfigHandle;
+use chatgate::proxy::{self, RunOptions, Shutdown};
+use clap::Args;
+use std::path::PathBuf;
+
+/// `chatgate serve`: run the edge proxy.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The config file.
+    #[arg(long, default_value = "config.toml")]
+    pub config: PathBuf,
+    /// Take over the listening sockets of a running chatgate (zero-downtime upgrade:
+    /// start the new binary with --upgrade, then send SIGQUIT to the old one).
+    #[arg(long)]
+    pub upgrade: bool,
+    /// Unix socket the listening sockets are handed over on during an upgrade.
+    #[arg(long, default_value = "/tmp/chatgate-upgrade.sock")]
+    pub upgrade_sock: PathBuf,
+}
+
+/// Why `serve` stopped before serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The config file.
+    #[error(transparent)]
+    Config(#[from] chatgate::ConfigError),
+    /// The demo upstream's address.
+    #[error("[upstream] demo needs an address to listen on")]
+    NoDemoAddress,
+    /// The demo upstream's port or runtime.
+    #[error("demo upstream on {address}: {source}")]
+    Demo {
+        /// `[upstream] addresses[0]`.
+        address: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The proxy.
+    #[error(transparent)]
+    Proxy(#[from] proxy::ServeError),
+}
+
+/// Loads the config, starts the demo upstream when the config asks for it, and runs
+/// the proxy until a Unix signal stops it.
+pub fn serve(args: &ServeArgs) -> Result<(), ServeError> {
+    init_logging();
+    let config = ConfigHandle::from_file(&args.config)?;
+    let mut options = RunOptions::default();
+    options.upgrade = args.upgrade;
+    options.upgrade_sock = args.upgrade_sock.clone();
+    // An upgrading instance cannot take the demo's port from the running one; the
+    // library refuses that combination with its own message.
+    let demo = if config.load().upstream.demo && !args.upgrade {
+        Some(DemoUpstream::start(&config.load().upstream.addresses)?)
+    } else {
+        None
+    };
+    let served = proxy::run(config, options, Shutdown::UnixSignals);
+    if let Some(demo) = demo {
+        demo.stop();
+    }
+    Ok(served?)
+}
+
+fn init_logging() {
+    // Pingora logs through `log`; tracing-subscriber forwards it.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true)
+        .try_init();
+}
+
+/// The built-in demo chat API ([`chatgate::demo`]) on the first upstream address
+/// (quickstart only), on a runtime of its own that outlives the proxy's.
+struct DemoUpstream {
+    runtime: tokio::runtime::Runtime,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl DemoUpstream {
+    fn start(addresses: &[String]) -> Result<Self, ServeError> {
+        let address = addresses.first().ok_or(ServeError::NoDemoAddress)?;
+        let failed = |source| ServeError::Demo {
+            address: address.clone(),
+            source,
+        };
+        // Bound here, before the proxy starts, so a busy port fails `serve`.
+        let listener = std::net::TcpListener::bind(address.as_str()).map_err(failed)?;
+        listener.set_nonblocking(true).map_err(failed)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("chatgate-demo")
+            .enable_all()
+            .build()
+            .map_err(failed)?;
+        let listener = {
+            let _entered = runtime.enter();
+            tokio::net::TcpListener::from_std(listener).map_err(failed)?
+        };
+        tracing::warn!(target: "chatgate::proxy", %address, "[upstream] demo = true: serving the DEMO chat API, not for production");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        runtime.spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            if let Err(error) = chatgate::demo::serve(listener, shutdown).await {
+                tracing::error!(target: "chatgate::proxy", %error, "demo upstream stopped");
+            }
+        });
+        Ok(DemoUpstream { runtime, stop })
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        self.runtime
+            .shutdown_timeout(std::time::Duration::from_secs(2));
+    }
+}
