@@ -496,7 +496,9 @@ where
 
 /// Hands the identity to the inner service; an upgrade also gets its [`LiveSession`].
 /// Rewrites the URI to its normal form and removes headers an inner service could read
-/// as chatgate's identity headers (contract §6 rules 1-3); the refusals are code 4.
+/// as chatgate's identity headers (contract §6 rules 2 and 3); a path that has no normal
+/// form is refused with code 4. The gate checks the rest (and the path again, which is
+/// then one scan of a normal path).
 fn normalize_request(parts: &mut http::request::Parts) -> Result<(), AuthError> {
     let forged: Vec<http::HeaderName> = parts
         .headers
@@ -507,7 +509,7 @@ fn normalize_request(parts: &mut http::request::Parts) -> Result<(), AuthError> 
     for name in forged {
         parts.headers.remove(name);
     }
-    if let Cow::Owned(path) = normalize::request(&parts.method, &parts.uri, &parts.headers)? {
+    if let Cow::Owned(path) = normalize::path(parts.uri.path())? {
         parts.uri = normalize::with_path(&parts.uri, &path);
     }
     Ok(())

@@ -10,6 +10,7 @@ use crate::normalize;
 use bytes::BytesMut;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -254,11 +255,13 @@ fn forward_normal_target(session: &mut Session) -> pingora::Result<()> {
     let Ok(path) = normalize::path(header.uri.path()) else {
         return Ok(());
     };
-    let target = normalize::target(&path, header.uri.query());
-    if header.raw_path() != target.as_bytes() {
-        session.req_header_mut().set_raw_path(target.as_bytes())?;
+    let parsed = header.uri.path_and_query().map_or("", |target| target.as_str());
+    // The common request: a normal path, sent in origin-form as UTF-8. No allocation.
+    if matches!(path, Cow::Borrowed(_)) && header.raw_path() == parsed.as_bytes() {
+        return Ok(());
     }
-    Ok(())
+    let target = normalize::target(&path, header.uri.query());
+    session.req_header_mut().set_raw_path(target.as_bytes())
 }
 
 /// Writes `error` in the contract's shape by copying out its [`Rejection`]: JSON over
