@@ -35,6 +35,8 @@ pub enum Malformed {
     ClaimType(&'static str),
     /// `user_id` is present but empty.
     EmptyUserId,
+    /// `user_id` has a control character or whitespace at either end (contract §6 rule 5).
+    UserIdNotText,
     /// `stream-auth-type` is neither `jwt` nor `anonymous`.
     AuthType,
     /// A developer token without a `user_id`.
@@ -56,6 +58,9 @@ impl Malformed {
             Malformed::MissingAlg => out.write_str("token header has no alg"),
             Malformed::ClaimType(claim) => write!(out, "claim {claim} has the wrong type"),
             Malformed::EmptyUserId => out.write_str("claim user_id is empty"),
+            Malformed::UserIdNotText => out.write_str(
+                "claim user_id contains a control character or leading or trailing whitespace",
+            ),
             Malformed::AuthType => {
                 out.write_str("stream-auth-type must be \"jwt\" or \"anonymous\"")
             }

@@ -15,6 +15,7 @@ pub use policy::Policy;
 
 use crate::config::{App, ConfigSnapshot, StoreErrorPolicy};
 use crate::error::{AuthError, Malformed};
+use crate::normalize;
 use crate::reload::ConfigHandle;
 use crate::revocation::{RevocationCache, parse_app_update, parse_users_update};
 use crate::time::{Cutoff, now_unix};
@@ -432,7 +433,9 @@ fn authenticate(
     request: RequestParts<'_>,
     now: i64,
 ) -> Result<Option<Verified>, AuthError> {
-    let path = request.uri.path();
+    // Contract §6: everything below matches the normal form, which the adapters forward.
+    let path = normalize::request(request.method, request.uri, request.headers)?;
+    let path = &*path;
     if config.auth.public_paths.contains(path) || policy.is_public(path) {
         return Ok(None);
     }
@@ -447,12 +450,23 @@ fn authenticate(
 
     // Swift sends headers on the upgrade too, so headers win when both are present.
     let header_token = header_str(request.headers, header::AUTHORIZATION);
+    let query_token = query
+        .authorization
+        .as_deref()
+        .map(strip_bearer)
+        .filter(|t| !t.is_empty());
     let token = match header_token {
         Some(t) => Some(strip_bearer(t)),
-        None if websocket => query.authorization.as_deref().map(strip_bearer),
+        None if websocket => query_token,
         None => None,
     }
     .filter(|t| !t.is_empty());
+    if let (true, Some(header), Some(query)) = (websocket, token, query_token)
+        && header != query
+    {
+        // One credential (contract §6 rule 1): the upstream may read either.
+        return Err(normalize::Unsafe::TokensDiffer.into());
+    }
 
     let auth_type = header_str(request.headers, AUTH_TYPE_HEADER).or(if websocket {
         query.auth_type.as_deref()
@@ -488,6 +502,13 @@ fn authenticate(
     let token = token.ok_or(AuthError::Malformed(Malformed::Missing))?;
     let verified = token::verify(token, app.keyring(), &app.token_rules(&config.auth), now)?;
     let claims = verified.claims;
+    if claims
+        .user_id
+        .as_deref()
+        .is_some_and(|id| !normalize::user_id_is_text(id))
+    {
+        return Err(AuthError::Malformed(Malformed::UserIdNotText));
+    }
     let app_key = app.api_key.clone();
     let identity = match (verified.kind, claims.user_id) {
         (TokenKind::Server, _) => Identity::server(app_key),

@@ -25,6 +25,7 @@ pub mod extract;
 pub mod gate;
 #[cfg(feature = "tower")]
 pub mod layer;
+pub mod normalize;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 pub mod reload;
