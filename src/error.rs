@@ -115,8 +115,9 @@ pub enum AuthError {
     /// The header's `alg` is not HS256 (code 43).
     #[error("JWTAuth error: signing method not allowed, only HS256 is accepted")]
     AlgNotAllowed,
-    /// Too many requests (code 9).
-    #[error("too many requests, slow down")]
+    /// Too many failed authentications from this client address (code 9, HTTP 429;
+    /// contract §6 rule 7). The message is the one SDKs back off on.
+    #[error("Too many requests")]
     RateLimited,
     /// The revocation store could not answer and the policy is to deny (HTTP 503).
     #[error("revocation store unavailable, try again shortly")]

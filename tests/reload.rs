@@ -70,6 +70,7 @@ async fn check(gate: &Gate, api_key: &str, token: &str) -> Result<Decision, Auth
         method: &Method::GET,
         uri: &uri,
         headers: &headers,
+        peer: None,
     })
     .await
 }

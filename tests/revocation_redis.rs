@@ -58,6 +58,7 @@ async fn check(gate: &Gate, token: &str) -> Result<Decision, AuthError> {
             method: &Method::GET,
             uri: &uri,
             headers: &headers,
+            peer: None,
         }),
     )
     .await

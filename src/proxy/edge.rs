@@ -88,6 +88,12 @@ impl ProxyHttp for EdgeProxy {
     // disabled default still costs time on every request (perf-notes).
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Self::CTX) -> Result<()> {
+        // The head is read: the rest of the request is no longer bounded as a head.
+        super::head::head_read(session);
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         // Contract §6 rule 9. Without this, Pingora 0.9.1 treats bytes that arrive while
         // a request is being proxied as an error ("Sent data after end of body") and

@@ -123,9 +123,13 @@ impl ChatAuthFilter {
         strip_identity_headers(session.req_header_mut());
         forward_normal_target(session)?;
         let started = Instant::now();
+        let peer = session
+            .client_addr()
+            .and_then(|address| address.as_inet())
+            .map(|address| address.ip());
         let decision = self
             .gate
-            .check(RequestParts::from(&**session.req_header()))
+            .check(RequestParts::from(&**session.req_header()).with_peer(peer))
             .await;
         self.metrics.observe_check(started.elapsed());
         let identity = match decision {
