@@ -1232,7 +1232,9 @@ mod tests {
             5
         );
         // A user whose cutoff is not cached goes through the store: counted there too.
-        let revoked = TokenBuilder::user("bob").issued_at(now_unix() - 60).sign(SECRET);
+        let revoked = TokenBuilder::user("bob")
+            .issued_at(now_unix() - 60)
+            .sign(SECRET);
         store
             .set_user_cutoffs(
                 "key",
@@ -1244,7 +1246,13 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            from_peer(&gate, peer, "/x?api_key=key", &[("authorization", &revoked)]).await,
+            from_peer(
+                &gate,
+                peer,
+                "/x?api_key=key",
+                &[("authorization", &revoked)]
+            )
+            .await,
             Err(AuthError::Revoked)
         );
         // Over the limit: even a good token is answered 429, and that does not count.
@@ -1277,10 +1285,18 @@ mod tests {
         let proxy = Some("127.0.0.1");
         let bad = [("authorization", "x"), ("x-forwarded-for", "203.0.113.5")];
         assert_eq!(
-            from_peer(&gate, proxy, "/x?api_key=key", &bad).await.unwrap_err().code(),
+            from_peer(&gate, proxy, "/x?api_key=key", &bad)
+                .await
+                .unwrap_err()
+                .code(),
             5
         );
-        let as_client = |xff: &'static str| [("authorization", good.clone()), ("x-forwarded-for", xff.to_owned())];
+        let as_client = |xff: &'static str| {
+            [
+                ("authorization", good.clone()),
+                ("x-forwarded-for", xff.to_owned()),
+            ]
+        };
         let limited = as_client("198.51.100.1, 203.0.113.5");
         let limited: Vec<(&str, &str)> = limited.iter().map(|(k, v)| (*k, v.as_str())).collect();
         assert_eq!(

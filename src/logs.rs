@@ -67,7 +67,13 @@ mod tests {
         ] {
             assert!(is_capped(target), "{target}");
         }
-        for target in ["chatgate::proxy", "h2c_app", "hyperion", "pingoral", "my_app"] {
+        for target in [
+            "chatgate::proxy",
+            "h2c_app",
+            "hyperion",
+            "pingoral",
+            "my_app",
+        ] {
             assert!(!is_capped(target), "{target}");
         }
     }

@@ -132,9 +132,8 @@ fn limits(limits: &RawLimits, at: &Locator) -> Result<LimitsSettings, ConfigErro
     };
     let mut trusted = Vec::new();
     for (i, entry) in limits.trusted_proxies.iter().flatten().enumerate() {
-        let net = TrustedProxies::parse_entry(entry).map_err(|m| {
-            at.error(&format!("limits.trusted_proxies[{i}]"), &m)
-        })?;
+        let net = TrustedProxies::parse_entry(entry)
+            .map_err(|m| at.error(&format!("limits.trusted_proxies[{i}]"), &m))?;
         trusted.push(net);
     }
     Ok(LimitsSettings {
@@ -508,11 +507,19 @@ mod tests {
         assert_eq!(config.limits.failed_auth_per_minute, Some(20));
         for trusted in ["10.200.0.1", "::1", "192.168.1.7", "::ffff:10.0.0.1"] {
             assert!(
-                config.limits.trusted_proxies.contains(trusted.parse().unwrap()),
+                config
+                    .limits
+                    .trusted_proxies
+                    .contains(trusted.parse().unwrap()),
                 "{trusted}"
             );
         }
-        assert!(!config.limits.trusted_proxies.contains("192.168.1.8".parse().unwrap()));
+        assert!(
+            !config
+                .limits
+                .trusted_proxies
+                .contains("192.168.1.8".parse().unwrap())
+        );
 
         for (extra, key, line) in [
             (
@@ -525,10 +532,18 @@ mod tests {
                 "limits.trusted_proxies[0]",
                 13,
             ),
-            ("failed_auth_per_minute = 0", "limits.failed_auth_per_minute", 13),
+            (
+                "failed_auth_per_minute = 0",
+                "limits.failed_auth_per_minute",
+                13,
+            ),
         ] {
             let (got_line, _, got_key, message) = invalid(&with(extra));
-            assert_eq!((got_key.as_str(), got_line), (key, line), "{extra}: {message}");
+            assert_eq!(
+                (got_key.as_str(), got_line),
+                (key, line),
+                "{extra}: {message}"
+            );
         }
         let text = VALID.replace(
             "listen = \"127.0.0.1:8080\"",

@@ -88,7 +88,11 @@ impl ProxyHttp for EdgeProxy {
     // disabled default still costs time on every request (perf-notes).
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
-    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Self::CTX) -> Result<()> {
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> Result<()> {
         // The head is read: the rest of the request is no longer bounded as a head.
         super::head::head_read(session);
         Ok(())

@@ -81,7 +81,9 @@ fn init_logging() {
     let output = tracing_subscriber::fmt::layer()
         .with_target(true)
         .with_filter(filter)
-        .with_filter(tracing_subscriber::filter::filter_fn(chatgate::logs::may_log));
+        .with_filter(tracing_subscriber::filter::filter_fn(
+            chatgate::logs::may_log,
+        ));
     let _ = tracing_subscriber::registry().with(output).try_init();
 }
 
