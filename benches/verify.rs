@@ -31,6 +31,7 @@ fn bench_verify(c: &mut Criterion) {
         .sign(SECRET);
     let config = ConfigSnapshot::with_apps(vec![App::new("demo-key", vec![SECRET.into()])]);
     let app = config.app("demo-key").unwrap().clone();
+    let rules = app.token_rules(&config.auth);
 
     let key = jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()).unwrap();
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
@@ -80,12 +81,12 @@ fn bench_verify(c: &mut Criterion) {
     });
     group.bench_function("chatgate_token_verify_first_sight", |b| {
         b.iter(|| {
-            token::verify_uncached(black_box(&token), &app, &config.auth, now_unix()).unwrap()
+            token::verify_uncached(black_box(&token), app.keyring(), &rules, now_unix()).unwrap()
         })
     });
     // A client repeats its token on every request: the app's verified-token cache.
     group.bench_function("chatgate_token_verify", |b| {
-        b.iter(|| token::verify(black_box(&token), &app, &config.auth, now_unix()).unwrap())
+        b.iter(|| token::verify(black_box(&token), app.keyring(), &rules, now_unix()).unwrap())
     });
     let cache = gate.revocations().clone();
     let (app_key, user): (Arc<str>, Arc<str>) =
@@ -94,7 +95,7 @@ fn bench_verify(c: &mut Criterion) {
     group.bench_function("chatgate_token_verify_plus_cached_revocation", |b| {
         b.iter(|| {
             let now = now_unix();
-            let verified = token::verify(black_box(&token), &app, &config.auth, now).unwrap();
+            let verified = token::verify(black_box(&token), app.keyring(), &rules, now).unwrap();
             let cutoff = cache.cached_cutoff(&app_key, &user, now).unwrap();
             (verified, cutoff)
         })

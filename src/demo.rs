@@ -446,7 +446,7 @@ async fn update_users(State(state): State<DemoState>, Json(body): Json<Value>) -
     };
     let mut data = state.inner.data.lock().expect("demo state lock");
     let mut updated = Map::new();
-    for user in users.iter().take(crate::gate::MAX_USERS_PER_UPDATE) {
+    for user in users.iter().take(crate::revocation::MAX_USERS_PER_UPDATE) {
         let Some(id) = user.get("id").and_then(Value::as_str) else {
             continue;
         };

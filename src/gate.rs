@@ -17,8 +17,8 @@ use crate::config::{App, ConfigSnapshot, StoreErrorPolicy};
 use crate::error::{AuthError, Malformed};
 use crate::normalize;
 use crate::reload::ConfigHandle;
-use crate::revocation::{RevocationCache, UserCutoffChange};
-use crate::time::{Cutoff, now_unix, parse_json_time};
+use crate::revocation::{RevocationCache, parse_app_update, parse_users_update};
+use crate::time::{Cutoff, now_unix};
 use crate::token::{self, TokenKind};
 use http::{HeaderMap, Method, Uri, header};
 use std::borrow::Cow;
@@ -26,10 +26,6 @@ use std::sync::Arc;
 
 /// Header naming the auth type (`jwt` or `anonymous`).
 pub const AUTH_TYPE_HEADER: &str = "stream-auth-type";
-/// Most users one `PATCH /users` may change (Stream's own limit).
-pub const MAX_USERS_PER_UPDATE: usize = 100;
-/// How far in the future a revocation cutoff may be (contract §3).
-const MAX_FUTURE_CUTOFF_SECONDS: i64 = 300;
 
 /// Who made a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -504,7 +500,7 @@ fn authenticate(
     }
 
     let token = token.ok_or(AuthError::Malformed(Malformed::Missing))?;
-    let verified = token::verify(token, app, &config.auth, now)?;
+    let verified = token::verify(token, app.keyring(), &app.token_rules(&config.auth), now)?;
     let claims = verified.claims;
     if claims
         .user_id
@@ -577,107 +573,11 @@ fn check_connect_user(json: &str, token_user: &str) -> Result<(), AuthError> {
     Ok(())
 }
 
-fn bad_input(message: impl Into<String>) -> AuthError {
-    AuthError::BadInput(message.into())
-}
-
-/// Reads a `revoke_tokens_issued_before` value: a date, or `null` to clear.
-fn parse_cutoff_value(
-    value: &serde_json::Value,
-    now: i64,
-    field: &str,
-) -> Result<Option<Cutoff>, AuthError> {
-    if value.is_null() {
-        return Ok(None);
-    }
-    let at = parse_json_time(value).map_err(|m| bad_input(format!("{field}: {m}")))?;
-    if at.timestamp() > now + MAX_FUTURE_CUTOFF_SECONDS {
-        return Err(bad_input(format!(
-            "{field}: revoke_tokens_issued_before is more than 5 minutes in the future"
-        )));
-    }
-    Ok(Some(Cutoff::from_datetime(at)))
-}
-
-/// Parses `{"users":[{"id":..,"set":{..},"unset":[..]}]}` into cutoff changes.
-pub fn parse_users_update(body: &[u8], now: i64) -> Result<Vec<UserCutoffChange>, AuthError> {
-    const FIELD: &str = "revoke_tokens_issued_before";
-    let document: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        bad_input(format!(
-            "UpdateUsersPartial failed: body is not valid JSON: {e}"
-        ))
-    })?;
-    let users = document
-        .get("users")
-        .and_then(|u| u.as_array())
-        .ok_or_else(|| bad_input("UpdateUsersPartial failed: users must be an array"))?;
-    if users.len() > MAX_USERS_PER_UPDATE {
-        return Err(bad_input(format!(
-            "UpdateUsersPartial failed: at most {MAX_USERS_PER_UPDATE} users per request"
-        )));
-    }
-    let mut changes = Vec::new();
-    for (i, user) in users.iter().enumerate() {
-        let id = user
-            .get("id")
-            .and_then(|v| v.as_str())
-            .filter(|id| !id.is_empty())
-            .ok_or_else(|| {
-                bad_input(format!(
-                    "UpdateUsersPartial failed: users[{i}].id is required"
-                ))
-            })?;
-        let set = match user.get("set") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::Object(set)) => set.get(FIELD),
-            Some(_) => {
-                return Err(bad_input(format!(
-                    "UpdateUsersPartial failed: users[{i}].set must be an object"
-                )));
-            }
-        };
-        let unset = match user.get("unset") {
-            None | Some(serde_json::Value::Null) => false,
-            Some(serde_json::Value::Array(fields)) => fields.iter().any(|f| f == FIELD),
-            Some(_) => {
-                return Err(bad_input(format!(
-                    "UpdateUsersPartial failed: users[{i}].unset must be an array"
-                )));
-            }
-        };
-        let cutoff = match set {
-            Some(value) => parse_cutoff_value(value, now, &format!("users[{i}].set.{FIELD}"))?,
-            None if unset => None,
-            None => continue,
-        };
-        changes.push(UserCutoffChange {
-            user_id: id.to_owned(),
-            cutoff,
-        });
-    }
-    Ok(changes)
-}
-
-/// Parses `{"revoke_tokens_issued_before": <time> | null}`; `Ok(None)` when the body
-/// does not touch it.
-pub fn parse_app_update(body: &[u8], now: i64) -> Result<Option<Option<Cutoff>>, AuthError> {
-    const FIELD: &str = "revoke_tokens_issued_before";
-    let document: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| bad_input(format!("UpdateApp failed: body is not valid JSON: {e}")))?;
-    let object = document
-        .as_object()
-        .ok_or_else(|| bad_input("UpdateApp failed: body must be a JSON object"))?;
-    match object.get(FIELD) {
-        None => Ok(None),
-        Some(value) => Ok(Some(parse_cutoff_value(value, now, FIELD)?)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{App, StoreErrorPolicy, StoreKind};
-    use crate::revocation::{MemoryStore, RevocationStore};
+    use crate::revocation::{MemoryStore, RevocationStore, UserCutoffChange};
     use crate::token::TokenBuilder;
     use std::time::Duration;
 
@@ -1113,33 +1013,6 @@ mod tests {
         .await
         .unwrap();
         user(check(&after).await);
-    }
-
-    #[tokio::test]
-    async fn bad_revocation_bodies_are_code_4() {
-        let gate = gate();
-        for body in [
-            "not json",
-            r#"{"users":{}}"#,
-            r#"{"users":[{"set":{"revoke_tokens_issued_before":null}}]}"#,
-            r#"{"users":[{"id":"u","set":{"revoke_tokens_issued_before":"someday"}}]}"#,
-            r#"{"users":[{"id":"u","set":{"revoke_tokens_issued_before":"2999-01-01T00:00:00Z"}}]}"#,
-        ] {
-            assert_eq!(
-                revoke_user(&gate, body).await.unwrap_err().code(),
-                4,
-                "{body}"
-            );
-        }
-        let many: Vec<String> = (0..101)
-            .map(|i| format!(r#"{{"id":"u{i}","set":{{"revoke_tokens_issued_before":null}}}}"#))
-            .collect();
-        let body = format!(r#"{{"users":[{}]}}"#, many.join(","));
-        assert_eq!(revoke_user(&gate, &body).await.unwrap_err().code(), 4);
-        // bodies without revocation fields pass untouched
-        revoke_user(&gate, r#"{"users":[{"id":"u","set":{"name":"n"}}]}"#)
-            .await
-            .unwrap();
     }
 
     /// A store that never answers: misses must follow the policy quickly.

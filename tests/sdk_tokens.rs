@@ -102,7 +102,12 @@ fn app(dev: bool) -> App {
 
 fn verify(token: &str, app: &App) -> Result<token::VerifiedToken, AuthError> {
     let config = ConfigSnapshot::with_apps(vec![]);
-    token::verify(token, app, &config.auth, now_unix())
+    token::verify(
+        token,
+        app.keyring(),
+        &app.token_rules(&config.auth),
+        now_unix(),
+    )
 }
 
 #[test]

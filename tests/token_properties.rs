@@ -26,7 +26,13 @@ fn config() -> &'static ConfigSnapshot {
 
 fn verify(token: &str) -> Result<token::VerifiedToken, chatgate::AuthError> {
     let config = config();
-    token::verify(token, config.app("k").unwrap(), &config.auth, now_unix())
+    let app = config.app("k").unwrap();
+    token::verify(
+        token,
+        app.keyring(),
+        &app.token_rules(&config.auth),
+        now_unix(),
+    )
 }
 
 fn runtime() -> &'static tokio::runtime::Runtime {

@@ -1,31 +1,50 @@
-//! A bounded in-memory cache in front of the store: "no cutoff" is cached too (the
-//! common case), concurrent misses for one key share one store read, and store events
-//! invalidate at once.
+//! The cache in front of the revocation store (contract §3): "no cutoff" is cached too
+//! (the common case), concurrent misses for one key share one store read, and store
+//! events invalidate at once.
 //!
-//! The hit path ([`RevocationCache::cached_cutoff`]) is synchronous: one lookup in the
-//! user table (a shard read lock held for the lookup only) and one in the small app
-//! table behind `ArcSwap`. No I/O, no `.await`, no clock read: entries carry the unix
-//! second they were cached, compared with the `now` the gate already read for the
-//! token's `exp`. Misses go through [`Inflight`], which makes concurrent misses for one
-//! key share a single store read.
+//! Both tables (users, and app-wide cutoffs) are `moka::sync::Cache`s, the cache the
+//! product's design names, in its leanest configuration: no moka time-to-live, no
+//! eviction listener, no weigher, so an entry carries only moka's access-order node and
+//! its `(app, user)` key (361 bytes of heap, 476 of RSS per cached user, the id included,
+//! at a million users; the README has the measurement and the command).
 //!
-//! The user table is `quick_cache` rather than moka: moka keeps ~300 bytes of
-//! bookkeeping per entry (its entry, expiry and policy nodes, each allocated apart),
-//! and a million cached users must fit in 200 bytes each; quick_cache keeps an entry in
-//! one slab slot (~130 bytes with the user id), is resized live, and finds `(app, user)`
-//! from borrowed strings, so a lookup clones no `Arc`.
+//! - **Hits are synchronous** ([`RevocationCache::cached_cutoff`]): two moka `get`s with
+//!   borrowed keys (`UserRef` is moka's `Equivalent` of the owned key, so a lookup
+//!   builds no key and clones no `Arc`), no I/O, no `.await`, no allocation
+//!   (`examples/cache_memory.rs` counts it). moka's own housekeeping runs on the caller's
+//!   thread when its read buffer fills, synchronously and under a `try_lock`.
+//! - **TTL is ours, not moka's**: an entry carries the unix second it was read and is
+//!   checked against the `now` the gate already has, so a reload that shortens the TTL
+//!   applies to entries already cached (moka's time-to-live is fixed at build, and costs
+//!   a write-order node per entry). Capacity is also fixed at build in moka, so a new
+//!   capacity builds a new table and copies the entries that fit into it.
+//! - **Misses are coalesced by moka**: the first miss puts a `Slot::Reading` (a shared
+//!   store read, spawned) into the table with `get_with_if`, which runs one `init` per
+//!   key however many threads miss at once; later misses find the slot and await the
+//!   same read. moka's async `try_get_with` would do the same, but only on its
+//!   `future::Cache`, whose `get` is `async`: the hit path could not stay synchronous.
+//!   The read runs as its own task so that a request that gives up does not stall the
+//!   others, and it stores its answer (or, on a store error, removes its slot: errors
+//!   are not cached) before anyone sees it.
+//! - **The generation guard stays**: a read overtaken by an invalidation must be
+//!   answered but not cached (test `a_read_overtaken_by_an_invalidation_is_answered_
+//!   but_not_cached`). moka's per-key ordering does not give that: `get_with`/
+//!   `try_get_with` insert their value when the read ends whatever `invalidate` did
+//!   meanwhile, and `and_compute_with` serialises only with other computes, not with
+//!   `invalidate`. So every invalidation bumps a counter, and a read caches its answer
+//!   only if the counter did not move while it ran (re-checked after the insert).
 
 use super::{RevocationEvent, RevocationStore, StoreError, UserCutoffChange};
 use crate::config::RevocationSettings;
 use crate::reload::ConfigHandle;
 use crate::time::{Cutoff, now_unix};
-use arc_swap::ArcSwap;
-use std::collections::HashMap;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
-use tokio::sync::OnceCell;
 
 /// foldhash instead of SipHash: keys are user ids from validly signed tokens, so
 /// hash flooding needs the app's secret, and the lookup is on every request.
@@ -47,7 +66,7 @@ struct UserRef<'a> {
     user: &'a str,
 }
 
-impl quick_cache::Equivalent<UserKey> for UserRef<'_> {
+impl moka::Equivalent<UserKey> for UserRef<'_> {
     fn equivalent(&self, key: &UserKey) -> bool {
         *key.app == *self.app && *key.user == *self.user
     }
@@ -62,33 +81,175 @@ impl<'a> From<&'a UserKey> for UserRef<'a> {
     }
 }
 
-/// A cached answer and the unix second it was read from the store.
+/// A cached answer and the unix second it was read from the store, in 12 bytes so
+/// that a [`Slot`] is 16 and moka's value node stays in a 48-byte allocation.
 #[derive(Debug, Clone, Copy)]
 struct Cached {
-    cutoff: Option<Cutoff>,
-    read_at: i64,
+    /// The cutoff's unix second, or [`NO_CUTOFF`].
+    cutoff: i64,
+    /// Unsigned: good until 2106.
+    read_at: u32,
 }
+
+/// No cutoff date parses to this second (chrono stops ~262,000 years out).
+const NO_CUTOFF: i64 = i64::MIN;
 
 impl Cached {
     fn now(cutoff: Option<Cutoff>) -> Self {
+        Cached::at(cutoff, now_unix())
+    }
+
+    fn at(cutoff: Option<Cutoff>, read_at: i64) -> Self {
         Cached {
-            cutoff,
-            read_at: now_unix(),
+            cutoff: cutoff.map_or(NO_CUTOFF, Cutoff::unix_seconds),
+            read_at: u32::try_from(read_at.max(0)).unwrap_or(u32::MAX),
         }
+    }
+
+    fn cutoff(self) -> Option<Cutoff> {
+        (self.cutoff != NO_CUTOFF).then(|| Cutoff::from_unix_seconds(self.cutoff))
     }
 
     /// The answer while it is younger than the TTL. The TTL is read at lookup, so a
     /// reload that shortens it applies to entries already cached.
     fn fresh(self, now: i64, ttl_seconds: i64) -> Option<Option<Cutoff>> {
-        (now < self.read_at.saturating_add(ttl_seconds)).then_some(self.cutoff)
+        (now < i64::from(self.read_at).saturating_add(ttl_seconds)).then(|| self.cutoff())
     }
 }
 
-type UserTable = quick_cache::sync::Cache<UserKey, Cached, quick_cache::UnitWeighter, FastHash>;
+/// One store read's outcome, shared by every request that missed on the same key
+/// (behind an `Arc`, to keep a [`Slot`] at 16 bytes).
+type Read = Arc<Shared<BoxFuture<'static, StoreAnswer>>>;
 
-/// App-wide cutoffs: a handful of entries read on every request and written once per
-/// TTL, so a copy-on-write map behind `ArcSwap` beats a concurrent cache.
-type AppTable = HashMap<Arc<str>, Cached, FastHash>;
+/// What a table holds for a key.
+#[derive(Clone)]
+enum Slot {
+    /// A [`Cached`], its fields inline so that the tag fits beside them.
+    Ready {
+        cutoff: i64,
+        read_at: u32,
+    },
+    Reading(Read),
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 16);
+
+impl From<Cached> for Slot {
+    fn from(cached: Cached) -> Self {
+        Slot::Ready {
+            cutoff: cached.cutoff,
+            read_at: cached.read_at,
+        }
+    }
+}
+
+impl Slot {
+    fn ready(&self) -> Option<Cached> {
+        match *self {
+            Slot::Ready { cutoff, read_at } => Some(Cached { cutoff, read_at }),
+            Slot::Reading(_) => None,
+        }
+    }
+
+    fn fresh(&self, now: i64, ttl_seconds: i64) -> Option<Option<Cutoff>> {
+        self.ready()?.fresh(now, ttl_seconds)
+    }
+
+    /// Whether a miss should start a new read instead of joining this slot: a stale
+    /// answer, or a read that ended without leaving an answer behind it.
+    fn replaceable(&self, now: i64, ttl_seconds: i64) -> bool {
+        match self {
+            Slot::Reading(read) => read.peek().is_some(),
+            ready => ready.fresh(now, ttl_seconds).is_none(),
+        }
+    }
+}
+
+type Moka<K> = moka::sync::Cache<K, Slot, FastHash>;
+
+/// Most apps whose cutoffs are cached: apps come from the config file, so this only
+/// bounds a table that never fills.
+const APP_CAPACITY: u64 = 4096;
+
+/// A moka cache that can be replaced live (new capacity, resync) without dropping
+/// what still fits.
+struct Table<K> {
+    current: ArcSwap<Moka<K>>,
+    // The table being copied from while a new capacity is applied: invalidations
+    // reach it too, so that the copy cannot bring back what they removed.
+    retiring: ArcSwapOption<Moka<K>>,
+}
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> Table<K> {
+    fn new(capacity: u64) -> Self {
+        Table {
+            current: ArcSwap::from_pointee(Self::build(capacity)),
+            retiring: ArcSwapOption::empty(),
+        }
+    }
+
+    fn build(capacity: u64) -> Moka<K> {
+        moka::sync::Cache::builder()
+            .max_capacity(capacity)
+            .build_with_hasher(FastHash::default())
+    }
+
+    fn get<Q: moka::Equivalent<K> + Hash + ?Sized>(&self, key: &Q) -> Option<Slot> {
+        self.current.load().get(key)
+    }
+
+    fn invalidate<Q: moka::Equivalent<K> + Hash + ?Sized>(&self, key: &Q) {
+        // The retiring table first: see `resize`.
+        if let Some(retiring) = &*self.retiring.load() {
+            retiring.invalidate(key);
+        }
+        self.current.load().invalidate(key);
+    }
+
+    fn clear(&self) {
+        let capacity = self.capacity();
+        self.current.store(Arc::new(Self::build(capacity)));
+    }
+
+    fn capacity(&self) -> u64 {
+        let current = self.current.load();
+        current.policy().max_capacity().unwrap_or(u64::MAX)
+    }
+
+    fn len(&self) -> u64 {
+        let current = self.current.load();
+        current.run_pending_tasks();
+        current.entry_count()
+    }
+
+    /// Swaps in a table of `capacity` and copies into it the answers that fit.
+    /// Invalidations during the copy remove from the old table, then the new one; the
+    /// copy puts into the new table, then checks that the old one still has the key.
+    /// Whichever order they interleave in, an invalidated key does not survive.
+    fn resize(&self, capacity: u64) {
+        let fresh = Arc::new(Self::build(capacity));
+        let old = self.current.load_full();
+        self.retiring.store(Some(old.clone()));
+        self.current.store(fresh.clone());
+        let mut copied = 0;
+        for (key, slot) in old.iter() {
+            if copied == capacity {
+                break;
+            }
+            let Some(cached) = slot.ready() else { continue };
+            if fresh.contains_key(&*key) {
+                continue;
+            }
+            fresh.insert(K::clone(&key), cached.into());
+            if !old.contains_key(&*key) {
+                fresh.invalidate(&*key);
+            }
+            copied += 1;
+        }
+        self.retiring.store(None);
+        fresh.run_pending_tasks();
+    }
+}
 
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
@@ -104,8 +265,8 @@ pub struct CacheStats {
 /// The cached view of a [`RevocationStore`].
 pub struct RevocationCache {
     store: Arc<dyn RevocationStore>,
-    users: UserTable,
-    apps: ArcSwap<AppTable>,
+    users: Table<UserKey>,
+    apps: Table<Arc<str>>,
     // The `[revocation]` settings a reload may change, read without a guard.
     capacity: AtomicU64,
     ttl_seconds: AtomicI64,
@@ -113,43 +274,9 @@ pub struct RevocationCache {
     // Bumped by every invalidation: a store read that started before one must not put
     // its (possibly older) answer in the cache.
     generation: AtomicU64,
-    users_inflight: Inflight<UserKey>,
-    apps_inflight: Inflight<Arc<str>>,
     stats: CacheStats,
-}
-
-/// Misses in flight, one shared cell per key. The mutex only guards the map while a
-/// cell is looked up or removed, never across the store read.
-struct Inflight<K> {
-    cells: Mutex<HashMap<K, Arc<ReadCell>, FastHash>>,
-}
-
-/// One store read's outcome, shared by every request that missed on the same key.
-type ReadCell = OnceCell<Result<Option<Cutoff>, StoreError>>;
-
-impl<K: Hash + Eq + Clone> Inflight<K> {
-    fn new() -> Self {
-        Inflight {
-            cells: Mutex::new(HashMap::default()),
-        }
-    }
-
-    async fn read(
-        &self,
-        key: &K,
-        read: impl Future<Output = Result<Option<Cutoff>, StoreError>>,
-    ) -> Result<Option<Cutoff>, StoreError> {
-        let cell = {
-            let mut cells = self.cells.lock().expect("no panics while locked");
-            cells.entry(key.clone()).or_default().clone()
-        };
-        let result = cell.get_or_init(|| read).await.clone();
-        let mut cells = self.cells.lock().expect("no panics while locked");
-        if cells.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            cells.remove(key);
-        }
-        result
-    }
+    // For the read tasks, which store their answer when they end.
+    this: Weak<RevocationCache>,
 }
 
 /// The TTL in whole seconds, at least one.
@@ -165,35 +292,23 @@ impl RevocationCache {
     /// A cache over `store`, sized and timed by `[revocation]`. Call
     /// [`RevocationCache::spawn_invalidation`] to follow the store's events.
     pub fn new(store: Arc<dyn RevocationStore>, settings: &RevocationSettings) -> Arc<Self> {
-        let options = quick_cache::OptionsBuilder::new()
-            .weight_capacity(settings.cache_capacity)
-            // Grow with use: a configured million must not be allocated up front.
-            .estimated_items_capacity(settings.cache_capacity.min(4096) as usize)
-            .build()
-            .expect("a positive capacity (config validation) is valid");
-        Arc::new(RevocationCache {
+        Arc::new_cyclic(|this| RevocationCache {
             store,
-            users: UserTable::with_options(
-                options,
-                quick_cache::UnitWeighter,
-                FastHash::default(),
-                Default::default(),
-            ),
-            apps: ArcSwap::default(),
+            users: Table::new(settings.cache_capacity),
+            apps: Table::new(APP_CAPACITY),
             capacity: AtomicU64::new(settings.cache_capacity),
             ttl_seconds: AtomicI64::new(ttl_seconds(settings.cache_ttl)),
             store_timeout_ms: AtomicU64::new(millis(settings.store_timeout)),
             generation: AtomicU64::new(0),
-            users_inflight: Inflight::new(),
-            apps_inflight: Inflight::new(),
             stats: CacheStats::default(),
+            this: this.clone(),
         })
     }
 
     /// Follows `[revocation]` cache settings (`cache_capacity`, `cache_ttl_seconds`,
-    /// `store_timeout_ms`) through config reloads, in place: a smaller capacity evicts
-    /// down to it, a shorter TTL applies to entries already cached, and nothing else is
-    /// dropped. True when a setting changed.
+    /// `store_timeout_ms`) through config reloads, in place: a new capacity keeps the
+    /// entries that fit, a shorter TTL applies to entries already cached, and nothing
+    /// else is dropped. True when a setting changed.
     pub fn apply_settings(&self, settings: &RevocationSettings) -> bool {
         let mut changed = false;
         if self
@@ -201,7 +316,7 @@ impl RevocationCache {
             .swap(settings.cache_capacity, Ordering::Relaxed)
             != settings.cache_capacity
         {
-            self.users.set_capacity(settings.cache_capacity);
+            self.users.resize(settings.cache_capacity);
             changed = true;
         }
         let ttl = ttl_seconds(settings.cache_ttl);
@@ -245,9 +360,9 @@ impl RevocationCache {
         &self.stats
     }
 
-    /// Number of cached entries (approximate, for metrics).
+    /// Number of cached entries, reads in flight included (for metrics).
     pub fn entry_count(&self) -> u64 {
-        (self.users.len() + self.apps.load().len()) as u64
+        self.users.len() + self.apps.len()
     }
 
     /// Follows the store's change events until the store drops its sender. A lagging
@@ -275,12 +390,15 @@ impl RevocationCache {
         self.generation.fetch_add(1, Ordering::SeqCst);
         match event {
             RevocationEvent::User { app, user, .. } => {
-                self.users.remove(&UserRef { app, user });
+                self.users.invalidate(&UserRef { app, user });
             }
-            RevocationEvent::App { app, .. } => self.set_app(app, None),
+            RevocationEvent::App { app, .. } => self.apps.invalidate(&**app),
             RevocationEvent::Resync => {
+                // New tables rather than moka's `invalidate_all`, which compares
+                // insertion instants with the call's and so could keep an entry put in
+                // the same instant.
                 self.users.clear();
-                self.apps.store(Arc::default());
+                self.apps.clear();
             }
         }
     }
@@ -294,7 +412,7 @@ impl RevocationCache {
     }
 
     fn cached_app(&self, app: &str, now: i64) -> Option<Option<Cutoff>> {
-        self.apps.load().get(app)?.fresh(now, self.ttl())
+        self.apps.get(app)?.fresh(now, self.ttl())
     }
 
     fn cached_user(&self, app: &str, user: &str, now: i64) -> Option<Option<Cutoff>> {
@@ -303,19 +421,8 @@ impl RevocationCache {
             .fresh(now, self.ttl())
     }
 
-    fn set_app(&self, app: &Arc<str>, cutoff: Option<Option<Cutoff>>) {
-        self.apps.rcu(|apps| {
-            let mut apps = AppTable::clone(apps);
-            match cutoff {
-                Some(cutoff) => apps.insert(app.clone(), Cached::now(cutoff)),
-                None => apps.remove(app),
-            };
-            apps
-        });
-    }
-
     /// The cutoff that applies to a user's tokens (the later of the user's and the
-    /// app's stored cutoffs) when both are cached: no I/O, no `.await`.
+    /// app's stored cutoffs) when both are cached: no I/O, no `.await`, no allocation.
     /// `now` is the current unix second (the gate has it already).
     pub fn cached_cutoff(&self, app: &str, user: &str, now: i64) -> Option<Option<Cutoff>> {
         let app_cutoff = self.cached_app(app, now)?;
@@ -345,57 +452,94 @@ impl RevocationCache {
         app: &Arc<str>,
         user: &Arc<str>,
     ) -> Result<Option<Cutoff>, StoreError> {
-        if let Some(hit) = self.cached_user(app, user, now_unix()) {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(hit);
-        }
-        self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let key = UserKey {
+        let key = || UserKey {
             app: app.clone(),
             user: user.clone(),
         };
-        let generation = self.generation.load(Ordering::Acquire);
-        let read = bounded(self.store_timeout(), self.store.user_cutoff(app, user));
-        let cutoff = self
-            .users_inflight
-            .read(&key, read)
-            .await
-            .map_err(|e| self.count_error(&e))?;
-        if self.generation.load(Ordering::Acquire) == generation {
-            self.users.insert(key.clone(), Cached::now(cutoff));
-            // An invalidation may have landed between the check and the insert; its
-            // own removal then ran before our insert, so take the answer out again.
-            // SeqCst here and on the bump: store-buffering between the two sides must
-            // not let each miss the other.
-            if self.generation.load(Ordering::SeqCst) != generation {
-                self.users.remove(&UserRef::from(&key));
-            }
-        }
-        Ok(cutoff)
+        self.lookup(&UserRef { app, user }, key).await
     }
 
     /// The app-wide cutoff set through the API.
     pub async fn app_cutoff(&self, app: &Arc<str>) -> Result<Option<Cutoff>, StoreError> {
-        if let Some(hit) = self.cached_app(app, now_unix()) {
+        self.lookup(&**app, || app.clone()).await
+    }
+
+    /// A hit, or the store read that every concurrent miss for the key shares.
+    async fn lookup<K: CacheKey, Q: moka::Equivalent<K> + Hash + ?Sized>(
+        &self,
+        borrowed: &Q,
+        key: impl FnOnce() -> K,
+    ) -> Result<Option<Cutoff>, StoreError> {
+        let (now, ttl) = (now_unix(), self.ttl());
+        let table = K::table(self).current.load_full();
+        if let Some(hit) = table.get(borrowed).and_then(|slot| slot.fresh(now, ttl)) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let generation = self.generation.load(Ordering::Acquire);
-        let read = bounded(self.store_timeout(), self.store.app_cutoff(app));
-        let cutoff = self
-            .apps_inflight
-            .read(app, read)
-            .await
-            .map_err(|e| self.count_error(&e))?;
-        if self.generation.load(Ordering::Acquire) == generation {
-            self.set_app(app, Some(cutoff));
-            // As for users: an invalidation between the check and the insert.
-            if self.generation.load(Ordering::SeqCst) != generation {
-                self.set_app(app, None);
+        let key = key();
+        // moka runs one `init` per key at a time; the others get its slot.
+        let slot = table
+            .entry(key.clone())
+            .or_insert_with_if(
+                || Slot::Reading(self.read(key)),
+                |slot| slot.replaceable(now, ttl),
+            )
+            .into_value();
+        match slot {
+            Slot::Ready { .. } => Ok(slot.ready().and_then(Cached::cutoff)),
+            Slot::Reading(read) => Shared::clone(&read).await,
+        }
+    }
+
+    /// A shared store read for `key`, which stores its own answer. It starts when first
+    /// polled, so after moka has put its slot in the table: an answer stored before
+    /// the slot would be overwritten by it.
+    fn read<K: CacheKey>(&self, key: K) -> Read {
+        let generation = self.generation.load(Ordering::SeqCst);
+        let cache = self.this.clone();
+        let read = bounded(self.store_timeout(), key.clone().read(self.store.clone()));
+        async move {
+            // A task of its own: a request that stops waiting does not stop the read.
+            let task = tokio::spawn(async move {
+                let result = read.await;
+                if let Some(cache) = cache.upgrade() {
+                    cache.store_answer(&key, &result, generation);
+                }
+                result
+            });
+            task.await
+                .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("store read: {e}"))))
+        }
+        .boxed()
+        .shared()
+        .into()
+    }
+
+    /// Puts a read's answer in the table, unless an invalidation overtook the read;
+    /// removes its slot otherwise, store errors included (they are not cached).
+    fn store_answer<K: CacheKey>(&self, key: &K, result: &StoreAnswer, generation: u64) {
+        let table = K::table(self);
+        match result {
+            Ok(cutoff) if self.generation.load(Ordering::SeqCst) == generation => {
+                table
+                    .current
+                    .load()
+                    .insert(key.clone(), Cached::now(*cutoff).into());
+                // An invalidation may have landed between the check and the insert;
+                // its own removal then ran before our insert, so take the answer out
+                // again. SeqCst here and on the bump: store-buffering between the two
+                // sides must not let each miss the other.
+                if self.generation.load(Ordering::SeqCst) != generation {
+                    table.invalidate(key);
+                }
+            }
+            Ok(_) => table.invalidate(key),
+            Err(_) => {
+                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                table.invalidate(key);
             }
         }
-        Ok(cutoff)
     }
 
     /// Writes users' cutoffs to the store (durably), then drops them from the cache.
@@ -414,7 +558,7 @@ impl RevocationCache {
         // The store's own event does this as well; doing it here means the writer sees
         // its write even before the event arrives.
         for change in changes {
-            self.users.remove(&UserRef {
+            self.users.invalidate(&UserRef {
                 app,
                 user: &change.user_id,
             });
@@ -432,13 +576,40 @@ impl RevocationCache {
             .await
             .map_err(|e| self.count_error(&e))?;
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.set_app(app, None);
+        self.apps.invalidate(&**app);
         Ok(())
     }
 
     fn count_error(&self, error: &StoreError) -> StoreError {
         self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
         error.clone()
+    }
+}
+
+type StoreAnswer = Result<Option<Cutoff>, StoreError>;
+
+/// What the user and the app table have in common: where their entries live and how
+/// the store answers for one.
+trait CacheKey: Hash + Eq + Clone + Send + Sync + 'static {
+    fn table(cache: &RevocationCache) -> &Table<Self>;
+    fn read(self, store: Arc<dyn RevocationStore>) -> BoxFuture<'static, StoreAnswer>;
+}
+
+impl CacheKey for UserKey {
+    fn table(cache: &RevocationCache) -> &Table<Self> {
+        &cache.users
+    }
+    fn read(self, store: Arc<dyn RevocationStore>) -> BoxFuture<'static, StoreAnswer> {
+        async move { store.user_cutoff(&self.app, &self.user).await }.boxed()
+    }
+}
+
+impl CacheKey for Arc<str> {
+    fn table(cache: &RevocationCache) -> &Table<Self> {
+        &cache.apps
+    }
+    fn read(self, store: Arc<dyn RevocationStore>) -> BoxFuture<'static, StoreAnswer> {
+        async move { store.app_cutoff(&self).await }.boxed()
     }
 }
 
@@ -539,13 +710,13 @@ mod tests {
         };
         let borrowed = UserRef::from(&owned);
         assert_eq!(hasher.hash_one(&owned), hasher.hash_one(&borrowed));
-        assert!(quick_cache::Equivalent::equivalent(&borrowed, &owned));
+        assert!(moka::Equivalent::equivalent(&borrowed, &owned));
         // the split between app and user is part of the key
         let shifted = UserRef {
             app: "ap",
             user: "puser",
         };
-        assert!(!quick_cache::Equivalent::equivalent(&shifted, &owned));
+        assert!(!moka::Equivalent::equivalent(&shifted, &owned));
         assert_ne!(hasher.hash_one(&owned), hasher.hash_one(&shifted));
     }
 
@@ -639,9 +810,8 @@ mod tests {
         smaller.cache_capacity = 10;
         assert!(cache.apply_settings(&smaller));
         let kept = cache.entry_count();
-        // approximately: each shard rounds its share of the capacity up
         assert!(
-            (1..=10 + cache.users.num_shards() as u64).contains(&kept),
+            (1..=10).contains(&kept),
             "evicted down to the new capacity, kept {kept}"
         );
 
@@ -768,15 +938,12 @@ mod tests {
         assert!(cache.cached_user(&app, &user, now + 3).is_none());
         assert!(cache.cached_app(&app, now + 3).is_none());
         // and a lookup that finds a stale entry reads the store again
-        cache.users.insert(
+        cache.users.current.load().insert(
             UserKey {
                 app: app.clone(),
                 user: user.clone(),
             },
-            Cached {
-                cutoff: None,
-                read_at: now - 10,
-            },
+            Cached::at(None, now - 10).into(),
         );
         cache.cutoff(&app, &user).await.unwrap();
         assert_eq!(store.reads.load(Ordering::SeqCst), 2);

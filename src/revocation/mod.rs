@@ -1,5 +1,6 @@
 //! Revocation cutoffs ("revoke tokens issued before T", contract §3): the store trait,
-//! its backends, and the cache the request path reads.
+//! its backends, the cache the request path reads, and the parsing of the `PATCH`
+//! bodies that change them.
 //!
 //! The request path only ever talks to [`RevocationCache`]; a cache hit does no I/O
 //! and holds no lock across `.await`.
@@ -10,9 +11,11 @@ pub mod embedded;
 mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
+mod update;
 
 pub use cache::{CacheStats, RevocationCache};
 pub use memory::MemoryStore;
+pub use update::{MAX_USERS_PER_UPDATE, parse_app_update, parse_users_update};
 
 use crate::time::Cutoff;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! The `chatgate` command line: `serve`, `token create|inspect`, `config check`,
 //! `revoke`. Argument parsing and presentation only: each command calls the library.
 
-use crate::inspect::inspect;
+use crate::inspect::{InspectedApp, inspect};
 use crate::serve::{ServeArgs, ServeError, serve};
 use chatgate::config::{App, ConfigSnapshot};
 use chatgate::revocation::StoreError;
@@ -264,9 +264,11 @@ fn inspect_token(args: &InspectArgs) -> Result<(), CliError> {
     };
     let report = inspect(
         &token,
-        loaded
-            .as_ref()
-            .map(|(snapshot, app)| (&**app, &snapshot.auth)),
+        loaded.as_ref().map(|(snapshot, app)| InspectedApp {
+            api_key: &app.api_key,
+            keyring: app.keyring(),
+            rules: app.token_rules(&snapshot.auth),
+        }),
         chatgate::time::now_unix(),
     );
     let mut failed = false;
@@ -481,9 +483,13 @@ mod tests {
         };
         let token = create_token(&args).unwrap();
         let (snapshot, app) = load_app(file.path(), "k").unwrap();
-        let verified =
-            chatgate::token::verify(&token, &app, &snapshot.auth, chatgate::time::now_unix())
-                .unwrap();
+        let verified = chatgate::token::verify(
+            &token,
+            app.keyring(),
+            &app.token_rules(&snapshot.auth),
+            chatgate::time::now_unix(),
+        )
+        .unwrap();
         assert_eq!(verified.claims.user_id.as_deref(), Some("alice"));
         let exp = verified.claims.expires_at.unwrap();
         assert!((exp - chatgate::time::now_unix() - 3600).abs() <= 2);

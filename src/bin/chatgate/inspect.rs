@@ -1,11 +1,23 @@
-//! `chatgate token inspect`: says which check of contract §2 a token passes or fails
-//! and why. Presentation only, so it lives with the CLI; it reads the token through
-//! the library's public [`token::take_apart`] and judges it with [`token::verify`], so
-//! it can never disagree with the gate.
+//! `chatgate token inspect`: explains, check by check, why a token is accepted or
+//! refused under contract §2. Built only on the token module's public API
+//! ([`segments`], [`decode_segment`], [`check_header`], [`read_claims`],
+//! [`Keyring::matching_secret`], [`verify`]), so that it can move into the binary's CLI.
 
-use chatgate::config::{App, AuthSettings};
-use chatgate::time::Cutoff;
-use chatgate::token::{self, DEVELOPER_SIGNATURE};
+use chatgate::token::{
+    DEVELOPER_SIGNATURE, Keyring, TokenRules, check_header, decode_segment, read_claims, segments,
+    verify,
+};
+
+/// The app a token is inspected against.
+#[derive(Debug, Clone, Copy)]
+pub struct InspectedApp<'a> {
+    /// Its api_key, named in the report.
+    pub api_key: &'a str,
+    /// Its secrets.
+    pub keyring: &'a Keyring,
+    /// Its rules.
+    pub rules: TokenRules,
+}
 
 /// One line of [`inspect`]'s report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,40 +30,36 @@ pub struct Check {
 
 /// Decodes a token and reports each check: structure, header, claims, and, given an
 /// app, signature and times. Never prints the token or a secret.
-pub fn inspect(token: &str, app: Option<(&App, &AuthSettings)>, now: i64) -> Vec<Check> {
+pub fn inspect(token: &str, app: Option<InspectedApp<'_>>, now: i64) -> Vec<Check> {
     let mut report = Vec::new();
     let mut push = |name, outcome| report.push(Check { name, outcome });
-    let token = token.trim();
-    let Ok(parts) = token::take_apart(token) else {
+    let Ok((header, payload, signature)) = segments(token.trim()) else {
         push("structure", Err("not three '.'-separated segments".into()));
         return report;
     };
     push(
         "structure",
-        Ok(format!("{} bytes, 3 segments", token.len())),
+        Ok(format!("{} bytes, 3 segments", token.trim().len())),
     );
-    let text = |bytes: &Vec<u8>| String::from_utf8_lossy(bytes).into_owned();
-    let not_base64 = |e: &chatgate::AuthError| format!("not base64url: {e}");
-    push(
-        "header",
-        parts.header.as_ref().map(text).map_err(not_base64),
-    );
+    match decode_segment(header) {
+        Ok(bytes) => push("header", Ok(String::from_utf8_lossy(&bytes).into_owned())),
+        Err(_) => push("header", Err("not base64url".into())),
+    }
     push(
         "alg",
-        parts
-            .alg
-            .as_ref()
-            .map(|()| "HS256".into())
+        check_header(header)
+            .map(|_| "HS256".into())
             .map_err(|e| e.to_string()),
     );
-    push(
-        "payload",
-        parts.payload.as_ref().map(text).map_err(not_base64),
-    );
-    match &parts.claims {
+    match decode_segment(payload) {
+        Ok(bytes) => push("payload", Ok(String::from_utf8_lossy(&bytes).into_owned())),
+        Err(_) => push("payload", Err("not base64url".into())),
+    }
+    let claims = read_claims(payload);
+    match &claims {
         Ok(c) => push(
             "kind",
-            Ok(match (&c.user_id, parts.signature == DEVELOPER_SIGNATURE) {
+            Ok(match (&c.user_id, signature == DEVELOPER_SIGNATURE) {
                 (Some(u), true) => format!("developer token for user {u:?}"),
                 (Some(u), false) => format!("user token for user {u:?}"),
                 (None, _) => "server token (no user_id)".into(),
@@ -59,20 +67,23 @@ pub fn inspect(token: &str, app: Option<(&App, &AuthSettings)>, now: i64) -> Vec
         ),
         Err(e) => push("claims", Err(e.to_string())),
     }
-    let Some((app, auth)) = app else {
+    let Some(InspectedApp {
+        api_key,
+        keyring,
+        rules,
+    }) = app
+    else {
         push(
             "signature",
             Ok("not checked: pass --config and --api-key to verify".into()),
         );
         return report;
     };
-    let verdict = token::verify(token, app, auth, now);
-    if parts.signature != DEVELOPER_SIGNATURE {
-        let tag = parts.tag().unwrap_or_default();
-        let matched = app
-            .keys()
-            .iter()
-            .position(|k| tag.len() == 32 && k.verify(parts.signed, &tag));
+    let verdict = verify(token.trim(), keyring, &rules, now);
+    if signature != DEVELOPER_SIGNATURE {
+        let signed = &token.trim().as_bytes()[..header.len() + 1 + payload.len()];
+        let tag = decode_segment(signature).unwrap_or_default();
+        let matched = keyring.matching_secret(signed, &tag);
         push(
             "signature",
             match matched {
@@ -83,15 +94,15 @@ pub fn inspect(token: &str, app: Option<(&App, &AuthSettings)>, now: i64) -> Vec
                 )),
                 None => Err(format!(
                     "matches none of the {} secret(s) of app {}",
-                    app.secret_count(),
-                    app.api_key
+                    keyring.secret_count(),
+                    api_key
                 )),
             },
         );
     }
-    if let Ok(c) = &parts.claims {
-        let leeway = auth.leeway_seconds;
-        let when = |t: i64| Cutoff::from_unix_seconds(t).to_rfc3339();
+    if let Ok(c) = &claims {
+        let leeway = rules.leeway_seconds;
+        let when = |t: i64| chatgate::time::Cutoff::from_unix_seconds(t).to_rfc3339();
         push(
             "exp",
             match c.expires_at {
@@ -135,17 +146,19 @@ pub fn inspect(token: &str, app: Option<(&App, &AuthSettings)>, now: i64) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chatgate::config::ConfigSnapshot;
 
     const GO_EXPIRED: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJleHAiOjE1NjY5NDEyNzIsImlhdCI6MTU2Njk0MTI3MiwidXNlcl9pZCI6InRvbW1hc28ifQ.3HY2O_7o5ZjZ-6KCXLzyPpHZOlNEDy6_m3iNb5DKAMY";
 
     #[test]
     fn inspect_explains_without_echoing_secrets() {
-        let config = ConfigSnapshot::with_apps(vec![App::new("key", vec!["secret".into()])]);
-        let app = config.app("key").unwrap();
+        let keyring = Keyring::new(vec!["secret".into()]);
         let report = inspect(
             GO_EXPIRED,
-            Some((app, &config.auth)),
+            Some(InspectedApp {
+                api_key: "key",
+                keyring: &keyring,
+                rules: TokenRules::default(),
+            }),
             chatgate::time::now_unix(),
         );
         let text = format!("{report:?}");

@@ -1,24 +1,24 @@
-//! Stream JWTs: parsing and verification exactly as contract §2 says, plus
-//! [`TokenBuilder`] to mint them and [`take_apart`] for tools that explain one.
+//! Compact-JWS verification exactly as contract §2 says: base64url with or without
+//! padding but canonical, header and payload parsed as JSON (not compared as bytes),
+//! `alg` HS256 only, claim types checked (a wrong type is code 5 naming the claim),
+//! `devtoken` only where the rules allow it, then the times of [`TokenRules`].
 //!
-//! Verification is hand-rolled on `hmac`/`sha2` instead of `jsonwebtoken::decode` for
-//! three reasons the contract forces: padded base64url must be accepted, each failure
-//! must map to its own Stream code (a wrong claim type is 5, not a generic "invalid"),
-//! and the keyed HMAC state is built once per secret at config load, so a check hashes
-//! only the token. The bench `benches/verify.rs` keeps it honest against the bare
-//! `jsonwebtoken::decode`.
+//! Hand-written on `hmac`/`sha2` rather than `jsonwebtoken::decode` because the
+//! contract asks for what that crate does not do (padded segments, one Stream code per
+//! failure, iat in the future refused) and because a check should hash only the token:
+//! the keyed HMAC state is built once, in the [`Keyring`]. `tests/token_differential.rs`
+//! holds it to `jsonwebtoken::decode` on every token both should judge alike and names
+//! each place where the contract makes them differ; `benches/verify.rs` compares speed.
 
-use crate::config::{App, AuthSettings};
 use crate::error::{AuthError, Malformed};
-use hmac::{Hmac, KeyInit, Mac};
+use crate::token::{Keyring, TokenRules};
 use serde::{Deserialize, Deserializer};
-use sha2::Sha256;
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 /// base64url without padding, as JWTs are written.
-fn base64url(bytes: impl AsRef<[u8]>) -> String {
+pub(crate) fn base64url(bytes: impl AsRef<[u8]>) -> String {
     base64_simd::URL_SAFE_NO_PAD.encode_to_string(bytes)
 }
 
@@ -49,47 +49,24 @@ fn decode_into<'a>(segment: &str, out: &'a mut [MaybeUninit<u8>]) -> Result<&'a 
         .map_err(|_| malformed())
 }
 
-/// Decodes a segment of any length (off the hot path).
-fn decode_to_vec(segment: &str) -> Result<Vec<u8>, base64_simd::Error> {
-    segment_decoder(segment).decode_to_vec(segment.as_bytes())
+/// Decodes a segment of any length, padded or not, by the same canonical rules as
+/// [`verify`] (off the hot path: for reports such as `chatgate token inspect`).
+pub fn decode_segment(segment: &str) -> Result<Vec<u8>, AuthError> {
+    segment_decoder(segment)
+        .decode_to_vec(segment.as_bytes())
+        .map_err(|_| AuthError::Malformed(Malformed::Base64))
 }
 
-/// `{"alg":"HS256","typ":"JWT"}` as every SDK but .NET writes it: skipping its decode is
-/// the common case.
-const STANDARD_HEADER: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9";
+/// `{"alg":"HS256","typ":"JWT"}` as most SDKs write it: skipping its decode is the
+/// common case.
+pub(crate) const STANDARD_HEADER: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9";
+
+/// `{"typ":"JWT","alg":"HS256"}`, the other common spelling: .NET's, and
+/// `jsonwebtoken::encode`'s, which [`TokenBuilder`](crate::token::TokenBuilder) mints.
+pub(crate) const TYP_FIRST_HEADER: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9";
 
 /// The literal signature of developer tokens.
 pub const DEVELOPER_SIGNATURE: &str = "devtoken";
-
-/// An HMAC-SHA256 key with its inner and outer pads already hashed.
-#[derive(Clone)]
-pub struct HmacKey(Hmac<Sha256>);
-
-impl HmacKey {
-    /// Prepares a key from the secret's bytes.
-    pub fn new(secret: &[u8]) -> Self {
-        HmacKey(Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length"))
-    }
-
-    /// Whether `tag` is the MAC of `message` (constant time).
-    pub fn verify(&self, message: &[u8], tag: &[u8]) -> bool {
-        self.0
-            .clone()
-            .chain_update(message)
-            .verify_slice(tag)
-            .is_ok()
-    }
-
-    /// The MAC of `message`.
-    pub fn sign(&self, message: &[u8]) -> [u8; 32] {
-        self.0
-            .clone()
-            .chain_update(message)
-            .finalize()
-            .into_bytes()
-            .into()
-    }
-}
 
 /// What a valid token stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -177,8 +154,9 @@ fn numeric_date<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64
     deserializer.deserialize_any(NumericDate)
 }
 
-/// Splits a compact JWS into its three segments.
-fn segments(token: &str) -> Result<(&str, &str, &str), AuthError> {
+/// Splits a compact JWS into its header, payload and signature segments (code 5
+/// unless there are exactly three and the first two are not empty).
+pub fn segments(token: &str) -> Result<(&str, &str, &str), AuthError> {
     let malformed = || AuthError::Malformed(Malformed::Segments);
     let mut dots = memchr::memchr_iter(b'.', token.as_bytes());
     let (Some(first), Some(second), None) = (dots.next(), dots.next(), dots.next()) else {
@@ -202,13 +180,14 @@ fn with_decoded<T>(
     if segment.len() / 4 * 3 + 3 <= stack.len() {
         f(decode_into(segment, &mut stack)?)
     } else {
-        let bytes = decode_to_vec(segment).map_err(|_| AuthError::Malformed(Malformed::Base64))?;
-        f(&bytes)
+        f(&decode_segment(segment)?)
     }
 }
 
-fn parse_header(segment: &str) -> Result<(), AuthError> {
-    if segment == STANDARD_HEADER {
+/// Checks a header segment: JSON with `alg` = `HS256` (any other alg is code 43, a
+/// missing one code 5); other fields are not read.
+pub fn check_header(segment: &str) -> Result<(), AuthError> {
+    if segment == STANDARD_HEADER || segment == TYP_FIRST_HEADER {
         return Ok(());
     }
     with_decoded(segment, |bytes| {
@@ -222,7 +201,13 @@ fn parse_header(segment: &str) -> Result<(), AuthError> {
     })
 }
 
-/// Parses the payload. Claims borrow from `scratch` when they need no unescaping.
+/// Decodes and reads a payload segment: the claims chatgate reads, with their types
+/// checked (code 5 naming the claim).
+pub fn read_claims(segment: &str) -> Result<Claims, AuthError> {
+    with_decoded(segment, parse_claims)
+}
+
+/// Parses the payload; `user_id` is copied once, into the shared `Arc`.
 fn parse_claims(bytes: &[u8]) -> Result<Claims, AuthError> {
     match serde_json::from_slice::<RawClaims<'_>>(bytes) {
         Ok(raw) => {
@@ -262,146 +247,49 @@ fn claim_type_error(bytes: &[u8]) -> Malformed {
     Malformed::Json
 }
 
-/// Verifies a token for `app`: structure, alg, signature over any of the app's secrets
-/// (or `devtoken` where allowed), then `exp` / `nbf` / `iat` with the leeway.
-/// Revocation is the gate's job, on top of this.
+/// Verifies a token against an app's keyring and rules: structure, alg, signature
+/// over any of the keyring's secrets (or `devtoken` where the rules allow it), then
+/// `exp` / `nbf` / `iat` with the leeway. Revocation is the gate's job, on top of this.
 ///
-/// A token the app already verified is found in [`App::verified_tokens`] instead of
-/// being decoded and hashed again; its times are checked on every use.
+/// A token the keyring already verified is taken from its cache instead of being
+/// decoded and hashed again; the rules are applied to it on every use.
 pub fn verify(
     token: &str,
-    app: &App,
-    auth: &AuthSettings,
+    keyring: &Keyring,
+    rules: &TokenRules,
     now: i64,
 ) -> Result<VerifiedToken, AuthError> {
-    if token.len() > auth.max_token_bytes {
+    if token.len() > rules.max_token_bytes {
         return Err(AuthError::Malformed(Malformed::TooLong));
     }
-    if let Some(known) = app.verified_tokens().get(token)
-        && (known.kind != TokenKind::Developer || app.disable_auth_checks)
+    if let Some(known) = keyring.cached(token)
+        && (known.kind != TokenKind::Developer || rules.developer_tokens)
     {
-        check_times(&known.claims, auth.leeway_seconds, now)?;
+        rules.check_times(&known.claims, now)?;
         return Ok(known);
     }
-    let verified = verify_uncached(token, app, auth, now)?;
-    app.verified_tokens().insert(token, &verified);
+    let verified = verify_uncached(token, keyring, rules, now)?;
+    keyring.remember(token, &verified);
     Ok(verified)
 }
 
-/// How many verified tokens an app keeps.
-const VERIFIED_TOKENS_PER_APP: u64 = 65_536;
-
-/// Tokens that passed every check for one app. Every request of a client session
-/// repeats the same token, so a hit skips the base64, JSON and HMAC work for a hash
-/// and a comparison of the token. Only successes are kept, so invalid tokens cannot
-/// fill it; it lives in the app's config snapshot, so a reload (a secret rotated out,
-/// developer tokens turned off) starts it empty; times are checked on every hit.
-pub struct VerifiedTokens(
-    quick_cache::sync::Cache<
-        TokenKey,
-        VerifiedToken,
-        quick_cache::UnitWeighter,
-        foldhash::fast::RandomState,
-    >,
-);
-
-impl Default for VerifiedTokens {
-    fn default() -> Self {
-        let options = quick_cache::OptionsBuilder::new()
-            .weight_capacity(VERIFIED_TOKENS_PER_APP)
-            .estimated_items_capacity(1024)
-            .build()
-            .expect("a positive capacity");
-        VerifiedTokens(quick_cache::sync::Cache::with_options(
-            options,
-            quick_cache::UnitWeighter,
-            foldhash::fast::RandomState::default(),
-            Default::default(),
-        ))
-    }
-}
-
-impl VerifiedTokens {
-    fn get(&self, token: &str) -> Option<VerifiedToken> {
-        self.0.get(&TokenRef(token))
-    }
-
-    fn insert(&self, token: &str, verified: &VerifiedToken) {
-        self.0.insert(TokenKey(Box::from(token)), verified.clone());
-    }
-
-    /// Tokens kept.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether none is kept.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-/// A verified token as the cache keeps it. Equality never stops early: a lookup must
-/// not tell, by its timing, how much of a presented token matches a valid one.
-struct TokenKey(Box<str>);
-
-/// A presented token, for lookups; hashes exactly as [`TokenKey`] does.
-struct TokenRef<'a>(&'a str);
-
-impl std::hash::Hash for TokenKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write(self.0.as_bytes());
-    }
-}
-
-impl std::hash::Hash for TokenRef<'_> {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write(self.0.as_bytes());
-    }
-}
-
-/// Compares without stopping at the first difference (so the time says nothing about
-/// where they differ) but, unlike `subtle`'s byte-by-byte barrier, in a loop the compiler
-/// can vectorise: a 200-byte token compares in nanoseconds.
-fn same_token(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |difference, (x, y)| difference | (x ^ y))
-            == 0
-}
-
-impl PartialEq for TokenKey {
-    fn eq(&self, other: &Self) -> bool {
-        same_token(&self.0, &other.0)
-    }
-}
-
-impl Eq for TokenKey {}
-
-impl quick_cache::Equivalent<TokenKey> for TokenRef<'_> {
-    fn equivalent(&self, key: &TokenKey) -> bool {
-        same_token(self.0, &key.0)
-    }
-}
-
-/// [`verify`] without the app's cache of verified tokens: what a token costs the first
-/// time it is seen.
+/// [`verify`] without the keyring's cache of verified tokens: what a token costs the
+/// first time it is seen.
 pub fn verify_uncached(
     token: &str,
-    app: &App,
-    auth: &AuthSettings,
+    keyring: &Keyring,
+    rules: &TokenRules,
     now: i64,
 ) -> Result<VerifiedToken, AuthError> {
-    if token.len() > auth.max_token_bytes {
+    if token.len() > rules.max_token_bytes {
         return Err(AuthError::Malformed(Malformed::TooLong));
     }
     let (header, payload, signature) = segments(token)?;
-    parse_header(header)?;
-    let claims = with_decoded(payload, parse_claims)?;
+    check_header(header)?;
+    let claims = read_claims(payload)?;
 
     let kind = if signature == DEVELOPER_SIGNATURE {
-        if !app.disable_auth_checks {
+        if !rules.developer_tokens {
             return Err(AuthError::BadSignature);
         }
         if claims.user_id.is_none() {
@@ -412,7 +300,7 @@ pub fn verify_uncached(
         let mut tag = [MaybeUninit::<u8>::uninit(); 33];
         let tag = decode_into(signature, &mut tag)?;
         let signed = &token.as_bytes()[..header.len() + 1 + payload.len()];
-        if tag.len() != 32 || !app.keys().iter().any(|key| key.verify(signed, tag)) {
+        if keyring.matching_secret(signed, tag).is_none() {
             return Err(AuthError::BadSignature);
         }
         if claims.user_id.is_some() {
@@ -422,186 +310,46 @@ pub fn verify_uncached(
         }
     };
 
-    check_times(&claims, auth.leeway_seconds, now)?;
+    rules.check_times(&claims, now)?;
     Ok(VerifiedToken { kind, claims })
-}
-
-fn check_times(claims: &Claims, leeway: i64, now: i64) -> Result<(), AuthError> {
-    if claims
-        .expires_at
-        .is_some_and(|exp| now >= exp.saturating_add(leeway))
-    {
-        return Err(AuthError::Expired);
-    }
-    if claims
-        .not_before
-        .is_some_and(|nbf| nbf > now.saturating_add(leeway))
-    {
-        return Err(AuthError::NotYetValid);
-    }
-    if claims
-        .issued_at
-        .is_some_and(|iat| iat > now.saturating_add(leeway))
-    {
-        return Err(AuthError::IssuedInFuture);
-    }
-    Ok(())
-}
-
-// === minting ===
-
-/// Mints Stream-compatible tokens.
-///
-/// ```
-/// use chatgate::token::TokenBuilder;
-/// let user = TokenBuilder::user("alice").expires_in(std::time::Duration::from_secs(3600)).sign("secret");
-/// let server = TokenBuilder::server().sign("secret");
-/// assert_eq!(user.split('.').count(), 3);
-/// assert_ne!(user, server);
-/// ```
-#[derive(Debug, Clone)]
-pub struct TokenBuilder {
-    claims: serde_json::Map<String, serde_json::Value>,
-}
-
-impl TokenBuilder {
-    /// A user token with `iat` = now (so that it can be revoked).
-    pub fn user(user_id: impl Into<String>) -> Self {
-        let mut claims = serde_json::Map::new();
-        claims.insert("user_id".into(), user_id.into().into());
-        claims.insert("iat".into(), crate::time::now_unix().into());
-        TokenBuilder { claims }
-    }
-
-    /// A server token, `{"server": true}`, as the JS SDK makes it.
-    pub fn server() -> Self {
-        let mut claims = serde_json::Map::new();
-        claims.insert("server".into(), true.into());
-        TokenBuilder { claims }
-    }
-
-    /// Drops `iat` (legacy SDKs' default; such tokens fall to any cutoff).
-    pub fn without_iat(mut self) -> Self {
-        self.claims.remove("iat");
-        self
-    }
-
-    /// Sets `iat`.
-    pub fn issued_at(self, unix_seconds: i64) -> Self {
-        self.claim("iat", unix_seconds)
-    }
-
-    /// Sets `exp` = now + `ttl`.
-    pub fn expires_in(self, ttl: std::time::Duration) -> Self {
-        let exp = crate::time::now_unix().saturating_add(ttl.as_secs() as i64);
-        self.claim("exp", exp)
-    }
-
-    /// Sets `exp`.
-    pub fn expires_at(self, unix_seconds: i64) -> Self {
-        self.claim("exp", unix_seconds)
-    }
-
-    /// Sets `nbf`.
-    pub fn not_before(self, unix_seconds: i64) -> Self {
-        self.claim("nbf", unix_seconds)
-    }
-
-    /// Sets any other claim.
-    pub fn claim(mut self, name: &str, value: impl Into<serde_json::Value>) -> Self {
-        self.claims.insert(name.to_owned(), value.into());
-        self
-    }
-
-    /// The payload as JSON.
-    pub fn claims(&self) -> &serde_json::Map<String, serde_json::Value> {
-        &self.claims
-    }
-
-    /// Signs with HS256 and `secret`.
-    pub fn sign(&self, secret: &str) -> String {
-        let payload = serde_json::to_vec(&self.claims).expect("a JSON map always encodes");
-        let signing_input = format!("{STANDARD_HEADER}.{}", base64url(payload));
-        let tag = HmacKey::new(secret.as_bytes()).sign(signing_input.as_bytes());
-        format!("{signing_input}.{}", base64url(tag))
-    }
-
-    /// A developer token (signature `devtoken`), as the client SDKs' `devToken()` makes it.
-    pub fn developer_token(user_id: &str) -> String {
-        let payload = serde_json::json!({ "user_id": user_id }).to_string();
-        format!(
-            "{STANDARD_HEADER}.{}.{DEVELOPER_SIGNATURE}",
-            base64url(payload)
-        )
-    }
-}
-
-// === taking a token apart ===
-
-/// A token taken apart without verifying it, for tools that explain a token
-/// (`chatgate token inspect`). Each part is decoded on its own, so one bad segment does
-/// not hide what the others say; [`verify`] stays the only judge.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct Unverified<'a> {
-    /// The header segment, base64url-decoded.
-    pub header: Result<Vec<u8>, AuthError>,
-    /// Whether the header names the one algorithm accepted (HS256).
-    pub alg: Result<(), AuthError>,
-    /// The payload segment, base64url-decoded.
-    pub payload: Result<Vec<u8>, AuthError>,
-    /// The claims, parsed as [`verify`] parses them.
-    pub claims: Result<Claims, AuthError>,
-    /// `header.payload`: the bytes the signature is over.
-    pub signed: &'a [u8],
-    /// The signature segment as written ([`DEVELOPER_SIGNATURE`] for developer tokens).
-    pub signature: &'a str,
-}
-
-/// Splits `token` into its three segments and decodes each; `Err` only when it is not
-/// three `.`-separated segments.
-pub fn take_apart(token: &str) -> Result<Unverified<'_>, AuthError> {
-    let (header, payload, signature) = segments(token)?;
-    let base64 = |_| AuthError::Malformed(Malformed::Base64);
-    Ok(Unverified {
-        header: decode_to_vec(header).map_err(base64),
-        alg: parse_header(header),
-        payload: decode_to_vec(payload).map_err(base64),
-        claims: with_decoded(payload, parse_claims),
-        signed: &token.as_bytes()[..header.len() + 1 + payload.len()],
-        signature,
-    })
-}
-
-impl Unverified<'_> {
-    /// The signature's bytes, or `None` when it is not base64url.
-    pub fn tag(&self) -> Option<Vec<u8>> {
-        decode_to_vec(self.signature).ok()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::PublicPaths;
+    use crate::token::TokenBuilder;
+    use hmac::{Hmac, KeyInit, Mac};
 
     const GO_VECTOR: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJ1c2VyX2lkIjoidG9tbWFzbyJ9.v-x-jt3ZnBXXbQ0GoWloIZtVnat2IE74U1a4Yuxd63M";
     const GO_EXPIRED: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJleHAiOjE1NjY5NDEyNzIsImlhdCI6MTU2Njk0MTI3MiwidXNlcl9pZCI6InRvbW1hc28ifQ.3HY2O_7o5ZjZ-6KCXLzyPpHZOlNEDy6_m3iNb5DKAMY";
 
-    fn auth() -> AuthSettings {
-        AuthSettings {
-            leeway_seconds: 5,
-            max_token_bytes: 4096,
-            public_paths: PublicPaths::default(),
+    /// The config's defaults: leeway 5 s, 4096 bytes, no developer tokens.
+    fn auth() -> TokenRules {
+        TokenRules::default()
+    }
+
+    fn developer_rules() -> TokenRules {
+        TokenRules {
+            developer_tokens: true,
+            ..TokenRules::default()
         }
     }
 
-    fn app(secrets: &[&str]) -> App {
-        App::new("key", secrets.iter().map(|s| s.to_string()).collect())
+    fn app(secrets: &[&str]) -> Keyring {
+        Keyring::new(secrets.iter().map(|s| s.to_string()).collect())
     }
 
-    fn check(token: &str, app: &App) -> Result<VerifiedToken, AuthError> {
+    fn check(token: &str, app: &Keyring) -> Result<VerifiedToken, AuthError> {
         verify(token, app, &auth(), crate::time::now_unix())
+    }
+
+    fn hs256(secret: &[u8], input: &[u8]) -> [u8; 32] {
+        Hmac::<sha2::Sha256>::new_from_slice(secret)
+            .unwrap()
+            .chain_update(input)
+            .finalize()
+            .into_bytes()
+            .into()
     }
 
     #[test]
@@ -637,7 +385,7 @@ mod tests {
         let payload = base64url(r#"{"user_id":"ab"}"#);
         assert_eq!(payload.len() % 4, 2);
         let signing_input = format!("{STANDARD_HEADER}.{payload}==");
-        let tag = HmacKey::new(b"secret").sign(signing_input.as_bytes());
+        let tag = hs256(b"secret", signing_input.as_bytes());
         let token = format!("{signing_input}.{}=", base64url(tag));
         let verified = check(&token, &app(&["secret"])).unwrap();
         assert_eq!(verified.claims.user_id.as_deref(), Some("ab"));
@@ -654,7 +402,7 @@ mod tests {
 
     fn signed(header: &str, payload: &str, secret: &str) -> String {
         let input = format!("{}.{}", base64url(header), base64url(payload));
-        let tag = HmacKey::new(secret.as_bytes()).sign(input.as_bytes());
+        let tag = hs256(secret.as_bytes(), input.as_bytes());
         format!("{input}.{}", base64url(tag))
     }
 
@@ -670,6 +418,19 @@ mod tests {
                 check(&signed(header, r#"{"user_id":"u"}"#, "s"), &a).is_ok(),
                 "{header}"
             );
+        }
+    }
+
+    #[test]
+    fn the_headers_read_without_decoding_are_what_they_claim() {
+        for (segment, json) in [
+            (STANDARD_HEADER, r#"{"alg":"HS256","typ":"JWT"}"#),
+            (TYP_FIRST_HEADER, r#"{"typ":"JWT","alg":"HS256"}"#),
+        ] {
+            assert_eq!(base64url(json), segment);
+            let token = signed(json, r#"{"user_id":"u"}"#, "s");
+            assert!(token.starts_with(segment));
+            assert!(check(&token, &app(&["s"])).is_ok());
         }
     }
 
@@ -770,9 +531,11 @@ mod tests {
     #[test]
     fn developer_tokens_need_the_app_setting() {
         let token = TokenBuilder::developer_token("bender");
-        let mut a = app(&["s"]);
+        let a = app(&["s"]);
         assert_eq!(check(&token, &a), Err(AuthError::BadSignature));
-        a.disable_auth_checks = true;
+        let check = |token: &str, a: &Keyring| {
+            verify(token, a, &developer_rules(), crate::time::now_unix())
+        };
         let verified = check(&token, &a).unwrap();
         assert_eq!(verified.kind, TokenKind::Developer);
         assert_eq!(verified.claims.user_id.as_deref(), Some("bender"));
@@ -799,9 +562,9 @@ mod tests {
             .expires_at(now + 60)
             .sign("s");
         assert!(verify(&token, &a, &auth(), now).is_ok());
-        assert_eq!(a.verified_tokens().len(), 1);
+        assert_eq!(a.cached_tokens(), 1);
         assert!(verify(&token, &a, &auth(), now + 1).is_ok());
-        assert_eq!(a.verified_tokens().len(), 1);
+        assert_eq!(a.cached_tokens(), 1);
         assert_eq!(
             verify(&token, &a, &auth(), now + 3600),
             Err(AuthError::Expired)
@@ -811,7 +574,7 @@ mod tests {
         tampered.push('A');
         assert!(verify(&tampered, &a, &auth(), now).is_err());
         assert!(verify("a.b.c", &a, &auth(), now).is_err());
-        assert_eq!(a.verified_tokens().len(), 1);
+        assert_eq!(a.cached_tokens(), 1);
         // each app keeps its own: another secret does not accept it
         let other = app(&["other"]);
         assert_eq!(
@@ -822,11 +585,9 @@ mod tests {
 
     #[test]
     fn a_kept_developer_token_needs_the_setting_still() {
-        let mut a = app(&["s"]);
-        a.disable_auth_checks = true;
+        let a = app(&["s"]);
         let token = TokenBuilder::developer_token("bender");
-        assert!(verify(&token, &a, &auth(), 0).is_ok());
-        a.disable_auth_checks = false;
+        assert!(verify(&token, &a, &developer_rules(), 0).is_ok());
         assert_eq!(verify(&token, &a, &auth(), 0), Err(AuthError::BadSignature));
     }
 

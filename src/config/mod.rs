@@ -1,0 +1,443 @@
+//! The TOML file ops write, validated whole and compiled into an immutable
+//! [`ConfigSnapshot`]: each app's [`Keyring`] (HMAC keys built once, not per request)
+//! and, from `[auth]` and the app, its [`TokenRules`] (contract §2's leeway and
+//! developer tokens). `config` uses `token`, never the reverse.
+//!
+//! By concern: `schema` is the file as written, `build` validates it section by
+//! section, `locate` turns an error into a place, `diff` tells a reload what needs a
+//! restart. Every error names the file, `line:column` and the key, e.g.
+//! `config.toml:14:1: apps[1].api_key: duplicate api_key "demo-key" (first defined at line 9)`.
+
+mod build;
+mod diff;
+mod locate;
+mod schema;
+
+use crate::time::Cutoff;
+use crate::token::{Keyring, TokenRules};
+use build::{build, build_settings};
+use locate::Locator;
+use schema::RawConfig;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// A config that could not be loaded. The message always says where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read config: {message}")]
+    Io {
+        /// The config file.
+        file: PathBuf,
+        /// The OS error.
+        message: String,
+    },
+    /// The file was read but is not a valid config.
+    #[error("{file}:{line}:{column}: {key}: {message}")]
+    Invalid {
+        /// The config file.
+        file: PathBuf,
+        /// 1-based line of the offending key or value.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// Dotted path of the key, e.g. `apps[1].secrets`.
+        key: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The dotted key path, when the error is about a key.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Io { .. } => None,
+        }
+    }
+}
+
+/// `[server]`: what the proxy listens on. Changing these needs a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Client-facing listen address.
+    pub listen: SocketAddr,
+    /// Admin listener (`/healthz`, `/readyz`, `/metrics`, `/config`); `None` disables it.
+    pub admin_listen: Option<SocketAddr>,
+    /// Proxy worker threads.
+    pub threads: usize,
+    /// Tokio work stealing between proxy threads (off measured faster on 2 cores).
+    pub work_stealing: bool,
+    /// How long in-flight requests get to finish after SIGTERM.
+    pub grace_period: Duration,
+}
+
+/// `[upstream]`: where allowed requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    /// `host:port` of each upstream, used round robin.
+    pub addresses: Vec<String>,
+    /// Connect to the upstream with TLS.
+    pub tls: bool,
+    /// SNI / Host for TLS (defaults to the address's host).
+    pub sni: Option<String>,
+    /// Verify the upstream's certificate.
+    pub verify_cert: bool,
+    /// Send `x-chatgate-user-id` / `x-chatgate-auth` to the upstream.
+    pub forward_identity: bool,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Upstream read timeout for plain HTTP requests.
+    pub read_timeout: Duration,
+    /// Idle timeout of a proxied WebSocket (either direction).
+    pub websocket_idle_timeout: Duration,
+    /// Start chatgate's built-in demo chat API on the first upstream address (quickstart only).
+    pub demo: bool,
+}
+
+/// `[auth]`: token checks shared by every app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthSettings {
+    /// Allowed clock skew for `exp`, `nbf` and `iat`.
+    pub leeway_seconds: i64,
+    /// Longest token accepted (code 5 beyond).
+    pub max_token_bytes: usize,
+    /// Paths served without auth.
+    pub public_paths: PublicPaths,
+}
+
+/// Paths that need no token: exact paths, or prefixes written with a trailing `*`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublicPaths {
+    exact: Vec<String>,
+    prefixes: Vec<String>,
+}
+
+impl PublicPaths {
+    /// Builds the set from config entries (`/healthz`, `/public/*`).
+    pub fn new<I: IntoIterator<Item = S>, S: Into<String>>(paths: I) -> Self {
+        let mut set = PublicPaths::default();
+        for path in paths {
+            let path = path.into();
+            match path.strip_suffix('*') {
+                Some(prefix) => set.prefixes.push(prefix.to_owned()),
+                None => set.exact.push(path),
+            }
+        }
+        set
+    }
+
+    /// Whether a request path needs no auth.
+    pub fn contains(&self, path: &str) -> bool {
+        self.exact.iter().any(|p| p == path) || self.prefixes.iter().any(|p| path.starts_with(p))
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.prefixes.is_empty()
+    }
+}
+
+/// Which revocation store backs the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreKind {
+    /// In process memory (tests, single process, nothing survives a restart).
+    Memory,
+    /// A crash-safe database file (the default).
+    Embedded,
+    /// Redis, shared by several instances.
+    Redis,
+}
+
+/// What to do with a cache miss while the store cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreErrorPolicy {
+    /// Answer 503 (the default: a revoked token must not get through because Redis blinked).
+    Deny,
+    /// Let the token through on its signature and times alone.
+    Allow,
+}
+
+/// `[revocation]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationSettings {
+    /// The backend.
+    pub store: StoreKind,
+    /// Database file of the embedded store.
+    pub path: PathBuf,
+    /// Redis URL of the redis store.
+    pub redis_url: String,
+    /// How long a cached cutoff (or "none") is trusted without an event.
+    pub cache_ttl: Duration,
+    /// Most cutoffs cached.
+    pub cache_capacity: u64,
+    /// Cache-miss behaviour while the store is down.
+    pub on_store_error: StoreErrorPolicy,
+    /// Longest wait for the store on a cache miss.
+    pub store_timeout: Duration,
+}
+
+/// One `[[apps]]` entry, with its [`Keyring`] (HMAC keys prebuilt, verified tokens).
+pub struct App {
+    /// The app's public API key (`api_key` query parameter).
+    pub api_key: Arc<str>,
+    keyring: Keyring,
+    /// Accept developer tokens (signature `devtoken`).
+    pub disable_auth_checks: bool,
+    /// Accept `stream-auth-type: anonymous` without a token.
+    pub allow_anonymous: bool,
+    /// App-wide cutoff from the config file.
+    pub revoke_tokens_issued_before: Option<Cutoff>,
+}
+
+impl App {
+    /// Builds an app from its secrets (first = the one new tokens are signed with).
+    pub fn new(api_key: &str, secrets: Vec<String>) -> Self {
+        App {
+            api_key: Arc::from(api_key),
+            keyring: Keyring::new(secrets),
+            disable_auth_checks: false,
+            allow_anonymous: false,
+            revoke_tokens_issued_before: None,
+        }
+    }
+
+    /// The app's secrets and the tokens they verified (part of the snapshot: a reload
+    /// starts afresh).
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// What this app's tokens must satisfy: `[auth]`'s leeway and size limit, and the
+    /// app's own `disable_auth_checks`. Derived on each use (three words), so that the
+    /// public settings stay the one place each value is written.
+    pub fn token_rules(&self, auth: &AuthSettings) -> TokenRules {
+        TokenRules {
+            leeway_seconds: auth.leeway_seconds,
+            max_token_bytes: auth.max_token_bytes,
+            developer_tokens: self.disable_auth_checks,
+        }
+    }
+
+    /// The secret new tokens are signed with (the first listed).
+    pub fn signing_secret(&self) -> &str {
+        self.keyring.signing_secret()
+    }
+
+    /// The number of secrets accepted.
+    pub fn secret_count(&self) -> usize {
+        self.keyring.secret_count()
+    }
+}
+
+impl std::fmt::Debug for App {
+    // Secrets never reach logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("api_key", &self.api_key)
+            .field(
+                "secrets",
+                &format_args!("[{} redacted]", self.keyring.secret_count()),
+            )
+            .field("disable_auth_checks", &self.disable_auth_checks)
+            .field("allow_anonymous", &self.allow_anonymous)
+            .field(
+                "revoke_tokens_issued_before",
+                &self.revoke_tokens_issued_before,
+            )
+            .finish()
+    }
+}
+
+/// A whole validated config. Immutable: a reload builds a new one and swaps it in.
+#[derive(Debug)]
+pub struct ConfigSnapshot {
+    /// The file it came from (empty for configs built in code).
+    pub source: PathBuf,
+    /// Short SHA-256 of the file's bytes.
+    pub content_hash: String,
+    /// When it was built.
+    pub loaded_at: SystemTime,
+    /// `[server]`.
+    pub server: ServerSettings,
+    /// `[upstream]`.
+    pub upstream: UpstreamSettings,
+    /// `[auth]`.
+    pub auth: AuthSettings,
+    /// `[revocation]`.
+    pub revocation: RevocationSettings,
+    // foldhash: the table is fixed at load, so a caller's keys cannot flood it, and
+    // the lookup is on every request.
+    apps: HashMap<Arc<str>, Arc<App>, foldhash::fast::RandomState>,
+    app_order: Vec<Arc<str>>,
+}
+
+impl ConfigSnapshot {
+    /// Reads, validates and compiles a config file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates and compiles config text; `path` names the file in errors and anchors
+    /// relative paths (`secret_file`, `[revocation] path`).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::parse_with_env(text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// [`ConfigSnapshot::parse`] reading `secret_env` variables through `env`.
+    pub fn parse_with_env(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let locator = Locator::new(text, path);
+        let raw: RawConfig = toml::from_str(text).map_err(|e| locator.toml_error(&e))?;
+        let base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        build(raw, &locator, base_dir, text, env)
+    }
+
+    /// A config with defaults for everything and the given apps (for code and tests).
+    pub fn with_apps(apps: Vec<App>) -> Self {
+        let raw = RawConfig::default();
+        let locator = Locator::new("", Path::new(""));
+        let mut snapshot =
+            build_settings(&raw, &locator, Path::new("."), "").expect("defaults are valid");
+        for app in apps {
+            snapshot.insert_app(app);
+        }
+        snapshot
+    }
+
+    fn insert_app(&mut self, app: App) {
+        let key = app.api_key.clone();
+        self.app_order.push(key.clone());
+        self.apps.insert(key, Arc::new(app));
+    }
+
+    /// Replaces `[auth]` (for configs built in code).
+    pub fn with_auth(mut self, auth: AuthSettings) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Replaces `[revocation]` (for configs built in code).
+    pub fn with_revocation(mut self, revocation: RevocationSettings) -> Self {
+        self.revocation = revocation;
+        self
+    }
+
+    /// The app with this api_key.
+    pub fn app(&self, api_key: &str) -> Option<&Arc<App>> {
+        self.apps.get(api_key)
+    }
+
+    /// Apps in file order.
+    pub fn apps(&self) -> impl Iterator<Item = &Arc<App>> {
+        self.app_order.iter().map(|k| &self.apps[k])
+    }
+}
+
+/// Short SHA-256 of a config file's text: what `/config` shows and what a reload
+/// compares to skip an unchanged file.
+pub(crate) fn content_hash(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    //! Shared by the tests of the submodules: a valid file and the located error.
+    use super::*;
+
+    pub(crate) const VALID: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+
+[upstream]
+addresses = ["127.0.0.1:3030"]
+
+[auth]
+leeway_seconds = 5
+public_paths = ["/healthz", "/public/*"]
+
+[revocation]
+store = "memory"
+
+[[apps]]
+api_key = "demo-key"
+secrets = ["new-secret", "old-secret"]
+disable_auth_checks = true
+
+[[apps]]
+api_key = "other"
+secrets = ["s"]
+revoke_tokens_issued_before = "2026-01-01T00:00:00Z"
+"#;
+
+    pub(crate) fn parse(text: &str) -> Result<ConfigSnapshot, ConfigError> {
+        ConfigSnapshot::parse(text, Path::new("chatgate.toml"))
+    }
+
+    pub(crate) fn invalid(text: &str) -> (usize, usize, String, String) {
+        match parse(text).unwrap_err() {
+            ConfigError::Invalid {
+                line,
+                column,
+                key,
+                message,
+                ..
+            } => (line, column, key, message),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_file_compiles_with_keys_and_defaults() {
+        let config = parse(VALID).unwrap();
+        let app = config.app("demo-key").unwrap();
+        assert_eq!(app.keyring().secret_count(), 2);
+        assert!(app.disable_auth_checks);
+        assert_eq!(config.revocation.store, StoreKind::Memory);
+        assert_eq!(config.revocation.on_store_error, StoreErrorPolicy::Deny);
+        assert!(config.auth.public_paths.contains("/healthz"));
+        assert!(config.auth.public_paths.contains("/public/x"));
+        assert!(!config.auth.public_paths.contains("/healthzz"));
+        assert_eq!(
+            config
+                .app("other")
+                .unwrap()
+                .revoke_tokens_issued_before
+                .unwrap()
+                .unix_seconds(),
+            1_767_225_600
+        );
+        assert_eq!(config.apps().count(), 2);
+        assert_eq!(config.content_hash.len(), 16);
+    }
+
+    #[test]
+    fn error_display_names_file_line_column_and_key() {
+        let text = VALID.replace("store = \"memory\"", "store = \"etcd\"");
+        let shown = parse(&text).unwrap_err().to_string();
+        assert!(
+            shown.starts_with("chatgate.toml:13:1: revocation.store: unknown store"),
+            "{shown}"
+        );
+    }
+}
