@@ -29,7 +29,7 @@
 //! so no token) is echoed. The gate turns them into code 4 (400, or the WebSocket
 //! rejection on an upgrade).
 
-use http::{HeaderMap, Method, Uri};
+use http::{HeaderMap, HeaderName, Method, Uri, header};
 use std::borrow::Cow;
 
 /// Query parameters a request may carry at most once (rule 1).
@@ -137,11 +137,38 @@ pub fn path(raw: &str) -> Result<Cow<'_, str>, Unsafe> {
     if !raw.starts_with('/') {
         return Err(Unsafe::NotAbsolute);
     }
+    if is_plainly_normal(raw.as_bytes())? {
+        return Ok(Cow::Borrowed(raw));
+    }
     let decoded = decode_unreserved(raw)?;
     match remove_dot_segments(&decoded) {
         Some(normal) => Ok(Cow::Owned(normal)),
         None => Ok(decoded),
     }
+}
+
+/// The common case in one pass: `Ok(true)` when `path` (which starts with `/`) has no
+/// escape, no empty segment but a trailing slash, and no dot segment. Refuses the raw
+/// bytes [`decode_unreserved`] would refuse; escapes are left to it.
+fn is_plainly_normal(path: &[u8]) -> Result<bool, Unsafe> {
+    let mut plain = true;
+    let mut segment_start = 1;
+    for (i, &byte) in path.iter().enumerate().skip(1) {
+        match byte {
+            b'/' => {
+                if matches!(&path[segment_start..i], b"" | b"." | b"..") {
+                    plain = false;
+                }
+                segment_start = i + 1;
+            }
+            b'%' => plain = false,
+            b'\\' => return Err(Unsafe::Backslash),
+            b';' => return Err(Unsafe::PathParameter),
+            b if is_control(b) => return Err(Unsafe::ControlCharacter),
+            _ => {}
+        }
+    }
+    Ok(plain && !matches!(&path[segment_start..], b"." | b".."))
 }
 
 /// Checks every byte and decodes the escapes of unreserved characters (RFC 3986 §2.3);
@@ -251,14 +278,20 @@ pub fn check_method(method: &Method) -> Result<(), Unsafe> {
 /// Refuses a request carrying a credential parameter (names percent-decoded, `&` or `;`
 /// separated) or a credential header more than once.
 pub fn check_repeated(query: &str, headers: &HeaderMap) -> Result<(), Unsafe> {
-    for name in CREDENTIAL_HEADERS {
+    // Names built once: looking a header up by `&str` parses the name every time.
+    static HEADERS: [HeaderName; 2] = [
+        header::AUTHORIZATION,
+        HeaderName::from_static(CREDENTIAL_HEADERS[1]),
+    ];
+    for (name, label) in HEADERS.iter().zip(CREDENTIAL_HEADERS) {
         let mut values = headers.get_all(name).iter();
         if values.next().is_some() && values.next().is_some() {
-            return Err(Unsafe::RepeatedHeader(name));
+            return Err(Unsafe::RepeatedHeader(label));
         }
     }
     let mut seen = [false; CREDENTIAL_PARAMETERS.len()];
-    for pair in query.split(['&', ';']).filter(|p| !p.is_empty()) {
+    // Split on bytes: `&` and `;` are ASCII, so every piece is still UTF-8.
+    for pair in query.split(|c| c == '&' || c == ';').filter(|p| !p.is_empty()) {
         let name = pair.split_once('=').map_or(pair, |(name, _)| name);
         let name = decode_name(name);
         if let Some(at) = CREDENTIAL_PARAMETERS.iter().position(|p| *p == name) {
