@@ -291,7 +291,7 @@ pub fn check_repeated(query: &str, headers: &HeaderMap) -> Result<(), Unsafe> {
     }
     let mut seen = [false; CREDENTIAL_PARAMETERS.len()];
     // Split on bytes: `&` and `;` are ASCII, so every piece is still UTF-8.
-    for pair in query.split(|c| c == '&' || c == ';').filter(|p| !p.is_empty()) {
+    for pair in query.split(['&', ';']).filter(|p| !p.is_empty()) {
         let name = pair.split_once('=').map_or(pair, |(name, _)| name);
         let name = decode_name(name);
         if let Some(at) = CREDENTIAL_PARAMETERS.iter().position(|p| *p == name) {

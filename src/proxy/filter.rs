@@ -255,7 +255,10 @@ fn forward_normal_target(session: &mut Session) -> pingora::Result<()> {
     let Ok(path) = normalize::path(header.uri.path()) else {
         return Ok(());
     };
-    let parsed = header.uri.path_and_query().map_or("", |target| target.as_str());
+    let parsed = header
+        .uri
+        .path_and_query()
+        .map_or("", |target| target.as_str());
     // The common request: a normal path, sent in origin-form as UTF-8. No allocation.
     if matches!(path, Cow::Borrowed(_)) && header.raw_path() == parsed.as_bytes() {
         return Ok(());
