@@ -63,6 +63,7 @@ impl Request {
             method: &self.method,
             uri: &self.uri,
             headers: &self.headers,
+            peer: None,
         }
     }
 }

@@ -24,11 +24,14 @@ use credentials::Credentials;
 
 use crate::config::{App, ConfigSnapshot, StoreErrorPolicy};
 use crate::error::{AuthError, Malformed};
+use crate::limits::{self, FailedAuthLimiter};
+use crate::normalize;
 use crate::reload::ConfigHandle;
 use crate::revocation::{RevocationCache, parse_app_update, parse_users_update};
 use crate::time::{Cutoff, now_unix};
 use crate::token::{self, TokenKind};
 use http::Method;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// Header naming the auth type (`jwt` or `anonymous`).
@@ -156,6 +159,8 @@ struct Verified {
     config_cutoff: Option<Cutoff>,
     policy: StoreErrorPolicy,
     endpoint: Option<RevocationEndpoint>,
+    /// The client failures are counted against, when the limiter is on.
+    client: Option<IpAddr>,
 }
 
 /// A request whose token passed every check but revocation, and whose cutoffs are not
@@ -176,6 +181,7 @@ pub struct Gate {
     config: ConfigHandle,
     revocations: Arc<RevocationCache>,
     policy: Arc<Policy>,
+    limiter: Arc<FailedAuthLimiter>,
 }
 
 impl Gate {
@@ -186,7 +192,13 @@ impl Gate {
             config,
             revocations,
             policy: Arc::default(),
+            limiter: Arc::default(),
         }
+    }
+
+    /// The failed-authentication limiter (contract §6 rule 7), shared by clones.
+    pub fn limiter(&self) -> &FailedAuthLimiter {
+        &self.limiter
     }
 
     /// The same gate applying `policy` on top of the config.
@@ -227,11 +239,27 @@ impl Gate {
         &self,
         request: RequestParts<'_>,
     ) -> Result<Result<Decision, AuthError>, PendingCheck> {
-        let verified = match self.verify(request) {
+        let config = self.config.load();
+        // Contract §6 rule 7: an address over the limit is answered before anything is
+        // checked. Off (no lookup at all) unless `[limits] failed_auth_per_minute` is set.
+        let client = match (config.limits.failed_auth_per_minute, request.peer) {
+            (Some(limit), Some(peer)) => {
+                let client =
+                    limits::client_address(peer, request.headers, &config.limits.trusted_proxies);
+                if self.limiter.is_over(client, limit) {
+                    return Ok(Err(AuthError::RateLimited));
+                }
+                Some(client)
+            }
+            _ => None,
+        };
+        let verified = match authenticate(&config, &self.policy, request, now_unix()) {
             Ok(Some(verified)) => verified,
             Ok(None) => return Ok(Ok(Decision::Public)),
-            Err(error) => return Ok(Err(error)),
+            Err(error) => return Ok(Err(self.counted(client, error))),
         };
+        drop(config);
+        let verified = Verified { client, ..verified };
         let stored = match &verified.identity.user_id {
             None => Ok(None),
             Some(user) => {
@@ -242,7 +270,7 @@ impl Gate {
                 }
             }
         };
-        Ok(decide(verified, stored))
+        Ok(self.decide(verified, stored))
     }
 
     /// Completes a [`Gate::check_cached`] that needed the revocation store: the same
@@ -253,12 +281,27 @@ impl Gate {
             None => Ok(None),
             Some(user) => self.revocations.cutoff(&verified.identity.app, user).await,
         };
-        decide(verified, stored)
+        self.decide(verified, stored)
     }
 
-    /// Everything but revocation, on the snapshot current now; `Ok(None)` is a public path.
-    fn verify(&self, request: RequestParts<'_>) -> Result<Option<Verified>, AuthError> {
-        authenticate(&self.config.load(), &self.policy, request, now_unix())
+    /// [`decide`], counting a refusal against the client.
+    fn decide(
+        &self,
+        verified: Verified,
+        stored: Result<Option<Cutoff>, crate::revocation::StoreError>,
+    ) -> Result<Decision, AuthError> {
+        let client = verified.client;
+        decide(verified, stored).map_err(|error| self.counted(client, error))
+    }
+
+    /// Counts `error` against `client` when the limiter is on and the code counts.
+    fn counted(&self, client: Option<IpAddr>, error: AuthError) -> AuthError {
+        if let Some(client) = client
+            && limits::counts(error.code())
+        {
+            self.limiter.record_failure(client);
+        }
+        error
     }
 
     /// Applies the revocation fields of a `PATCH /users` or `PATCH /app` body for the
@@ -343,7 +386,9 @@ fn authenticate(
     request: RequestParts<'_>,
     now: i64,
 ) -> Result<Option<Verified>, AuthError> {
-    let path = request.uri.path();
+    // Contract §6: everything below matches the normal form, which the adapters forward.
+    let path = normalize::request(request.method, request.uri, request.headers)?;
+    let path = &*path;
     if policy.is_public(&config.auth, path) {
         return Ok(None);
     }
@@ -354,7 +399,7 @@ fn authenticate(
         .app(api_key)
         .filter(|app| policy.serves(app))
         .ok_or(AuthError::UnknownApiKey)?;
-    let token = presented.token();
+    let token = presented.token()?;
     let anonymous = presented.is_anonymous()?;
 
     let endpoint = revocation_endpoint(request.method, path);
@@ -373,12 +418,20 @@ fn authenticate(
             config_cutoff: None,
             policy: config.revocation.on_store_error,
             endpoint: None,
+            client: None,
         }));
     }
 
     let token = token.ok_or(AuthError::Malformed(Malformed::Missing))?;
     let verified = token::verify(token, app.keyring(), &app.token_rules(&config.auth), now)?;
     let claims = verified.claims;
+    if claims
+        .user_id
+        .as_deref()
+        .is_some_and(|id| !normalize::user_id_is_text(id))
+    {
+        return Err(AuthError::Malformed(Malformed::UserIdNotText));
+    }
     let app_key = app.api_key.clone();
     let identity = match (verified.kind, claims.user_id) {
         (TokenKind::Server, _) => Identity::server(app_key),
@@ -406,6 +459,7 @@ fn authenticate(
         config_cutoff: app_config_cutoff(app),
         policy: config.revocation.on_store_error,
         endpoint,
+        client: None,
     }))
 }
 
@@ -454,6 +508,7 @@ mod tests {
             method: &method,
             uri: &uri,
             headers: &map,
+            peer: None,
         })
         .await
     }
@@ -497,6 +552,7 @@ mod tests {
                     method: &method,
                     uri: &parsed,
                     headers: &headers,
+                    peer: None,
                 })
                 .await;
             assert!(
@@ -895,6 +951,7 @@ mod tests {
             method: &Method::GET,
             uri: &uri,
             headers: &headers,
+            peer: None,
         };
         let pending = gate.check_cached(parts).unwrap_err();
         let checked = gate.finish(pending).await;
@@ -907,5 +964,139 @@ mod tests {
                 .unwrap(),
             Err(AuthError::UnknownApiKey)
         );
+    }
+
+    fn limited_gate(limit: u32, store: Arc<MemoryStore>) -> Gate {
+        let mut config = ConfigSnapshot::with_apps(vec![App::new("key", vec![SECRET.into()])]);
+        config.limits.failed_auth_per_minute = Some(limit);
+        let cache = RevocationCache::new(store, &config.revocation);
+        Gate::new(ConfigHandle::new(config), cache)
+    }
+
+    async fn from_peer(
+        gate: &Gate,
+        peer: Option<&str>,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Decision, AuthError> {
+        let uri: Uri = uri.parse().unwrap();
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        gate.check(RequestParts {
+            method: &Method::GET,
+            uri: &uri,
+            headers: &map,
+            peer: peer.map(|p| p.parse().unwrap()),
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn counted_refusals_limit_an_address_and_the_429s_and_bad_input_do_not_count() {
+        let store = Arc::new(MemoryStore::new());
+        let gate = limited_gate(3, store.clone());
+        let good = TokenBuilder::user("alice").sign(SECRET);
+        let auth = [("authorization", good.as_str())];
+        let peer = Some("192.0.2.1");
+        // Code 4 (bad input) does not count, however often.
+        for _ in 0..5 {
+            let refused = from_peer(&gate, peer, "/x?api_key=key&api_key=key", &auth).await;
+            assert_eq!(refused.unwrap_err().code(), 4);
+        }
+        assert_eq!(
+            from_peer(&gate, peer, "/x?api_key=nope", &auth).await,
+            Err(AuthError::UnknownApiKey)
+        );
+        assert_eq!(
+            from_peer(&gate, peer, "/x?api_key=key", &[("authorization", "x")])
+                .await
+                .unwrap_err()
+                .code(),
+            5
+        );
+        // A user whose cutoff is not cached goes through the store: counted there too.
+        let revoked = TokenBuilder::user("bob")
+            .issued_at(now_unix() - 60)
+            .sign(SECRET);
+        store
+            .set_user_cutoffs(
+                "key",
+                &[UserCutoffChange {
+                    user_id: "bob".into(),
+                    cutoff: Some(Cutoff::from_unix_seconds(now_unix())),
+                }],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            from_peer(
+                &gate,
+                peer,
+                "/x?api_key=key",
+                &[("authorization", &revoked)]
+            )
+            .await,
+            Err(AuthError::Revoked)
+        );
+        // Over the limit: even a good token is answered 429, and that does not count.
+        for _ in 0..3 {
+            assert_eq!(
+                from_peer(&gate, peer, "/x?api_key=key", &auth).await,
+                Err(AuthError::RateLimited)
+            );
+        }
+        // Other addresses, and requests whose peer is unknown, are not limited.
+        user(from_peer(&gate, Some("192.0.2.2"), "/x?api_key=key", &auth).await);
+        user(from_peer(&gate, None, "/x?api_key=key", &auth).await);
+        // A reload that turns the limit off lets the address through at once.
+        let mut off = ConfigSnapshot::with_apps(vec![App::new("key", vec![SECRET.into()])]);
+        off.limits.failed_auth_per_minute = None;
+        gate.config().store(off);
+        user(from_peer(&gate, peer, "/x?api_key=key", &auth).await);
+    }
+
+    #[tokio::test]
+    async fn forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
+        let mut config = ConfigSnapshot::with_apps(vec![App::new("key", vec![SECRET.into()])]);
+        config.limits.failed_auth_per_minute = Some(1);
+        config.limits.trusted_proxies = crate::config::TrustedProxies::new(vec![
+            crate::config::TrustedProxies::parse_entry("127.0.0.1").unwrap(),
+        ]);
+        let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &config.revocation);
+        let gate = Gate::new(ConfigHandle::new(config), cache);
+        let good = TokenBuilder::user("alice").sign(SECRET);
+        let proxy = Some("127.0.0.1");
+        let bad = [("authorization", "x"), ("x-forwarded-for", "203.0.113.5")];
+        assert_eq!(
+            from_peer(&gate, proxy, "/x?api_key=key", &bad)
+                .await
+                .unwrap_err()
+                .code(),
+            5
+        );
+        let as_client = |xff: &'static str| {
+            [
+                ("authorization", good.clone()),
+                ("x-forwarded-for", xff.to_owned()),
+            ]
+        };
+        let limited = as_client("198.51.100.1, 203.0.113.5");
+        let limited: Vec<(&str, &str)> = limited.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(
+            from_peer(&gate, proxy, "/x?api_key=key", &limited).await,
+            Err(AuthError::RateLimited)
+        );
+        let other = as_client("203.0.113.6");
+        let other: Vec<(&str, &str)> = other.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        user(from_peer(&gate, proxy, "/x?api_key=key", &other).await);
+        // The same header from a peer that is not trusted is ignored.
+        let spoofed = as_client("203.0.113.5");
+        let spoofed: Vec<(&str, &str)> = spoofed.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        user(from_peer(&gate, Some("192.0.2.9"), "/x?api_key=key", &spoofed).await);
     }
 }

@@ -25,6 +25,9 @@ pub mod extract;
 pub mod gate;
 #[cfg(feature = "tower")]
 pub mod layer;
+pub mod limits;
+pub mod logs;
+pub mod normalize;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 pub mod reload;

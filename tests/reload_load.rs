@@ -65,6 +65,7 @@ async fn check(gate: &Gate, uri: &Uri, headers: &HeaderMap) -> Result<Decision, 
         method: &Method::GET,
         uri,
         headers,
+        peer: None,
     })
     .await
 }

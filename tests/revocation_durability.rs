@@ -139,6 +139,7 @@ fn a_revocation_survives_kill_9_right_after_it_was_acknowledged() {
                     method: &http::Method::GET,
                     uri: &uri,
                     headers: &headers,
+                    peer: None,
                 })
                 .await
             }

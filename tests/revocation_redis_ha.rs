@@ -92,6 +92,7 @@ async fn check(gate: &Gate, token: &str) -> (Result<Decision, AuthError>, Durati
             method: &Method::GET,
             uri: &uri,
             headers: &headers,
+            peer: None,
         }),
     )
     .await

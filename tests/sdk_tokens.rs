@@ -210,6 +210,7 @@ async fn sdk_tokens_pass_the_whole_gate_as_the_sdks_send_them() {
                 method: &http::Method::GET,
                 uri: &uri,
                 headers: &headers,
+                peer: None,
             })
             .await
             .unwrap();
@@ -235,6 +236,7 @@ async fn sdk_tokens_pass_the_whole_gate_as_the_sdks_send_them() {
             method: &http::Method::GET,
             uri: &uri,
             headers: &headers,
+            peer: None,
         })
         .await
         .unwrap();

@@ -144,6 +144,7 @@ proptest! {
             method: &http::Method::GET,
             uri: &uri,
             headers: &headers,
+            peer: None,
         }));
         prop_assert!(result.is_err(), "random credentials were accepted: {result:?}");
     }

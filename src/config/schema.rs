@@ -16,6 +16,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) revocation: RawRevocation,
     #[serde(default)]
+    pub(super) limits: RawLimits,
+    #[serde(default)]
     pub(super) apps: Vec<RawApp>,
 }
 
@@ -27,6 +29,8 @@ pub(super) struct RawServer {
     pub(super) threads: Option<usize>,
     pub(super) work_stealing: Option<bool>,
     pub(super) grace_period_seconds: Option<u64>,
+    pub(super) header_timeout_ms: Option<u64>,
+    pub(super) max_header_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,6 +72,13 @@ pub(super) struct RawRevocation {
     pub(super) redis_password_env: Option<String>,
     pub(super) redis_password_file: Option<String>,
     pub(super) min_replicas_acked: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub(super) failed_auth_per_minute: Option<u32>,
+    pub(super) trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -147,6 +147,7 @@ mod tests {
                 method: &method,
                 uri: &uri,
                 headers: &headers,
+                peer: None,
             },
         )
     }

@@ -32,15 +32,29 @@ impl<'a> Credentials<'a> {
         self.query.api_key.as_deref()
     }
 
-    /// The token without its `Bearer` scheme, if one is presented and not empty.
-    pub(super) fn token(&self) -> Option<&str> {
+    /// The token without its `Bearer` scheme, if one is presented and not empty. On a
+    /// WebSocket upgrade a header token and a query token must be the same one
+    /// (contract §6 rule 1: the upstream may read either).
+    pub(super) fn token(&self) -> Result<Option<&str>, AuthError> {
+        let query_token = self
+            .query
+            .authorization
+            .as_deref()
+            .map(strip_bearer)
+            .filter(|t| !t.is_empty());
         // Swift sends headers on the upgrade too, so headers win when both are present.
-        match header_str(self.headers, header::AUTHORIZATION) {
+        let token = match header_str(self.headers, header::AUTHORIZATION) {
             Some(t) => Some(strip_bearer(t)),
-            None if self.websocket => self.query.authorization.as_deref().map(strip_bearer),
+            None if self.websocket => query_token,
             None => None,
         }
-        .filter(|t| !t.is_empty())
+        .filter(|t| !t.is_empty());
+        if let (true, Some(header), Some(query)) = (self.websocket, token, query_token)
+            && header != query
+        {
+            return Err(crate::normalize::Unsafe::TokensDiffer.into());
+        }
+        Ok(token)
     }
 
     /// Whether the caller asks to be anonymous (`stream-auth-type`; absent means jwt).

@@ -46,6 +46,7 @@ pub async fn check(gate: &Gate, api_key: &str, token: &str) -> Result<Decision, 
         method: &Method::GET,
         uri: &uri,
         headers: &headers,
+        peer: None,
     })
     .await
 }

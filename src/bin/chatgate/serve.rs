@@ -69,13 +69,22 @@ pub fn serve(args: &ServeArgs) -> Result<(), ServeError> {
 }
 
 fn init_logging() {
-    // Pingora logs through `log`; tracing-subscriber forwards it.
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // Pingora logs through `log`; tracing-subscriber forwards it (`try_init` installs
+    // the `log` bridge). Contract §6 rule 8: whatever RUST_LOG asks for, the libraries
+    // that format whole requests (URI with its query, Authorization) are capped at
+    // INFO by `chatgate::logs::may_log`, so no token reaches the output.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let output = tracing_subscriber::fmt::layer()
         .with_target(true)
-        .try_init();
+        .with_filter(filter)
+        .with_filter(tracing_subscriber::filter::filter_fn(
+            chatgate::logs::may_log,
+        ));
+    let _ = tracing_subscriber::registry().with(output).try_init();
 }
 
 /// The built-in demo chat API ([`chatgate::demo`]) on the first upstream address
