@@ -63,6 +63,7 @@ impl Request {
             method: &self.method,
             uri: &self.uri,
             headers: &self.headers,
+            peer: None,
         }
     }
 }
@@ -279,6 +280,7 @@ fn bench_redis_miss(c: &mut Criterion) {
         cache_capacity: 10_000_000,
         on_store_error: StoreErrorPolicy::Deny,
         store_timeout: Duration::from_millis(250),
+        redis: Default::default(),
     };
     let (gate, cache) = {
         let _guard = runtime.enter();

@@ -69,6 +69,7 @@ fn bench_verify(c: &mut Criterion) {
         method: &method,
         uri: &uri,
         headers: &headers,
+        peer: None,
     };
     // warm the revocation cache: the steady state of a known user
     runtime.block_on(gate.check(parts)).unwrap();

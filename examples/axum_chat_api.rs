@@ -21,13 +21,12 @@
 //! Arguments: the config file (default `config.toml`) and the listen address (default
 //! the config's `[server] listen`). Apps, secrets and the revocation store come from
 //! the config; revocations go through `PATCH /users` / `PATCH /app` with a server token.
-//! Edits to the config file (or SIGHUP) are applied live: the layer's gate holds the
-//! same `ConfigHandle` the watcher swaps.
+//! `ChatAuthLayer::from_config_file` opens the store and follows the file: edits (or
+//! SIGHUP) are applied live, until the router holding the layer is dropped.
 
 use axum::routing::get;
+use chatgate::ChatAuthLayer;
 use chatgate::extract::UserIdentity;
-use chatgate::revocation::{self, RevocationCache};
-use chatgate::{ChatAuthLayer, ConfigHandle, Gate};
 use std::net::SocketAddr;
 
 async fn whoami(user: UserIdentity) -> String {
@@ -44,32 +43,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let mut args = std::env::args().skip(1);
     let path = args.next().unwrap_or_else(|| "config.toml".to_owned());
-    let config = ConfigHandle::from_file(&path)?;
-    let settings = config.load().revocation.clone();
-    let listen: SocketAddr = match args.next() {
-        Some(addr) => addr.parse()?,
-        None => config.load().server.listen,
-    };
 
-    let store = revocation::open_store(&settings).await?;
-    let cache = RevocationCache::new(store, &settings);
-    cache.spawn_invalidation();
-    cache.follow_config(&config);
-    let (stop_reloading, reloading_stopped) = tokio::sync::watch::channel(());
-    let reloaders = tokio::spawn(chatgate::reload::run_reloaders(
-        config.clone(),
-        async move {
-            let mut stopped = reloading_stopped;
-            // Resolves when the sender is dropped at shutdown.
-            let _ = stopped.changed().await;
-        },
-    ));
-    let gate = Gate::new(config, cache);
-
+    let layer = ChatAuthLayer::from_config_file(&path).await?;
     let app = chatgate::demo::router(chatgate::demo::DemoState::new())
         .route("/whoami", get(whoami))
-        .layer(ChatAuthLayer::new(gate));
+        .layer(layer.clone());
 
+    let listen: SocketAddr = match args.next() {
+        Some(addr) => addr.parse()?,
+        None => layer.gate().config().load().server.listen,
+    };
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(address = %listener.local_addr()?, config = %path, "chat API listening");
     axum::serve(listener, app)
@@ -77,7 +60,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
-    drop(stop_reloading);
-    reloaders.await?;
     Ok(())
 }

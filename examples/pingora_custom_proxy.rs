@@ -1,11 +1,13 @@
 //! chatgate's auth inside your own Pingora proxy.
 //!
 //! `ChatAuthFilter` is the whole gate in one call from `request_filter`: it strips
-//! client-sent `x-chatgate-*` headers, verifies the Stream token, applies revocation
-//! bodies (`PATCH /users`, `PATCH /app`), and answers refusals the way Stream SDKs
-//! expect (JSON over HTTP, keeping the connection open; 101 + error frame + close 1000
-//! on a WebSocket upgrade). Everything else (routing, retries, caching, logging) stays
-//! yours.
+//! client-sent `x-chatgate-*` headers, normalises the path, verifies the Stream token,
+//! applies revocation bodies (`PATCH /users`, `PATCH /app`), and answers refusals the
+//! way Stream SDKs expect (JSON over HTTP, keeping the connection open; 101 + error
+//! frame + close 1000 on a WebSocket upgrade). A second call from
+//! `upstream_request_filter` writes the verified identity headers (with
+//! `forward_identity = true`). Everything else (routing, retries, caching, logging)
+//! stays yours.
 //!
 //! ```sh
 //! cargo run --features proxy --example pingora_custom_proxy -- config.toml
@@ -56,6 +58,17 @@ impl ProxyHttp for MyProxy {
         _ctx: &mut MyCtx,
     ) -> Result<Box<HttpPeer>> {
         Ok(Box::new(self.upstream.clone()))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut MyCtx,
+    ) -> Result<()> {
+        // After Pingora's hop-by-hop removal, so a client cannot drop these headers.
+        self.auth
+            .upstream_request_filter(upstream_request, ctx.identity.as_ref())
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut MyCtx) {

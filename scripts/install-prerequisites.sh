@@ -32,6 +32,7 @@ missing_apt() {
     have openssl || packages+=(openssl)
     have redis-server || packages+=(redis-server)
     have redis-sentinel || packages+=(redis-sentinel)
+    have redis-cli || packages+=(redis-tools)
     { have node && have npm; } || packages+=(nodejs npm)
     have python3 || packages+=(python3)
     { have pip || have pip3 || { have python3 && python3 -m pip --version >/dev/null 2>&1; }; } \

@@ -18,9 +18,10 @@
 //! | `GET /connect` | WebSocket: `health.check` with `connection_id` and `me` first; closes with 4000 when the layer's [`LiveSession`] ends |
 //! | `GET /healthz` | `ok` |
 
+mod socket;
+
 use crate::gate::{Identity, IdentityKind};
-use crate::session::LiveSession;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::Utf8Bytes;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
@@ -125,7 +126,7 @@ pub fn router(state: DemoState) -> Router {
         .route("/channels/{type}/{id}/message", post(send_message))
         .route("/users", patch(update_users))
         .route("/app", patch(update_app))
-        .route("/connect", get(connect))
+        .route("/connect", get(socket::connect))
         .with_state(state)
 }
 
@@ -479,131 +480,6 @@ async fn update_app(Json(_settings): Json<Value>) -> Json<Value> {
     with_duration(json!({}))
 }
 
-async fn connect(
-    State(state): State<DemoState>,
-    caller: Caller,
-    live: Option<LiveSession>,
-    upgrade: WebSocketUpgrade,
-) -> Response {
-    let user = match caller.user_id {
-        Some(user) => user,
-        None => {
-            return api_error(
-                4,
-                StatusCode::BAD_REQUEST,
-                "Connect failed: no user: send a user token, or json={\"user_id\":..}",
-            );
-        }
-    };
-    upgrade.on_upgrade(move |socket| session(socket, state, user, live))
-}
-
-/// One client connection: `health.check` with `connection_id` and `me` first (the JS
-/// SDK resolves `connectUser` on it), answers to the client's pings, pushed events.
-/// Behind the layer, closes with 4000 when the token expires or is revoked.
-async fn session(mut socket: WebSocket, state: DemoState, user: String, live: Option<LiveSession>) {
-    let n = state.next_id();
-    let connection_id = format!(
-        "{:08x}-{:04x}-{:04x}-0000-{:012x}",
-        std::process::id(),
-        n >> 48,
-        (n >> 32) & 0xffff,
-        n & 0xffff_ffff
-    );
-    let me = {
-        let data = state.inner.data.lock().expect("demo state lock");
-        let mut me = user_json(&data, &user);
-        if let Value::Object(fields) = &mut me {
-            for (key, empty) in [
-                ("channel_mutes", json!([])),
-                ("mutes", json!([])),
-                ("devices", json!([])),
-                ("blocked_user_ids", json!([])),
-                ("unread_count", json!(0)),
-                ("total_unread_count", json!(0)),
-                ("unread_channels", json!(0)),
-            ] {
-                fields.entry(key).or_insert(empty);
-            }
-        }
-        me
-    };
-    let health = |me: Option<&Value>| {
-        let mut event = json!({
-            "type": "health.check",
-            "connection_id": connection_id,
-            "cid": "*",
-            "created_at": now(),
-        });
-        if let Some(me) = me {
-            event["me"] = me.clone();
-        }
-        Message::Text(Utf8Bytes::from(event.to_string()))
-    };
-    if socket.send(health(Some(&me))).await.is_err() {
-        return;
-    }
-    let mut events = state.inner.events.subscribe();
-    let mut shutdown = state.inner.shutdown.subscribe();
-    let mut closing = *shutdown.borrow_and_update();
-    let token_end = async {
-        match &live {
-            Some(live) => live.ended().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(token_end);
-    loop {
-        if closing {
-            let _ = socket
-                .send(Message::Close(Some(CloseFrame {
-                    code: 1001,
-                    reason: Utf8Bytes::from_static("server shutting down"),
-                })))
-                .await;
-            return;
-        }
-        tokio::select! {
-            frame = tokio::time::timeout(IDLE_TIMEOUT, socket.recv()) => match frame {
-                Ok(Some(Ok(Message::Text(text)))) => {
-                    if text.contains("health.check") && socket.send(health(None)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return,
-                Ok(Some(Ok(_))) => {}
-                Err(_) => {
-                    let _ = socket.send(Message::Close(Some(CloseFrame {
-                        code: 1001,
-                        reason: Utf8Bytes::from_static("idle"),
-                    }))).await;
-                    return;
-                }
-            },
-            event = events.recv() => match event {
-                Ok(event) => {
-                    if socket.send(Message::Text(event)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-            end = &mut token_end => {
-                let _ = socket.send(Message::Close(Some(CloseFrame {
-                    code: end.close_code(),
-                    reason: Utf8Bytes::from_static(end.reason()),
-                }))).await;
-                return;
-            }
-            changed = shutdown.changed() => {
-                // A dropped sender means the state is gone: close as on shutdown.
-                closing = changed.is_err() || *shutdown.borrow_and_update();
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -636,14 +512,18 @@ mod tests {
         )
     }
 
+    /// A `POST` as `user`.
+    async fn post(router: &Router, uri: &str, user: &str, body: Value) -> (StatusCode, Value) {
+        call(router, "POST", uri, Some(user), body).await
+    }
+
     #[tokio::test]
     async fn querying_a_channel_creates_it_with_the_caller_as_member() {
         let router = router(DemoState::new());
-        let (status, body) = call(
+        let (status, body) = post(
             &router,
-            "POST",
             "/channels/messaging/general/query",
-            Some("alice"),
+            "alice",
             json!({"data": {"name": "General"}}),
         )
         .await;
@@ -657,19 +537,11 @@ mod tests {
     async fn a_sent_message_is_stored_with_its_sender() {
         let state = DemoState::new();
         let router = router(state.clone());
-        call(
+        post(&router, "/channels/messaging/c/query", "bob", json!({})).await;
+        let (status, body) = post(
             &router,
-            "POST",
-            "/channels/messaging/c/query",
-            Some("bob"),
-            json!({}),
-        )
-        .await;
-        let (status, body) = call(
-            &router,
-            "POST",
             "/channels/messaging/c/message",
-            Some("bob"),
+            "bob",
             json!({"message": {"text": "hi"}}),
         )
         .await;
@@ -681,11 +553,10 @@ mod tests {
     #[tokio::test]
     async fn a_message_to_a_missing_channel_is_a_stream_404() {
         let router = router(DemoState::new());
-        let (status, body) = call(
+        let (status, body) = post(
             &router,
-            "POST",
             "/channels/messaging/nope/message",
-            Some("bob"),
+            "bob",
             json!({"message": {"text": "hi"}}),
         )
         .await;

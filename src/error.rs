@@ -35,6 +35,8 @@ pub enum Malformed {
     ClaimType(&'static str),
     /// `user_id` is present but empty.
     EmptyUserId,
+    /// `user_id` has a control character or whitespace at either end (contract §6 rule 5).
+    UserIdNotText,
     /// `stream-auth-type` is neither `jwt` nor `anonymous`.
     AuthType,
     /// A developer token without a `user_id`.
@@ -56,6 +58,9 @@ impl Malformed {
             Malformed::MissingAlg => out.write_str("token header has no alg"),
             Malformed::ClaimType(claim) => write!(out, "claim {claim} has the wrong type"),
             Malformed::EmptyUserId => out.write_str("claim user_id is empty"),
+            Malformed::UserIdNotText => out.write_str(
+                "claim user_id contains a control character or leading or trailing whitespace",
+            ),
             Malformed::AuthType => {
                 out.write_str("stream-auth-type must be \"jwt\" or \"anonymous\"")
             }
@@ -110,8 +115,9 @@ pub enum AuthError {
     /// The header's `alg` is not HS256 (code 43).
     #[error("JWTAuth error: signing method not allowed, only HS256 is accepted")]
     AlgNotAllowed,
-    /// Too many requests (code 9).
-    #[error("too many requests, slow down")]
+    /// Too many failed authentications from this client address (code 9, HTTP 429;
+    /// contract §6 rule 7). The message is the one SDKs back off on.
+    #[error("Too many requests")]
     RateLimited,
     /// The revocation store could not answer and the policy is to deny (HTTP 503).
     #[error("revocation store unavailable, try again shortly")]

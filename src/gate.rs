@@ -8,19 +8,30 @@
 //! the current config snapshot ([`Gate::check_cached`]); only a user whose revocation
 //! cutoffs are not cached yet waits for the store ([`Gate::finish`]). Both halves end in
 //! the same step, which applies the cutoff and names the outcome.
+//!
+//! By concern: `credentials` reads what the request presents (query, headers, connect
+//! payload), `policy` is the embedder's rules combined with the config's keys, and this
+//! file holds the decision itself.
 
+mod credentials;
 mod policy;
 
 pub use policy::Policy;
 
+pub use crate::request::RequestParts;
+
+use credentials::Credentials;
+
 use crate::config::{App, ConfigSnapshot, StoreErrorPolicy};
 use crate::error::{AuthError, Malformed};
+use crate::limits::{self, FailedAuthLimiter};
+use crate::normalize;
 use crate::reload::ConfigHandle;
 use crate::revocation::{RevocationCache, parse_app_update, parse_users_update};
 use crate::time::{Cutoff, now_unix};
 use crate::token::{self, TokenKind};
-use http::{HeaderMap, Method, Uri, header};
-use std::borrow::Cow;
+use http::Method;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// Header naming the auth type (`jwt` or `anonymous`).
@@ -141,38 +152,6 @@ pub enum Decision {
     Revocation(Identity, RevocationEndpoint),
 }
 
-/// The parts of a request the gate reads. `http::request::Parts` (tower) and Pingora's
-/// `RequestHeader` both provide them.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestParts<'a> {
-    /// Method.
-    pub method: &'a Method,
-    /// Path and query.
-    pub uri: &'a Uri,
-    /// Headers.
-    pub headers: &'a HeaderMap,
-}
-
-impl<'a> From<&'a http::request::Parts> for RequestParts<'a> {
-    fn from(parts: &'a http::request::Parts) -> Self {
-        RequestParts {
-            method: &parts.method,
-            uri: &parts.uri,
-            headers: &parts.headers,
-        }
-    }
-}
-
-impl<'a> RequestParts<'a> {
-    /// Whether this is a WebSocket upgrade request.
-    pub fn is_websocket_upgrade(&self) -> bool {
-        self.headers
-            .get(header::UPGRADE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-    }
-}
-
 /// What the synchronous step found; the revocation step needs no config guard.
 struct Verified {
     identity: Identity,
@@ -180,6 +159,8 @@ struct Verified {
     config_cutoff: Option<Cutoff>,
     policy: StoreErrorPolicy,
     endpoint: Option<RevocationEndpoint>,
+    /// The client failures are counted against, when the limiter is on.
+    client: Option<IpAddr>,
 }
 
 /// A request whose token passed every check but revocation, and whose cutoffs are not
@@ -200,6 +181,7 @@ pub struct Gate {
     config: ConfigHandle,
     revocations: Arc<RevocationCache>,
     policy: Arc<Policy>,
+    limiter: Arc<FailedAuthLimiter>,
 }
 
 impl Gate {
@@ -210,7 +192,13 @@ impl Gate {
             config,
             revocations,
             policy: Arc::default(),
+            limiter: Arc::default(),
         }
+    }
+
+    /// The failed-authentication limiter (contract §6 rule 7), shared by clones.
+    pub fn limiter(&self) -> &FailedAuthLimiter {
+        &self.limiter
     }
 
     /// The same gate applying `policy` on top of the config.
@@ -251,11 +239,27 @@ impl Gate {
         &self,
         request: RequestParts<'_>,
     ) -> Result<Result<Decision, AuthError>, PendingCheck> {
-        let verified = match self.verify(request) {
+        let config = self.config.load();
+        // Contract §6 rule 7: an address over the limit is answered before anything is
+        // checked. Off (no lookup at all) unless `[limits] failed_auth_per_minute` is set.
+        let client = match (config.limits.failed_auth_per_minute, request.peer) {
+            (Some(limit), Some(peer)) => {
+                let client =
+                    limits::client_address(peer, request.headers, &config.limits.trusted_proxies);
+                if self.limiter.is_over(client, limit) {
+                    return Ok(Err(AuthError::RateLimited));
+                }
+                Some(client)
+            }
+            _ => None,
+        };
+        let verified = match authenticate(&config, &self.policy, request, now_unix()) {
             Ok(Some(verified)) => verified,
             Ok(None) => return Ok(Ok(Decision::Public)),
-            Err(error) => return Ok(Err(error)),
+            Err(error) => return Ok(Err(self.counted(client, error))),
         };
+        drop(config);
+        let verified = Verified { client, ..verified };
         let stored = match &verified.identity.user_id {
             None => Ok(None),
             Some(user) => {
@@ -266,7 +270,7 @@ impl Gate {
                 }
             }
         };
-        Ok(decide(verified, stored))
+        Ok(self.decide(verified, stored))
     }
 
     /// Completes a [`Gate::check_cached`] that needed the revocation store: the same
@@ -277,12 +281,27 @@ impl Gate {
             None => Ok(None),
             Some(user) => self.revocations.cutoff(&verified.identity.app, user).await,
         };
-        decide(verified, stored)
+        self.decide(verified, stored)
     }
 
-    /// Everything but revocation, on the snapshot current now; `Ok(None)` is a public path.
-    fn verify(&self, request: RequestParts<'_>) -> Result<Option<Verified>, AuthError> {
-        authenticate(&self.config.load(), &self.policy, request, now_unix())
+    /// [`decide`], counting a refusal against the client.
+    fn decide(
+        &self,
+        verified: Verified,
+        stored: Result<Option<Cutoff>, crate::revocation::StoreError>,
+    ) -> Result<Decision, AuthError> {
+        let client = verified.client;
+        decide(verified, stored).map_err(|error| self.counted(client, error))
+    }
+
+    /// Counts `error` against `client` when the limiter is on and the code counts.
+    fn counted(&self, client: Option<IpAddr>, error: AuthError) -> AuthError {
+        if let Some(client) = client
+            && limits::counts(error.code())
+        {
+            self.limiter.record_failure(client);
+        }
+        error
     }
 
     /// Applies the revocation fields of a `PATCH /users` or `PATCH /app` body for the
@@ -348,71 +367,6 @@ fn decide(
     })
 }
 
-/// The query parameters the gate reads, borrowed unless percent-encoded.
-#[derive(Default)]
-struct Query<'a> {
-    api_key: Option<Cow<'a, str>>,
-    authorization: Option<Cow<'a, str>>,
-    auth_type: Option<Cow<'a, str>>,
-    json: Option<Cow<'a, str>>,
-}
-
-/// Reads the four parameters the gate needs, as `application/x-www-form-urlencoded`
-/// does (`form_urlencoded::parse` is the reference in the tests), but decodes only the
-/// components it keeps, and only those with something to decode: the common query
-/// costs no allocation and no UTF-8 repair pass.
-fn parse_query(query: &str) -> Query<'_> {
-    let mut found = Query::default();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let slot = match &*decode_component(name) {
-            "api_key" => &mut found.api_key,
-            "authorization" => &mut found.authorization,
-            "stream-auth-type" => &mut found.auth_type,
-            "json" => &mut found.json,
-            _ => continue,
-        };
-        *slot = Some(decode_component(value));
-    }
-    found
-}
-
-/// One query component: `+` is a space, `%XX` a byte, invalid UTF-8 replaced.
-fn decode_component(raw: &str) -> Cow<'_, str> {
-    if !raw.bytes().any(|b| b == b'%' || b == b'+') {
-        return Cow::Borrowed(raw);
-    }
-    let spaced = raw.replace('+', " ");
-    Cow::Owned(
-        percent_encoding::percent_decode_str(&spaced)
-            .decode_utf8_lossy()
-            .into_owned(),
-    )
-}
-
-/// A header as text. `from_utf8` rather than `HeaderValue::to_str`, whose byte-by-byte
-/// check of a 200-byte token showed in the profile; a non-ASCII value still fails later,
-/// as malformed, because no token or keyword contains one.
-fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
-    headers
-        .get(name)
-        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-}
-
-fn strip_bearer(token: &str) -> &str {
-    let token = token.trim();
-    match token.get(..6) {
-        Some(scheme)
-            if scheme.eq_ignore_ascii_case("bearer")
-                && token[6..].starts_with(|c: char| c.is_ascii_whitespace()) =>
-        {
-            token[6..].trim_start()
-        }
-        Some(scheme) if scheme.eq_ignore_ascii_case("bearer") && token.len() == 6 => "",
-        _ => token,
-    }
-}
-
 fn revocation_endpoint(method: &Method, path: &str) -> Option<RevocationEndpoint> {
     if method != Method::PATCH {
         return None;
@@ -432,39 +386,21 @@ fn authenticate(
     request: RequestParts<'_>,
     now: i64,
 ) -> Result<Option<Verified>, AuthError> {
-    let path = request.uri.path();
-    if config.auth.public_paths.contains(path) || policy.is_public(path) {
+    // Contract §6: everything below matches the normal form, which the adapters forward.
+    let path = normalize::request(request.method, request.uri, request.headers)?;
+    let path = &*path;
+    if policy.is_public(&config.auth, path) {
         return Ok(None);
     }
-    let query = parse_query(request.uri.query().unwrap_or(""));
-    let api_key = query.api_key.as_deref().ok_or(AuthError::MissingApiKey)?;
+    let presented = Credentials::read(request);
+    let api_key = presented.api_key().ok_or(AuthError::MissingApiKey)?;
     // An app the policy does not serve is as unknown as one the config lacks.
     let app = config
         .app(api_key)
         .filter(|app| policy.serves(app))
         .ok_or(AuthError::UnknownApiKey)?;
-    let websocket = request.is_websocket_upgrade();
-
-    // Swift sends headers on the upgrade too, so headers win when both are present.
-    let header_token = header_str(request.headers, header::AUTHORIZATION);
-    let token = match header_token {
-        Some(t) => Some(strip_bearer(t)),
-        None if websocket => query.authorization.as_deref().map(strip_bearer),
-        None => None,
-    }
-    .filter(|t| !t.is_empty());
-
-    let auth_type = header_str(request.headers, AUTH_TYPE_HEADER).or(if websocket {
-        query.auth_type.as_deref()
-    } else {
-        None
-    });
-    let anonymous = match auth_type.map(str::trim) {
-        None => false,
-        Some(t) if t.eq_ignore_ascii_case("jwt") => false,
-        Some(t) if t.eq_ignore_ascii_case("anonymous") => true,
-        Some(_) => return Err(AuthError::Malformed(Malformed::AuthType)),
-    };
+    let token = presented.token()?;
+    let anonymous = presented.is_anonymous()?;
 
     let endpoint = revocation_endpoint(request.method, path);
     if anonymous {
@@ -482,12 +418,20 @@ fn authenticate(
             config_cutoff: None,
             policy: config.revocation.on_store_error,
             endpoint: None,
+            client: None,
         }));
     }
 
     let token = token.ok_or(AuthError::Malformed(Malformed::Missing))?;
     let verified = token::verify(token, app.keyring(), &app.token_rules(&config.auth), now)?;
     let claims = verified.claims;
+    if claims
+        .user_id
+        .as_deref()
+        .is_some_and(|id| !normalize::user_id_is_text(id))
+    {
+        return Err(AuthError::Malformed(Malformed::UserIdNotText));
+    }
     let app_key = app.api_key.clone();
     let identity = match (verified.kind, claims.user_id) {
         (TokenKind::Server, _) => Identity::server(app_key),
@@ -501,8 +445,8 @@ fn authenticate(
     }
     .with_token_times(claims.issued_at, claims.expires_at);
 
-    if let (true, Some(json), Some(user)) = (websocket, query.json.as_deref(), identity.user_id()) {
-        check_connect_user(json, user)?;
+    if let Some(user) = identity.user_id() {
+        presented.check_connect_user(user)?;
     }
     if endpoint.is_some() && !identity.is_server() {
         return Err(AuthError::NotAllowed(
@@ -515,41 +459,12 @@ fn authenticate(
         config_cutoff: app_config_cutoff(app),
         policy: config.revocation.on_store_error,
         endpoint,
+        client: None,
     }))
 }
 
 fn app_config_cutoff(app: &App) -> Option<Cutoff> {
     app.revoke_tokens_issued_before
-}
-
-/// `/connect?json={"user_id":..,"user_details":{"id":..}}` must name the token's user.
-fn check_connect_user(json: &str, token_user: &str) -> Result<(), AuthError> {
-    #[derive(serde::Deserialize)]
-    struct Connect<'a> {
-        #[serde(borrow, default)]
-        user_id: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        user_details: Option<Details<'a>>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Details<'a> {
-        #[serde(borrow, default)]
-        id: Option<Cow<'a, str>>,
-    }
-    let connect: Connect<'_> = serde_json::from_str(json).map_err(|_| {
-        AuthError::BadInput("the json query parameter is not a valid connect payload".into())
-    })?;
-    let claimed = [connect.user_id, connect.user_details.and_then(|d| d.id)];
-    if claimed
-        .iter()
-        .flatten()
-        .any(|claimed| claimed.as_ref() != token_user)
-    {
-        return Err(AuthError::NotAllowed(
-            "the user_id in the connect payload does not match the token's user_id",
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -558,6 +473,7 @@ mod tests {
     use crate::config::{App, StoreErrorPolicy, StoreKind};
     use crate::revocation::{MemoryStore, RevocationStore, UserCutoffChange};
     use crate::token::TokenBuilder;
+    use http::{HeaderMap, Uri, header};
     use std::time::Duration;
 
     const SECRET: &str = "secret";
@@ -592,6 +508,7 @@ mod tests {
             method: &method,
             uri: &uri,
             headers: &map,
+            peer: None,
         })
         .await
     }
@@ -604,31 +521,6 @@ mod tests {
         match decision {
             Ok(Decision::Allow(identity)) => identity,
             other => panic!("expected Allow, got {other:?}"),
-        }
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn the_query_reads_as_form_urlencoded_does(
-            query in proptest::string::string_regex(
-                "((api_key|authorization|stream-auth-type|json|api%5Fkey|x|)(=[a-zA-Z0-9%+=._\\-]{0,12})?&?){0,6}"
-            ).unwrap(),
-        ) {
-            let ours = parse_query(&query);
-            let mut reference: [Option<String>; 4] = Default::default();
-            for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-                let at = match &*name {
-                    "api_key" => 0,
-                    "authorization" => 1,
-                    "stream-auth-type" => 2,
-                    "json" => 3,
-                    _ => continue,
-                };
-                reference[at] = Some(value.into_owned());
-            }
-            let ours = [ours.api_key, ours.authorization, ours.auth_type, ours.json]
-                .map(|v| v.map(Cow::into_owned));
-            proptest::prop_assert_eq!(ours, reference);
         }
     }
 
@@ -660,6 +552,7 @@ mod tests {
                     method: &method,
                     uri: &parsed,
                     headers: &headers,
+                    peer: None,
                 })
                 .await;
             assert!(
@@ -857,30 +750,16 @@ mod tests {
         let gate = gate();
         let server = TokenBuilder::server().sign(SECRET);
         let user_token = TokenBuilder::user("a").sign(SECRET);
-        let decision = run(
-            &gate,
-            Method::PATCH,
-            "/users?api_key=key",
-            &[("authorization", &server)],
-        )
-        .await
-        .unwrap();
-        assert!(matches!(
-            decision,
-            Decision::Revocation(_, RevocationEndpoint::Users)
-        ));
-        let decision = run(
-            &gate,
-            Method::PATCH,
-            "/app?api_key=key",
-            &[("authorization", &server)],
-        )
-        .await
-        .unwrap();
-        assert!(matches!(
-            decision,
-            Decision::Revocation(_, RevocationEndpoint::App)
-        ));
+        for (uri, endpoint) in [
+            ("/users?api_key=key", RevocationEndpoint::Users),
+            ("/app?api_key=key", RevocationEndpoint::App),
+        ] {
+            let decision = run(&gate, Method::PATCH, uri, &[("authorization", &server)]).await;
+            assert!(
+                matches!(&decision, Ok(Decision::Revocation(_, e)) if *e == endpoint),
+                "{uri}: {decision:?}"
+            );
+        }
         let error = run(
             &gate,
             Method::PATCH,
@@ -1072,6 +951,7 @@ mod tests {
             method: &Method::GET,
             uri: &uri,
             headers: &headers,
+            peer: None,
         };
         let pending = gate.check_cached(parts).unwrap_err();
         let checked = gate.finish(pending).await;
@@ -1084,5 +964,139 @@ mod tests {
                 .unwrap(),
             Err(AuthError::UnknownApiKey)
         );
+    }
+
+    fn limited_gate(limit: u32, store: Arc<MemoryStore>) -> Gate {
+        let mut config = ConfigSnapshot::with_apps(vec![App::new("key", vec![SECRET.into()])]);
+        config.limits.failed_auth_per_minute = Some(limit);
+        let cache = RevocationCache::new(store, &config.revocation);
+        Gate::new(ConfigHandle::new(config), cache)
+    }
+
+    async fn from_peer(
+        gate: &Gate,
+        peer: Option<&str>,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Decision, AuthError> {
+        let uri: Uri = uri.parse().unwrap();
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        gate.check(RequestParts {
+            method: &Method::GET,
+            uri: &uri,
+            headers: &map,
+            peer: peer.map(|p| p.parse().unwrap()),
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn counted_refusals_limit_an_address_and_the_429s_and_bad_input_do_not_count() {
+        let store = Arc::new(MemoryStore::new());
+        let gate = limited_gate(3, store.clone());
+        let good = TokenBuilder::user("alice").sign(SECRET);
+        let auth = [("authorization", good.as_str())];
+        let peer = Some("192.0.2.1");
+        // Code 4 (bad input) does not count, however often.
+        for _ in 0..5 {
+            let refused = from_peer(&gate, peer, "/x?api_key=key&api_key=key", &auth).await;
+            assert_eq!(refused.unwrap_err().code(), 4);
+        }
+        assert_eq!(
+            from_peer(&gate, peer, "/x?api_key=nope", &auth).await,
+            Err(AuthError::UnknownApiKey)
+        );
+        assert_eq!(
+            from_peer(&gate, peer, "/x?api_key=key", &[("authorization", "x")])
+                .await
+                .unwrap_err()
+                .code(),
+            5
+        );
+        // A user whose cutoff is not cached goes through the store: counted there too.
+        let revoked = TokenBuilder::user("bob")
+            .issued_at(now_unix() - 60)
+            .sign(SECRET);
+        store
+            .set_user_cutoffs(
+                "key",
+                &[UserCutoffChange {
+                    user_id: "bob".into(),
+                    cutoff: Some(Cutoff::from_unix_seconds(now_unix())),
+                }],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            from_peer(
+                &gate,
+                peer,
+                "/x?api_key=key",
+                &[("authorization", &revoked)]
+            )
+            .await,
+            Err(AuthError::Revoked)
+        );
+        // Over the limit: even a good token is answered 429, and that does not count.
+        for _ in 0..3 {
+            assert_eq!(
+                from_peer(&gate, peer, "/x?api_key=key", &auth).await,
+                Err(AuthError::RateLimited)
+            );
+        }
+        // Other addresses, and requests whose peer is unknown, are not limited.
+        user(from_peer(&gate, Some("192.0.2.2"), "/x?api_key=key", &auth).await);
+        user(from_peer(&gate, None, "/x?api_key=key", &auth).await);
+        // A reload that turns the limit off lets the address through at once.
+        let mut off = ConfigSnapshot::with_apps(vec![App::new("key", vec![SECRET.into()])]);
+        off.limits.failed_auth_per_minute = None;
+        gate.config().store(off);
+        user(from_peer(&gate, peer, "/x?api_key=key", &auth).await);
+    }
+
+    #[tokio::test]
+    async fn forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
+        let mut config = ConfigSnapshot::with_apps(vec![App::new("key", vec![SECRET.into()])]);
+        config.limits.failed_auth_per_minute = Some(1);
+        config.limits.trusted_proxies = crate::config::TrustedProxies::new(vec![
+            crate::config::TrustedProxies::parse_entry("127.0.0.1").unwrap(),
+        ]);
+        let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &config.revocation);
+        let gate = Gate::new(ConfigHandle::new(config), cache);
+        let good = TokenBuilder::user("alice").sign(SECRET);
+        let proxy = Some("127.0.0.1");
+        let bad = [("authorization", "x"), ("x-forwarded-for", "203.0.113.5")];
+        assert_eq!(
+            from_peer(&gate, proxy, "/x?api_key=key", &bad)
+                .await
+                .unwrap_err()
+                .code(),
+            5
+        );
+        let as_client = |xff: &'static str| {
+            [
+                ("authorization", good.clone()),
+                ("x-forwarded-for", xff.to_owned()),
+            ]
+        };
+        let limited = as_client("198.51.100.1, 203.0.113.5");
+        let limited: Vec<(&str, &str)> = limited.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(
+            from_peer(&gate, proxy, "/x?api_key=key", &limited).await,
+            Err(AuthError::RateLimited)
+        );
+        let other = as_client("203.0.113.6");
+        let other: Vec<(&str, &str)> = other.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        user(from_peer(&gate, proxy, "/x?api_key=key", &other).await);
+        // The same header from a peer that is not trusted is ignored.
+        let spoofed = as_client("203.0.113.5");
+        let spoofed: Vec<(&str, &str)> = spoofed.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        user(from_peer(&gate, Some("192.0.2.9"), "/x?api_key=key", &spoofed).await);
     }
 }

@@ -5,11 +5,25 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! // Store, cache, reload and invalidation, in one call (see `from_config_file`):
+//! let layer = chatgate::ChatAuthLayer::from_config_file("config.toml")
+//!     .await?
+//!     .public_path("/metrics");
+//! // router.layer(layer), or tower::ServiceBuilder::new().layer(layer).service(svc)
+//! # let _ = layer;
+//! # Ok(()) }
+//! ```
+//!
+//! Wired by hand, the same layer without a file watcher:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use chatgate::{ChatAuthLayer, ConfigHandle, Gate, revocation};
 //!
 //! let config = ConfigHandle::from_file("config.toml")?;
 //! let store = revocation::open_store(&config.load().revocation).await?;
 //! let cache = revocation::RevocationCache::new(store, &config.load().revocation);
+//! cache.spawn_invalidation();
 //! let layer = ChatAuthLayer::new(Gate::new(config, cache)).public_path("/metrics");
 //! // router.layer(layer), or tower::ServiceBuilder::new().layer(layer).service(svc)
 //! # let _ = layer;
@@ -50,6 +64,7 @@
 //!
 //! The layer holds a [`Gate`], which holds the [`crate::ConfigHandle`]: a
 //! `store()` on that handle (by the file watcher or by hand) is seen by the next request.
+//! [`ChatAuthLayer::from_config_file`] starts that watcher itself.
 //!
 //! # Design
 //!
@@ -60,19 +75,23 @@
 //! (and, for a WebSocket, onto the upgraded connection by `upgrade`).
 
 mod replay;
+mod setup;
 mod upgrade;
 
 pub use replay::ReplayBody;
+pub use setup::SetupError;
 
 use crate::error::{AuthError, Rejection};
 use crate::gate::{
     Decision, Gate, Identity, PendingCheck, Policy, RequestParts, RevocationEndpoint,
 };
+use crate::normalize;
 use crate::session::LiveSession;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
 use pin_project_lite::pin_project;
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -114,6 +133,9 @@ pub struct ChatAuth<S> {
 struct Shared {
     gate: Gate,
     renderer: Option<RejectionRenderer>,
+    /// The tasks [`ChatAuthLayer::from_config_file`] started: they end when the last
+    /// layer or service holding this state is dropped.
+    background: Option<Arc<setup::Background>>,
 }
 
 pin_project! {
@@ -157,8 +179,20 @@ impl ChatAuthLayer {
             shared: Arc::new(Shared {
                 gate,
                 renderer: None,
+                background: None,
             }),
         }
+    }
+
+    /// The same layer, owning the tasks that keep its config and cache current.
+    fn owning(mut self, background: setup::Background) -> Self {
+        Arc::make_mut(&mut self.shared).background = Some(Arc::new(background));
+        self
+    }
+
+    #[cfg(test)]
+    fn background(&self) -> Option<&setup::Background> {
+        self.shared.background.as_deref()
     }
 
     /// Serves `path` without auth, in addition to the config's `[auth] public_paths`.
@@ -270,7 +304,16 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        // Contract §6: the inner service gets the request the gate judges, and never a
+        // client's own identity headers.
+        if let Err(error) = normalize_request(&mut parts) {
+            return ResponseFuture {
+                state: State::Refused {
+                    response: Some(self.shared.refuse(&mut parts, &error)),
+                },
+            };
+        }
         // The common case (cached cutoffs, refusals) is decided here, with no future to
         // allocate, and calls the instance poll_ready readied.
         match self.shared.gate.check_cached(RequestParts::from(&parts)) {
@@ -484,6 +527,26 @@ where
 }
 
 /// Hands the identity to the inner service; an upgrade also gets its [`LiveSession`].
+/// Rewrites the URI to its normal form and removes headers an inner service could read
+/// as chatgate's identity headers (contract §6 rules 2 and 3); a path that has no normal
+/// form is refused with code 4. The gate checks the rest (and the path again, which is
+/// then one scan of a normal path).
+fn normalize_request(parts: &mut http::request::Parts) -> Result<(), AuthError> {
+    let forged: Vec<http::HeaderName> = parts
+        .headers
+        .keys()
+        .filter(|name| normalize::is_identity_header(name.as_str()))
+        .cloned()
+        .collect();
+    for name in forged {
+        parts.headers.remove(name);
+    }
+    if let Cow::Owned(path) = normalize::path(parts.uri.path())? {
+        parts.uri = normalize::with_path(&parts.uri, &path);
+    }
+    Ok(())
+}
+
 fn admit(gate: &Gate, parts: &mut http::request::Parts, identity: Identity) {
     if RequestParts::from(&*parts).is_websocket_upgrade() {
         parts
@@ -608,6 +671,111 @@ mod tests {
         serde_json::from_str::<serde_json::Value>(body).unwrap()["code"]
             .as_i64()
             .unwrap()
+    }
+
+    /// Sends through the layer to a service that answers with the URI and the header
+    /// names it received; `None` when the layer refused (with the code).
+    async fn seen_by_inner(
+        layer: &ChatAuthLayer,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<String, i64> {
+        use tower::ServiceExt;
+        let inner = tower::service_fn(|request: Request<http_body_util::Full<Bytes>>| async move {
+            let names: Vec<&str> = request.headers().keys().map(|n| n.as_str()).collect();
+            let seen = format!("{} {}", request.uri(), names.join(","));
+            Ok::<_, Infallible>(Response::new(http_body_util::Full::new(Bytes::from(seen))))
+        });
+        let mut request = Request::builder()
+            .method(Method::from_bytes(method.as_bytes()).unwrap())
+            .uri(uri);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        let response = layer.layer(inner).oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        if status == StatusCode::OK {
+            Ok(body)
+        } else {
+            Err(code(&body))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_inner_service_gets_the_normal_path_and_none_of_the_clients_identity_headers() {
+        let layer = ChatAuthLayer::new(gate()).public_path("/static/*");
+        let token = TokenBuilder::user("alice").sign(SECRET);
+        for (uri, seen) in [
+            (
+                "/static/%2e%2e/channels?api_key=key",
+                "/channels?api_key=key",
+            ),
+            (
+                "//static/./../channels?api_key=key",
+                "/channels?api_key=key",
+            ),
+            (
+                "/%63hannels?api_key=key&v=%2e",
+                "/channels?api_key=key&v=%2e",
+            ),
+        ] {
+            let headers = [
+                ("authorization", token.as_str()),
+                ("x-chatgate-user-id", "mallory"),
+                ("x_chatgate_auth", "server"),
+                ("X_ChatGate_User_Id", "mallory"),
+            ];
+            assert_eq!(
+                seen_by_inner(&layer, "GET", uri, &headers).await,
+                Ok(format!("{seen} authorization")),
+                "{uri}"
+            );
+            // Judged as /channels: no token, no entry.
+            assert_eq!(
+                seen_by_inner(&layer, "GET", uri, &[]).await,
+                Err(5),
+                "{uri}"
+            );
+        }
+        // A public path of the layer's own, in another spelling, is public too.
+        assert_eq!(
+            seen_by_inner(&layer, "GET", "/%73tatic//x", &[]).await,
+            Ok("/static/x ".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn the_layer_refuses_what_cannot_be_normalised_with_code_4_even_on_public_paths() {
+        let layer = ChatAuthLayer::new(gate()).public_path("/static/*");
+        let token = TokenBuilder::user("alice").sign(SECRET);
+        for (method, uri) in [
+            ("GET", "/static/..%2Fchannels?api_key=key"),
+            ("GET", "/static/a%5Cb"),
+            ("GET", "/static/a%00"),
+            ("GET", "/channels?api_key=key&api_key=other"),
+            ("GET", "/channels?api_key=key&%61pi_key=key"),
+            ("patch", "/users?api_key=key"),
+        ] {
+            assert_eq!(
+                seen_by_inner(&layer, method, uri, &[("authorization", &token)]).await,
+                Err(4),
+                "{method} {uri}"
+            );
+        }
+        let twice = [
+            ("authorization", token.as_str()),
+            ("Authorization", token.as_str()),
+        ];
+        assert_eq!(
+            seen_by_inner(&layer, "GET", "/channels?api_key=key", &twice).await,
+            Err(4)
+        );
     }
 
     #[tokio::test]

@@ -25,9 +25,13 @@ pub mod extract;
 pub mod gate;
 #[cfg(feature = "tower")]
 pub mod layer;
+pub mod limits;
+pub mod logs;
+pub mod normalize;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 pub mod reload;
+pub mod request;
 pub mod revocation;
 pub mod session;
 pub mod time;

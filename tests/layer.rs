@@ -3,14 +3,15 @@
 //! revocations go through the layer to the inner service, WebSocket refusals are
 //! 101 + one error frame + close 1000.
 
+mod common;
+
 use axum::extract::State;
 use axum::routing::{get, patch};
 use axum::{Json, Router};
 use bytes::Bytes;
 use chatgate::config::PublicPaths;
-use chatgate::revocation::{MemoryStore, RevocationCache};
 use chatgate::time::now_unix;
-use chatgate::{App, ChatAuthLayer, ConfigHandle, ConfigSnapshot, Gate, Identity, TokenBuilder};
+use chatgate::{App, ConfigSnapshot, Gate, Identity, TokenBuilder};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use std::future::Future;
@@ -40,15 +41,15 @@ async fn within<F: Future>(test: F) -> F::Output {
 }
 
 fn config(apps: Vec<App>) -> ConfigSnapshot {
-    let mut config = ConfigSnapshot::with_apps(apps);
+    let mut config = common::config(apps);
     config.auth.public_paths = PublicPaths::new(["/healthz"]);
     config
 }
 
 fn default_apps() -> Vec<App> {
-    let mut dev = App::new("dev", vec!["dev-secret".into()]);
+    let mut dev = common::app("dev", "dev-secret");
     dev.disable_auth_checks = true;
-    vec![App::new("key", vec![SECRET.into()]), dev]
+    vec![common::app("key", SECRET), dev]
 }
 
 async fn whoami(identity: Identity) -> Json<Value> {
@@ -65,20 +66,14 @@ async fn record(State(seen): State<Seen>, identity: Identity, body: Bytes) -> Js
 }
 
 async fn start(snapshot: ConfigSnapshot) -> Server {
-    let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &snapshot.revocation);
-    cache.spawn_invalidation();
-    let gate = Gate::new(ConfigHandle::new(snapshot), cache);
     let seen = Seen::default();
-    let app = Router::new()
+    let routes = Router::new()
         .route("/whoami", get(whoami))
         .route("/users", patch(record))
         .route("/app", patch(record))
         .with_state(seen.clone())
-        .fallback_service(chatgate::demo::router(chatgate::demo::DemoState::new()))
-        .layer(ChatAuthLayer::new(gate.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+        .fallback_service(chatgate::demo::router(chatgate::demo::DemoState::new()));
+    let (addr, gate) = common::layer_app(snapshot, routes).await;
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(10))
@@ -373,7 +368,7 @@ async fn a_reload_of_the_config_handle_applies_to_the_next_request() {
         server
             .gate
             .config()
-            .store(config(vec![App::new("key", vec!["rotated".into()])]));
+            .store(config(vec![common::app("key", "rotated")]));
         assert_stream_error(
             &server.get("/whoami?api_key=key", Some(&old)).await,
             43,

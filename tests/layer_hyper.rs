@@ -2,10 +2,11 @@
 //! `ReplayBody`, revocation bodies replayed to the inner service, and WebSocket refusals
 //! through hyper's own upgrade path.
 
+mod common;
+
 use bytes::Bytes;
 use chatgate::layer::ReplayBody;
-use chatgate::revocation::{MemoryStore, RevocationCache};
-use chatgate::{App, ChatAuthLayer, ConfigHandle, ConfigSnapshot, Gate, Identity, TokenBuilder};
+use chatgate::{Identity, TokenBuilder};
 use futures_util::StreamExt;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
@@ -16,7 +17,6 @@ use serde_json::Value;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -51,12 +51,10 @@ async fn echo(request: Request<ReplayBody<Incoming>>) -> Result<Response<Full<By
 }
 
 async fn start() -> SocketAddr {
-    let config = ConfigSnapshot::with_apps(vec![App::new("key", vec![SECRET.into()])]);
-    let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &config.revocation);
-    let gate = Gate::new(ConfigHandle::new(config), cache);
+    let layer = common::layer(common::config(vec![common::app("key", SECRET)])).await;
     let service = ServiceBuilder::new()
         .map_request(|request: Request<Incoming>| request.map(ReplayBody::new))
-        .layer(ChatAuthLayer::new(gate))
+        .layer(layer)
         .service_fn(echo);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -840,6 +840,70 @@ async fn a_config_reload_reaches_the_running_proxy() {
     .await;
 }
 
+/// The layer's options are the gate's `Policy`; `chatgate serve`'s TOML says each of
+/// them (the mapping is in `src/gate/policy.rs`): the `[[apps]]` list for `only_apps`,
+/// each app's `allow_anonymous` for the anonymous override, `[auth] public_paths` for
+/// extra public paths.
+#[tokio::test]
+async fn the_proxy_config_says_what_the_layer_options_say() {
+    let (upstream, mut proxy) = echo_proxy().await;
+    let client = reqwest::Client::new();
+    let status = |request: reqwest::RequestBuilder| async move {
+        request.send().await.unwrap().status().as_u16()
+    };
+    within(Duration::from_secs(30), async {
+        // only_apps: an app the file does not list is unknown (code 2, 401).
+        let stranger = chatgate::TokenBuilder::user("alice").sign("other-secret");
+        let get = |url: String| client.get(url);
+        let unknown = get(proxy.url("/channels?api_key=elsewhere"))
+            .header("authorization", &stranger)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(unknown.status().as_u16(), 401);
+        let body: serde_json::Value = unknown.json().await.unwrap();
+        assert_eq!(body["code"], 2);
+        let listed = get(proxy.url(&format!("/channels?api_key={KEY}")))
+            .header("authorization", user_token("alice"));
+        assert_eq!(status(listed).await, 200);
+
+        // allow_anonymous, per app: refused (code 5) where false, admitted where true.
+        let anonymous = |key: &str| {
+            get(proxy.url(&format!("/channels?api_key={key}")))
+                .header("stream-auth-type", "anonymous")
+        };
+        let refused = anonymous(KEY).send().await.unwrap();
+        assert_eq!(refused.status().as_u16(), 401);
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["code"], 5);
+        assert_eq!(status(anonymous(DEV_KEY)).await, 200);
+
+        // public_path: not public until [auth] public_paths names it.
+        assert_eq!(status(get(proxy.url("/static/app.js"))).await, 401);
+        proxy.append_config("[auth]\npublic_paths = [\"/healthz\", \"/static/*\"]\n");
+        let mut public = 0;
+        for _ in 0..200 {
+            public = status(get(proxy.url("/static/app.js"))).await;
+            if public == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(public, 200, "[auth] public_paths was never applied");
+        assert_eq!(status(get(proxy.url("/channels"))).await, 401);
+    })
+    .await;
+    let forwarded: Vec<String> = upstream.requests().into_iter().map(|r| r.target).collect();
+    assert!(
+        forwarded.contains(&"/static/app.js".to_owned()),
+        "{forwarded:?}"
+    );
+    assert!(
+        !forwarded.iter().any(|t| t.contains("elsewhere")),
+        "{forwarded:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_websocket_idle_longer_than_the_configured_timeout_is_closed() {
     let (_upstream, proxy) = echo_proxy_with(|o| o.websocket_idle_timeout_seconds = Some(1)).await;

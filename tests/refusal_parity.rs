@@ -4,16 +4,15 @@
 //! 101, accept key and the frames after it on a WebSocket upgrade. Both copy out the
 //! one `Rejection`, and this test keeps it so.
 
+mod common;
 #[path = "common/proxy_harness.rs"]
 mod harness;
 
 use axum::Router;
-use chatgate::revocation::{MemoryStore, RevocationCache};
+use chatgate::TokenBuilder;
 use chatgate::time::now_unix;
-use chatgate::{App, ChatAuthLayer, ConfigHandle, ConfigSnapshot, Gate, TokenBuilder};
 use harness::*;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,19 +24,12 @@ const CLOSE_NORMAL: [u8; 4] = [0x88, 0x02, 0x03, 0xe8];
 
 /// The layer over the same apps as the harness's proxy config.
 async fn start_layer() -> SocketAddr {
-    let mut dev = App::new(DEV_KEY, vec![DEV_SECRET.into()]);
+    let mut dev = common::app(DEV_KEY, DEV_SECRET);
     dev.disable_auth_checks = true;
     dev.allow_anonymous = true;
-    let config = ConfigSnapshot::with_apps(vec![App::new(KEY, vec![SECRET.into()]), dev]);
-    let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &config.revocation);
-    let gate = Gate::new(ConfigHandle::new(config), cache);
-    let app = Router::new()
-        .fallback(|| async { "reached the service" })
-        .layer(ChatAuthLayer::new(gate));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    address
+    let config = common::config(vec![common::app(KEY, SECRET), dev]);
+    let routes = Router::new().fallback(|| async { "reached the service" });
+    common::layer_app(config, routes).await.0
 }
 
 /// What a refusal put on the wire, with what differs by server (Date, Server) left out.

@@ -1,10 +1,12 @@
 //! Hot reload end to end: real files in temp dirs, the real watcher, and the gate's
 //! answers right after each swap.
 
+mod common;
+
 use chatgate::reload::{BackgroundTask, ConfigHandle, ConfigWatcher, ReloadOutcome};
-use chatgate::revocation::{MemoryStore, RevocationCache};
-use chatgate::{AuthError, Decision, Gate, RequestParts, TokenBuilder};
-use http::{HeaderMap, Method, Uri, header::AUTHORIZATION};
+use chatgate::revocation::MemoryStore;
+use chatgate::{AuthError, Decision, Gate, TokenBuilder};
+use common::check;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,8 +47,7 @@ impl Fixture {
 
     fn at(dir: tempfile::TempDir, path: PathBuf, watch: bool) -> Self {
         let config = ConfigHandle::from_file(&path).unwrap();
-        let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &config.load().revocation);
-        let gate = Gate::new(config.clone(), cache);
+        let gate = common::gate_over(config.clone(), Arc::new(MemoryStore::new()));
         let watcher = watch.then(|| ConfigWatcher::new(config.clone()).unwrap().spawn());
         Fixture {
             dir,
@@ -60,18 +61,6 @@ impl Fixture {
     async fn check(&self, api_key: &str, token: &str) -> Result<Decision, AuthError> {
         check(&self.gate, api_key, token).await
     }
-}
-
-async fn check(gate: &Gate, api_key: &str, token: &str) -> Result<Decision, AuthError> {
-    let uri: Uri = format!("/channels?api_key={api_key}").parse().unwrap();
-    let mut headers = HeaderMap::new();
-    headers.insert(AUTHORIZATION, token.parse().unwrap());
-    gate.check(RequestParts {
-        method: &Method::GET,
-        uri: &uri,
-        headers: &headers,
-    })
-    .await
 }
 
 fn allowed(result: Result<Decision, AuthError>) {

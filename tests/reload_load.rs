@@ -5,8 +5,10 @@
 //!
 //! 10 s by default; `CHATGATE_LOAD_SECONDS=20` for the longer run.
 
+mod common;
+
 use chatgate::reload::{ConfigHandle, ConfigWatcher};
-use chatgate::revocation::{MemoryStore, RevocationCache};
+use chatgate::revocation::MemoryStore;
 use chatgate::{AuthError, Decision, Gate, RequestParts, TokenBuilder};
 use http::{HeaderMap, Method, Uri, header::AUTHORIZATION};
 use std::path::Path;
@@ -63,6 +65,7 @@ async fn check(gate: &Gate, uri: &Uri, headers: &HeaderMap) -> Result<Decision, 
         method: &Method::GET,
         uri,
         headers,
+        peer: None,
     })
     .await
 }
@@ -90,9 +93,8 @@ async fn fifty_reloads_under_load_fail_no_check_and_a_removed_secret_is_refused_
     let path = dir.path().join("config.toml");
     std::fs::write(&path, version(0, false)).unwrap();
     let config = ConfigHandle::from_file(&path).unwrap();
-    let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &config.load().revocation);
-    let follower = cache.follow_config(&config);
-    let gate = Gate::new(config.clone(), cache);
+    let gate = common::gate_over(config.clone(), Arc::new(MemoryStore::new()));
+    let follower = gate.revocations().follow_config(&config);
     let watcher = ConfigWatcher::new(config.clone()).unwrap().spawn();
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -3,13 +3,13 @@
 //! the moment `apply_revocation` returned Ok, and is SIGKILLed as soon as the parent
 //! reads that line. The reopened file must reject every old token with code 40.
 
-use chatgate::config::App;
-use chatgate::revocation::RevocationCache;
+mod common;
+
 use chatgate::revocation::embedded::EmbeddedStore;
 use chatgate::time::now_unix;
 use chatgate::{
-    AuthError, ConfigHandle, ConfigSnapshot, Decision, Gate, Identity, RequestParts,
-    RevocationEndpoint, TokenBuilder,
+    AuthError, ConfigHandle, Decision, Gate, Identity, RequestParts, RevocationEndpoint,
+    TokenBuilder,
 };
 use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
@@ -26,10 +26,9 @@ const OLD_IAT: i64 = 1_700_000_000;
 const CUTOFF: i64 = 1_700_000_100;
 
 fn gate(path: &std::path::Path) -> Gate {
-    let config = ConfigSnapshot::with_apps(vec![App::new("key", vec![SECRET.into()])]);
+    let config = common::config(vec![common::app("key", SECRET)]);
     let store = EmbeddedStore::open(path).expect("open the embedded store");
-    let cache = RevocationCache::new(Arc::new(store), &config.revocation);
-    Gate::new(ConfigHandle::new(config), cache)
+    common::gate_over(ConfigHandle::new(config), Arc::new(store))
 }
 
 /// Kills the child (SIGKILL) if the test ends early.
@@ -140,6 +139,7 @@ fn a_revocation_survives_kill_9_right_after_it_was_acknowledged() {
                     method: &http::Method::GET,
                     uri: &uri,
                     headers: &headers,
+                    peer: None,
                 })
                 .await
             }

@@ -1,18 +1,17 @@
 //! The Redis store against a real `redis-server` (started here on a free loopback
 //! port): two gates sharing one Redis, Redis going away, and Redis coming back.
 
+mod common;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
-use chatgate::config::{App, RevocationSettings, StoreErrorPolicy, StoreKind};
+use chatgate::config::{RevocationSettings, StoreErrorPolicy, StoreKind};
 use chatgate::revocation::redis::RedisStore;
-use chatgate::revocation::{RevocationCache, RevocationEvent, RevocationStore};
+use chatgate::revocation::{RevocationEvent, RevocationStore};
 use chatgate::time::now_unix;
 use chatgate::{
-    AuthError, ConfigHandle, ConfigSnapshot, Decision, Gate, Identity, RequestParts,
-    RevocationEndpoint, TokenBuilder,
+    AuthError, ConfigHandle, Decision, Gate, Identity, RevocationEndpoint, TokenBuilder,
 };
-use http::{HeaderMap, Method, Uri};
 use redis_server::RedisServer;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,33 +34,21 @@ async fn instance(url: &str, policy: StoreErrorPolicy) -> Instance {
         cache_capacity: 10_000,
         on_store_error: policy,
         store_timeout: Duration::from_millis(200),
+        redis: Default::default(),
     };
     let store = Arc::new(RedisStore::connect(url).await.expect("connect to redis"));
-    let cache = RevocationCache::new(store.clone(), &settings);
-    cache.spawn_invalidation();
-    let config = ConfigSnapshot::with_apps(vec![App::new("key", vec![SECRET.into()])])
-        .with_revocation(settings);
+    let config = common::config(vec![common::app("key", SECRET)]).with_revocation(settings);
     Instance {
-        gate: Gate::new(ConfigHandle::new(config), cache),
+        gate: common::gate_over(ConfigHandle::new(config), store.clone()),
         store,
     }
 }
 
 async fn check(gate: &Gate, token: &str) -> Result<Decision, AuthError> {
-    let uri: Uri = "/channels?api_key=key".parse().unwrap();
-    let mut headers = HeaderMap::new();
-    headers.insert(http::header::AUTHORIZATION, token.parse().unwrap());
     // Never a hang: a check that does not finish promptly fails the test.
-    timeout(
-        Duration::from_secs(5),
-        gate.check(RequestParts {
-            method: &Method::GET,
-            uri: &uri,
-            headers: &headers,
-        }),
-    )
-    .await
-    .expect("gate.check must not hang")
+    timeout(Duration::from_secs(5), common::check(gate, "key", token))
+        .await
+        .expect("gate.check must not hang")
 }
 
 fn server_identity() -> Identity {

@@ -7,12 +7,12 @@
 //!
 //! Needs `python3` with `stream_chat` (`pip install stream-chat`; `.ci/run` does).
 
+mod common;
+
 use bytes::Bytes;
-use chatgate::config::App;
-use chatgate::revocation::RevocationCache;
 use chatgate::revocation::embedded::EmbeddedStore;
 use chatgate::time::now_unix;
-use chatgate::{ConfigHandle, ConfigSnapshot, Decision, ErrorResponse, Gate, RequestParts};
+use chatgate::{ConfigHandle, Decision, ErrorResponse, Gate, RequestParts};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
@@ -156,11 +156,9 @@ async fn the_python_sdk_revokes_and_unrevokes_users_and_the_app() {
 
 async fn scenario() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ConfigSnapshot::with_apps(vec![App::new(API_KEY, vec![SECRET.into()])]);
+    let config = common::config(vec![common::app(API_KEY, SECRET)]);
     let store = EmbeddedStore::open(&dir.path().join("revocations.db")).unwrap();
-    let cache = RevocationCache::new(Arc::new(store), &config.revocation);
-    cache.spawn_invalidation();
-    let gate = Gate::new(ConfigHandle::new(config), cache);
+    let gate = common::gate_over(ConfigHandle::new(config), Arc::new(store));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen = Seen::default();

@@ -2,17 +2,16 @@
 //! `stream-chat`), checked by the core exactly as contract §2 says. Nothing is pasted:
 //! if an SDK changes its token format, these tests see it.
 
+mod common;
+
 use chatgate::AuthError;
 use chatgate::config::{App, ConfigSnapshot};
-use chatgate::gate::{Decision, Gate, IdentityKind, RequestParts};
-use chatgate::reload::ConfigHandle;
-use chatgate::revocation::{MemoryStore, RevocationCache};
+use chatgate::gate::{Decision, IdentityKind, RequestParts};
 use chatgate::time::now_unix;
 use chatgate::token::{self, TokenKind};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
 
 const SECRET: &str = "sdk-test-secret-0123456789abcdef0123456789";
 
@@ -194,9 +193,7 @@ fn js_sdk_developer_token_needs_disable_auth_checks() {
 #[tokio::test]
 async fn sdk_tokens_pass_the_whole_gate_as_the_sdks_send_them() {
     let tokens = js_tokens(now_unix());
-    let config = ConfigSnapshot::with_apps(vec![app(true)]);
-    let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &config.revocation);
-    let gate = Gate::new(ConfigHandle::new(config), cache);
+    let gate = common::gate(common::config(vec![app(true)]));
     let cases = [
         ("create", IdentityKind::User),
         ("server", IdentityKind::Server),
@@ -213,6 +210,7 @@ async fn sdk_tokens_pass_the_whole_gate_as_the_sdks_send_them() {
                 method: &http::Method::GET,
                 uri: &uri,
                 headers: &headers,
+                peer: None,
             })
             .await
             .unwrap();
@@ -238,6 +236,7 @@ async fn sdk_tokens_pass_the_whole_gate_as_the_sdks_send_them() {
             method: &http::Method::GET,
             uri: &uri,
             headers: &headers,
+            peer: None,
         })
         .await
         .unwrap();

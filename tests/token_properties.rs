@@ -2,14 +2,14 @@
 //! verifies, any single-byte change to a valid token is rejected, and whatever
 //! `TokenBuilder` signs verifies with the same claims.
 
+mod common;
+
 use chatgate::config::{App, ConfigSnapshot};
 use chatgate::gate::{Gate, RequestParts};
-use chatgate::reload::ConfigHandle;
-use chatgate::revocation::{MemoryStore, RevocationCache};
 use chatgate::time::now_unix;
 use chatgate::token::{self, TokenBuilder, TokenKind};
 use proptest::prelude::*;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 const SECRET: &str = "property-secret";
 
@@ -46,10 +46,8 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 fn gate() -> Gate {
-    let snapshot = ConfigSnapshot::with_apps(vec![App::new("k", vec![SECRET.into()])]);
     let _guard = runtime().enter();
-    let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &snapshot.revocation);
-    Gate::new(ConfigHandle::new(snapshot), cache)
+    common::gate(common::config(vec![common::app("k", SECRET)]))
 }
 
 /// A valid token of every shape the builder makes.
@@ -146,6 +144,7 @@ proptest! {
             method: &http::Method::GET,
             uri: &uri,
             headers: &headers,
+            peer: None,
         }));
         prop_assert!(result.is_err(), "random credentials were accepted: {result:?}");
     }

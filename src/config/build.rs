@@ -5,12 +5,13 @@
 
 use super::locate::Locator;
 use super::schema::{
-    RawApp, RawAuth, RawConfig, RawLog, RawRevocation, RawServer, RawUpstream, StringOrList,
+    RawApp, RawAuth, RawConfig, RawLimits, RawLog, RawRevocation, RawServer, RawUpstream,
+    StringOrList,
 };
 use super::{
-    App, AuthSettings, ConfigError, ConfigSnapshot, LogFormat, LogSettings, PublicPaths,
-    RevocationSettings, ServerSettings, StoreErrorPolicy, StoreKind, UpstreamSettings,
-    content_hash,
+    App, AuthSettings, ConfigError, ConfigSnapshot, LimitsSettings, LogFormat, LogSettings,
+    PublicPaths, RevocationSettings, ServerSettings, StoreErrorPolicy, StoreKind, TrustedProxies,
+    UpstreamSettings, content_hash,
 };
 use crate::time::{Cutoff, now_unix, parse_stream_time};
 use std::collections::HashMap;
@@ -34,6 +35,7 @@ pub(super) fn build_settings(
         auth: auth(&raw.auth, at)?,
         revocation: revocation(&raw.revocation, at, base_dir)?,
         log: log(&raw.log, at)?,
+        limits: limits(&raw.limits, at)?,
         apps: HashMap::default(),
         app_order: Vec::new(),
     })
@@ -94,12 +96,51 @@ fn server(server: &RawServer, at: &Locator) -> Result<ServerSettings, ConfigErro
     if threads == 0 || threads > 1024 {
         return Err(at.error("server.threads", "must be between 1 and 1024"));
     }
+    let max_header_bytes = server.max_header_bytes.unwrap_or(65_536);
+    // Pingora's own hard cap on a request head is 1 MiB - 1 (`MAX_HEADER_SIZE`).
+    if !(1_024..=1_048_575).contains(&max_header_bytes) {
+        return Err(at.error(
+            "server.max_header_bytes",
+            "must be between 1024 and 1048575",
+        ));
+    }
     Ok(ServerSettings {
         listen,
         admin_listen,
         threads,
         work_stealing: server.work_stealing.unwrap_or(false),
         grace_period: Duration::from_secs(server.grace_period_seconds.unwrap_or(30)),
+        header_timeout: positive_ms(
+            at,
+            server.header_timeout_ms,
+            10_000,
+            "server.header_timeout_ms",
+        )?,
+        max_header_bytes: max_header_bytes as usize,
+    })
+}
+
+/// `[limits]` (contract §6 rule 7): off unless `failed_auth_per_minute` is set.
+fn limits(limits: &RawLimits, at: &Locator) -> Result<LimitsSettings, ConfigError> {
+    let failed_auth_per_minute = match limits.failed_auth_per_minute {
+        None => None,
+        Some(n @ 1..=100_000) => Some(n),
+        Some(_) => {
+            return Err(at.error(
+                "limits.failed_auth_per_minute",
+                "must be between 1 and 100000 (leave it out to turn the limit off)",
+            ));
+        }
+    };
+    let mut trusted = Vec::new();
+    for (i, entry) in limits.trusted_proxies.iter().flatten().enumerate() {
+        let net = TrustedProxies::parse_entry(entry)
+            .map_err(|m| at.error(&format!("limits.trusted_proxies[{i}]"), &m))?;
+        trusted.push(net);
+    }
+    Ok(LimitsSettings {
+        failed_auth_per_minute,
+        trusted_proxies: TrustedProxies::new(trusted),
     })
 }
 
@@ -265,6 +306,7 @@ fn revocation(
             250,
             "revocation.store_timeout_ms",
         )?,
+        redis: super::redis::build_redis_settings(revocation, at, base_dir)?,
     })
 }
 
@@ -462,6 +504,79 @@ mod tests {
             assert_eq!(key, expected_key);
             assert_eq!(line, expected_line, "{expected_key}");
         }
+    }
+
+    #[test]
+    fn limits_and_head_bounds_are_read_with_defaults_and_located_errors() {
+        let config = crate::config::tests::parse(VALID).unwrap();
+        assert_eq!(config.limits.failed_auth_per_minute, None);
+        assert!(config.limits.trusted_proxies.is_empty());
+        assert_eq!(config.server.header_timeout.as_millis(), 10_000);
+        assert_eq!(config.server.max_header_bytes, 65_536);
+
+        let with = |extra: &str| {
+            VALID.replace(
+                "[revocation]",
+                &format!("[limits]\n{extra}\n\n[revocation]"),
+            )
+        };
+        let text = with(
+            "failed_auth_per_minute = 20\ntrusted_proxies = [\"10.0.0.0/8\", \" ::1 \", \"192.168.1.7\"]",
+        );
+        let config = crate::config::tests::parse(&text).unwrap();
+        assert_eq!(config.limits.failed_auth_per_minute, Some(20));
+        for trusted in ["10.200.0.1", "::1", "192.168.1.7", "::ffff:10.0.0.1"] {
+            assert!(
+                config
+                    .limits
+                    .trusted_proxies
+                    .contains(trusted.parse().unwrap()),
+                "{trusted}"
+            );
+        }
+        assert!(
+            !config
+                .limits
+                .trusted_proxies
+                .contains("192.168.1.8".parse().unwrap())
+        );
+
+        for (extra, key, line) in [
+            (
+                "trusted_proxies = [\"10.0.0.0/8\",\n  \"10.0.0.0/33\"]",
+                "limits.trusted_proxies[1]",
+                14,
+            ),
+            (
+                "trusted_proxies = [\"proxy.internal\"]",
+                "limits.trusted_proxies[0]",
+                13,
+            ),
+            (
+                "failed_auth_per_minute = 0",
+                "limits.failed_auth_per_minute",
+                13,
+            ),
+        ] {
+            let (got_line, _, got_key, message) = invalid(&with(extra));
+            assert_eq!(
+                (got_key.as_str(), got_line),
+                (key, line),
+                "{extra}: {message}"
+            );
+        }
+        let text = VALID.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nmax_header_bytes = 100",
+        );
+        let (line, _, key, _) = invalid(&text);
+        assert_eq!((key.as_str(), line), ("server.max_header_bytes", 4));
+        let text = VALID.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nheader_timeout_ms = 0",
+        );
+        let (line, _, key, _) = invalid(&text);
+        assert_eq!((key.as_str(), line), ("server.header_timeout_ms", 4));
     }
 
     #[test]

@@ -108,6 +108,7 @@ impl ConfigSnapshot {
         if self.revocation.store != newer.revocation.store
             || self.revocation.path != newer.revocation.path
             || self.revocation.redis_url != newer.revocation.redis_url
+            || self.revocation.redis != newer.revocation.redis
         {
             changed.push("revocation.store");
         }

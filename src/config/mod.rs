@@ -13,12 +13,14 @@ mod diff;
 
 pub use diff::{DEMO_SECRET, MIN_SECRET_BYTES};
 mod locate;
+mod redis;
 mod schema;
 
 use crate::time::Cutoff;
 use crate::token::{Keyring, TokenRules};
 use build::{build, build_settings};
 use locate::Locator;
+pub use redis::{RedisSettings, redact_url};
 use schema::RawConfig;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -78,6 +80,59 @@ pub struct ServerSettings {
     pub work_stealing: bool,
     /// How long in-flight requests get to finish after SIGTERM.
     pub grace_period: Duration,
+    /// Longest a request head may take to arrive, from its first byte (contract §6
+    /// rule 6). Read per connection, so a reload applies to new connections.
+    pub header_timeout: Duration,
+    /// Largest request head (request line and headers) accepted (contract §6 rule 6).
+    pub max_header_bytes: usize,
+}
+
+/// `[limits]`: failed-authentication rate limiting (contract §6 rule 7). Reloadable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LimitsSettings {
+    /// Refusals with codes 2, 5, 17, 40-43 one client address may cause per minute
+    /// before its requests are answered 429 (code 9); `None` turns the limit off.
+    pub failed_auth_per_minute: Option<u32>,
+    /// Peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: TrustedProxies,
+}
+
+/// Peer addresses (single addresses or CIDR blocks) whose `X-Forwarded-For` is believed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<ipnet::IpNet>);
+
+impl TrustedProxies {
+    /// A set of networks; a single address is a /32 (or /128).
+    pub fn new(networks: Vec<ipnet::IpNet>) -> Self {
+        TrustedProxies(networks)
+    }
+
+    /// Parses one config entry: `"10.0.0.0/8"`, `"127.0.0.1"`, `"::1"`, `"fd00::/8"`.
+    pub fn parse_entry(entry: &str) -> Result<ipnet::IpNet, String> {
+        let text = entry.trim();
+        if let Ok(net) = text.parse::<ipnet::IpNet>() {
+            return Ok(net.trunc());
+        }
+        text.parse::<std::net::IpAddr>()
+            .map(ipnet::IpNet::from)
+            .map_err(|_| {
+                format!(
+                    "{entry:?} is not an IP address or CIDR block: expected e.g. \"10.0.0.0/8\", \"127.0.0.1\" or \"::1\""
+                )
+            })
+    }
+
+    /// Whether `address` is a trusted proxy (an IPv4-mapped IPv6 address counts as
+    /// its IPv4 address).
+    pub fn contains(&self, address: std::net::IpAddr) -> bool {
+        let address = address.to_canonical();
+        self.0.iter().any(|net| net.contains(&address))
+    }
+
+    /// Whether no proxy is trusted.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// `[log]`: the access log (`chatgate::access`) and the log format.
@@ -188,7 +243,7 @@ pub enum StoreErrorPolicy {
 }
 
 /// `[revocation]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RevocationSettings {
     /// The backend.
     pub store: StoreKind,
@@ -204,6 +259,24 @@ pub struct RevocationSettings {
     pub on_store_error: StoreErrorPolicy,
     /// Longest wait for the store on a cache miss.
     pub store_timeout: Duration,
+    /// How the redis store reaches, authenticates to and trusts Redis.
+    pub redis: RedisSettings,
+}
+
+impl std::fmt::Debug for RevocationSettings {
+    // `redis_url` may hold a password: logs get the redacted form.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RevocationSettings")
+            .field("store", &self.store)
+            .field("path", &self.path)
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("cache_ttl", &self.cache_ttl)
+            .field("cache_capacity", &self.cache_capacity)
+            .field("on_store_error", &self.on_store_error)
+            .field("store_timeout", &self.store_timeout)
+            .field("redis", &self.redis)
+            .finish()
+    }
 }
 
 /// One `[[apps]]` entry, with its [`Keyring`] (HMAC keys prebuilt, verified tokens).
@@ -297,6 +370,8 @@ pub struct ConfigSnapshot {
     pub revocation: RevocationSettings,
     /// `[log]`.
     pub log: LogSettings,
+    /// `[limits]`.
+    pub limits: LimitsSettings,
     // foldhash: the table is fixed at load, so a caller's keys cannot flood it, and
     // the lookup is on every request.
     apps: HashMap<Arc<str>, Arc<App>, foldhash::fast::RandomState>,

@@ -17,6 +17,7 @@ pub(super) struct RawConfig {
     pub(super) revocation: RawRevocation,
     #[serde(default)]
     pub(super) log: RawLog,
+    pub(super) limits: RawLimits,
     #[serde(default)]
     pub(super) apps: Vec<RawApp>,
 }
@@ -29,6 +30,8 @@ pub(super) struct RawServer {
     pub(super) threads: Option<usize>,
     pub(super) work_stealing: Option<bool>,
     pub(super) grace_period_seconds: Option<u64>,
+    pub(super) header_timeout_ms: Option<u64>,
+    pub(super) max_header_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,6 +66,20 @@ pub(super) struct RawRevocation {
     pub(super) cache_capacity: Option<u64>,
     pub(super) on_store_error: Option<String>,
     pub(super) store_timeout_ms: Option<u64>,
+    // Redis in production (issue 15): see `RedisSettings`.
+    pub(super) sentinels: Option<Vec<String>>,
+    pub(super) sentinel_master: Option<String>,
+    pub(super) redis_ca_file: Option<String>,
+    pub(super) redis_password_env: Option<String>,
+    pub(super) redis_password_file: Option<String>,
+    pub(super) min_replicas_acked: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub(super) failed_auth_per_minute: Option<u32>,
+    pub(super) trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -6,7 +6,7 @@
 //! cannot drift apart.
 
 use super::{AuthError, ErrorResponse};
-use crate::gate::RequestParts;
+use crate::request::RequestParts;
 use crate::ws;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -147,6 +147,7 @@ mod tests {
                 method: &method,
                 uri: &uri,
                 headers: &headers,
+                peer: None,
             },
         )
     }

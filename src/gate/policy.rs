@@ -4,8 +4,18 @@
 //! tower layer and the Pingora filter refuse the same requests the same way
 //! (tower-http's "the middleware only asks"): an adapter given a policy has no rules of
 //! its own after the gate has decided.
+//!
+//! Each rule combines the config's key with the policy's override here, in one place,
+//! so the config file can say everything a policy says. `chatgate serve` has no policy
+//! of its own (its gate's is the default): its TOML says it.
+//!
+//! | layer option / `Policy` | `chatgate serve`'s TOML |
+//! |---|---|
+//! | `.only_apps(["k"])` | the `[[apps]]` list: the proxy serves exactly the apps its file lists |
+//! | `.allow_anonymous(b)` | `allow_anonymous = b` on each `[[apps]]` entry |
+//! | `.public_path("/p/*")` | `[auth] public_paths = ["/healthz", "/p/*"]` |
 
-use crate::config::{App, PublicPaths};
+use crate::config::{App, AuthSettings, PublicPaths};
 use std::sync::Arc;
 
 /// The embedder's rules on top of the config. The default changes nothing.
@@ -66,12 +76,14 @@ impl Policy {
         self
     }
 
-    /// Whether `path` is one of this policy's extra public paths.
-    pub(crate) fn is_public(&self, path: &str) -> bool {
-        self.public_paths.contains(path)
+    /// Whether `path` needs no auth: one of the config's `[auth] public_paths` or of
+    /// this policy's extra ones.
+    pub(crate) fn is_public(&self, auth: &AuthSettings, path: &str) -> bool {
+        auth.public_paths.contains(path) || self.public_paths.contains(path)
     }
 
-    /// Whether this gate serves `app` at all.
+    /// Whether this gate serves `app` at all: a config app, unless the policy narrows
+    /// the list.
     pub(crate) fn serves(&self, app: &App) -> bool {
         self.apps
             .as_ref()
@@ -104,13 +116,22 @@ mod tests {
         app
     }
 
+    /// `[auth]` with no public path, so only the policy's count.
+    fn no_public_paths() -> AuthSettings {
+        let mut auth = crate::config::ConfigSnapshot::with_apps(vec![]).auth;
+        auth.public_paths = PublicPaths::default();
+        auth
+    }
+
     #[test]
     fn the_default_policy_leaves_the_config_in_charge() {
         let policy = Policy::new();
         assert!(policy.serves(&app("any", false)));
         assert!(!policy.admits_anonymous(&app("k", false)));
         assert!(policy.admits_anonymous(&app("k", true)));
-        assert!(!policy.is_public("/healthz"));
+        assert!(!policy.is_public(&no_public_paths(), "/healthz"));
+        let config = crate::config::ConfigSnapshot::with_apps(vec![]);
+        assert!(policy.is_public(&config.auth, "/healthz"));
     }
 
     #[test]
@@ -121,9 +142,10 @@ mod tests {
             .public_path("/metrics");
         assert!(policy.serves(&app("a", false)));
         assert!(!policy.serves(&app("b", false)));
-        assert!(policy.is_public("/static/app.js"));
-        assert!(policy.is_public("/metrics"));
-        assert!(!policy.is_public("/metrics/x"));
+        let auth = no_public_paths();
+        assert!(policy.is_public(&auth, "/static/app.js"));
+        assert!(policy.is_public(&auth, "/metrics"));
+        assert!(!policy.is_public(&auth, "/metrics/x"));
         assert!(
             policy
                 .clone()

@@ -171,6 +171,17 @@ async fn config(State(state): State<AdminState>) -> Response {
     // version, content_hash, loaded_at, source, last reload error and counts.
     let mut body = state.config.status().to_json();
     body["apps"] = state.config.load().apps().count().into();
+    // How the revocation store is reached (never a password) and what to fix about it.
+    let store = state.cache.store();
+    let warnings: Vec<serde_json::Value> = store
+        .warnings()
+        .into_iter()
+        .map(|w| serde_json::json!({"kind": w.kind, "message": w.message}))
+        .collect();
+    body["revocation_store"] = serde_json::json!({
+        "backend": store.report(),
+        "warnings": warnings,
+    });
     json(StatusCode::OK, body)
 }
 
@@ -215,6 +226,77 @@ mod tests {
             metrics: Arc::new(ProxyMetrics::new()),
             readiness: Arc::new(Readiness::new(None)),
         }
+    }
+
+    /// A memory store that reports a warning and how it is reached, as Redis does.
+    struct Warned(MemoryStore);
+
+    #[async_trait::async_trait]
+    impl crate::revocation::RevocationStore for Warned {
+        async fn user_cutoff(
+            &self,
+            app: &str,
+            user: &str,
+        ) -> Result<Option<crate::time::Cutoff>, crate::revocation::StoreError> {
+            self.0.user_cutoff(app, user).await
+        }
+        async fn set_user_cutoffs(
+            &self,
+            app: &str,
+            changes: &[crate::revocation::UserCutoffChange],
+        ) -> Result<(), crate::revocation::StoreError> {
+            self.0.set_user_cutoffs(app, changes).await
+        }
+        async fn app_cutoff(
+            &self,
+            app: &str,
+        ) -> Result<Option<crate::time::Cutoff>, crate::revocation::StoreError> {
+            self.0.app_cutoff(app).await
+        }
+        async fn set_app_cutoff(
+            &self,
+            app: &str,
+            cutoff: Option<crate::time::Cutoff>,
+        ) -> Result<(), crate::revocation::StoreError> {
+            self.0.set_app_cutoff(app, cutoff).await
+        }
+        fn subscribe(
+            &self,
+        ) -> tokio::sync::broadcast::Receiver<crate::revocation::RevocationEvent> {
+            self.0.subscribe()
+        }
+        async fn ping(&self) -> Result<(), crate::revocation::StoreError> {
+            Ok(())
+        }
+        fn warnings(&self) -> Vec<crate::revocation::StoreWarning> {
+            vec![crate::revocation::StoreWarning {
+                kind: "redis_persists_nothing",
+                message: "set appendonly yes".into(),
+            }]
+        }
+        fn report(&self) -> serde_json::Value {
+            serde_json::json!({"url": crate::config::redact_url("redis://u:hunter2@r")})
+        }
+    }
+
+    #[tokio::test]
+    async fn store_warnings_reach_config_and_metrics_without_secrets() {
+        let mut state = state();
+        state.cache = RevocationCache::new(
+            Arc::new(Warned(MemoryStore::new())),
+            &state.config.load().revocation,
+        );
+        let (_, text) = get_text(state.clone(), "/config").await;
+        assert!(!text.contains("hunter2"), "{text}");
+        let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let store = &config["revocation_store"];
+        assert_eq!(store["backend"]["url"], "redis://u:***@r");
+        assert_eq!(store["warnings"][0]["kind"], "redis_persists_nothing");
+        let (_, text) = get_text(state, "/metrics").await;
+        assert!(
+            text.contains(r#"chatgate_revocation_store_warning{kind="redis_persists_nothing"} 1"#),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -91,7 +91,23 @@ impl ProxyHttp for EdgeProxy {
     // disabled default still costs time on every request (perf-notes).
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        // The head is read: the rest of the request is no longer bounded as a head.
+        super::head::head_read(session);
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        // Contract §6 rule 9. Without this, Pingora 0.9.1 treats bytes that arrive while
+        // a request is being proxied as an error ("Sent data after end of body") and
+        // answers the request, which the upstream already has, with a bare 400. With it,
+        // those bytes are kept as the next request and answered in order; the setting
+        // carries over to the connection's later requests.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         ctx.websocket = RequestParts::from(&**session.req_header()).is_websocket_upgrade();
         let (verdict, refused) = self.auth.decide(session).await?;
         if let Some(refused) = refused {
@@ -137,8 +153,10 @@ impl ProxyHttp for EdgeProxy {
         &self,
         _session: &mut Session,
         upstream_request: &mut RequestHeader,
-        _ctx: &mut Self::CTX,
+        ctx: &mut Self::CTX,
     ) -> Result<()> {
+        self.auth
+            .upstream_request_filter(upstream_request, ctx.identity.as_ref())?;
         let peers = self.upstreams.current.load();
         if let Some(host) = &peers.tls_host {
             // A TLS upstream (e.g. Stream) routes on Host: send the name it is known by.

@@ -6,9 +6,11 @@
 use super::metrics::{ProxyMetrics, UNKNOWN_APP};
 use crate::error::{AuthError, Rejection};
 use crate::gate::{Decision, Gate, Identity, RequestParts, RevocationEndpoint};
+use crate::normalize;
 use bytes::BytesMut;
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -40,9 +42,12 @@ impl Verdict {
 }
 
 /// Runs the [`Gate`] inside a Pingora `request_filter`: strips client-sent identity
-/// headers, decides, applies revocation bodies, and answers refusals in the contract's
-/// shape (JSON over HTTP; 101 + error frame + close 1000 on a WebSocket upgrade). The
-/// client connection stays open after an HTTP refusal.
+/// headers, rewrites the target to the normal form the gate judges (contract §6),
+/// decides, applies revocation bodies, and answers refusals in the contract's shape
+/// (JSON over HTTP; 101 + error frame + close 1000 on a WebSocket upgrade). The client
+/// connection stays open after an HTTP refusal. Its
+/// [`upstream_request_filter`](ChatAuthFilter::upstream_request_filter) writes the
+/// identity headers.
 ///
 /// ```no_run
 /// use async_trait::async_trait;
@@ -71,6 +76,14 @@ impl Verdict {
 ///     }
 ///     async fn upstream_peer(&self, _: &mut Session, _: &mut Self::CTX) -> Result<Box<HttpPeer>> {
 ///         Ok(Box::new(HttpPeer::new("127.0.0.1:3030", false, String::new())))
+///     }
+///     async fn upstream_request_filter(
+///         &self,
+///         _: &mut Session,
+///         upstream_request: &mut RequestHeader,
+///         ctx: &mut Self::CTX,
+///     ) -> Result<()> {
+///         self.auth.upstream_request_filter(upstream_request, ctx.as_ref())
 ///     }
 /// }
 /// ```
@@ -102,9 +115,10 @@ impl ChatAuthFilter {
     }
 
     /// Decides the request in `session`. On [`Verdict::Responded`] the refusal has been
-    /// written; on [`Verdict::Forward`] the request header carries the identity headers
-    /// the config asks for (and never the client's own). `Err` is an I/O error on the
-    /// client connection.
+    /// written; on [`Verdict::Forward`] the request header carries the normal target and
+    /// none of the client's identity headers; pass the identity on to
+    /// [`ChatAuthFilter::upstream_request_filter`]. `Err` is an I/O error on the client
+    /// connection.
     pub async fn request_filter(&self, session: &mut Session) -> pingora::Result<Verdict> {
         Ok(self.decide(session).await?.0)
     }
@@ -115,11 +129,16 @@ impl ChatAuthFilter {
         &self,
         session: &mut Session,
     ) -> pingora::Result<(Verdict, Option<Refused>)> {
-        strip_identity_headers(session);
+        strip_identity_headers(session.req_header_mut());
+        forward_normal_target(session)?;
         let started = Instant::now();
+        let peer = session
+            .client_addr()
+            .and_then(|address| address.as_inet())
+            .map(|address| address.ip());
         let decision = self
             .gate
-            .check(RequestParts::from(&**session.req_header()))
+            .check(RequestParts::from(&**session.req_header()).with_peer(peer))
             .await;
         self.metrics.observe_check(started.elapsed());
         let identity = match decision {
@@ -133,9 +152,6 @@ impl ChatAuthFilter {
         match identity {
             Ok(identity) => {
                 self.metrics.allowed(&identity.app);
-                if self.gate.config().load().upstream.forward_identity {
-                    set_identity_headers(session, &identity)?;
-                }
                 Ok((Verdict::Forward(Some(identity)), None))
             }
             Err(error) => {
@@ -186,6 +202,35 @@ impl ChatAuthFilter {
             .map(|()| identity))
     }
 
+    /// Call from `ProxyHttp::upstream_request_filter` with the identity
+    /// [`ChatAuthFilter::request_filter`] returned: writes the verified identity headers
+    /// (when `[upstream] forward_identity` is on) into the request about to go upstream,
+    /// after removing any header an upstream could read as one of them.
+    ///
+    /// Why here and not in `request_filter` (contract §6 rule 2): pingora-proxy 0.9.1
+    /// builds the upstream request from a clone of the client's request header and runs
+    /// `sanitize_h1_upstream_request` on it (`proxy_h1.rs`, `proxy_1to1`), which removes
+    /// the standard hop-by-hop headers and every header the client named in
+    /// `Connection`, *after* `request_filter` and *before* `upstream_request_filter`. A
+    /// header set in `request_filter` is therefore removed by `Connection:
+    /// x-chatgate-user-id`; one set here is not.
+    pub fn upstream_request_filter(
+        &self,
+        upstream_request: &mut RequestHeader,
+        identity: Option<&Identity>,
+    ) -> pingora::Result<()> {
+        strip_identity_headers(upstream_request);
+        if let Some(identity) = identity
+            && self.gate.config().load().upstream.forward_identity
+        {
+            upstream_request.insert_header(AUTH_HEADER, identity.kind.as_str())?;
+            if let Some(user) = identity.user_id() {
+                upstream_request.insert_header(USER_ID_HEADER, user)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The `app` label of a refusal: the api_key if it names a configured app.
     fn app_label(&self, session: &Session) -> String {
         let query = session.req_header().uri.query().unwrap_or("");
@@ -212,24 +257,41 @@ impl std::fmt::Debug for ChatAuthFilter {
     }
 }
 
-fn strip_identity_headers(session: &mut Session) {
-    let header = session.req_header_mut();
-    // Checked first: the common request has neither, and removal rebuilds case maps.
-    if header.headers.contains_key(USER_ID_HEADER) {
-        header.remove_header(USER_ID_HEADER);
-    }
-    if header.headers.contains_key(AUTH_HEADER) {
-        header.remove_header(AUTH_HEADER);
+/// Removes every header an upstream could read as one of the gate's identity headers
+/// (case folded, `_` for `-`: contract §6 rule 2).
+fn strip_identity_headers(header: &mut RequestHeader) {
+    // Found first: the common request has none, and removal rebuilds case maps.
+    let forged: Vec<http::HeaderName> = header
+        .headers
+        .keys()
+        .filter(|name| normalize::is_identity_header(name.as_str()))
+        .cloned()
+        .collect();
+    for name in forged {
+        header.remove_header(&name);
     }
 }
 
-fn set_identity_headers(session: &mut Session, identity: &Identity) -> pingora::Result<()> {
-    let header = session.req_header_mut();
-    header.insert_header(AUTH_HEADER, identity.kind.as_str())?;
-    if let Some(user) = identity.user_id() {
-        header.insert_header(USER_ID_HEADER, user)?;
+/// Makes the request header carry the target the gate judges (contract §6 rule 3): the
+/// normal path and the query as sent, in origin-form. Pingora forwards
+/// `RequestHeader::raw_path()`, which for an absolute-form or non-UTF-8 target is not
+/// the `uri` the gate reads, so it is rewritten whenever the two differ. A path that
+/// cannot be normalised is left for the gate to refuse.
+fn forward_normal_target(session: &mut Session) -> pingora::Result<()> {
+    let header = session.req_header();
+    let Ok(path) = normalize::path(header.uri.path()) else {
+        return Ok(());
+    };
+    let parsed = header
+        .uri
+        .path_and_query()
+        .map_or("", |target| target.as_str());
+    // The common request: a normal path, sent in origin-form as UTF-8. No allocation.
+    if matches!(path, Cow::Borrowed(_)) && header.raw_path() == parsed.as_bytes() {
+        return Ok(());
     }
-    Ok(())
+    let target = normalize::target(&path, header.uri.query());
+    session.req_header_mut().set_raw_path(target.as_bytes())
 }
 
 /// Writes `error` in the contract's shape by copying out its [`Rejection`]: JSON over

@@ -50,6 +50,7 @@ pub struct ProxyMetrics {
     upstream_seconds: Histogram,
     reloads: IntCounterVec,
     last_reload_success: Gauge,
+    store_warnings: IntGaugeVec,
     /// Serialises the copy of the cache's atomics into the counters, so two concurrent
     /// scrapes cannot add the same delta twice.
     sync: Mutex<()>,
@@ -169,6 +170,14 @@ impl ProxyMetrics {
         for kind in UPSTREAM_ERROR_KINDS {
             upstream_errors.with_label_values(&[kind]);
         }
+        let store_warnings = IntGaugeVec::new(
+            Opts::new(
+                "chatgate_revocation_store_warning",
+                "1 for each problem with the revocation store's setup (e.g. redis_persists_nothing)",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(allowed.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(build_info),
@@ -184,6 +193,7 @@ impl ProxyMetrics {
             Box::new(cache_misses.clone()),
             Box::new(store_errors.clone()),
             Box::new(cache_entries.clone()),
+            Box::new(store_warnings.clone()),
         ] {
             registry.register(collector).expect("unique metric names");
         }
@@ -210,6 +220,7 @@ impl ProxyMetrics {
             upstream_seconds,
             reloads,
             last_reload_success,
+            store_warnings,
             sync: Mutex::new(()),
         }
     }
@@ -314,6 +325,12 @@ impl ProxyMetrics {
             }
             self.cache_entries
                 .set(i64::try_from(cache.entry_count()).unwrap_or(i64::MAX));
+            self.store_warnings.reset();
+            for warning in cache.store().warnings() {
+                self.store_warnings
+                    .with_label_values(&[warning.kind])
+                    .set(1);
+            }
         }
         let mut out = Vec::with_capacity(4096);
         TextEncoder::new()

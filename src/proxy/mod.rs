@@ -22,6 +22,7 @@ pub mod access_log;
 pub mod admin;
 mod edge;
 mod filter;
+pub mod head;
 mod live;
 mod metrics;
 
@@ -211,8 +212,12 @@ pub fn run(
     server.bootstrap();
 
     let edge = EdgeProxy::new(ChatAuthFilter::with_metrics(gate, metrics.clone()))?;
-    let mut proxy =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, edge, "chatgate");
+    // Contract §6 rule 6: the proxy behind the request-head limits (see `head`).
+    let app = head::HeadLimitedApp::new(
+        pingora::proxy::http_proxy(&server.configuration, edge),
+        config.clone(),
+    );
+    let mut proxy = pingora::services::listening::Service::new("chatgate".to_owned(), app);
     proxy.add_tcp(&snapshot.server.listen.to_string());
     server.add_service(proxy);
 

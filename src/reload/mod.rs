@@ -355,6 +355,7 @@ fn keep_restart_only_settings(running: &ConfigSnapshot, next: &mut ConfigSnapsho
     next.revocation.store = running.revocation.store;
     next.revocation.path = running.revocation.path.clone();
     next.revocation.redis_url = running.revocation.redis_url.clone();
+    next.revocation.redis = running.revocation.redis.clone();
     next.upstream.tls = running.upstream.tls;
     next.upstream.demo = running.upstream.demo;
 }

@@ -348,6 +348,12 @@ impl BackgroundTask {
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
+
+    /// A handle that sees the task end after this guard is gone.
+    #[cfg(all(test, feature = "tower"))]
+    pub(crate) fn abort_handle(&self) -> tokio::task::AbortHandle {
+        self.task.abort_handle()
+    }
 }
 
 #[cfg(test)]
@@ -363,51 +369,40 @@ mod tests {
         event
     }
 
+    /// Whether an event of `kind` on `paths` triggers a reload of `/d/config.toml`.
+    fn relevant(kind: EventKind, paths: &[&str]) -> bool {
+        is_relevant(&event(kind, paths), &[OsString::from("config.toml")])
+    }
+
     #[test]
     fn changes_to_the_config_or_configmap_entries_are_relevant() {
-        let names = [OsString::from("config.toml")];
-        let relevant = [
-            event(
-                EventKind::Modify(ModifyKind::Data(DataChange::Any)),
-                &["/d/config.toml"],
-            ),
-            event(
-                EventKind::Access(AccessKind::Close(AccessMode::Write)),
-                &["/d/config.toml"],
-            ),
-            event(
-                EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
-                &["/d/.config.toml.tmp", "/d/config.toml"],
-            ),
-            event(EventKind::Remove(RemoveKind::File), &["/d/config.toml"]),
-            event(EventKind::Create(CreateKind::Any), &["/d/..data_tmp"]),
-            event(EventKind::Any, &["/d/config.toml"]),
-        ];
-        for event in &relevant {
-            assert!(is_relevant(event, &names), "{event:?}");
-        }
+        let config = ["/d/config.toml"];
+        let data = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        assert!(relevant(data, &config));
+        assert!(relevant(closed, &config));
+        assert!(relevant(
+            renamed,
+            &["/d/.config.toml.tmp", "/d/config.toml"]
+        ));
+        assert!(relevant(EventKind::Remove(RemoveKind::File), &config));
+        assert!(relevant(
+            EventKind::Create(CreateKind::Any),
+            &["/d/..data_tmp"]
+        ));
+        assert!(relevant(EventKind::Any, &config));
     }
 
     #[test]
     fn reads_and_other_files_are_not_relevant() {
-        let names = [OsString::from("config.toml")];
-        let ignored = [
-            event(
-                EventKind::Access(AccessKind::Open(AccessMode::Any)),
-                &["/d/config.toml"],
-            ),
-            event(
-                EventKind::Access(AccessKind::Close(AccessMode::Read)),
-                &["/d/config.toml"],
-            ),
-            event(
-                EventKind::Modify(ModifyKind::Data(DataChange::Any)),
-                &["/d/chatgate-revocations.db"],
-            ),
-        ];
-        for event in &ignored {
-            assert!(!is_relevant(event, &names), "{event:?}");
-        }
+        let config = ["/d/config.toml"];
+        let opened = EventKind::Access(AccessKind::Open(AccessMode::Any));
+        let read = EventKind::Access(AccessKind::Close(AccessMode::Read));
+        let data = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        assert!(!relevant(opened, &config));
+        assert!(!relevant(read, &config));
+        assert!(!relevant(data, &["/d/chatgate-revocations.db"]));
     }
 
     #[test]

@@ -640,6 +640,7 @@ mod tests {
             cache_capacity: 1000,
             on_store_error: StoreErrorPolicy::Deny,
             store_timeout: Duration::from_millis(200),
+            redis: Default::default(),
         }
     }
 

@@ -86,6 +86,25 @@ pub trait RevocationStore: Send + Sync + 'static {
     fn subscribe(&self) -> broadcast::Receiver<RevocationEvent>;
     /// Whether the backend answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
+    /// What an operator should fix about the backend (logged at start by the backend,
+    /// shown in `/config` and `/metrics`).
+    fn warnings(&self) -> Vec<StoreWarning> {
+        Vec::new()
+    }
+    /// How the backend is reached and what it said about itself, for `/config`.
+    /// Never a secret.
+    fn report(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+/// A problem with the store's setup that does not stop it working.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreWarning {
+    /// A stable label (the `/metrics` label value), e.g. `redis_persists_nothing`.
+    pub kind: &'static str,
+    /// What is wrong and what to do.
+    pub message: String,
 }
 
 /// Opens the store `[revocation]` names.
@@ -101,9 +120,12 @@ pub async fn open_store(
         StoreKind::Embedded => Err(StoreError::Unavailable(
             "this build has no embedded store: enable the `embedded` feature".into(),
         )),
+        // Boxed: the redis client's Sentinel and TLS connection futures nest so deeply
+        // that every async caller of open_store overflowed rustc's layout query depth.
+        // Opening happens once, so the allocation costs nothing that matters.
         #[cfg(feature = "redis")]
         StoreKind::Redis => Ok(Arc::new(
-            redis::RedisStore::connect(&settings.redis_url).await?,
+            Box::pin(redis::RedisStore::from_settings(settings)).await?,
         )),
         #[cfg(not(feature = "redis"))]
         StoreKind::Redis => Err(StoreError::Unavailable(

@@ -18,6 +18,9 @@ pub const SECRET: &str = "secret";
 /// An app that accepts developer tokens and anonymous users.
 pub const DEV_KEY: &str = "devkey";
 pub const DEV_SECRET: &str = "devsecret";
+/// A second tenant, with its own secret (written only when [`ProxyOptions::second_app`]).
+pub const KEY_B: &str = "key-b";
+pub const SECRET_B: &str = "b-secret-7f3c9e21d4";
 
 /// Longest any single network step may take in a test.
 pub const STEP: Duration = Duration::from_secs(10);
@@ -27,9 +30,33 @@ pub const STEP: Duration = Duration::from_secs(10);
 pub struct Recorded {
     pub method: String,
     pub target: String,
-    /// Lower-case names.
+    /// Lower-case names; a repeated header keeps its last value (see [`Recorded::raw_head`]).
     pub headers: HashMap<String, String>,
     pub body: Vec<u8>,
+    /// The request head exactly as it arrived, request line to the blank line.
+    pub raw_head: Vec<u8>,
+}
+
+impl Recorded {
+    /// Every `(name, value)` header line of the raw head, names as sent, in order.
+    pub fn header_lines(&self) -> Vec<(String, String)> {
+        String::from_utf8_lossy(&self.raw_head)
+            .split("\r\n")
+            .skip(1)
+            .filter(|line| !line.is_empty())
+            .filter_map(|line| line.split_once(':'))
+            .map(|(name, value)| (name.to_owned(), value.trim().to_owned()))
+            .collect()
+    }
+
+    /// Every value sent under `name` (compared case-insensitively), in order.
+    pub fn header_values(&self, name: &str) -> Vec<String> {
+        self.header_lines()
+            .into_iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+            .collect()
+    }
 }
 
 /// How the test upstream behaves.
@@ -131,12 +158,14 @@ async fn read_request(
         buffer.extend_from_slice(&chunk[..n]);
     }
     let body = buffer[head_end..head_end + length].to_vec();
+    let raw_head = buffer[..head_end].to_vec();
     buffer.drain(..head_end + length);
     Ok(Some(Recorded {
         method,
         target,
         headers,
         body,
+        raw_head,
     }))
 }
 
@@ -267,6 +296,8 @@ pub struct Proxy {
     child: Child,
     config: tempfile::NamedTempFile,
     config_text: String,
+    /// Where stdout and stderr go when [`ProxyOptions::capture_output`] is set.
+    output: Option<tempfile::NamedTempFile>,
 }
 
 fn upgrade_sock_for(listen_port: u16) -> PathBuf {
@@ -307,6 +338,24 @@ pub struct ProxyOptions {
     pub demo: bool,
     /// `(sni, verify_cert)`: connect to the upstream with TLS.
     pub tls: Option<(String, bool)>,
+    /// `[auth] public_paths` (left out of the file when empty).
+    pub public_paths: Vec<String>,
+    /// `[server] header_timeout_ms`.
+    pub header_timeout_ms: Option<u64>,
+    /// `[server] max_header_bytes`.
+    pub max_header_bytes: Option<u64>,
+    /// `[limits] failed_auth_per_minute`.
+    pub failed_auth_per_minute: Option<u32>,
+    /// `[limits] trusted_proxies`; the `[limits]` section is written when this or
+    /// `failed_auth_per_minute` is set.
+    pub trusted_proxies: Vec<String>,
+    /// A second app, [`KEY_B`] with [`SECRET_B`].
+    pub second_app: bool,
+    /// `RUST_LOG` of the proxy (default `warn`).
+    pub rust_log: Option<String>,
+    /// Write the proxy's stdout and stderr to a file ([`Proxy::output`]) instead of
+    /// discarding stdout and sharing the test's stderr.
+    pub capture_output: bool,
 }
 
 impl Proxy {
@@ -368,8 +417,15 @@ impl Proxy {
             .iter()
             .map(|a| format!("\"{a}\""))
             .collect();
+        let mut server_extra = String::new();
+        if let Some(ms) = options.header_timeout_ms {
+            server_extra.push_str(&format!("header_timeout_ms = {ms}\n"));
+        }
+        if let Some(bytes) = options.max_header_bytes {
+            server_extra.push_str(&format!("max_header_bytes = {bytes}\n"));
+        }
         let mut text = format!(
-            "[server]\nlisten = \"127.0.0.1:{listen_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nthreads = 1\ngrace_period_seconds = 3\n\
+            "[server]\nlisten = \"127.0.0.1:{listen_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nthreads = 1\ngrace_period_seconds = 3\n{server_extra}\
              [upstream]\naddresses = [{}]\nforward_identity = {}\ndemo = {}\nconnect_timeout_ms = 1000\n",
             upstreams.join(", "),
             options.forward_identity,
@@ -386,39 +442,87 @@ impl Proxy {
         if let Some(s) = options.websocket_idle_timeout_seconds {
             text.push_str(&format!("websocket_idle_timeout_seconds = {s}\n"));
         }
+        if !options.public_paths.is_empty() {
+            let paths: Vec<String> = options
+                .public_paths
+                .iter()
+                .map(|p| format!("\"{p}\""))
+                .collect();
+            text.push_str(&format!("[auth]\npublic_paths = [{}]\n", paths.join(", ")));
+        }
+        if options.failed_auth_per_minute.is_some() || !options.trusted_proxies.is_empty() {
+            text.push_str("[limits]\n");
+            if let Some(n) = options.failed_auth_per_minute {
+                text.push_str(&format!("failed_auth_per_minute = {n}\n"));
+            }
+            let proxies: Vec<String> = options
+                .trusted_proxies
+                .iter()
+                .map(|p| format!("\"{p}\""))
+                .collect();
+            text.push_str(&format!("trusted_proxies = [{}]\n", proxies.join(", ")));
+        }
         text.push_str(&format!(
             "[revocation]\nstore = \"memory\"\n\
              [[apps]]\napi_key = \"{KEY}\"\nsecrets = [\"{SECRET}\"]\n\
              [[apps]]\napi_key = \"{DEV_KEY}\"\nsecrets = [\"{DEV_SECRET}\"]\ndisable_auth_checks = true\nallow_anonymous = true\n"
         ));
+        if options.second_app {
+            text.push_str(&format!(
+                "[[apps]]\napi_key = \"{KEY_B}\"\nsecrets = [\"{SECRET_B}\"]\n"
+            ));
+        }
         let mut config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         config.write_all(text.as_bytes()).unwrap();
         config.flush().unwrap();
+        let output = options
+            .capture_output
+            .then(|| tempfile::Builder::new().suffix(".log").tempfile().unwrap());
+        // tracing's fmt layer writes to stdout and Pingora's own messages to stderr:
+        // both go to the file, each handle appending so neither overwrites the other.
+        let appender = |file: &tempfile::NamedTempFile| {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(file.path())
+                .unwrap()
+        };
+        let (stdout, stderr) = match &output {
+            Some(file) => (Stdio::from(appender(file)), Stdio::from(appender(file))),
+            None => (Stdio::null(), Stdio::inherit()),
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_chatgate"))
             .args(["serve", "--config"])
             .arg(config.path())
             .arg("--upgrade-sock")
             .arg(upgrade_sock_for(listen_port))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .env("RUST_LOG", options.rust_log.as_deref().unwrap_or("warn"))
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .expect("the chatgate binary runs");
-        let proxy = Proxy {
+        let mut proxy = Proxy {
             address: SocketAddr::from(([127, 0, 0, 1], listen_port)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
             child,
             config,
             config_text: text,
+            output,
         };
         proxy.wait_ready().await;
         proxy
     }
 
     /// Waits until both listeners accept (at most 15 s: a debug build starts slowly
-    /// on a busy machine).
-    async fn wait_ready(&self) {
+    /// on a busy machine); a process that exits first (e.g. on a config it rejects)
+    /// fails at once with its config.
+    async fn wait_ready(&mut self) {
         for _ in 0..300 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "chatgate exited ({status}) before listening; its config was:\n{}",
+                    self.config_text
+                );
+            }
             if TcpStream::connect(self.address).await.is_ok()
                 && TcpStream::connect(self.admin).await.is_ok()
             {
@@ -427,6 +531,21 @@ impl Proxy {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("chatgate did not start listening on {}", self.address);
+    }
+
+    /// Everything the proxy wrote so far (needs [`ProxyOptions::capture_output`]).
+    pub fn output(&self) -> String {
+        let file = self
+            .output
+            .as_ref()
+            .expect("start the proxy with capture_output");
+        String::from_utf8_lossy(&std::fs::read(file.path()).unwrap()).into_owned()
+    }
+
+    /// Stops the process (SIGKILL) and waits for it, so its output is complete.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Appends to the running config file (write to a temp file, then rename over it,

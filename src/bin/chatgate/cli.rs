@@ -600,7 +600,10 @@ fn describe_store(settings: &chatgate::config::RevocationSettings) -> String {
     match settings.store {
         StoreKind::Memory => "store: memory".into(),
         StoreKind::Embedded => format!("store: embedded {}", settings.path.display()),
-        StoreKind::Redis => format!("store: redis {}", settings.redis_url),
+        StoreKind::Redis => format!(
+            "store: redis {}",
+            chatgate::config::redact_url(&settings.redis_url)
+        ),
         other => format!("store: {other:?}"),
     }
 }

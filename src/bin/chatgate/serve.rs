@@ -79,24 +79,35 @@ pub fn serve(args: &ServeArgs) -> Result<(), ServeError> {
 /// (`[log] format`), with ANSI colour only when stderr is a terminal: escape codes in a
 /// file or journald are noise. Read once: a reload cannot change the format.
 fn init_logging(format: LogFormat) {
-    // Pingora logs through `log`; tracing-subscriber forwards it.
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // Pingora logs through `log`; tracing-subscriber forwards it (`try_init` installs
+    // the `log` bridge). Contract §6 rule 8: whatever RUST_LOG asks for, the libraries
+    // that format whole requests (URI with its query, Authorization) are capped at
+    // INFO by `chatgate::logs::may_log`, so no token reaches the output.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let redact = tracing_subscriber::filter::filter_fn(chatgate::logs::may_log);
+    let base = tracing_subscriber::fmt::layer()
         .with_target(true)
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder
+    let output = match format {
+        LogFormat::Text => base
             .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
+            .with_filter(filter)
+            .with_filter(redact)
+            .boxed(),
         // Fields at the top level of each object, where log shippers look for them.
-        LogFormat::Json => builder
+        LogFormat::Json => base
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .try_init(),
+            .with_filter(filter)
+            .with_filter(redact)
+            .boxed(),
     };
+    let _ = tracing_subscriber::registry().with(output).try_init();
 }
 
 /// The built-in demo chat API ([`chatgate::demo`]) on the first upstream address

@@ -1,0 +1,448 @@
+//! Contract §6 rule 6: slow or huge request heads do not hold resources.
+//!
+//! Pingora reads a request head before any `ProxyHttp` hook runs, and bounds it only
+//! loosely: in pingora-core 0.9.1 `HttpSession::read_request`
+//! (`protocols/http/v1/server.rs`) waits for each read with the keep-alive timeout
+//! (60 s, set by the `ServerApp` impl for every `HttpServerApp` in `apps/mod.rs`), so a
+//! client sending one byte a minute is never cut off, and it stops a head only past
+//! `MAX_HEADER_SIZE` (1 MiB - 1, a private constant), answering 400. Neither
+//! `HttpServerOptions` nor `ServerConf` nor any hook (`early_request_filter` runs after
+//! the head is read) sets either bound.
+//!
+//! So the bound is built on Pingora's public API, one layer down, with the smallest
+//! piece that sees the bytes before Pingora does:
+//! - [`HeadLimitedApp`] is the listening service's `ServerApp`. It runs the same
+//!   HTTP/1 keep-alive loop as Pingora's own `ServerApp` for an `HttpServerApp` (new
+//!   session, keep-alive 60 s unless shutting down, `keepalive_request_limit`, then
+//!   `process_new_http` until the connection is not reusable), with each connection's
+//!   `Stream` wrapped in a [`HeadGuard`], and marks the start of every request's head.
+//! - [`HeadGuard`] passes reads through; while a head is being read it counts the head's
+//!   bytes (finding its end, the first empty line, itself) and, from the head's first
+//!   byte, polls a timer next to the read. Past `[server] max_header_bytes` it answers
+//!   431, past `[server] header_timeout_ms` 408 (each a complete response with
+//!   `Connection: close`, written if the socket takes it at once), and fails the read,
+//!   which makes Pingora drop the connection and with it every buffer it holds.
+//! - [`head_read`], called from `early_request_filter`, ends the head phase: the hook
+//!   runs as soon as Pingora has parsed a head, including one that arrived whole in
+//!   bytes read with the previous request (pipelining), which the guard never sees.
+//!
+//! An idle keep-alive connection is left to Pingora's own idle timeout: the clock
+//! starts at the head's first byte. A head that began inside bytes read with the
+//! previous request is timed and counted from the first byte read after it, so such a
+//! head may exceed the limit by what was read ahead (Pingora reads at most its body
+//! buffer ahead) before the 1 MiB cap applies. The common request, whose head arrives
+//! in one read, costs one scan for its end (memchr) and no timer.
+//!
+//! Only HTTP/1 is handled: chatgate's listener is plain TCP without h2c, so Pingora's
+//! `ServerApp` would take the same HTTP/1 branch.
+
+use crate::reload::ConfigHandle;
+use async_trait::async_trait;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType,
+};
+use pingora::server::ShutdownWatch;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// Pingora's keep-alive for a new connection (`apps/mod.rs`): kept so a connection
+/// behaves exactly as it would without the guard.
+const KEEPALIVE_SECONDS: u64 = 60;
+
+/// The answer to a head that took too long.
+const TIMED_OUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+/// The answer to a head that is too large.
+const TOO_LARGE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// Between heads: reads pass through untouched.
+const PASS: u8 = 0;
+/// A new head starts with the next read: the guard resets its count and clock.
+const ARMED: u8 = 1;
+/// A head is being read.
+const HEAD: u8 = 2;
+
+/// A Pingora HTTP application (e.g. `HttpProxy`) behind the head limits of
+/// `[server] header_timeout_ms` and `[server] max_header_bytes`, read from the live
+/// config for each new connection. The application's `early_request_filter` must call
+/// [`head_read`].
+pub struct HeadLimitedApp<A> {
+    app: Arc<A>,
+    config: ConfigHandle,
+}
+
+impl<A> HeadLimitedApp<A> {
+    /// Wraps `app`.
+    pub fn new(app: A, config: ConfigHandle) -> Self {
+        HeadLimitedApp {
+            app: Arc::new(app),
+            config,
+        }
+    }
+}
+
+#[async_trait]
+impl<A> ServerApp for HeadLimitedApp<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let (timeout, max_bytes) = {
+            let config = self.config.load();
+            (config.server.header_timeout, config.server.max_header_bytes)
+        };
+        let phase = Arc::new(AtomicU8::new(ARMED));
+        let guarded: Stream = Box::new(HeadGuard::new(stream, phase.clone(), timeout, max_bytes));
+        let mut session = ServerSession::new_http1(guarded);
+        // As Pingora's own loop does for a new HTTP/1 connection.
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(KEEPALIVE_SECONDS));
+        }
+        session.set_keepalive_reuses_remaining(
+            self.app
+                .server_options()
+                .and_then(|options| options.keepalive_request_limit),
+        );
+        let mut reused = self.app.process_new_http(session, shutdown).await;
+        // Bounded by the client: each round serves one request or ends the connection.
+        while let Some((stream, settings)) = reused.map(|r| r.consume()) {
+            phase.store(ARMED, Ordering::Relaxed);
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            reused = self.app.process_new_http(session, shutdown).await;
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.app.http_cleanup().await;
+    }
+}
+
+/// Ends the head phase of the connection under `session` (call it from
+/// `ProxyHttp::early_request_filter`): the head has been read, what follows is body.
+pub fn head_read(session: &pingora::proxy::Session) {
+    if let Some(stream) = session.as_downstream().stream()
+        && let Some(guard) = (**stream).as_any().downcast_ref::<HeadGuard>()
+    {
+        guard.phase.store(PASS, Ordering::Relaxed);
+    }
+}
+
+/// A client connection whose request heads are bounded in time and size.
+#[derive(Debug)]
+pub struct HeadGuard {
+    inner: Stream,
+    phase: Arc<AtomicU8>,
+    timeout: Duration,
+    max_bytes: usize,
+    /// Bytes of the current head so far.
+    seen: usize,
+    end: EndOfHead,
+    /// Set from the first byte of a head that did not arrive in one read.
+    deadline: Option<Pin<Box<Sleep>>>,
+    timing: bool,
+}
+
+impl HeadGuard {
+    fn new(inner: Stream, phase: Arc<AtomicU8>, timeout: Duration, max_bytes: usize) -> Self {
+        HeadGuard {
+            inner,
+            phase,
+            timeout,
+            max_bytes,
+            seen: 0,
+            end: EndOfHead::default(),
+            deadline: None,
+            timing: false,
+        }
+    }
+
+    /// Writes `answer` if the socket takes it at once, then fails the read.
+    fn refuse(&mut self, cx: &mut Context<'_>, answer: &[u8], error: io::Error) -> io::Error {
+        self.phase.store(PASS, Ordering::Relaxed);
+        let inner = Pin::new(&mut self.inner);
+        if let Poll::Ready(Ok(n)) = inner.poll_write(cx, answer)
+            && n == answer.len()
+        {
+            let _ = Pin::new(&mut self.inner).poll_flush(cx);
+        }
+        error
+    }
+}
+
+impl AsyncRead for HeadGuard {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match this.phase.load(Ordering::Relaxed) {
+            PASS => return Pin::new(&mut this.inner).poll_read(cx, buf),
+            ARMED => {
+                this.seen = 0;
+                this.end = EndOfHead::default();
+                this.timing = false;
+                this.phase.store(HEAD, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let chunk = &buf.filled()[before..];
+                if chunk.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                let (head_bytes, complete) = match this.end.feed(chunk) {
+                    Some(end) => (end, true),
+                    None => (chunk.len(), false),
+                };
+                this.seen += head_bytes;
+                if this.seen > this.max_bytes {
+                    let error = io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "request head larger than [server] max_header_bytes",
+                    );
+                    return Poll::Ready(Err(this.refuse(cx, TOO_LARGE, error)));
+                }
+                if complete {
+                    this.phase.store(PASS, Ordering::Relaxed);
+                } else if !this.timing {
+                    // The head's first byte arrived in this read: its clock starts now.
+                    this.timing = true;
+                    let deadline = Instant::now() + this.timeout;
+                    match &mut this.deadline {
+                        Some(sleep) => sleep.as_mut().reset(deadline),
+                        None => this.deadline = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                if this.timing
+                    && let Some(sleep) = &mut this.deadline
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    let error = io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "request head not complete within [server] header_timeout_ms",
+                    );
+                    return Poll::Ready(Err(this.refuse(cx, TIMED_OUT, error)));
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
+use std::future::Future as _;
+
+impl AsyncWrite for HeadGuard {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for HeadGuard {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for HeadGuard {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for HeadGuard {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for HeadGuard {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for HeadGuard {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for HeadGuard {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, socket_digest: SocketDigest) {
+        self.inner.set_socket_digest(socket_digest)
+    }
+}
+
+#[async_trait]
+impl Peek for HeadGuard {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+/// Finds the end of a request head across reads: the first empty line after the
+/// request line (lines end in LF or CRLF, as httparse reads them; empty lines before
+/// the request line are skipped, as httparse does).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum EndOfHead {
+    /// Before the request line.
+    #[default]
+    Start,
+    /// Inside a line.
+    Line,
+    /// Just after a line's LF.
+    LineEnd,
+    /// After a line's LF and a CR.
+    LineEndCr,
+}
+
+impl EndOfHead {
+    /// Consumes `chunk`; `Some(n)` when the head ends after its first `n` bytes.
+    fn feed(&mut self, chunk: &[u8]) -> Option<usize> {
+        let mut at = 0;
+        while at < chunk.len() {
+            match self {
+                EndOfHead::Start => match chunk[at] {
+                    b'\r' | b'\n' => at += 1,
+                    _ => *self = EndOfHead::Line,
+                },
+                EndOfHead::Line => match memchr::memchr(b'\n', &chunk[at..]) {
+                    Some(lf) => {
+                        at += lf + 1;
+                        *self = EndOfHead::LineEnd;
+                    }
+                    None => return None,
+                },
+                EndOfHead::LineEnd => match chunk[at] {
+                    b'\n' => return Some(at + 1),
+                    b'\r' => {
+                        at += 1;
+                        *self = EndOfHead::LineEndCr;
+                    }
+                    _ => *self = EndOfHead::Line,
+                },
+                EndOfHead::LineEndCr => match chunk[at] {
+                    b'\n' => return Some(at + 1),
+                    _ => *self = EndOfHead::Line,
+                },
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end_in(pieces: &[&[u8]]) -> Option<usize> {
+        let mut end = EndOfHead::default();
+        let mut offset = 0;
+        for piece in pieces {
+            if let Some(n) = end.feed(piece) {
+                return Some(offset + n);
+            }
+            offset += piece.len();
+        }
+        None
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_found_in_any_split() {
+        let head = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Pad: b\r\n\r\nBODY";
+        let expected = head.len() - 4;
+        for split in 0..head.len() {
+            let (a, b) = head.split_at(split);
+            assert_eq!(end_in(&[a, b]), Some(expected), "split at {split}");
+        }
+        let bytes: Vec<&[u8]> = head.chunks(1).collect();
+        assert_eq!(end_in(&bytes), Some(expected));
+    }
+
+    #[test]
+    fn bare_lf_heads_leading_empty_lines_and_partial_heads() {
+        assert_eq!(end_in(&[b"GET / HTTP/1.1\nHost: a\n\n"]), Some(24));
+        assert_eq!(end_in(&[b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"]), Some(22));
+        assert_eq!(end_in(&[b"\r\n\r\n"]), None);
+        assert_eq!(end_in(&[b"GET / HTTP/1.1\r\nX: a\r\n"]), None);
+        assert_eq!(
+            end_in(&[b"GET / HTTP/1.1\r\nX: a\r\n\rY: b\r\n\r\n"]),
+            Some(31)
+        );
+    }
+}
