@@ -17,6 +17,7 @@ pub(super) struct RawConfig {
     pub(super) revocation: RawRevocation,
     #[serde(default)]
     pub(super) log: RawLog,
+    #[serde(default)]
     pub(super) limits: RawLimits,
     #[serde(default)]
     pub(super) apps: Vec<RawApp>,
