@@ -473,7 +473,7 @@ impl RevocationCache {
             RevocationEvent::User { app, user, .. } => {
                 self.users.invalidate(&UserRef { app, user });
             }
-            RevocationEvent::App { app, .. } => self.apps.invalidate(&**app),
+            RevocationEvent::App { app, .. } => self.apps.invalidate(app),
             RevocationEvent::Resync => {
                 // New tables rather than moka's `invalidate_all`, which compares
                 // insertion instants with the call's and so could keep an entry put in
@@ -652,7 +652,7 @@ impl RevocationCache {
             .await
             .map_err(|e| self.count_error(&e))?;
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.apps.invalidate(&**app);
+        self.apps.invalidate(app);
         Ok(())
     }
 
