@@ -2,30 +2,34 @@
 //! (the common case), concurrent misses for one key share one store read, and store
 //! events invalidate at once.
 //!
-//! Both tables (users, and app-wide cutoffs) are `moka::sync::Cache`s, the cache the
-//! product's design names, in its leanest configuration: no moka time-to-live, no
-//! eviction listener, no weigher, so an entry carries only moka's access-order node and
-//! its `(app, user)` key (361 bytes of heap, 476 of RSS per cached user, the id included,
-//! at a million users; the README has the measurement and the command).
+//! Users' cutoffs live in a `moka::sync::Cache`, the cache the product's design names,
+//! in its leanest configuration: no moka time-to-live, no eviction listener, no
+//! weigher, so an entry carries only moka's access-order node and its `(app, user)`
+//! key (the README has the bytes per cached user, the id included, and the command).
+//! App-wide cutoffs are a handful of entries (one per configured app) read on every
+//! request, with nothing to evict: they live in a map swapped whole on each change
+//! (`AppCutoffs`), so a request pays moka's lookup once, not twice.
 //!
-//! - **Hits are synchronous** ([`RevocationCache::cached_cutoff`]): two moka `get`s with
-//!   borrowed keys (`UserRef` is moka's `Equivalent` of the owned key, so a lookup
-//!   builds no key and clones no `Arc`), no I/O, no `.await`, no allocation
-//!   (`examples/cache_memory.rs` counts it). moka's own housekeeping runs on the caller's
-//!   thread when its read buffer fills, synchronously and under a `try_lock`.
+//! - **Hits are synchronous** ([`RevocationCache::cached_cutoff`]): one probe of the
+//!   app map and one moka `get`, both with borrowed keys (`UserRef` is moka's
+//!   `Equivalent` of the owned key, so a lookup builds no key and clones no `Arc`), no
+//!   I/O, no `.await`, no allocation (`examples/cache_memory.rs` counts it). moka's own
+//!   housekeeping runs on the caller's thread when its read buffer fills,
+//!   synchronously and under a `try_lock`.
 //! - **TTL is ours, not moka's**: an entry carries the unix second it was read and is
 //!   checked against the `now` the gate already has, so a reload that shortens the TTL
 //!   applies to entries already cached (moka's time-to-live is fixed at build, and costs
 //!   a write-order node per entry). Capacity is also fixed at build in moka, so a new
 //!   capacity builds a new table and copies the entries that fit into it.
-//! - **Misses are coalesced by moka**: the first miss puts a `Slot::Reading` (a shared
-//!   store read, spawned) into the table with `get_with_if`, which runs one `init` per
-//!   key however many threads miss at once; later misses find the slot and await the
-//!   same read. moka's async `try_get_with` would do the same, but only on its
-//!   `future::Cache`, whose `get` is `async`: the hit path could not stay synchronous.
-//!   The read runs as its own task so that a request that gives up does not stall the
-//!   others, and it stores its answer (or, on a store error, removes its slot: errors
-//!   are not cached) before anyone sees it.
+//! - **Misses are coalesced**: the first miss puts a `Slot::Reading` (a shared store
+//!   read, spawned) into the table (for users with moka's `or_insert_with_if`, which
+//!   runs one `init` per key however many threads miss at once; for apps under the
+//!   map's writer lock); later misses find the slot and await the same read. moka's
+//!   async `try_get_with` would do the same, but only on its `future::Cache`, whose
+//!   `get` is `async`: the hit path could not stay synchronous. The read runs as its
+//!   own task so that a request that gives up does not stall the others, and it stores
+//!   its answer (or, on a store error, removes its slot: errors are not cached) before
+//!   anyone sees it.
 //! - **The generation guard stays**: a read overtaken by an invalidation must be
 //!   answered but not cached (test `a_read_overtaken_by_an_invalidation_is_answered_
 //!   but_not_cached`). moka's per-key ordering does not give that: `get_with`/
@@ -41,9 +45,10 @@ use crate::time::{Cutoff, now_unix};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 /// foldhash instead of SipHash: keys are user ids from validly signed tokens, so
@@ -167,9 +172,9 @@ impl Slot {
 
 type Moka<K> = moka::sync::Cache<K, Slot, FastHash>;
 
-/// Most apps whose cutoffs are cached: apps come from the config file, so this only
-/// bounds a table that never fills.
-const APP_CAPACITY: u64 = 4096;
+/// Most apps whose cutoffs are kept: apps come from the config file, so this only
+/// bounds a map that a long run of reloads could otherwise grow.
+const APP_CAPACITY: usize = 4096;
 
 /// A moka cache that can be replaced live (new capacity, resync) without dropping
 /// what still fits.
@@ -251,6 +256,82 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Table<K> {
     }
 }
 
+/// The app-wide cutoffs. An app's entry is read on every request and there are as
+/// many entries as configured apps (a handful), changed only through `PATCH /app`: a
+/// map swapped whole on each change, so a read is one `ArcSwap` load and one probe,
+/// with no read to record and no clock to read. Writers (misses, answers,
+/// invalidations) take a lock, so they see each other's changes as moka's per-key
+/// ordering would: one read per app however many requests miss at once.
+struct AppCutoffs {
+    map: ArcSwap<HashMap<Arc<str>, Slot, FastHash>>,
+    writer: Mutex<()>,
+}
+
+impl AppCutoffs {
+    fn new() -> Self {
+        AppCutoffs {
+            map: ArcSwap::from_pointee(HashMap::default()),
+            writer: Mutex::new(()),
+        }
+    }
+
+    fn fresh(&self, app: &str, now: i64, ttl_seconds: i64) -> Option<Option<Cutoff>> {
+        self.map.load().get(app)?.fresh(now, ttl_seconds)
+    }
+
+    /// Copies the map, changes the copy, swaps it in: readers never wait.
+    fn update<R>(&self, change: impl FnOnce(&mut HashMap<Arc<str>, Slot, FastHash>) -> R) -> R {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = HashMap::clone(&self.map.load());
+        let result = change(&mut map);
+        self.map.store(Arc::new(map));
+        result
+    }
+
+    /// The slot a miss waits on: the one already there unless it is `replaceable`,
+    /// else `start()`'s, put in the map before anyone polls it.
+    fn claim(&self, app: &Arc<str>, now: i64, ttl: i64, start: impl FnOnce() -> Slot) -> Slot {
+        if let Some(slot) = self.map.load().get(&**app)
+            && !slot.replaceable(now, ttl)
+        {
+            return slot.clone();
+        }
+        self.update(|map| match map.get(&**app) {
+            Some(slot) if !slot.replaceable(now, ttl) => slot.clone(),
+            _ => {
+                let slot = start();
+                Self::bounded_insert(map, app.clone(), slot.clone());
+                slot
+            }
+        })
+    }
+
+    fn insert(&self, app: &Arc<str>, slot: Slot) {
+        self.update(|map| Self::bounded_insert(map, app.clone(), slot));
+    }
+
+    /// Apps removed from the config leave their entries behind; past the bound,
+    /// start over (a miss per app rebuilds it).
+    fn bounded_insert(map: &mut HashMap<Arc<str>, Slot, FastHash>, app: Arc<str>, slot: Slot) {
+        if map.len() >= APP_CAPACITY && !map.contains_key(&app) {
+            map.clear();
+        }
+        map.insert(app, slot);
+    }
+
+    fn invalidate(&self, app: &str) {
+        self.update(|map| map.remove(app));
+    }
+
+    fn clear(&self) {
+        self.update(HashMap::clear);
+    }
+
+    fn len(&self) -> u64 {
+        self.map.load().len() as u64
+    }
+}
+
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct CacheStats {
@@ -266,7 +347,7 @@ pub struct CacheStats {
 pub struct RevocationCache {
     store: Arc<dyn RevocationStore>,
     users: Table<UserKey>,
-    apps: Table<Arc<str>>,
+    apps: AppCutoffs,
     // The `[revocation]` settings a reload may change, read without a guard.
     capacity: AtomicU64,
     ttl_seconds: AtomicI64,
@@ -295,7 +376,7 @@ impl RevocationCache {
         Arc::new_cyclic(|this| RevocationCache {
             store,
             users: Table::new(settings.cache_capacity),
-            apps: Table::new(APP_CAPACITY),
+            apps: AppCutoffs::new(),
             capacity: AtomicU64::new(settings.cache_capacity),
             ttl_seconds: AtomicI64::new(ttl_seconds(settings.cache_ttl)),
             store_timeout_ms: AtomicU64::new(millis(settings.store_timeout)),
@@ -392,7 +473,7 @@ impl RevocationCache {
             RevocationEvent::User { app, user, .. } => {
                 self.users.invalidate(&UserRef { app, user });
             }
-            RevocationEvent::App { app, .. } => self.apps.invalidate(&**app),
+            RevocationEvent::App { app, .. } => self.apps.invalidate(app),
             RevocationEvent::Resync => {
                 // New tables rather than moka's `invalidate_all`, which compares
                 // insertion instants with the call's and so could keep an entry put in
@@ -412,7 +493,7 @@ impl RevocationCache {
     }
 
     fn cached_app(&self, app: &str, now: i64) -> Option<Option<Cutoff>> {
-        self.apps.get(app)?.fresh(now, self.ttl())
+        self.apps.fresh(app, now, self.ttl())
     }
 
     fn cached_user(&self, app: &str, user: &str, now: i64) -> Option<Option<Cutoff>> {
@@ -452,40 +533,39 @@ impl RevocationCache {
         app: &Arc<str>,
         user: &Arc<str>,
     ) -> Result<Option<Cutoff>, StoreError> {
+        let (now, ttl) = (now_unix(), self.ttl());
+        let hit = self.users.get(&UserRef { app, user });
         let key = || UserKey {
             app: app.clone(),
             user: user.clone(),
         };
-        self.lookup(&UserRef { app, user }, key).await
+        self.lookup(hit.and_then(|slot| slot.fresh(now, ttl)), key, now, ttl)
+            .await
     }
 
     /// The app-wide cutoff set through the API.
     pub async fn app_cutoff(&self, app: &Arc<str>) -> Result<Option<Cutoff>, StoreError> {
-        self.lookup(&**app, || app.clone()).await
+        let (now, ttl) = (now_unix(), self.ttl());
+        let hit = self.apps.fresh(app, now, ttl);
+        self.lookup(hit, || app.clone(), now, ttl).await
     }
 
     /// A hit, or the store read that every concurrent miss for the key shares.
-    async fn lookup<K: CacheKey, Q: moka::Equivalent<K> + Hash + ?Sized>(
+    async fn lookup<K: CacheKey>(
         &self,
-        borrowed: &Q,
+        hit: Option<Option<Cutoff>>,
         key: impl FnOnce() -> K,
+        now: i64,
+        ttl: i64,
     ) -> Result<Option<Cutoff>, StoreError> {
-        let (now, ttl) = (now_unix(), self.ttl());
-        let table = K::table(self).current.load_full();
-        if let Some(hit) = table.get(borrowed).and_then(|slot| slot.fresh(now, ttl)) {
+        if let Some(hit) = hit {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let key = key();
-        // moka runs one `init` per key at a time; the others get its slot.
-        let slot = table
-            .entry(key.clone())
-            .or_insert_with_if(
-                || Slot::Reading(self.read(key)),
-                |slot| slot.replaceable(now, ttl),
-            )
-            .into_value();
+        // One `start` per key at a time; the other misses get its slot.
+        let slot = key.claim(self, now, ttl, || Slot::Reading(self.read(key.clone())));
         match slot {
             Slot::Ready { .. } => Ok(slot.ready().and_then(Cached::cutoff)),
             Slot::Reading(read) => Shared::clone(&read).await,
@@ -493,7 +573,7 @@ impl RevocationCache {
     }
 
     /// A shared store read for `key`, which stores its own answer. It starts when first
-    /// polled, so after moka has put its slot in the table: an answer stored before
+    /// polled, so after its slot is in the table: an answer stored before
     /// the slot would be overwritten by it.
     fn read<K: CacheKey>(&self, key: K) -> Read {
         let generation = self.generation.load(Ordering::SeqCst);
@@ -519,25 +599,21 @@ impl RevocationCache {
     /// Puts a read's answer in the table, unless an invalidation overtook the read;
     /// removes its slot otherwise, store errors included (they are not cached).
     fn store_answer<K: CacheKey>(&self, key: &K, result: &StoreAnswer, generation: u64) {
-        let table = K::table(self);
         match result {
             Ok(cutoff) if self.generation.load(Ordering::SeqCst) == generation => {
-                table
-                    .current
-                    .load()
-                    .insert(key.clone(), Cached::now(*cutoff).into());
+                key.put(self, Cached::now(*cutoff).into());
                 // An invalidation may have landed between the check and the insert;
                 // its own removal then ran before our insert, so take the answer out
                 // again. SeqCst here and on the bump: store-buffering between the two
                 // sides must not let each miss the other.
                 if self.generation.load(Ordering::SeqCst) != generation {
-                    table.invalidate(key);
+                    key.invalidate(self);
                 }
             }
-            Ok(_) => table.invalidate(key),
+            Ok(_) => key.invalidate(self),
             Err(_) => {
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                table.invalidate(key);
+                key.invalidate(self);
             }
         }
     }
@@ -576,7 +652,7 @@ impl RevocationCache {
             .await
             .map_err(|e| self.count_error(&e))?;
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.apps.invalidate(&**app);
+        self.apps.invalidate(app);
         Ok(())
     }
 
@@ -588,16 +664,43 @@ impl RevocationCache {
 
 type StoreAnswer = Result<Option<Cutoff>, StoreError>;
 
-/// What the user and the app table have in common: where their entries live and how
-/// the store answers for one.
-trait CacheKey: Hash + Eq + Clone + Send + Sync + 'static {
-    fn table(cache: &RevocationCache) -> &Table<Self>;
+/// What the user and the app table have in common for a miss: the slot every
+/// concurrent miss shares, putting and dropping an answer, and how the store answers.
+trait CacheKey: Clone + Send + Sync + 'static {
+    fn claim(
+        &self,
+        cache: &RevocationCache,
+        now: i64,
+        ttl: i64,
+        start: impl FnOnce() -> Slot,
+    ) -> Slot;
+    fn put(&self, cache: &RevocationCache, slot: Slot);
+    fn invalidate(&self, cache: &RevocationCache);
     fn read(self, store: Arc<dyn RevocationStore>) -> BoxFuture<'static, StoreAnswer>;
 }
 
 impl CacheKey for UserKey {
-    fn table(cache: &RevocationCache) -> &Table<Self> {
-        &cache.users
+    /// moka runs one `init` per key at a time; the others get its slot.
+    fn claim(
+        &self,
+        cache: &RevocationCache,
+        now: i64,
+        ttl: i64,
+        start: impl FnOnce() -> Slot,
+    ) -> Slot {
+        cache
+            .users
+            .current
+            .load()
+            .entry(self.clone())
+            .or_insert_with_if(start, |slot| slot.replaceable(now, ttl))
+            .into_value()
+    }
+    fn put(&self, cache: &RevocationCache, slot: Slot) {
+        cache.users.current.load().insert(self.clone(), slot);
+    }
+    fn invalidate(&self, cache: &RevocationCache) {
+        cache.users.invalidate(self);
     }
     fn read(self, store: Arc<dyn RevocationStore>) -> BoxFuture<'static, StoreAnswer> {
         async move { store.user_cutoff(&self.app, &self.user).await }.boxed()
@@ -605,8 +708,20 @@ impl CacheKey for UserKey {
 }
 
 impl CacheKey for Arc<str> {
-    fn table(cache: &RevocationCache) -> &Table<Self> {
-        &cache.apps
+    fn claim(
+        &self,
+        cache: &RevocationCache,
+        now: i64,
+        ttl: i64,
+        start: impl FnOnce() -> Slot,
+    ) -> Slot {
+        cache.apps.claim(self, now, ttl, start)
+    }
+    fn put(&self, cache: &RevocationCache, slot: Slot) {
+        cache.apps.insert(self, slot);
+    }
+    fn invalidate(&self, cache: &RevocationCache) {
+        cache.apps.invalidate(self);
     }
     fn read(self, store: Arc<dyn RevocationStore>) -> BoxFuture<'static, StoreAnswer> {
         async move { store.app_cutoff(&self).await }.boxed()
@@ -648,6 +763,7 @@ mod tests {
     /// releases each read.
     struct Probe {
         reads: AtomicUsize,
+        app_reads: AtomicUsize,
         delay: Duration,
         broken: bool,
         release: Option<tokio::sync::Semaphore>,
@@ -677,6 +793,8 @@ mod tests {
             Ok(())
         }
         async fn app_cutoff(&self, _: &str) -> Result<Option<Cutoff>, StoreError> {
+            self.app_reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
             Ok(None)
         }
         async fn set_app_cutoff(&self, _: &str, _: Option<Cutoff>) -> Result<(), StoreError> {
@@ -693,6 +811,7 @@ mod tests {
     fn probe(delay_ms: u64, broken: bool) -> Arc<Probe> {
         Arc::new(Probe {
             reads: AtomicUsize::new(0),
+            app_reads: AtomicUsize::new(0),
             delay: Duration::from_millis(delay_ms),
             broken,
             release: None,
@@ -737,6 +856,49 @@ mod tests {
         cache.user_cutoff(&app, &user).await.unwrap();
         assert_eq!(store.reads.load(Ordering::SeqCst), 1);
         assert!(cache.stats().hits.load(Ordering::SeqCst) >= 1);
+    }
+
+    #[tokio::test]
+    async fn app_cutoffs_share_one_read_and_follow_events_resync_and_the_ttl() {
+        let store = probe(50, false);
+        let cache = RevocationCache::new(store.clone(), &settings());
+        let app: Arc<str> = Arc::from("a");
+        let reads = (0..20).map(|_| cache.app_cutoff(&app));
+        let results = futures_util::future::join_all(reads).await;
+        assert!(results.iter().all(|r| *r == Ok(None)));
+        assert_eq!(store.app_reads.load(Ordering::SeqCst), 1);
+        let now = now_unix();
+        assert_eq!(cache.cached_app(&app, now), Some(None));
+        assert_eq!(cache.entry_count(), 1);
+
+        // another app's event leaves it; its own drops it; the next lookup reads again
+        let event = |app: &Arc<str>| RevocationEvent::App {
+            app: app.clone(),
+            cutoff: Some(Cutoff::from_unix_seconds(3)),
+        };
+        cache.apply_event(&event(&Arc::from("b"))).await;
+        assert_eq!(cache.cached_app(&app, now), Some(None));
+        cache.apply_event(&event(&app)).await;
+        assert_eq!(cache.cached_app(&app, now), None);
+        assert_eq!(cache.app_cutoff(&app).await, Ok(None));
+        assert_eq!(store.app_reads.load(Ordering::SeqCst), 2);
+
+        // a resync forgets it too
+        cache.apply_event(&RevocationEvent::Resync).await;
+        assert_eq!(cache.cached_app(&app, now), None);
+        assert_eq!(cache.entry_count(), 0);
+        assert_eq!(cache.app_cutoff(&app).await, Ok(None));
+        assert_eq!(store.app_reads.load(Ordering::SeqCst), 3);
+
+        // our TTL, read at lookup: stale a minute after the read, and a shorter TTL
+        // from a reload applies to the entry already there
+        let now = now_unix();
+        assert!(cache.cached_app(&app, now + 58).is_some());
+        assert!(cache.cached_app(&app, now + 62).is_none());
+        let mut shorter = settings();
+        shorter.cache_ttl = Duration::from_secs(5);
+        assert!(cache.apply_settings(&shorter));
+        assert!(cache.cached_app(&app, now + 7).is_none());
     }
 
     #[tokio::test]
@@ -860,6 +1022,7 @@ mod tests {
     async fn a_read_overtaken_by_an_invalidation_is_answered_but_not_cached() {
         let store = Arc::new(Probe {
             reads: AtomicUsize::new(0),
+            app_reads: AtomicUsize::new(0),
             delay: Duration::ZERO,
             broken: false,
             release: Some(tokio::sync::Semaphore::new(0)),
