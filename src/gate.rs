@@ -496,10 +496,21 @@ mod tests {
         uri: &str,
         headers: &[(&str, &str)],
     ) -> Result<Decision, AuthError> {
+        check_from(gate, method, None, uri, headers).await
+    }
+
+    /// One request as a client at `peer` sends it; repeated header names stay repeated.
+    async fn check_from(
+        gate: &Gate,
+        method: Method,
+        peer: Option<&str>,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Decision, AuthError> {
         let uri: Uri = uri.parse().unwrap();
         let mut map = HeaderMap::new();
         for (k, v) in headers {
-            map.insert(
+            map.append(
                 http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
                 v.parse().unwrap(),
             );
@@ -508,7 +519,7 @@ mod tests {
             method: &method,
             uri: &uri,
             headers: &map,
-            peer: None,
+            peer: peer.map(|p| p.parse().unwrap()),
         })
         .await
     }
@@ -979,21 +990,7 @@ mod tests {
         uri: &str,
         headers: &[(&str, &str)],
     ) -> Result<Decision, AuthError> {
-        let uri: Uri = uri.parse().unwrap();
-        let mut map = HeaderMap::new();
-        for (k, v) in headers {
-            map.append(
-                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        gate.check(RequestParts {
-            method: &Method::GET,
-            uri: &uri,
-            headers: &map,
-            peer: peer.map(|p| p.parse().unwrap()),
-        })
-        .await
+        check_from(gate, Method::GET, peer, uri, headers).await
     }
 
     #[tokio::test]
