@@ -293,7 +293,7 @@ pub fn check_repeated(query: &str, headers: &HeaderMap) -> Result<(), Unsafe> {
     // Split on bytes: `&` and `;` are ASCII, so every piece is still UTF-8.
     for pair in query.split(['&', ';']).filter(|p| !p.is_empty()) {
         let name = pair.split_once('=').map_or(pair, |(name, _)| name);
-        let name = decode_name(name);
+        let name = decode_component(name);
         if let Some(at) = CREDENTIAL_PARAMETERS.iter().position(|p| *p == name) {
             if seen[at] {
                 return Err(Unsafe::RepeatedParameter(CREDENTIAL_PARAMETERS[at]));
@@ -304,8 +304,10 @@ pub fn check_repeated(query: &str, headers: &HeaderMap) -> Result<(), Unsafe> {
     Ok(())
 }
 
-/// A parameter name as `application/x-www-form-urlencoded` reads it.
-fn decode_name(raw: &str) -> Cow<'_, str> {
+/// A query component as `application/x-www-form-urlencoded` reads it: `+` is a space,
+/// `%XX` a byte, invalid UTF-8 replaced. Shared with the gate's credential reader, so
+/// the names judged for repetition are the names the gate reads.
+pub(crate) fn decode_component(raw: &str) -> Cow<'_, str> {
     if !raw.bytes().any(|b| b == b'%' || b == b'+') {
         return Cow::Borrowed(raw);
     }

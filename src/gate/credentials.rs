@@ -7,6 +7,7 @@
 
 use super::{AUTH_TYPE_HEADER, RequestParts};
 use crate::error::{AuthError, Malformed};
+use crate::normalize::decode_component;
 use http::{HeaderMap, header};
 use std::borrow::Cow;
 
@@ -108,19 +109,6 @@ fn parse_query(query: &str) -> Query<'_> {
         *slot = Some(decode_component(value));
     }
     found
-}
-
-/// One query component: `+` is a space, `%XX` a byte, invalid UTF-8 replaced.
-fn decode_component(raw: &str) -> Cow<'_, str> {
-    if !raw.bytes().any(|b| b == b'%' || b == b'+') {
-        return Cow::Borrowed(raw);
-    }
-    let spaced = raw.replace('+', " ");
-    Cow::Owned(
-        percent_encoding::percent_decode_str(&spaced)
-            .decode_utf8_lossy()
-            .into_owned(),
-    )
 }
 
 /// A header as text. `from_utf8` rather than `HeaderValue::to_str`, whose byte-by-byte
