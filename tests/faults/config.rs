@@ -85,7 +85,10 @@ async fn a_torn_config_file_keeps_the_last_good_config_and_the_next_good_write_a
                 .await;
             let message = status["last_error"]["message"].as_str().unwrap_or_default();
             assert!(message.starts_with(&file), "{what}: {message}");
-            assert!(message.contains(names.as_str()), "{what}: {message} should name {names}");
+            assert!(
+                message.contains(names.as_str()),
+                "{what}: {message} should name {names}"
+            );
             // Still the first config: its app answers, the torn file's app does not exist.
             assert_eq!(status["version"], 1, "{what}: {status}");
             assert_eq!(status["apps"], 2, "{what}: {status}");

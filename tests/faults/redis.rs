@@ -160,7 +160,10 @@ async fn redis_hung_killed_and_restarted_under_load() {
                 .sign(SECRET);
             let deny_ok = get_channels(&client, &deny, &probe).await.0 == 200;
             let allow_ok = deny_ok
-                && revoke(&client, &allow, &[format!("probe-write-{n}")], now).await.0 == 200;
+                && revoke(&client, &allow, &[format!("probe-write-{n}")], now)
+                    .await
+                    .0
+                    == 200;
             if deny_ok && allow_ok {
                 return started.elapsed();
             }
@@ -225,7 +228,10 @@ async fn redis_hung_killed_and_restarted_under_load() {
     }
     eprintln!("{table}recovered {recovered:?} after the restart");
     for sample in &samples {
-        assert!(sample.took < bound, "waited past the store timeout: {sample:?}\n{table}");
+        assert!(
+            sample.took < bound,
+            "waited past the store timeout: {sample:?}\n{table}"
+        );
         let outage = matches!(sample.phase, Phase::Hung | Phase::Killed);
         match (sample.phase, sample.policy) {
             // Until its connection is back (and its emptied cache refilled), the deny
@@ -249,7 +255,10 @@ async fn redis_hung_killed_and_restarted_under_load() {
                 .iter()
                 .filter(|s| s.phase == phase && s.policy == policy && s.miss)
                 .count();
-            assert!(misses >= 3, "{phase:?} {policy}: only {misses} misses\n{table}");
+            assert!(
+                misses >= 3,
+                "{phase:?} {policy}: only {misses} misses\n{table}"
+            );
         }
     }
 }

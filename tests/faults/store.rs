@@ -148,7 +148,9 @@ async fn still_serving(client: &reqwest::Client, proxy: &Proxy, what: &str) {
 async fn recovers(client: &reqwest::Client, proxy: &Proxy, what: &str) -> String {
     let user = format!("after-{what}");
     let cutoff = now_unix();
-    let token = TokenBuilder::user(&user).issued_at(cutoff - 10).sign(SECRET);
+    let token = TokenBuilder::user(&user)
+        .issued_at(cutoff - 10)
+        .sign(SECRET);
     let (status, body) = get_channels(client, proxy, &token).await;
     assert_eq!(status, 200, "{what}: {body}");
     let mut last = (0, serde_json::Value::Null);
@@ -159,9 +161,16 @@ async fn recovers(client: &reqwest::Client, proxy: &Proxy, what: &str) -> String
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(last.0, 200, "{what}: revocations never recovered: {}", last.1);
+    assert_eq!(
+        last.0, 200,
+        "{what}: revocations never recovered: {}",
+        last.1
+    );
     let (status, body) = get_channels(client, proxy, &token).await;
-    assert_eq!(status, 401, "{what}: a revocation made after recovery is not enforced");
+    assert_eq!(
+        status, 401,
+        "{what}: a revocation made after recovery is not enforced"
+    );
     assert_stream_error(&body, 40, 401);
     user
 }

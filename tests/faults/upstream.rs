@@ -37,7 +37,10 @@ async fn answers(proxy: &Proxy) -> Vec<(reqwest::Method, u16, serde_json::Value,
     for method in [reqwest::Method::GET, reqwest::Method::POST] {
         let started = Instant::now();
         let response = client()
-            .request(method.clone(), proxy.url(&format!("/channels?api_key={KEY}")))
+            .request(
+                method.clone(),
+                proxy.url(&format!("/channels?api_key={KEY}")),
+            )
             .header("authorization", user_token("alice"))
             .body("{}")
             .send()
@@ -48,7 +51,11 @@ async fn answers(proxy: &Proxy) -> Vec<(reqwest::Method, u16, serde_json::Value,
             .headers()
             .get("content-type")
             .map(|v| v.to_str().unwrap().to_owned());
-        assert_eq!(content_type.as_deref(), Some("application/json"), "{method}");
+        assert_eq!(
+            content_type.as_deref(),
+            Some("application/json"),
+            "{method}"
+        );
         let body: serde_json::Value = response.json().await.unwrap();
         out.push((method, status, body, started.elapsed()));
     }
