@@ -84,6 +84,7 @@ async fn a_torn_config_file_keeps_the_last_good_config_and_the_next_good_write_a
                 })
                 .await;
             let message = status["last_error"]["message"].as_str().unwrap_or_default();
+            eprintln!("{what}: {message}");
             assert!(message.starts_with(&file), "{what}: {message}");
             assert!(
                 message.contains(names.as_str()),
