@@ -72,7 +72,9 @@ fn rss_kb(pid: u32) -> u64 {
 }
 
 fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 /// A token for request `i`: mostly valid (for one of [`USERS`] users, or a fresh one),
@@ -103,7 +105,10 @@ async fn http_worker(proxy: Arc<Proxy>, worker: u64, stop: Arc<AtomicBool>, coun
         i += 1;
         let mut request = if i % 3 == 0 {
             client
-                .post(proxy.url(&format!("/channels/messaging/c{}/message?api_key={KEY}", i % 7)))
+                .post(proxy.url(&format!(
+                    "/channels/messaging/c{}/message?api_key={KEY}",
+                    i % 7
+                )))
                 .body(format!("{{\"message\":{{\"text\":\"{i}\"}}}}"))
         } else {
             client.get(proxy.url(&format!("/channels?api_key={KEY}")))
@@ -156,7 +161,10 @@ async fn websocket_worker(
                 count(&counts.websocket_refusals);
                 return Some(());
             }
-            socket.send(Message::Text(format!("hi {i}").into())).await.ok()?;
+            socket
+                .send(Message::Text(format!("hi {i}").into()))
+                .await
+                .ok()?;
             let echo = socket.next().await?.ok()?;
             if !echo.into_text().ok()?.starts_with("echo:") {
                 return None;
@@ -189,7 +197,9 @@ async fn slow_client(proxy: Arc<Proxy>, stop: Arc<AtomicBool>, counts: Arc<Count
         i += 1;
         let head = format!(
             "GET /channels?api_key={KEY} HTTP/1.1\r\nHost: soak\r\nAuthorization: {}\r\nConnection: close\r\n\r\n",
-            TokenBuilder::user("slow").issued_at(now_unix() - 1).sign(SECRET)
+            TokenBuilder::user("slow")
+                .issued_at(now_unix() - 1)
+                .sign(SECRET)
         );
         let proxy = proxy.clone();
         let counts = counts.clone();
@@ -208,8 +218,7 @@ async fn slow_client(proxy: Arc<Proxy>, stop: Arc<AtomicBool>, counts: Arc<Count
                     // Stalled: half the head, then nothing past the header timeout.
                     1 => {
                         stream.write_all(&bytes[..bytes.len() / 2]).await.ok()?;
-                        tokio::time::sleep(Duration::from_millis(HEADER_TIMEOUT_MS + 1000))
-                            .await;
+                        tokio::time::sleep(Duration::from_millis(HEADER_TIMEOUT_MS + 1000)).await;
                         let _ = stream.write_all(&bytes[bytes.len() / 2..]).await;
                     }
                     // A slow reader: the whole head, then a pause before reading.
@@ -306,9 +315,8 @@ async fn soak_rss_and_fds_stay_flat_under_mixed_load() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(600);
-    let csv_path = std::env::var("CHATGATE_SOAK_CSV").unwrap_or_else(|_| {
-        format!("{}/../soak.csv", env!("CARGO_TARGET_TMPDIR"))
-    });
+    let csv_path = std::env::var("CHATGATE_SOAK_CSV")
+        .unwrap_or_else(|_| format!("{}/../soak.csv", env!("CARGO_TARGET_TMPDIR")));
     let store = tempfile::tempdir().unwrap();
     let upstream = TestUpstream::start(Behaviour::Echo).await;
     let proxy = Arc::new(
@@ -423,9 +431,9 @@ async fn soak_rss_and_fds_stay_flat_under_mixed_load() {
     let end = samples.last().unwrap().rss_kb as f64;
     let peak = after_warmup.iter().map(|s| s.rss_kb).max().unwrap() as f64;
     let growth = (end - base) / base * 100.0;
-    let (fd_min, fd_max) = after_warmup
-        .iter()
-        .fold((usize::MAX, 0), |(lo, hi), s| (lo.min(s.fds), hi.max(s.fds)));
+    let (fd_min, fd_max) = after_warmup.iter().fold((usize::MAX, 0), |(lo, hi), s| {
+        (lo.min(s.fds), hi.max(s.fds))
+    });
     let half = after_warmup.len() / 2;
     let early_fd_max = after_warmup[..half].iter().map(|s| s.fds).max().unwrap();
     let late_fd_max = after_warmup[half..].iter().map(|s| s.fds).max().unwrap();
@@ -433,7 +441,11 @@ async fn soak_rss_and_fds_stay_flat_under_mixed_load() {
         "soak: after warm-up ({} s): RSS {base} kB -> {end} kB ({growth:+.2}%, peak {peak} kB); fds {fd_min}..{fd_max} (first half max {early_fd_max}, second half max {late_fd_max})",
         after_warmup[0].at
     );
-    assert_eq!(load(&c.server_errors), 0, "5xx under a healthy upstream and disk");
+    assert_eq!(
+        load(&c.server_errors),
+        0,
+        "5xx under a healthy upstream and disk"
+    );
     assert_eq!(load(&c.transport_errors), 0, "failed connections");
     assert!(growth < 5.0, "RSS grew {growth:.2}% after warm-up");
     // Flat: the second half never holds more descriptors than the first half did

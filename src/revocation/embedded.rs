@@ -342,6 +342,58 @@ mod tests {
         store.ping().await.unwrap();
     }
 
+    fn change(user: &str, cutoff: Option<Cutoff>) -> Vec<UserCutoffChange> {
+        vec![UserCutoffChange {
+            user_id: user.into(),
+            cutoff,
+        }]
+    }
+
+    #[tokio::test]
+    async fn a_failed_handle_refuses_writes_until_its_disk_is_checked_then_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("revocations.db");
+        let store = EmbeddedStore::open(&path).unwrap();
+        let cutoff = Cutoff::from_unix_seconds(1_800_000_000);
+        store
+            .set_user_cutoffs("a", &change("u", Some(cutoff)))
+            .await
+            .unwrap();
+        // As after a failed commit whose disk was checked a moment ago.
+        store.handle.failed.store(true, Ordering::Release);
+        *store.handle.last_check.lock().unwrap() = Some(Instant::now());
+        let refused = store
+            .set_user_cutoffs("a", &change("v", Some(cutoff)))
+            .await;
+        assert!(
+            matches!(&refused, Err(StoreError::Unavailable(m)) if m.contains("checking again shortly")),
+            "{refused:?}"
+        );
+        // Reads make do with the handle they have.
+        assert_eq!(store.user_cutoff("a", "u").await.unwrap(), Some(cutoff));
+        // Once the interval has passed, the disk (fine here) is checked, the file reopened.
+        *store.handle.last_check.lock().unwrap() = Some(Instant::now() - REOPEN_INTERVAL);
+        store
+            .set_user_cutoffs("a", &change("v", Some(cutoff)))
+            .await
+            .unwrap();
+        assert!(!store.handle.failed.load(Ordering::Acquire));
+        assert_eq!(store.user_cutoff("a", "v").await.unwrap(), Some(cutoff));
+        assert_eq!(store.user_cutoff("a", "u").await.unwrap(), Some(cutoff));
+        // The probe cleaned up after itself.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["revocations.db"]);
+    }
+
+    #[test]
+    fn a_missing_database_file_is_not_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(writable(&dir.path().join("gone.db")).is_err());
+    }
+
     #[test]
     fn a_second_open_of_a_held_file_reports_the_lock() {
         let dir = tempfile::tempdir().unwrap();
