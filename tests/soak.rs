@@ -103,7 +103,7 @@ async fn http_worker(proxy: Arc<Proxy>, worker: u64, stop: Arc<AtomicBool>, coun
     let mut i = worker * 1_000_000;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
-        let mut request = if i % 3 == 0 {
+        let mut request = if i.is_multiple_of(3) {
             client
                 .post(proxy.url(&format!(
                     "/channels/messaging/c{}/message?api_key={KEY}",
@@ -145,7 +145,11 @@ async fn websocket_worker(
     while !stop.load(Ordering::Relaxed) {
         i += 1;
         let user = format!("u{}", i % USERS);
-        let secret = if i % 5 == 0 { "forged" } else { SECRET };
+        let secret = if i.is_multiple_of(5) {
+            "forged"
+        } else {
+            SECRET
+        };
         let token = TokenBuilder::user(&user)
             .issued_at(now_unix() - 1)
             .sign(secret);
@@ -169,7 +173,7 @@ async fn websocket_worker(
             if !echo.into_text().ok()?.starts_with("echo:") {
                 return None;
             }
-            if i % 7 == 0 {
+            if i.is_multiple_of(7) {
                 tokio::time::sleep(Duration::from_secs(3)).await;
             }
             socket.close(None).await.ok()?;
@@ -259,7 +263,7 @@ async fn reloader(
             "[revocation]",
             &format!("[auth]\nleeway_seconds = {}\n[revocation]", 5 + n % 3),
         );
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             text.push_str(&format!(
                 "[[apps]]\napi_key = \"{KEY_B}\"\nsecrets = [\"{SECRET_B}\"]\n"
             ));
@@ -281,7 +285,7 @@ async fn revoker(proxy: Arc<Proxy>, stop: Arc<AtomicBool>, counts: Arc<Counts>) 
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_secs(2)).await;
         n += 1;
-        let cutoff = if n % 4 == 0 {
+        let cutoff = if n.is_multiple_of(4) {
             serde_json::Value::Null
         } else {
             chrono::Utc::now()

@@ -68,7 +68,7 @@ async fn load(
         .build()
         .unwrap();
     let now = now_unix();
-    let cached = TokenBuilder::user(&format!("steady-{policy}-{worker}"))
+    let cached = TokenBuilder::user(format!("steady-{policy}-{worker}"))
         .issued_at(now - 60)
         .sign(SECRET);
     let mut samples = Vec::new();
@@ -80,7 +80,7 @@ async fn load(
         let miss = i % 2 == 1;
         let token = if miss {
             let n = fresh.fetch_add(1, Ordering::Relaxed);
-            TokenBuilder::user(&format!("fresh-{n}"))
+            TokenBuilder::user(format!("fresh-{n}"))
                 .issued_at(now - 60)
                 .sign(SECRET)
         } else {
@@ -155,7 +155,7 @@ async fn redis_hung_killed_and_restarted_under_load() {
     let recovered = within(Duration::from_secs(30), async {
         let started = Instant::now();
         for n in 0.. {
-            let probe = TokenBuilder::user(&format!("probe-{n}"))
+            let probe = TokenBuilder::user(format!("probe-{n}"))
                 .issued_at(now - 60)
                 .sign(SECRET);
             let deny_ok = get_channels(&client, &deny, &probe).await.0 == 200;
