@@ -138,19 +138,35 @@ async fn redis_hung_killed_and_restarted_under_load() {
         }
     }
     let set = |p: Phase| phase.store(p as u8, Ordering::SeqCst);
+    let client = reqwest::Client::new();
+    // A revocation while Redis is away: refused (never acknowledged unstored), in time.
+    let refused_write = |what: &'static str| {
+        let (client, deny) = (client.clone(), deny.clone());
+        async move {
+            let started = Instant::now();
+            let (status, body) = revoke(&client, &deny, &[format!("during-{what}")], now_unix()).await;
+            let took = started.elapsed();
+            assert_eq!(status, 503, "{what}: {body}");
+            assert_stream_error(&body, -1, 503);
+            assert!(took < STORE_TIMEOUT + SLACK, "{what}: a revocation waited {took:?}");
+        }
+    };
     tokio::time::sleep(Duration::from_secs(1)).await;
     set(Phase::Hung);
     redis.signal("STOP");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    refused_write("hung").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     set(Phase::Killed);
     redis.kill();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    refused_write("killed").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let port = redis.port();
     set(Phase::Restarted);
     let _redis = RedisServer::start_on(port);
 
     // Recovery is automatic: misses are answered 200 again by both, within 20 s.
-    let client = reqwest::Client::new();
     let now = now_unix();
     let recovered = within(Duration::from_secs(30), async {
         let started = Instant::now();
