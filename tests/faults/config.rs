@@ -8,7 +8,6 @@
 //! write that is never picked up.
 
 use crate::harness::*;
-use crate::{get_channels, within};
 use std::io::Write as _;
 use std::time::Duration;
 

@@ -11,7 +11,6 @@
 
 use crate::harness::*;
 use crate::redis_server::RedisServer;
-use crate::{assert_stream_error, get_channels, revoke, within};
 use chatgate::TokenBuilder;
 use chatgate::time::now_unix;
 use std::sync::Arc;
@@ -144,11 +143,15 @@ async fn redis_hung_killed_and_restarted_under_load() {
         let (client, deny) = (client.clone(), deny.clone());
         async move {
             let started = Instant::now();
-            let (status, body) = revoke(&client, &deny, &[format!("during-{what}")], now_unix()).await;
+            let (status, body) =
+                revoke(&client, &deny, &[format!("during-{what}")], now_unix()).await;
             let took = started.elapsed();
             assert_eq!(status, 503, "{what}: {body}");
             assert_stream_error(&body, -1, 503);
-            assert!(took < STORE_TIMEOUT + SLACK, "{what}: a revocation waited {took:?}");
+            assert!(
+                took < STORE_TIMEOUT + SLACK,
+                "{what}: a revocation waited {took:?}"
+            );
         }
     };
     tokio::time::sleep(Duration::from_secs(1)).await;

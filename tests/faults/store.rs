@@ -19,7 +19,6 @@
 //! revocations that keep failing after the disk recovered.
 
 use crate::harness::*;
-use crate::{assert_stream_error, get_channels, revoke, within};
 use chatgate::TokenBuilder;
 use chatgate::revocation::RevocationStore;
 use chatgate::revocation::embedded::EmbeddedStore;

@@ -7,7 +7,6 @@
 //! a timeout here (a hang), an empty reply or a non-JSON 5xx, or a body read that succeeds.
 
 use crate::harness::*;
-use crate::{assert_stream_error, within};
 use std::time::{Duration, Instant};
 
 /// Read timeout of the proxies here: what bounds every wait on a silent upstream.
