@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 const STORE_TIMEOUT: Duration = Duration::from_millis(300);
 /// What a request may take beyond the store timeout: the proxy's own work in a debug
 /// build on a busy two-core machine. A store call without its timeout takes seconds.
-const SLACK: Duration = Duration::from_millis(700);
+const SLACK: Duration = Duration::from_millis(1000);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
