@@ -1,4 +1,5 @@
-//! The default store: a redb database file. redb commits with fsync
+//! The default store (contract §3: a revocation is stored before it is acknowledged):
+//! a redb database file. redb commits with fsync
 //! (`Durability::Immediate`), so a revocation is on disk before the request that made
 //! it is answered, and a kill -9 right after loses nothing.
 //!
@@ -160,11 +161,16 @@ impl Handle {
         if writes {
             recovered?;
         }
-        let result = work(db);
-        if result.is_err() {
+        work(db).map_err(|error| {
             self.failed.store(true, Ordering::Release);
-        }
-        result
+            // redb's I/O errors do not say which file: the operator needs to know.
+            match error {
+                StoreError::Unavailable(message) => {
+                    unavailable(format!("{}: {message}", self.path.display()))
+                }
+                other => other,
+            }
+        })
     }
 }
 
