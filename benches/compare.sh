@@ -12,6 +12,8 @@
 #
 #   benches/compare.sh                  # 5 rounds x 8 s per target (~4 min incl. build)
 #   ROUNDS=9 DURATION=6 benches/compare.sh
+#   TARGETS="chatgate chatgate_forward haproxy_jwt" benches/compare.sh   # a subset
+#   PERF=1 benches/compare.sh   # also a `perf record` of each chatgate engine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,8 +25,10 @@ LOAD_CPU=${LOAD_CPU:-1}
 SECRET="bench-secret-0123456789abcdef0123456789abcdef"
 UPSTREAM_PORT=18180
 declare -A PORT=([chatgate]=18181 [chatgate_noauth]=18185 [passthrough]=18182
-  [haproxy_jwt]=18183 [haproxy_plain]=18184)
-TARGETS=(chatgate chatgate_noauth passthrough haproxy_jwt haproxy_plain)
+  [haproxy_jwt]=18183 [haproxy_plain]=18184 [chatgate_forward]=18186)
+read -r -a TARGETS <<<"${TARGETS:-chatgate chatgate_forward chatgate_noauth passthrough haproxy_jwt haproxy_plain}"
+PERF=${PERF:-0}
+has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need wrk || ! need haproxy || ! need nginx; then
@@ -85,6 +89,12 @@ EOF
 taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/chatgate.toml" >"$WORK/chatgate.log" 2>&1 &
 PIDS+=($!)
 CHATGATE_PID=$!
+# the same proxy on the forward engine (issue 16)
+sed -e "s/${PORT[chatgate]}/${PORT[chatgate_forward]}/" -e 's/^threads = 1$/threads = 1\nengine = "forward"/' \
+  "$WORK/chatgate.toml" >"$WORK/forward.toml"
+taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/forward.toml" >"$WORK/forward.log" 2>&1 &
+PIDS+=($!)
+FORWARD_PID=$!
 # the same proxy with every path public: chatgate minus its auth check
 sed -e "s/${PORT[chatgate]}/${PORT[chatgate_noauth]}/" "$WORK/chatgate.toml" >"$WORK/noauth.toml"
 printf '[auth]\npublic_paths = ["/*"]\n' >>"$WORK/noauth.toml"
@@ -131,7 +141,7 @@ HAPROXY_JWT_PID=$!
 taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy_plain.cfg" >"$WORK/haproxy_plain.log" 2>&1 &
 PIDS+=($!)
 HAPROXY_PLAIN_PID=$!
-declare -A PID=([chatgate]=$CHATGATE_PID [chatgate_noauth]=$NOAUTH_PID [passthrough]=$PASSTHROUGH_PID \
+declare -A PID=([chatgate]=$CHATGATE_PID [chatgate_forward]=$FORWARD_PID [chatgate_noauth]=$NOAUTH_PID [passthrough]=$PASSTHROUGH_PID \
   [haproxy_jwt]=$HAPROXY_JWT_PID [haproxy_plain]=$HAPROXY_PLAIN_PID)
 
 TOKEN=$("$BIN" token create --config "$WORK/chatgate.toml" --api-key bench --user bench-user --ttl 2h)
@@ -147,7 +157,8 @@ for target in "${TARGETS[@]}"; do
   done
   [ "$code" = 200 ] || { echo "$target is not answering 200 (got $code)"; cat "$WORK"/*.log; exit 1; }
 done
-for target in chatgate haproxy_jwt; do
+for target in chatgate chatgate_forward haproxy_jwt; do
+  has_target "$target" || continue
   code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PORT[$target]}$URL_PATH")
   [ "$code" = 401 ] || { echo "$target let a request without a token through ($code)"; exit 1; }
   bad="${TOKEN%?}A"; [ "$bad" = "$TOKEN" ] && bad="${TOKEN%?}B"
@@ -164,6 +175,7 @@ RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
 
 echo "rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS proxy core=$PROXY_CPU load core=$LOAD_CPU"
+echo "load: $(uptime)"
 for round in $(seq 1 "$ROUNDS"); do
   for offset in $(seq 0 $((${#TARGETS[@]} - 1))); do
     target=${TARGETS[$(((round - 1 + offset) % ${#TARGETS[@]}))]}
@@ -181,6 +193,22 @@ for round in $(seq 1 "$ROUNDS"); do
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$rps" "$p50" "$p99" "$cpu_us" | tee -a "$RESULTS"
   done
 done
+
+echo "load: $(uptime)"
+if [ "$PERF" = 1 ] && command -v perf >/dev/null 2>&1; then
+  for target in chatgate chatgate_forward; do
+    has_target "$target" || continue
+    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$((DURATION + 2))s" \
+      -H "Authorization: $TOKEN" -H "stream-auth-type: jwt" "http://127.0.0.1:${PORT[$target]}$URL_PATH" >/dev/null &
+    load=$!
+    sleep 1
+    perf record -q -p "${PID[$target]}" -o "$WORK/$target.perf" -- sleep "$DURATION" >/dev/null 2>&1 || true
+    wait "$load" || true
+    echo "--- perf: $target (self time, top symbols)"
+    perf report -i "$WORK/$target.perf" --no-children --stdio --percent-limit 1.5 2>/dev/null |
+      grep -v '^#' | grep -v '^$' | head -25 || true
+  done
+fi
 
 echo
 echo "medians over $ROUNDS interleaved rounds:"
@@ -205,12 +233,25 @@ diff_cpu() {
   awk -v a="$1" -v b="$2" '$2 == a {x[$1] = $6} $2 == b {y[$1] = $6}
     END { for (r in x) if (r in y) print x[r] - y[r] }' "$RESULTS" | median
 }
+if has_target chatgate_forward; then
+  printf 'forward / filter requests/s:             %.3f\n' "$(ratio chatgate_forward chatgate 3)"
+  printf 'forward / filter p99:                    %.3f\n' "$(ratio chatgate_forward chatgate 5)"
+  printf 'forward / filter proxy CPU per request:  %.3f\n' "$(ratio chatgate_forward chatgate 6)"
+  printf 'forward / HAProxy-jwt requests/s:        %.3f\n' "$(ratio chatgate_forward haproxy_jwt 3)"
+  printf 'forward / HAProxy-jwt p99:               %.3f\n' "$(ratio chatgate_forward haproxy_jwt 5)"
+  printf 'forward / HAProxy-jwt CPU per request:   %.3f\n' "$(ratio chatgate_forward haproxy_jwt 6)"
+fi
+printf 'chatgate / HAProxy-jwt CPU per request:  %.3f\n' "$(ratio chatgate haproxy_jwt 6)"
 printf 'chatgate / HAProxy-jwt requests/s:       %.3f\n' "$(ratio chatgate haproxy_jwt 3)"
 printf 'chatgate / HAProxy-jwt p99:              %.3f\n' "$(ratio chatgate haproxy_jwt 5)"
+if has_target chatgate_noauth; then
 auth=$(ratio chatgate chatgate_noauth 3)
 printf 'chatgate / chatgate without auth req/s:  %.3f (auth costs %.1f%%, %.2f µs CPU/req)\n' \
   "$auth" "$(awk -v r="$auth" 'BEGIN { print (1 - r) * 100 }')" "$(diff_cpu chatgate chatgate_noauth)"
+fi
+if has_target passthrough; then
 printf 'chatgate / Pingora pass-through req/s: %.3f (%.2f µs CPU/req)\n' \
   "$(ratio chatgate passthrough 3)" "$(diff_cpu chatgate passthrough)"
 printf 'chatgate without auth / Pingora pass-through req/s: %.3f\n' "$(ratio chatgate_noauth passthrough 3)"
 printf 'Pingora pass-through / HAProxy-jwt req/s: %.3f\n' "$(ratio passthrough haproxy_jwt 3)"
+fi

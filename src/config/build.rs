@@ -9,7 +9,7 @@ use super::schema::{
     StringOrList,
 };
 use super::{
-    App, AuthSettings, ConfigError, ConfigSnapshot, LimitsSettings, LogFormat, LogSettings,
+    App, AuthSettings, ConfigError, ConfigSnapshot, Engine, LimitsSettings, LogFormat, LogSettings,
     PublicPaths, RevocationSettings, ServerSettings, StoreErrorPolicy, StoreKind, TrustedProxies,
     UpstreamSettings, content_hash,
 };
@@ -104,7 +104,15 @@ fn server(server: &RawServer, at: &Locator) -> Result<ServerSettings, ConfigErro
             "must be between 1024 and 1048575",
         ));
     }
+    let engine = match server.engine.as_deref() {
+        None | Some("filter") => Engine::Filter,
+        Some("forward") => Engine::Forward,
+        Some(_) => {
+            return Err(at.error("server.engine", "must be \"filter\" or \"forward\""));
+        }
+    };
     Ok(ServerSettings {
+        engine,
         listen,
         admin_listen,
         threads,

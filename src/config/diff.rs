@@ -105,6 +105,9 @@ impl ConfigSnapshot {
         if self.server.work_stealing != newer.server.work_stealing {
             changed.push("server.work_stealing");
         }
+        if self.server.engine != newer.server.engine {
+            changed.push("server.engine");
+        }
         if self.revocation.store != newer.revocation.store
             || self.revocation.path != newer.revocation.path
             || self.revocation.redis_url != newer.revocation.redis_url

@@ -85,6 +85,20 @@ pub struct ServerSettings {
     pub header_timeout: Duration,
     /// Largest request head (request line and headers) accepted (contract §6 rule 6).
     pub max_header_bytes: usize,
+    /// Which forwarding engine serves the listener.
+    pub engine: Engine,
+}
+
+/// `[server] engine`: how the proxy forwards a request once the gate let it through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// Pingora's `ProxyHttp` pipeline with [`crate::proxy::ChatAuthFilter`] (the default).
+    #[default]
+    Filter,
+    /// chatgate's own keep-alive loop on pingora-core (issue 16's experiment): each
+    /// client connection owns one upstream connection. WebSocket upgrades go to the
+    /// filter engine.
+    Forward,
 }
 
 /// `[limits]`: failed-authentication rate limiting (contract §6 rule 7). Reloadable.

@@ -33,6 +33,7 @@ pub(super) struct RawServer {
     pub(super) grace_period_seconds: Option<u64>,
     pub(super) header_timeout_ms: Option<u64>,
     pub(super) max_header_bytes: Option<u64>,
+    pub(super) engine: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

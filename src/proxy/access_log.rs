@@ -68,10 +68,31 @@ impl AccessRecord {
         if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
             return;
         }
-        let request = session.req_header();
         let status = session
             .response_written()
             .map(|response| response.status.as_u16());
+        self.emit_parts(
+            session.req_header(),
+            status,
+            session.client_addr().map(ToString::to_string),
+            identity,
+            config,
+        );
+    }
+
+    /// Writes the line from the request's parts (the forward engine's session is not
+    /// a `pingora::proxy::Session`).
+    pub(crate) fn emit_parts(
+        &self,
+        request: &pingora::http::RequestHeader,
+        status: Option<u16>,
+        client: Option<String>,
+        identity: Option<&Identity>,
+        config: &ConfigSnapshot,
+    ) {
+        if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
+            return;
+        }
         let app: Option<&str> = identity
             .map(|identity| &*identity.app)
             .or(self.refused_app.as_deref());
@@ -80,7 +101,6 @@ impl AccessRecord {
         } else {
             None
         };
-        let client = session.client_addr().map(ToString::to_string);
         tracing::info!(
             target: TARGET,
             method = request.method.as_str(),

@@ -315,21 +315,21 @@ fn is_timeout(kind: &ErrorType) -> bool {
 
 /// Peers built once per `[upstream]` version, picked round robin. Building an
 /// `HttpPeer` resolves its address; doing that per request would cost measurable time.
-struct Upstreams {
-    current: ArcSwap<PeerSet>,
+pub(super) struct Upstreams {
+    pub(super) current: ArcSwap<PeerSet>,
     next: AtomicUsize,
 }
 
-struct PeerSet {
+pub(super) struct PeerSet {
     settings: UpstreamSettings,
-    http: Vec<HttpPeer>,
+    pub(super) http: Vec<HttpPeer>,
     websocket: Vec<HttpPeer>,
     /// Host header for a TLS upstream.
-    tls_host: Option<String>,
+    pub(super) tls_host: Option<String>,
 }
 
 impl Upstreams {
-    fn new(settings: &UpstreamSettings) -> Result<Self, UpstreamError> {
+    pub(super) fn new(settings: &UpstreamSettings) -> Result<Self, UpstreamError> {
         Ok(Upstreams {
             current: ArcSwap::from_pointee(PeerSet::build(settings)?),
             next: AtomicUsize::new(0),
@@ -338,7 +338,7 @@ impl Upstreams {
 
     /// The next peer round robin, or after `previous` when retrying (so a retry never
     /// lands on the peer that just failed while others exist).
-    fn pick(
+    pub(super) fn pick(
         &self,
         config: &ConfigSnapshot,
         websocket: bool,

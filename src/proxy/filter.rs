@@ -233,7 +233,12 @@ impl ChatAuthFilter {
 
     /// The `app` label of a refusal: the api_key if it names a configured app.
     fn app_label(&self, session: &Session) -> String {
-        let query = session.req_header().uri.query().unwrap_or("");
+        self.app_label_of(session.req_header())
+    }
+
+    /// [`ChatAuthFilter::app_label`] of a request header.
+    pub(super) fn app_label_of(&self, header: &RequestHeader) -> String {
+        let query = header.uri.query().unwrap_or("");
         let config = self.gate.config().load();
         form_urlencoded::parse(query.as_bytes())
             .find(|(name, _)| name == "api_key")
@@ -259,7 +264,7 @@ impl std::fmt::Debug for ChatAuthFilter {
 
 /// Removes every header an upstream could read as one of the gate's identity headers
 /// (case folded, `_` for `-`: contract §6 rule 2).
-fn strip_identity_headers(header: &mut RequestHeader) {
+pub(super) fn strip_identity_headers(header: &mut RequestHeader) {
     // Found first: the common request has none, and removal rebuilds case maps.
     let forged: Vec<http::HeaderName> = header
         .headers
@@ -278,7 +283,11 @@ fn strip_identity_headers(header: &mut RequestHeader) {
 /// the `uri` the gate reads, so it is rewritten whenever the two differ. A path that
 /// cannot be normalised is left for the gate to refuse.
 fn forward_normal_target(session: &mut Session) -> pingora::Result<()> {
-    let header = session.req_header();
+    normal_target(session.req_header_mut())
+}
+
+/// [`forward_normal_target`] on a request header.
+pub(super) fn normal_target(header: &mut RequestHeader) -> pingora::Result<()> {
     let Ok(path) = normalize::path(header.uri.path()) else {
         return Ok(());
     };
@@ -291,7 +300,7 @@ fn forward_normal_target(session: &mut Session) -> pingora::Result<()> {
         return Ok(());
     }
     let target = normalize::target(&path, header.uri.query());
-    session.req_header_mut().set_raw_path(target.as_bytes())
+    header.set_raw_path(target.as_bytes())
 }
 
 /// Writes `error` in the contract's shape by copying out its [`Rejection`]: JSON over
@@ -327,9 +336,9 @@ pub(crate) async fn write_rejection(
 /// Refused bodies up to this size are read and discarded after the answer so the
 /// connection can serve the next request; larger or unsized ones close it instead of
 /// letting an unauthenticated client make the proxy read an upload.
-const MAX_DRAINED_BODY: u64 = 64 * 1024;
+pub(super) const MAX_DRAINED_BODY: u64 = 64 * 1024;
 /// Longest a refused request's body may take to arrive before the connection closes.
-const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub(super) const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Pingora closes a connection answered before its request body was read; a small body
 /// is drained instead (within the drain timeout) to keep the connection alive.

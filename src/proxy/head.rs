@@ -90,29 +90,19 @@ impl<A> HeadLimitedApp<A> {
     }
 }
 
-#[async_trait]
-impl<A> ServerApp for HeadLimitedApp<A>
+impl<A> HeadLimitedApp<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
+    /// Serves `session` (a new connection's first request, possibly handed over by the
+    /// forward engine with its head as a pipelined prefix) and the connection's later
+    /// requests. `phase` is the connection's [`HeadGuard`] phase.
+    pub(crate) async fn serve(
+        &self,
+        mut session: ServerSession,
+        phase: &AtomicU8,
         shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let (timeout, max_bytes) = {
-            let config = self.config.load();
-            (config.server.header_timeout, config.server.max_header_bytes)
-        };
-        let phase = Arc::new(AtomicU8::new(ARMED));
-        let guarded: Stream = Box::new(HeadGuard::new(stream, phase.clone(), timeout, max_bytes));
-        let mut session = ServerSession::new_http1(guarded);
-        // As Pingora's own loop does for a new HTTP/1 connection.
-        if *shutdown.borrow() {
-            session.set_keepalive(None);
-        } else {
-            session.set_keepalive(Some(KEEPALIVE_SECONDS));
-        }
+    ) {
         session.set_keepalive_reuses_remaining(
             self.app
                 .server_options()
@@ -128,6 +118,53 @@ where
             }
             reused = self.app.process_new_http(session, shutdown).await;
         }
+    }
+}
+
+/// Wraps a new connection's stream in a [`HeadGuard`] with the live config's limits;
+/// the returned phase is what [`arm`] and [`end_head`] move.
+pub(crate) fn guard(stream: Stream, config: &ConfigHandle) -> (Stream, Arc<AtomicU8>) {
+    let (timeout, max_bytes) = {
+        let config = config.load();
+        (config.server.header_timeout, config.server.max_header_bytes)
+    };
+    let phase = Arc::new(AtomicU8::new(ARMED));
+    let guarded: Stream = Box::new(HeadGuard::new(stream, phase.clone(), timeout, max_bytes));
+    (guarded, phase)
+}
+
+/// The connection's next read starts a new request head.
+pub(crate) fn arm(phase: &AtomicU8) {
+    phase.store(ARMED, Ordering::Relaxed);
+}
+
+/// The current head has been read: what follows is body.
+pub(crate) fn end_head(phase: &AtomicU8) {
+    phase.store(PASS, Ordering::Relaxed);
+}
+
+/// Pingora's keep-alive for a new connection, for the forward engine's own loop.
+pub(crate) const KEEPALIVE: u64 = KEEPALIVE_SECONDS;
+
+#[async_trait]
+impl<A> ServerApp for HeadLimitedApp<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let (guarded, phase) = guard(stream, &self.config);
+        let mut session = ServerSession::new_http1(guarded);
+        // As Pingora's own loop does for a new HTTP/1 connection.
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(KEEPALIVE_SECONDS));
+        }
+        self.serve(session, &phase, shutdown).await;
         None
     }
 

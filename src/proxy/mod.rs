@@ -22,6 +22,7 @@ pub mod access_log;
 pub mod admin;
 mod edge;
 mod filter;
+mod forward;
 pub mod head;
 mod live;
 mod metrics;
@@ -211,15 +212,26 @@ pub fn run(
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let edge = EdgeProxy::new(ChatAuthFilter::with_metrics(gate, metrics.clone()))?;
+    let auth = ChatAuthFilter::with_metrics(gate, metrics.clone());
+    let edge = EdgeProxy::new(auth.clone())?;
     // Contract §6 rule 6: the proxy behind the request-head limits (see `head`).
     let app = head::HeadLimitedApp::new(
         pingora::proxy::http_proxy(&server.configuration, edge),
         config.clone(),
     );
-    let mut proxy = pingora::services::listening::Service::new("chatgate".to_owned(), app);
-    proxy.add_tcp(&snapshot.server.listen.to_string());
-    server.add_service(proxy);
+    match snapshot.server.engine {
+        crate::config::Engine::Filter => {
+            let mut proxy = pingora::services::listening::Service::new("chatgate".to_owned(), app);
+            proxy.add_tcp(&snapshot.server.listen.to_string());
+            server.add_service(proxy);
+        }
+        crate::config::Engine::Forward => {
+            let app = forward::ForwardApp::new(auth, app)?;
+            let mut proxy = pingora::services::listening::Service::new("chatgate".to_owned(), app);
+            proxy.add_tcp(&snapshot.server.listen.to_string());
+            server.add_service(proxy);
+        }
+    }
 
     server.add_service(background_service(
         "chatgate revocation events",

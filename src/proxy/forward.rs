@@ -1,0 +1,712 @@
+//! `[server] engine = "forward"`: issue 16's experiment, a forward loop of chatgate's own
+//! on pingora-core's public API, next to the `ProxyHttp` filter engine (`edge`).
+//!
+//! Contract §6 holds as in the filter engine, by the same functions: the client's
+//! identity headers are stripped and the target rewritten to its normal form before the
+//! [`Gate`](crate::gate::Gate) decides (rules 2, 3), revocation bodies are read and
+//! recorded before they are forwarded (rule 4), the head limits are the same
+//! [`HeadGuard`](super::head::HeadGuard) (rule 6), pipelined requests are answered in
+//! order (rule 9: pipelining is enabled on every session and the bytes read ahead are
+//! handed to the next one). Hop-by-hop headers and every header the client names in
+//! `Connection` are removed before the identity headers are written (rule 2), as
+//! Pingora's `sanitize_h1_upstream_request` does for the filter engine.
+//!
+//! Why the design is so (the issue's hypothesis): the filter engine's upstream hop
+//! clones the request header and goes through Pingora's shared connection pool per
+//! request (a lock, a oneshot, a `Notify`, a spawned idle watcher, a `getpeername`).
+//! Here the client connection's task owns one upstream connection and reuses it for the
+//! connection's requests (client affinity, as HAProxy does by default); the upstream
+//! request head is serialised from the client's own header, edited in place (no clone),
+//! and the serialised bytes are what a retry resends.
+//!
+//! Failures: connect errors of idempotent requests move to the next peer (each peer at
+//! most once); an idempotent request without a body that finds its reused upstream
+//! connection closed before any response byte is resent once on a fresh connection.
+//! Upstream failures are answered 502/504 in the contract's shape and close the client
+//! connection, as in the filter engine.
+//!
+//! Not handled here: WebSocket upgrades go to the filter engine with the connection (the
+//! head is handed over as a pipelined prefix, see [`ForwardApp`]); HTTP/2 (the listener
+//! is HTTP/1 only in both engines).
+
+use super::access_log::AccessRecord;
+use super::edge::{EdgeProxy, Upstreams};
+use super::filter::{
+    ChatAuthFilter, DRAIN_TIMEOUT, MAX_DRAINED_BODY, MAX_REVOCATION_BODY, normal_target,
+    strip_identity_headers,
+};
+use super::head::{self, HeadLimitedApp};
+use crate::error::{AuthError, Rejection};
+use crate::gate::{Decision, Identity, RequestParts};
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use http::header;
+use pingora::apps::ServerApp;
+use pingora::connectors::TransportConnector;
+use pingora::http::ResponseHeader;
+use pingora::protocols::Stream;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::http::v1::client::{
+    HttpSession as UpstreamSession, http_req_header_to_wire,
+};
+use pingora::protocols::http::v1::server::HttpSession as ClientSession;
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use pingora::{ErrorType, RetryType};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU8;
+use std::time::Instant;
+use tokio::io::AsyncWriteExt;
+
+/// Most informational (1xx) responses skipped before the final one.
+const MAX_INFORMATIONAL: usize = 16;
+
+/// The forward engine: the listening service's `ServerApp`.
+pub struct ForwardApp {
+    auth: ChatAuthFilter,
+    upstreams: Upstreams,
+    connector: TransportConnector,
+    /// The filter engine, for WebSocket upgrades.
+    filter: HeadLimitedApp<HttpProxy<EdgeProxy>>,
+}
+
+impl ForwardApp {
+    /// The forward engine over `auth`; upgrades go to `filter`.
+    pub(crate) fn new(
+        auth: ChatAuthFilter,
+        filter: HeadLimitedApp<HttpProxy<EdgeProxy>>,
+    ) -> Result<Self, super::UpstreamError> {
+        let upstreams = Upstreams::new(&auth.gate().config().load().upstream)?;
+        Ok(ForwardApp {
+            auth,
+            upstreams,
+            connector: TransportConnector::new(None),
+            filter,
+        })
+    }
+}
+
+/// The upstream connection a client connection owns.
+struct Owned {
+    stream: Stream,
+    /// Index of its peer in `set`.
+    peer: usize,
+    /// The peer set it was opened from: a reload of `[upstream]` retires it.
+    set: Arc<super::edge::PeerSet>,
+}
+
+/// How one request ended, for the connection loop.
+enum Served {
+    /// Answered: the client connection may serve the next request.
+    Next,
+    /// The client connection ends.
+    Close,
+}
+
+#[async_trait]
+impl ServerApp for ForwardApp {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let (mut stream, phase) = head::guard(stream, self.auth.gate().config());
+        let mut prefix: Option<BytesMut> = None;
+        let mut upstream: Option<Owned> = None;
+        // Bounded by the client: each round serves one request or ends the connection.
+        loop {
+            head::arm(&phase);
+            let mut session = ClientSession::new(stream);
+            if let Some(prefix) = prefix.take() {
+                session.set_pipelined_prefix(prefix);
+            }
+            session.set_server_keepalive(if *shutdown.borrow() {
+                None
+            } else {
+                Some(head::KEEPALIVE)
+            });
+            match session.read_request().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return None,
+                Err(error) => {
+                    if error.etype() != &ErrorType::ConnectionClosed {
+                        bad_request(&mut session).await;
+                    }
+                    return None;
+                }
+            }
+            head::end_head(&phase);
+            session.set_pipelining_enabled(true);
+            if session.is_upgrade_req() {
+                self.hand_over(session, &phase, shutdown).await;
+                return None;
+            }
+            if *shutdown.borrow() {
+                session.set_server_keepalive(None);
+            }
+            match self.serve(&mut session, &mut upstream).await {
+                Served::Next => {}
+                Served::Close => {
+                    session.shutdown().await;
+                    return None;
+                }
+            }
+            match session.reuse().await {
+                Ok(Some(reusable)) => (stream, prefix) = reusable.into_parts(),
+                _ => return None,
+            }
+        }
+    }
+
+    async fn cleanup(&self) {
+        ServerApp::cleanup(&self.filter).await;
+    }
+}
+
+impl ForwardApp {
+    /// Gives the connection, with the upgrade request's head as a pipelined prefix, to
+    /// the filter engine, which decides it again and relays the WebSocket.
+    async fn hand_over(&self, session: ClientSession, phase: &AtomicU8, shutdown: &ShutdownWatch) {
+        let head_bytes = session.get_headers_raw_bytes();
+        let stream = session.into_inner();
+        let mut next = ClientSession::new(stream);
+        next.set_pipelined_prefix(BytesMut::from(&head_bytes[..]));
+        next.set_server_keepalive(Some(head::KEEPALIVE));
+        self.filter
+            .serve(ServerSession::H1(next), phase, shutdown)
+            .await;
+    }
+
+    /// One request: the gate's decision, then the refusal or the upstream's answer.
+    async fn serve(&self, session: &mut ClientSession, upstream: &mut Option<Owned>) -> Served {
+        let mut access = AccessRecord::default();
+        let header = session.req_header_mut();
+        strip_identity_headers(header);
+        if normal_target(header).is_err() {
+            return Served::Close;
+        }
+        let started = Instant::now();
+        let peer = session
+            .client_addr()
+            .and_then(|address| address.as_inet())
+            .map(|address| address.ip());
+        let gate = self.auth.gate();
+        let decision = gate
+            .check(RequestParts::from(&**session.req_header()).with_peer(peer))
+            .await;
+        let metrics = self.auth.metrics();
+        metrics.observe_check(started.elapsed());
+        let mut body: Option<Bytes> = None;
+        let identity = match decision {
+            Ok(Decision::Public) => Ok(None),
+            Ok(Decision::Allow(identity)) => Ok(Some(identity)),
+            Ok(Decision::Revocation(identity, endpoint)) => match read_small_body(session).await {
+                Ok(Ok(bytes)) => {
+                    let applied = gate.apply_revocation(&identity, endpoint, &bytes).await;
+                    body = Some(bytes);
+                    applied.map(|()| Some(identity))
+                }
+                Ok(Err(error)) => Err(error),
+                Err(()) => return Served::Close,
+            },
+            Err(error) => Err(error),
+        };
+        let identity = match identity {
+            Ok(identity) => {
+                if let Some(identity) = &identity {
+                    metrics.allowed(&identity.app);
+                }
+                identity
+            }
+            Err(error) => {
+                let app = self.auth.app_label_of(session.req_header());
+                metrics.denied(&app, &error);
+                access.code = Some(error.code());
+                access.refused_app = Some(app);
+                let served = refuse(session, &error).await;
+                self.log(session, &access, None);
+                return served;
+            }
+        };
+        let served = self
+            .forward(session, upstream, identity.as_ref(), body, &mut access)
+            .await;
+        self.log(session, &access, identity.as_ref());
+        served
+    }
+
+    fn log(&self, session: &ClientSession, access: &AccessRecord, identity: Option<&Identity>) {
+        let status = session.response_written().map(|r| r.status.as_u16());
+        self.auth.metrics().response(status, access.upstream_time);
+        let config = self.auth.gate().config().load();
+        access.emit_parts(
+            session.req_header(),
+            status,
+            session.client_addr().map(ToString::to_string),
+            identity,
+            &config,
+        );
+    }
+
+    /// Sends the allowed request upstream and its answer to the client.
+    async fn forward(
+        &self,
+        session: &mut ClientSession,
+        upstream: &mut Option<Owned>,
+        identity: Option<&Identity>,
+        read_body: Option<Bytes>,
+        access: &mut AccessRecord,
+    ) -> Served {
+        let config = self.auth.gate().config().load();
+        let peers = self.upstreams.current.load_full();
+        // Read before the hop-by-hop headers (`Expect` among them) are removed: the
+        // client hears 100 Continue from the proxy, the upstream gets the body at once.
+        let expects_continue = session
+            .req_header()
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let chunked = match prepare_upstream_header(
+            session,
+            identity.filter(|_| config.upstream.forward_identity),
+            peers.tls_host.as_deref(),
+            read_body.as_ref().map(Bytes::len),
+        ) {
+            Ok(chunked) => chunked,
+            Err(()) => {
+                return self
+                    .upstream_failed(session, AuthError::UpstreamUnavailable, "unavailable")
+                    .await;
+            }
+        };
+        let Some(wire) = http_req_header_to_wire(session.req_header()) else {
+            return Served::Close;
+        };
+        let head_method = session.req_header().method == http::Method::HEAD;
+        let idempotent = session.req_header().method.is_idempotent();
+        let has_body = read_body.is_some() || !session.is_body_empty();
+        if expects_continue && session.write_continue_response().await.is_err() {
+            return Served::Close;
+        }
+        access.upstream_picked();
+        // A retired peer set (reloaded `[upstream]`) or a closed connection is not reused.
+        if upstream
+            .as_ref()
+            .is_some_and(|owned| !Arc::ptr_eq(&owned.set, &peers))
+        {
+            *upstream = None;
+        }
+        let mut attempts = 0;
+        let mut previous: Option<usize> = None;
+        let mut fresh_retry_used = false;
+        // Bounded: each round either answers, or uses one of the peers or the single
+        // fresh-connection retry.
+        loop {
+            attempts += 1;
+            let reused = upstream.is_some();
+            let mut owned = match upstream.take() {
+                Some(owned) => owned,
+                None => {
+                    let (index, peer) = self.upstreams.pick(&config, false, previous);
+                    previous = Some(index);
+                    match self.connector.new_stream(&*peer).await {
+                        Ok(stream) => Owned {
+                            stream,
+                            peer: index,
+                            set: peers.clone(),
+                        },
+                        Err(error) => {
+                            if idempotent && attempts < peers.http.len() {
+                                continue;
+                            }
+                            let kind = if error.etype() == &ErrorType::ConnectTimedout {
+                                (AuthError::UpstreamTimeout, "timeout")
+                            } else {
+                                (AuthError::UpstreamUnavailable, "unavailable")
+                            };
+                            return self.upstream_failed(session, kind.0, kind.1).await;
+                        }
+                    }
+                }
+            };
+            let peer_options = &peers.http[owned.peer].options;
+            let timeout = peer_options.write_timeout;
+            if head_method {
+                // The response reader needs the request to know a HEAD answer has no
+                // body; HEAD is rare enough for the one clone this costs.
+                let mut reply = UpstreamSession::new(owned.stream);
+                reply.read_timeout = peer_options.read_timeout;
+                reply.write_timeout = peer_options.write_timeout;
+                let sent = reply
+                    .write_request_header(Box::new(session.req_header().clone()))
+                    .await;
+                let answered = match sent {
+                    Ok(_) => read_head(&mut reply).await,
+                    Err(error) => Err(error),
+                };
+                match answered {
+                    Ok(()) => {
+                        return self
+                            .relay(session, reply, (owned.peer, owned.set), upstream, access)
+                            .await;
+                    }
+                    Err(error)
+                        if reused
+                            && !fresh_retry_used
+                            && matches!(error.retry, RetryType::ReusedOnly) =>
+                    {
+                        fresh_retry_used = true;
+                        attempts -= 1;
+                        continue;
+                    }
+                    Err(error) => return self.failed_read(session, &error).await,
+                }
+            }
+            let sent = send_request(
+                session,
+                &mut owned.stream,
+                &wire,
+                read_body.as_ref(),
+                has_body,
+                chunked,
+                timeout,
+            )
+            .await;
+            if let Err(kind) = sent {
+                match kind {
+                    SendError::Client => return Served::Close,
+                    SendError::Upstream
+                        if reused && !has_body && idempotent && !fresh_retry_used =>
+                    {
+                        fresh_retry_used = true;
+                        attempts -= 1;
+                        continue;
+                    }
+                    SendError::Upstream => {
+                        return self
+                            .upstream_failed(session, AuthError::UpstreamUnavailable, "unavailable")
+                            .await;
+                    }
+                }
+            }
+            let mut reply = UpstreamSession::new(owned.stream);
+            reply.read_timeout = peer_options.read_timeout;
+            reply.write_timeout = peer_options.write_timeout;
+            match read_head(&mut reply).await {
+                Ok(()) => {}
+                Err(error) => {
+                    if reused
+                        && !has_body
+                        && idempotent
+                        && !fresh_retry_used
+                        && matches!(error.retry, RetryType::ReusedOnly)
+                    {
+                        fresh_retry_used = true;
+                        attempts -= 1;
+                        continue;
+                    }
+                    return self.failed_read(session, &error).await;
+                }
+            }
+            return self
+                .relay(session, reply, (owned.peer, owned.set), upstream, access)
+                .await;
+        }
+    }
+
+    async fn failed_read(&self, session: &mut ClientSession, error: &pingora::Error) -> Served {
+        let kind = if error.etype() == &ErrorType::ReadTimedout {
+            (AuthError::UpstreamTimeout, "timeout")
+        } else {
+            (AuthError::UpstreamUnavailable, "unavailable")
+        };
+        self.upstream_failed(session, kind.0, kind.1).await
+    }
+
+    /// Copies the upstream's answer (its head has been read) to the client, and keeps
+    /// the upstream connection when it can serve the next request.
+    async fn relay(
+        &self,
+        session: &mut ClientSession,
+        mut reply: UpstreamSession,
+        (peer, set): (usize, Arc<super::edge::PeerSet>),
+        upstream: &mut Option<Owned>,
+        access: &mut AccessRecord,
+    ) -> Served {
+        {
+            access.upstream_answered();
+            let Some(response) = reply.resp_header() else {
+                return Served::Close;
+            };
+            let response = Box::new(response.clone());
+            if session.write_response_header(response).await.is_err() {
+                return Served::Close;
+            }
+            // Bounded by the upstream's body, which its read timeout paces.
+            loop {
+                match reply.read_body_bytes().await {
+                    Ok(Some(chunk)) => {
+                        if session.write_body(&chunk).await.is_err() {
+                            return Served::Close;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        // The answer has started: all HTTP allows is to end the connection.
+                        self.auth.metrics().upstream_error("unavailable");
+                        return Served::Close;
+                    }
+                }
+            }
+            if session.finish_body().await.is_err() {
+                return Served::Close;
+            }
+            reply.respect_keepalive();
+            if let Some(stream) = reply.reuse().await {
+                *upstream = Some(Owned { stream, peer, set });
+            }
+            Served::Next
+        }
+    }
+
+    /// Answers an upstream failure (502 or 504 in the contract's shape) and closes the
+    /// client connection, as the filter engine does.
+    async fn upstream_failed(
+        &self,
+        session: &mut ClientSession,
+        error: AuthError,
+        label: &str,
+    ) -> Served {
+        self.auth.metrics().upstream_error(label);
+        if session.response_written().is_none() {
+            session.set_server_keepalive(None);
+            let _ = write_rejection(session, Rejection::http(&error).closing()).await;
+        }
+        Served::Close
+    }
+}
+
+/// Why a request could not be sent upstream.
+enum SendError {
+    /// Reading the client's body failed: the client connection ends.
+    Client,
+    /// Writing to the upstream failed.
+    Upstream,
+}
+
+/// Edits the client's request header in place into the upstream request (nothing after
+/// this reads the client's hop-by-hop headers: keep-alive was decided when the head was
+/// read). Returns whether the body goes upstream chunked.
+fn prepare_upstream_header(
+    session: &mut ClientSession,
+    identity: Option<&Identity>,
+    tls_host: Option<&str>,
+    read_body: Option<usize>,
+) -> Result<bool, ()> {
+    let body_empty = session.is_body_empty();
+    let header = session.req_header_mut();
+    // Contract §6 rule 2: the headers the client named in `Connection` go before the
+    // identity headers are written.
+    let nominated: Vec<http::HeaderName> = header
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in nominated {
+        header.remove_header(&name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::EXPECT,
+    ] {
+        header.remove_header(&name);
+    }
+    for name in ["keep-alive", "proxy-connection", "http2-settings"] {
+        header.remove_header(name);
+    }
+    strip_identity_headers(header);
+    if let Some(identity) = identity {
+        header
+            .insert_header(super::AUTH_HEADER, identity.kind.as_str())
+            .map_err(|_| ())?;
+        if let Some(user) = identity.user_id() {
+            header
+                .insert_header(super::USER_ID_HEADER, user)
+                .map_err(|_| ())?;
+        }
+    }
+    if let Some(host) = tls_host {
+        header.insert_header(header::HOST, host).map_err(|_| ())?;
+    }
+    match read_body {
+        // A revocation body, read whole: sent with its length.
+        Some(length) => {
+            header
+                .insert_header(header::CONTENT_LENGTH, length)
+                .map_err(|_| ())?;
+            Ok(false)
+        }
+        None if !body_empty && !header.headers.contains_key(header::CONTENT_LENGTH) => {
+            header
+                .insert_header(header::TRANSFER_ENCODING, "chunked")
+                .map_err(|_| ())?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// Writes the head and the body upstream: a body already read whole, or the client's
+/// body streamed (re-chunked when it came chunked).
+async fn send_request(
+    session: &mut ClientSession,
+    stream: &mut Stream,
+    wire: &[u8],
+    read_body: Option<&Bytes>,
+    has_body: bool,
+    chunked: bool,
+    timeout: Option<std::time::Duration>,
+) -> Result<(), SendError> {
+    let write = async {
+        stream
+            .write_all(wire)
+            .await
+            .map_err(|_| SendError::Upstream)?;
+        if let Some(body) = read_body {
+            stream
+                .write_all(body)
+                .await
+                .map_err(|_| SendError::Upstream)?;
+        } else if has_body {
+            // Bounded by the client's body, which the read timeout paces.
+            loop {
+                match session.read_body_bytes().await {
+                    Ok(Some(chunk)) if chunked => {
+                        let size = format!("{:x}\r\n", chunk.len());
+                        stream
+                            .write_all(size.as_bytes())
+                            .await
+                            .map_err(|_| SendError::Upstream)?;
+                        stream
+                            .write_all(&chunk)
+                            .await
+                            .map_err(|_| SendError::Upstream)?;
+                        stream
+                            .write_all(b"\r\n")
+                            .await
+                            .map_err(|_| SendError::Upstream)?;
+                    }
+                    Ok(Some(chunk)) => {
+                        stream
+                            .write_all(&chunk)
+                            .await
+                            .map_err(|_| SendError::Upstream)?;
+                    }
+                    Ok(None) => break,
+                    Err(_) => return Err(SendError::Client),
+                }
+            }
+            if chunked {
+                stream
+                    .write_all(b"0\r\n\r\n")
+                    .await
+                    .map_err(|_| SendError::Upstream)?;
+            }
+        }
+        stream.flush().await.map_err(|_| SendError::Upstream)
+    };
+    match timeout {
+        Some(timeout) => tokio::time::timeout(timeout, write)
+            .await
+            .unwrap_or(Err(SendError::Upstream)),
+        None => write.await,
+    }
+}
+
+/// Reads the final response head, skipping informational ones.
+async fn read_head(reply: &mut UpstreamSession) -> pingora::Result<()> {
+    for _ in 0..MAX_INFORMATIONAL {
+        reply.read_response().await?;
+        match reply.resp_header().map(|r| r.status) {
+            Some(status) if status.is_informational() => continue,
+            _ => return Ok(()),
+        }
+    }
+    pingora::Error::e_explain(
+        ErrorType::InvalidHTTPHeader,
+        "too many informational responses",
+    )
+}
+
+/// Reads a revocation body whole, up to [`MAX_REVOCATION_BODY`]; `Err(())` when the
+/// client's body could not be read.
+async fn read_small_body(session: &mut ClientSession) -> Result<Result<Bytes, AuthError>, ()> {
+    let mut body = BytesMut::new();
+    // Bounded by the size check: every iteration adds at least one byte or ends.
+    loop {
+        match session.read_body_bytes().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_REVOCATION_BODY {
+                    return Ok(Err(AuthError::BadInput(format!(
+                        "request body larger than {MAX_REVOCATION_BODY} bytes"
+                    ))));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(Ok(body.freeze())),
+            Err(_) => return Err(()),
+        }
+    }
+}
+
+/// Answers a refusal in the contract's shape and keeps the connection when the
+/// request's body is small enough to drain (as the filter engine does).
+async fn refuse(session: &mut ClientSession, error: &AuthError) -> Served {
+    let rejection = Rejection::new(error, &RequestParts::from(&**session.req_header()));
+    let small_body = session
+        .req_header()
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|length| length <= MAX_DRAINED_BODY);
+    if small_body || session.is_body_empty() {
+        session.set_close_on_response_before_downstream_finish(false);
+        session.set_total_drain_timeout(Some(DRAIN_TIMEOUT));
+    } else {
+        session.set_server_keepalive(None);
+    }
+    match write_rejection(session, rejection).await {
+        Ok(()) => Served::Next,
+        Err(_) => Served::Close,
+    }
+}
+
+async fn write_rejection(session: &mut ClientSession, rejection: Rejection) -> pingora::Result<()> {
+    let (head, body) = rejection.into_head();
+    let mut header = ResponseHeader::build(head.status(), Some(head.headers().len()))?;
+    for (name, value) in head.headers() {
+        header.insert_header(name.clone(), value)?;
+    }
+    session.write_response_header(Box::new(header)).await?;
+    session.write_body(&body).await?;
+    session.finish_body().await?;
+    Ok(())
+}
+
+/// Pingora's answer to a request head it cannot parse (as its proxy gives).
+async fn bad_request(session: &mut ClientSession) {
+    if let Ok(mut header) = ResponseHeader::build(400, Some(1)) {
+        let _ = header.insert_header(header::CONTENT_LENGTH, "0");
+        session.set_server_keepalive(None);
+        let _ = session.write_response_header(Box::new(header)).await;
+    }
+}
