@@ -296,6 +296,17 @@ impl ForwardApp {
         {
             *upstream = None;
         }
+        // A request that cannot be resent checks its reused connection first (one
+        // non-blocking read, as Pingora's pool does for every reuse); the common GET
+        // skips it and is resent on a fresh connection instead if the upstream had
+        // closed it.
+        if (has_body || !idempotent)
+            && upstream
+                .as_mut()
+                .is_some_and(|owned| !still_open(&mut owned.stream))
+        {
+            *upstream = None;
+        }
         let mut attempts = 0;
         let mut previous: Option<usize> = None;
         let mut fresh_retry_used = false;
@@ -630,6 +641,18 @@ async fn send_request(
             .unwrap_or(Err(SendError::Upstream)),
         None => write.await,
     }
+}
+
+/// Whether an idle upstream connection is still open with nothing unread on it.
+fn still_open(stream: &mut Stream) -> bool {
+    use futures_util::FutureExt as _;
+    use tokio::io::AsyncReadExt as _;
+    let mut byte = [0u8; 1];
+    // Pending means open and quiet; `unconstrained` so the runtime's budget cannot
+    // make a ready read look pending.
+    tokio::task::unconstrained(stream.read(&mut byte))
+        .now_or_never()
+        .is_none()
 }
 
 /// Reads the final response head, skipping informational ones.

@@ -454,6 +454,11 @@ impl Proxy {
             .map(|a| format!("\"{a}\""))
             .collect();
         let mut server_extra = String::new();
+        // `CHATGATE_TEST_ENGINE=forward` runs every proxy test on the forward engine
+        // (issue 16); unset, the default engine.
+        if let Ok(engine) = std::env::var("CHATGATE_TEST_ENGINE") {
+            server_extra.push_str(&format!("engine = \"{engine}\"\n"));
+        }
         if let Some(ms) = options.header_timeout_ms {
             server_extra.push_str(&format!("header_timeout_ms = {ms}\n"));
         }
