@@ -11,15 +11,21 @@ use harness::*;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-#[tokio::test]
-async fn readyz_checks_the_listener_and_turns_503_draining_while_the_admin_port_stays_up() {
-    let upstream = TestUpstream::start(Behaviour::Echo).await;
-    let mut proxy = Proxy::start(ProxyOptions {
+/// The proxy in front of `upstream`, and a client whose every request is bounded.
+async fn proxy_before(upstream: &TestUpstream) -> (Proxy, reqwest::Client) {
+    let proxy = Proxy::start(ProxyOptions {
         upstreams: vec![upstream.address.to_string()],
         ..ProxyOptions::default()
     })
     .await;
     let client = reqwest::Client::builder().timeout(STEP).build().unwrap();
+    (proxy, client)
+}
+
+#[tokio::test]
+async fn readyz_checks_the_listener_and_turns_503_draining_while_the_admin_port_stays_up() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let (mut proxy, client) = proxy_before(&upstream).await;
     let ready = client.get(proxy.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     let body: serde_json::Value = ready.json().await.unwrap();
@@ -101,12 +107,7 @@ async fn metrics(client: &reqwest::Client, proxy: &Proxy) -> String {
 async fn readyz_is_503_naming_the_upstream_while_it_refuses_and_200_when_it_is_back() {
     let upstream = TestUpstream::start(Behaviour::Echo).await;
     let address = upstream.address;
-    let proxy = Proxy::start(ProxyOptions {
-        upstreams: vec![address.to_string()],
-        ..ProxyOptions::default()
-    })
-    .await;
-    let client = reqwest::Client::builder().timeout(STEP).build().unwrap();
+    let (proxy, client) = proxy_before(&upstream).await;
     // Right from the start: the first probe ran before the admin port answered.
     let ready = client.get(proxy.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
