@@ -25,6 +25,7 @@ mod filter;
 pub mod head;
 mod live;
 mod metrics;
+pub mod upstream_health;
 
 pub use edge::{EdgeCtx, EdgeProxy, UpstreamError};
 pub use filter::{
@@ -368,17 +369,27 @@ impl BackgroundService for AdminService {
                 return;
             }
         };
+        // The upstream probe's first round before the first answer, so `/readyz`
+        // and `chatgate_upstream_up` are right from the start (a request arriving
+        // meanwhile waits in the bound listener's backlog, at most PROBE_TIMEOUT).
+        let state = &self.state;
+        let upstream = state.readiness.upstream();
+        upstream_health::probe_round(&state.config, upstream, &state.metrics).await;
+        let probes = upstream_health::watch(state.config.clone(), upstream, &state.metrics);
         // The admin listener outlives the drain: `/readyz` turns 503 `draining` when
         // the proxy stops accepting, and the listener ends with Pingora's runtimes
         // after the grace period, so a balancer polling it sees the instance leave.
-        let readiness = self.state.readiness.clone();
+        let readiness = state.readiness.clone();
         let stop = async move {
             let _ = shutdown.changed().await;
             readiness.start_draining();
             std::future::pending::<()>().await;
         };
-        if let Err(error) = admin::serve(listener, self.state.clone(), stop).await {
-            tracing::error!(target: "chatgate::proxy", %error, "admin listener stopped");
+        tokio::select! {
+            served = admin::serve(listener, state.clone(), stop) => if let Err(error) = served {
+                tracing::error!(target: "chatgate::proxy", %error, "admin listener stopped");
+            },
+            () = probes => {}
         }
     }
 }
