@@ -105,6 +105,10 @@ impl ConfigSnapshot {
         if self.server.work_stealing != newer.server.work_stealing {
             changed.push("server.work_stealing");
         }
+        // The listener is plain TCP or TLS from the start; the certificate is reloadable.
+        if self.server.tls.is_some() != newer.server.tls.is_some() {
+            changed.push("server.tls");
+        }
         if self.revocation.store != newer.revocation.store
             || self.revocation.path != newer.revocation.path
             || self.revocation.redis_url != newer.revocation.redis_url
