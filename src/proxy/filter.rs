@@ -131,21 +131,17 @@ impl ChatAuthFilter {
     ) -> pingora::Result<(Verdict, Option<Refused>)> {
         strip_identity_headers(session.req_header_mut());
         // Before the target rewrite, which leaves an HTTP/2 request without its authority.
-        let authority = super::tls::settle_h2_authority(session.req_header_mut());
+        super::tls::settle_h2_authority(session.req_header_mut())?;
         forward_normal_target(session)?;
         let started = Instant::now();
         let peer = session
             .client_addr()
             .and_then(|address| address.as_inet())
             .map(|address| address.ip());
-        let decision = match authority {
-            Ok(()) => {
-                self.gate
-                    .check(RequestParts::from(&**session.req_header()).with_peer(peer))
-                    .await
-            }
-            Err(error) => Err(error),
-        };
+        let decision = self
+            .gate
+            .check(RequestParts::from(&**session.req_header()).with_peer(peer))
+            .await;
         self.metrics.observe_check(started.elapsed());
         let identity = match decision {
             Ok(Decision::Public) => return Ok((Verdict::Forward(None), None)),
