@@ -698,3 +698,59 @@ async fn a_certificate_swap_under_load_fails_no_request_and_keeps_open_connectio
         200
     );
 }
+
+#[tokio::test]
+async fn chatgate_revoke_reaches_a_tls_proxy_that_presents_the_configured_certificate() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let (proxy, _) = TlsProxy::start(&upstream, "").await;
+    let token = chatgate::TokenBuilder::user("alice")
+        .issued_at(chatgate::time::now_unix() - 60)
+        .sign(harness::SECRET);
+    let mut client = proxy.open(false).await;
+    let allowed = client
+        .get(&channels(), &token_headers(&token))
+        .await
+        .unwrap();
+    assert_eq!(allowed.status, 200);
+
+    let revoke = |config: PathBuf| async move {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
+                .args(["revoke", "user", "alice", "--api-key", KEY, "--config"])
+                .arg(config)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let output = revoke(proxy.file("chatgate.toml")).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("through the running proxy"), "{stdout}");
+    let refused = client
+        .get(&channels(), &token_headers(&token))
+        .await
+        .unwrap();
+    assert_eq!(
+        (refused.status, refused.body["code"].clone()),
+        (401, 40.into())
+    );
+
+    // A certificate file the proxy does not present (not reloaded yet) is not trusted.
+    let other = proxy.authority.leaf();
+    replace(&proxy.file("cert.pem"), &other.cert_pem);
+    replace(&proxy.file("key.pem"), &other.key_pem);
+    let output = revoke(proxy.file("chatgate.toml")).await;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!output.status.success(), "{said}");
+    assert!(said.contains("is not the one in"), "{said}");
+}
