@@ -31,6 +31,8 @@ pub struct TlsSettings {
     pub key_file: PathBuf,
     /// SHA-256 of both files' bytes: what tells a reload the pair changed.
     fingerprint: [u8; 32],
+    /// The leaf's `notAfter`, in Unix seconds (known with the `proxy` feature).
+    not_after: Option<i64>,
     #[cfg(feature = "proxy")]
     pair: Arc<CertifiedKey>,
     #[cfg(not(feature = "proxy"))]
@@ -53,6 +55,44 @@ impl TlsSettings {
     #[cfg(feature = "proxy")]
     pub fn certified_key(&self) -> &Arc<CertifiedKey> {
         &self.pair
+    }
+
+    /// When the leaf certificate expires, in Unix seconds (`None` without the `proxy`
+    /// feature, which parses certificates).
+    pub fn not_after(&self) -> Option<i64> {
+        self.not_after
+    }
+
+    /// What the admin listener's `/config` shows: the files, their fingerprint and the
+    /// expiry, never the key.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cert_file": self.cert_file.display().to_string(),
+            "key_file": self.key_file.display().to_string(),
+            "fingerprint": self.fingerprint(),
+            "not_after": self.not_after.and_then(rfc3339),
+        })
+    }
+
+    /// A warning when the certificate has expired or expires within
+    /// [`EXPIRY_WARNING_DAYS`] of `now` (Unix seconds).
+    pub fn expiry_warning(&self, now: i64) -> Option<String> {
+        let not_after = self.not_after?;
+        let at = rfc3339(not_after).unwrap_or_else(|| not_after.to_string());
+        if not_after <= now {
+            Some(format!(
+                "server.tls.cert_file: {} expired at {at}; clients will refuse it",
+                self.cert_file.display()
+            ))
+        } else if not_after - now < EXPIRY_WARNING_DAYS * 86_400 {
+            Some(format!(
+                "server.tls.cert_file: {} expires at {at} (in {} days)",
+                self.cert_file.display(),
+                (not_after - now) / 86_400
+            ))
+        } else {
+            None
+        }
     }
 
     /// Short hex of the files' SHA-256, for logs and `/config`.
@@ -83,6 +123,14 @@ impl std::fmt::Debug for TlsSettings {
             .field("fingerprint", &self.fingerprint())
             .finish()
     }
+}
+
+/// A certificate closer than this to its expiry is warned about (start, `config check`).
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+fn rfc3339(unix: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp(unix, 0)
+        .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
 /// Reads and checks `[server.tls]`; relative paths are relative to the config file.
@@ -116,6 +164,10 @@ pub(super) fn build_tls(
     let fingerprint = digest.finalize().into();
     #[cfg(feature = "proxy")]
     let pair = Arc::new(parse_pair(&cert_pem, &key_pem, &cert_file, &key_file, at)?);
+    #[cfg(feature = "proxy")]
+    let not_after = unix_time(pair.leaf.not_after());
+    #[cfg(not(feature = "proxy"))]
+    let not_after = None;
     #[cfg(not(feature = "proxy"))]
     let _pair = {
         check_pem_blocks(&cert_pem, &key_pem, &cert_file, &key_file, at)?;
@@ -125,6 +177,7 @@ pub(super) fn build_tls(
         cert_file,
         key_file,
         fingerprint,
+        not_after,
         #[cfg(feature = "proxy")]
         pair,
         #[cfg(not(feature = "proxy"))]
@@ -186,6 +239,14 @@ fn parse_pair(
         chain: certificates.collect(),
         key,
     })
+}
+
+/// An ASN.1 time as Unix seconds.
+#[cfg(feature = "proxy")]
+fn unix_time(time: &openssl::asn1::Asn1TimeRef) -> Option<i64> {
+    let epoch = openssl::asn1::Asn1Time::from_unix(0).ok()?;
+    let diff = epoch.diff(time).ok()?;
+    Some(i64::from(diff.days) * 86_400 + i64::from(diff.secs))
 }
 
 /// Without OpenSSL: the files must at least hold the PEM blocks the proxy would parse.
@@ -258,7 +319,23 @@ mod tests {
         assert_eq!(tls.fingerprint().len(), 16);
         assert!(!format!("{tls:?}").contains("PRIVATE"));
         #[cfg(feature = "proxy")]
-        assert!(tls.certified_key().chain.is_empty());
+        {
+            assert!(tls.certified_key().chain.is_empty());
+            // rcgen's default validity ends in 4096.
+            let not_after = tls.not_after().unwrap();
+            assert_eq!(tls.to_json()["not_after"], "4096-01-01T00:00:00Z");
+            assert_eq!(tls.expiry_warning(0), None);
+            let soon = tls.expiry_warning(not_after - 86_400 * 3).unwrap();
+            assert!(
+                soon.contains("in 2 days") || soon.contains("in 3 days"),
+                "{soon}"
+            );
+            let past = tls.expiry_warning(not_after + 1).unwrap();
+            assert!(
+                past.starts_with("server.tls.cert_file: ") && past.contains("expired"),
+                "{past}"
+            );
+        }
         let plain = ConfigSnapshot::parse(&config_text(""), &dir.path().join("c.toml")).unwrap();
         assert!(plain.server.tls.is_none());
     }
