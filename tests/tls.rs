@@ -661,6 +661,9 @@ async fn a_certificate_swap_under_load_fails_no_request_and_keeps_open_connectio
     let applied = proxy.reload().await;
     assert_eq!(applied["reloads_ok"], 1, "{applied}");
     assert!(applied["last_error"].is_null(), "{applied}");
+    // /config names the pair new handshakes get.
+    assert_ne!(applied["tls"]["fingerprint"], failed["tls"]["fingerprint"]);
+    assert_eq!(applied["tls"]["not_after"], "4096-01-01T00:00:00Z");
     reloaded.store(true, Ordering::SeqCst);
     let at_reload = tally.ok.load(Ordering::SeqCst);
     for _ in 0..5 {
