@@ -36,8 +36,9 @@
 //! Only HTTP/1 is handled here: chatgate serves HTTP/2 only over TLS (ALPN `h2`, no
 //! h2c), and such a connection goes to Pingora's own HTTP/2 loop, where the h2
 //! server's `max_header_list_size` (from `[server] max_header_bytes`, see
-//! `tls::h2_options`) bounds a head's size and Pingora's 60 s TLS handshake timeout
-//! and HTTP/2 keep-alive its time before the first request.
+//! `tls::h2_options`) bounds a head's size, and Pingora's 60 s TLS handshake timeout
+//! and the 60 s HTTP/2 idle timeout (`tls::server_options`: a stream exists only once
+//! its head is whole) its time.
 
 use crate::reload::ConfigHandle;
 use async_trait::async_trait;

@@ -221,6 +221,7 @@ pub fn run(
     // Contract §6 rule 6: the proxy behind the request-head limits (see `head`).
     let mut http = pingora::proxy::http_proxy(&server.configuration, edge);
     http.h2_options = Some(tls::h2_options(snapshot.server.max_header_bytes));
+    http.server_options = Some(tls::server_options());
     let app = head::HeadLimitedApp::new(http, config.clone());
     let mut proxy = pingora::services::listening::Service::new("chatgate".to_owned(), app);
     match &snapshot.server.tls {

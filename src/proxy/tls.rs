@@ -77,6 +77,19 @@ pub(crate) fn listener_settings(config: &ConfigHandle) -> pingora::Result<TlsSet
     Ok(settings)
 }
 
+/// How long an HTTP/2 connection may stay without an open stream: Pingora's HTTP/1.1
+/// keep-alive, so both protocols hold an idle client the same time, and a client that
+/// never completes a request head (its stream does not exist until the head is whole)
+/// is let go after it.
+const H2_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Options for client connections: the HTTP/2 idle timeout.
+pub(crate) fn server_options() -> pingora::apps::HttpServerOptions {
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.h2_idle_timeout = Some(H2_IDLE_TIMEOUT);
+    options
+}
+
 /// HTTP/2 limits for client connections: the header list bounded like an HTTP/1.1
 /// head (contract §6 rule 6), Pingora's default stream limit.
 pub(crate) fn h2_options(
