@@ -26,8 +26,9 @@
 //! connection, as in the filter engine.
 //!
 //! Not handled here: WebSocket upgrades go to the filter engine with the connection (the
-//! head is handed over as a pipelined prefix, see [`ForwardApp`]); HTTP/2 (the listener
-//! is HTTP/1 only in both engines).
+//! head is handed over as a pipelined prefix, see [`ForwardApp`]), and so do HTTP/2
+//! connections (`[server.tls]` with ALPN `h2`). TLS to clients and to the upstream is
+//! Pingora's in both engines (the listener; `TransportConnector`).
 
 use super::access_log::AccessRecord;
 use super::edge::{EdgeProxy, Upstreams};
@@ -66,15 +67,15 @@ pub struct ForwardApp {
     auth: ChatAuthFilter,
     upstreams: Upstreams,
     connector: TransportConnector,
-    /// The filter engine, for WebSocket upgrades.
-    filter: HeadLimitedApp<HttpProxy<EdgeProxy>>,
+    /// The filter engine, for WebSocket upgrades and HTTP/2.
+    filter: Arc<HeadLimitedApp<HttpProxy<EdgeProxy>>>,
 }
 
 impl ForwardApp {
     /// The forward engine over `auth`; upgrades go to `filter`.
     pub(crate) fn new(
         auth: ChatAuthFilter,
-        filter: HeadLimitedApp<HttpProxy<EdgeProxy>>,
+        filter: Arc<HeadLimitedApp<HttpProxy<EdgeProxy>>>,
     ) -> Result<Self, super::UpstreamError> {
         let upstreams = Upstreams::new(&auth.gate().config().load().upstream)?;
         Ok(ForwardApp {
@@ -110,6 +111,10 @@ impl ServerApp for ForwardApp {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // HTTP/2 (TLS with ALPN `h2`) is the filter engine's.
+        if stream.selected_alpn_proto() == Some(pingora::protocols::ALPN::H2) {
+            return self.filter.process_new(stream, shutdown).await;
+        }
         let (mut stream, phase) = head::guard(stream, self.auth.gate().config());
         let mut prefix: Option<BytesMut> = None;
         let mut upstream: Option<Owned> = None;
@@ -159,7 +164,7 @@ impl ServerApp for ForwardApp {
     }
 
     async fn cleanup(&self) {
-        ServerApp::cleanup(&self.filter).await;
+        ServerApp::cleanup(&*self.filter).await;
     }
 }
 

@@ -5,6 +5,8 @@
 //! - [`EdgeProxy`] is the `ProxyHttp` the binary runs: round robin over
 //!   `[upstream] addresses`, retries of failed connects for idempotent requests,
 //!   optional TLS, WebSockets with long idle timeouts, JSON 502/504 on upstream failure;
+//! - `tls` serves clients over TLS (`[server.tls]`): certificates that follow reloads,
+//!   HTTP/2 and HTTP/1.1 by ALPN;
 //! - [`access_log`] writes one line per request (target `chatgate::access`);
 //! - [`admin`] serves `/healthz`, `/readyz`, `/metrics` and `/config`;
 //! - [`run`] wires them into a Pingora `Server` that stops on a [`Shutdown`] of the
@@ -26,6 +28,8 @@ mod forward;
 pub mod head;
 mod live;
 mod metrics;
+mod tls;
+pub mod upstream_health;
 
 pub use edge::{EdgeCtx, EdgeProxy, UpstreamError};
 pub use filter::{
@@ -147,6 +151,9 @@ pub enum ServeError {
         /// The bind error.
         source: std::io::Error,
     },
+    /// The TLS listener could not be set up (OpenSSL refused its settings).
+    #[error("TLS listener ([server.tls]): {0}")]
+    Tls(String),
     /// `[server] admin_listen` could not be bound.
     #[error("admin_listen {address}: {source}")]
     AdminListen {
@@ -215,21 +222,15 @@ pub fn run(
     let auth = ChatAuthFilter::with_metrics(gate, metrics.clone());
     let edge = EdgeProxy::new(auth.clone())?;
     // Contract §6 rule 6: the proxy behind the request-head limits (see `head`).
-    let app = head::HeadLimitedApp::new(
-        pingora::proxy::http_proxy(&server.configuration, edge),
-        config.clone(),
-    );
+    let mut http = pingora::proxy::http_proxy(&server.configuration, edge);
+    http.h2_options = Some(tls::h2_options(snapshot.server.max_header_bytes));
+    http.server_options = Some(tls::server_options());
+    let app = head::HeadLimitedApp::new(http, config.clone());
     match snapshot.server.engine {
-        crate::config::Engine::Filter => {
-            let mut proxy = pingora::services::listening::Service::new("chatgate".to_owned(), app);
-            proxy.add_tcp(&snapshot.server.listen.to_string());
-            server.add_service(proxy);
-        }
+        crate::config::Engine::Filter => add_listener(&mut server, app, &snapshot, &config)?,
         crate::config::Engine::Forward => {
-            let app = forward::ForwardApp::new(auth, app)?;
-            let mut proxy = pingora::services::listening::Service::new("chatgate".to_owned(), app);
-            proxy.add_tcp(&snapshot.server.listen.to_string());
-            server.add_service(proxy);
+            let app = forward::ForwardApp::new(auth, Arc::new(app))?;
+            add_listener(&mut server, app, &snapshot, &config)?
         }
     }
 
@@ -284,6 +285,27 @@ pub fn run(
         shutdown_signal: shutdown.into_watch(),
     });
     support.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+/// The client listener over `app`: plain TCP, or TLS with certificates from the live
+/// config (h2 and http/1.1 by ALPN) under `[server.tls]`.
+fn add_listener<A: pingora::apps::ServerApp + Send + Sync + 'static>(
+    server: &mut Server,
+    app: A,
+    snapshot: &crate::config::ConfigSnapshot,
+    config: &ConfigHandle,
+) -> Result<(), ServeError> {
+    let mut proxy = pingora::services::listening::Service::new("chatgate".to_owned(), app);
+    match &snapshot.server.tls {
+        Some(_) => proxy.add_tls_with_settings(
+            &snapshot.server.listen.to_string(),
+            None,
+            tls::listener_settings(config).map_err(|e| ServeError::Tls(e.to_string()))?,
+        ),
+        None => proxy.add_tcp(&snapshot.server.listen.to_string()),
+    }
+    server.add_service(proxy);
     Ok(())
 }
 
@@ -380,17 +402,27 @@ impl BackgroundService for AdminService {
                 return;
             }
         };
+        // The upstream probe's first round before the first answer, so `/readyz`
+        // and `chatgate_upstream_up` are right from the start (a request arriving
+        // meanwhile waits in the bound listener's backlog, at most PROBE_TIMEOUT).
+        let state = &self.state;
+        let upstream = state.readiness.upstream();
+        upstream_health::probe_round(&state.config, upstream, &state.metrics).await;
+        let probes = upstream_health::watch(state.config.clone(), upstream, &state.metrics);
         // The admin listener outlives the drain: `/readyz` turns 503 `draining` when
         // the proxy stops accepting, and the listener ends with Pingora's runtimes
         // after the grace period, so a balancer polling it sees the instance leave.
-        let readiness = self.state.readiness.clone();
+        let readiness = state.readiness.clone();
         let stop = async move {
             let _ = shutdown.changed().await;
             readiness.start_draining();
             std::future::pending::<()>().await;
         };
-        if let Err(error) = admin::serve(listener, self.state.clone(), stop).await {
-            tracing::error!(target: "chatgate::proxy", %error, "admin listener stopped");
+        tokio::select! {
+            served = admin::serve(listener, state.clone(), stop) => if let Err(error) = served {
+                tracing::error!(target: "chatgate::proxy", %error, "admin listener stopped");
+            },
+            () = probes => {}
         }
     }
 }
