@@ -525,11 +525,11 @@ mod tests {
     #[test]
     fn the_engine_is_the_filter_unless_forward_is_asked_for() {
         let config = crate::config::tests::parse(VALID).unwrap();
-        assert_eq!(config.server.engine, Engine::Filter);
+        assert_eq!(config.server.engine, crate::config::Engine::Filter);
         let listen = "listen = \"127.0.0.1:8080\"";
         let forward = VALID.replace(listen, &format!("{listen}\nengine = \"forward\""));
         let config = crate::config::tests::parse(&forward).unwrap();
-        assert_eq!(config.server.engine, Engine::Forward);
+        assert_eq!(config.server.engine, crate::config::Engine::Forward);
         let unknown = VALID.replace(listen, &format!("{listen}\nengine = \"hyper\""));
         let (line, _, key, _) = invalid(&unknown);
         assert_eq!((key.as_str(), line), ("server.engine", 4));
