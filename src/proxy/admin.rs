@@ -193,6 +193,10 @@ async fn config(State(state): State<AdminState>) -> Response {
     // version, content_hash, loaded_at, source, last reload error and counts.
     let mut body = state.config.status().to_json();
     body["apps"] = state.config.load().apps().count().into();
+    // Which client certificate new handshakes get (`[server.tls]`), e.g. after a rotation.
+    if let Some(tls) = &state.config.load().server.tls {
+        body["tls"] = tls.to_json();
+    }
     // How the revocation store is reached (never a password) and what to fix about it.
     let store = state.cache.store();
     let warnings: Vec<serde_json::Value> = store

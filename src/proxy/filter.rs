@@ -130,6 +130,8 @@ impl ChatAuthFilter {
         session: &mut Session,
     ) -> pingora::Result<(Verdict, Option<Refused>)> {
         strip_identity_headers(session.req_header_mut());
+        // Before the target rewrite, which leaves an HTTP/2 request without its authority.
+        super::tls::settle_h2_authority(session.req_header_mut())?;
         forward_normal_target(session)?;
         let started = Instant::now();
         let peer = session
