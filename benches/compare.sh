@@ -18,7 +18,8 @@
 # chatgate_noauth run and reports the auth run's share of samples in symbols the
 # no-auth run of the same round never hit: the CPU only the check adds (plus what
 # sampling puts there by chance, so an upper estimate; work inlined into a function
-# both runs share is not in it). FEATURES (default "--features cli") picks the build.
+# both runs share is not in it). FEATURES (default "--features cli") picks the build;
+# SKIP_BUILD=1 uses the binaries already built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,8 +43,9 @@ if ! need wrk || ! need haproxy || ! need nginx; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk haproxy nginx-light >/dev/null
 fi
 
+# SKIP_BUILD=1: measure the binaries already in target/release as they are.
 # shellcheck disable=SC2086 # FEATURES is a list of flags
-cargo build --release $FEATURES --bin chatgate --example passthrough
+[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release $FEATURES --bin chatgate --example passthrough
 BIN=target/release/chatgate
 PASSTHROUGH=target/release/examples/passthrough
 
