@@ -70,6 +70,11 @@ impl LiveSession {
         &self.identity
     }
 
+    /// The gate watching it.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
     /// Resolves when the session must end; never, for a token without `exp` that no
     /// cutoff can reach (server and anonymous identities). Store errors never end a
     /// session: the next connect is checked anyway. The session is registered from
@@ -117,7 +122,7 @@ impl LiveSession {
         cutoff.is_some_and(|cutoff| cutoff.revokes(self.identity.issued_at))
     }
 
-    async fn revoked_now(&self) -> bool {
+    pub(crate) async fn revoked_now(&self) -> bool {
         let Some(user) = &self.identity.user_id else {
             return false;
         };

@@ -36,6 +36,7 @@
 //! Only HTTP/1 is handled: chatgate's listener is plain TCP without h2c, so Pingora's
 //! `ServerApp` would take the same HTTP/1 branch.
 
+use super::relay::{self, Handoff};
 use crate::reload::ConfigHandle;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
@@ -104,8 +105,11 @@ where
             let config = self.config.load();
             (config.server.header_timeout, config.server.max_header_bytes)
         };
-        let phase = Arc::new(AtomicU8::new(ARMED));
-        let guarded: Stream = Box::new(HeadGuard::new(stream, phase.clone(), timeout, max_bytes));
+        let conn = Arc::new(Connection {
+            phase: AtomicU8::new(ARMED),
+            handoff: Handoff::default(),
+        });
+        let guarded: Stream = Box::new(HeadGuard::new(stream, conn.clone(), timeout, max_bytes));
         let mut session = ServerSession::new_http1(guarded);
         // As Pingora's own loop does for a new HTTP/1 connection.
         if *shutdown.borrow() {
@@ -121,7 +125,13 @@ where
         let mut reused = self.app.process_new_http(session, shutdown).await;
         // Bounded by the client: each round serves one request or ends the connection.
         while let Some((stream, settings)) = reused.map(|r| r.consume()) {
-            phase.store(ARMED, Ordering::Relaxed);
+            if let Some(upgraded) = conn.handoff.take() {
+                // The request was a WebSocket upgrade the application made itself: the
+                // connection is now a relayed session, in this task, to its end.
+                relay::relay(stream, upgraded).await;
+                return None;
+            }
+            conn.phase.store(ARMED, Ordering::Relaxed);
             let mut session = ServerSession::new_http1(stream);
             if let Some(settings) = settings {
                 settings.apply_to_session(&mut session);
@@ -142,15 +152,51 @@ pub fn head_read(session: &pingora::proxy::Session) {
     if let Some(stream) = session.as_downstream().stream()
         && let Some(guard) = (**stream).as_any().downcast_ref::<HeadGuard>()
     {
-        guard.phase.store(PASS, Ordering::Relaxed);
+        guard.conn.phase.store(PASS, Ordering::Relaxed);
     }
+}
+
+/// Leaves an upgraded WebSocket session for the connection's loop to relay once the
+/// request ends; gives it back when the connection under `session` is not one of
+/// [`HeadLimitedApp`]'s (nothing would pick it up).
+pub(crate) fn hand_off(
+    session: &pingora::proxy::Session,
+    upgraded: relay::Upgraded,
+) -> Result<(), relay::Upgraded> {
+    match session
+        .as_downstream()
+        .stream()
+        .and_then(|stream| (**stream).as_any().downcast_ref::<HeadGuard>())
+    {
+        Some(guard) => {
+            guard.conn.handoff.put(upgraded);
+            Ok(())
+        }
+        None => Err(upgraded),
+    }
+}
+
+/// Whether the connection under `session` can take a [`hand_off`].
+pub(crate) fn can_hand_off(session: &pingora::proxy::Session) -> bool {
+    session
+        .as_downstream()
+        .stream()
+        .is_some_and(|stream| (**stream).as_any().is::<HeadGuard>())
+}
+
+/// What a connection's loop shares with the requests on it.
+#[derive(Debug)]
+struct Connection {
+    /// [`PASS`], [`ARMED`] or [`HEAD`].
+    phase: AtomicU8,
+    handoff: Handoff,
 }
 
 /// A client connection whose request heads are bounded in time and size.
 #[derive(Debug)]
 pub struct HeadGuard {
     inner: Stream,
-    phase: Arc<AtomicU8>,
+    conn: Arc<Connection>,
     timeout: Duration,
     max_bytes: usize,
     /// Bytes of the current head so far.
@@ -162,10 +208,10 @@ pub struct HeadGuard {
 }
 
 impl HeadGuard {
-    fn new(inner: Stream, phase: Arc<AtomicU8>, timeout: Duration, max_bytes: usize) -> Self {
+    fn new(inner: Stream, conn: Arc<Connection>, timeout: Duration, max_bytes: usize) -> Self {
         HeadGuard {
             inner,
-            phase,
+            conn,
             timeout,
             max_bytes,
             seen: 0,
@@ -177,7 +223,7 @@ impl HeadGuard {
 
     /// Writes `answer` if the socket takes it at once, then fails the read.
     fn refuse(&mut self, cx: &mut Context<'_>, answer: &[u8], error: io::Error) -> io::Error {
-        self.phase.store(PASS, Ordering::Relaxed);
+        self.conn.phase.store(PASS, Ordering::Relaxed);
         let inner = Pin::new(&mut self.inner);
         if let Poll::Ready(Ok(n)) = inner.poll_write(cx, answer)
             && n == answer.len()
@@ -195,13 +241,13 @@ impl AsyncRead for HeadGuard {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match this.phase.load(Ordering::Relaxed) {
+        match this.conn.phase.load(Ordering::Relaxed) {
             PASS => return Pin::new(&mut this.inner).poll_read(cx, buf),
             ARMED => {
                 this.seen = 0;
                 this.end = EndOfHead::default();
                 this.timing = false;
-                this.phase.store(HEAD, Ordering::Relaxed);
+                this.conn.phase.store(HEAD, Ordering::Relaxed);
             }
             _ => {}
         }
@@ -225,7 +271,7 @@ impl AsyncRead for HeadGuard {
                     return Poll::Ready(Err(this.refuse(cx, TOO_LARGE, error)));
                 }
                 if complete {
-                    this.phase.store(PASS, Ordering::Relaxed);
+                    this.conn.phase.store(PASS, Ordering::Relaxed);
                 } else if !this.timing {
                     // The head's first byte arrived in this read: its clock starts now.
                     this.timing = true;

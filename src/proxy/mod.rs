@@ -24,6 +24,7 @@ mod edge;
 mod filter;
 pub mod head;
 mod live;
+mod relay;
 mod metrics;
 
 pub use edge::{EdgeCtx, EdgeProxy, UpstreamError};
@@ -31,7 +32,8 @@ pub use filter::{
     AUTH_HEADER, ChatAuthFilter, MAX_REVOCATION_BODY, USER_ID_HEADER, Verdict, respond,
 };
 pub use live::LiveWatch;
-pub use metrics::{ProxyMetrics, UNKNOWN_APP};
+pub use metrics::{ProxyMetrics, SessionEndReason, UNKNOWN_APP};
+pub use relay::RelayHub;
 
 use crate::gate::Gate;
 use crate::reload::ConfigHandle;
