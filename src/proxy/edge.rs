@@ -432,6 +432,7 @@ impl EdgeProxy {
             app,
             idle_timeout: config.upstream.websocket_idle_timeout,
             hub: self.hub.clone(),
+            pending: self.hub.request(),
         };
         if super::head::hand_off(session, upgraded).is_err() {
             // can_hand_off said yes on this very session: cannot happen.

@@ -74,6 +74,8 @@ pub(crate) struct Upgraded {
     pub(crate) idle_timeout: Duration,
     /// The proxy's sessions.
     pub(crate) hub: Arc<RelayHub>,
+    /// Keeps a drain waiting between the request's end and the relay's start.
+    pub(crate) pending: RequestGuard,
 }
 
 /// Per client connection: where `request_filter` leaves an upgraded session for the
@@ -226,8 +228,10 @@ pub(crate) async fn relay(client: Stream, upgraded: Box<Upgraded>) -> SessionEnd
         app,
         idle_timeout,
         hub,
+        pending,
     } = *upgraded;
     let _open = Open::new(&hub, &app);
+    drop(pending);
     let mut pump = Pump::new(client, upstream);
     let reason = run(&mut pump, to_client, live.as_ref(), idle_timeout, &hub).await;
     hub.metrics.session_ended(reason);
