@@ -330,6 +330,8 @@ async fn end(pump: &mut Pump, reason: SessionEndReason, hub: &RelayHub) -> Sessi
     // let through to its end so the close does not land inside it.
     pump.up.stopped = true;
     pump.down.finishing = true;
+    // Between frames already: nothing more comes through.
+    pump.down.stopped = pump.down.frames.at_boundary();
     let finished = tokio::time::timeout(FINISH_FRAME_WITHIN, poll_fn(|cx| pump.poll_finish(cx))).await;
     let client_ok = matches!(finished, Ok(Ok(())));
     if client_ok && pump.down.frames.at_boundary() {
