@@ -428,6 +428,7 @@ impl EdgeProxy {
         let upgraded = Upgraded {
             upstream: upstream.into_inner(),
             to_client: to_client.freeze(),
+            to_upstream: bytes::Bytes::new(),
             live,
             app,
             idle_timeout: config.upstream.websocket_idle_timeout,
@@ -438,13 +439,12 @@ impl EdgeProxy {
             // can_hand_off said yes on this very session: cannot happen.
             return Error::e_explain(ErrorType::InternalError, "no relay for the WebSocket");
         }
-        // Pingora hands a kept-alive connection back to the loop that relays it; the
-        // client must not send anything before the 101 (RFC 6455 §4.1), and bytes
-        // read ahead of it would make Pingora close the connection.
+        // Pingora hands a kept-alive connection back to the loop that relays it (with
+        // pipelining on, set above, bytes the client sent before the 101 do not stop
+        // that; the hand-off forwards them).
         let downstream = session.as_downstream_mut();
         downstream.set_keepalive(Some(60));
         downstream.set_keepalive_reuses_remaining(None);
-        downstream.set_pipelining_enabled(false);
         ctx.relayed = true;
         Ok(())
     }

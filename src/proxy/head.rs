@@ -49,7 +49,7 @@ use pingora::server::ShutdownWatch;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -107,6 +107,7 @@ where
         };
         let conn = Arc::new(Connection {
             phase: AtomicU8::new(ARMED),
+            request: AtomicU32::new(0),
             handoff: Handoff::default(),
         });
         let guarded: Stream = Box::new(HeadGuard::new(stream, conn.clone(), timeout, max_bytes));
@@ -131,6 +132,7 @@ where
                 relay::relay(stream, upgraded).await;
                 return None;
             }
+            conn.request.fetch_add(1, Ordering::Relaxed);
             conn.phase.store(ARMED, Ordering::Relaxed);
             let mut session = ServerSession::new_http1(stream);
             if let Some(settings) = settings {
@@ -169,6 +171,15 @@ pub(crate) fn hand_off(
         .and_then(|stream| (**stream).as_any().downcast_ref::<HeadGuard>())
     {
         Some(guard) => {
+            let mut upgraded = upgraded;
+            // Bytes the client sent right behind this request's head (frames sent
+            // before the 101): Pingora read them with the head and keeps them as the
+            // next request's start; they belong to the session.
+            if let Some((request, bytes)) = &guard.after_head
+                && *request == guard.conn.request.load(Ordering::Relaxed)
+            {
+                upgraded.to_upstream = bytes.clone();
+            }
             guard.conn.handoff.put(upgraded);
             Ok(())
         }
@@ -189,6 +200,8 @@ pub(crate) fn can_hand_off(session: &pingora::proxy::Session) -> bool {
 struct Connection {
     /// [`PASS`], [`ARMED`] or [`HEAD`].
     phase: AtomicU8,
+    /// Counts the requests served on the connection (tags [`HeadGuard::after_head`]).
+    request: AtomicU32,
     handoff: Handoff,
 }
 
@@ -205,6 +218,11 @@ pub struct HeadGuard {
     /// Set from the first byte of a head that did not arrive in one read.
     deadline: Option<Pin<Box<Sleep>>>,
     timing: bool,
+    /// The head being read is a `GET` (the only method a WebSocket upgrade uses).
+    get: bool,
+    /// Bytes read in the same read as the end of a `GET` head, tagged with the request
+    /// they followed: what a client sent right behind an upgrade request.
+    after_head: Option<(u32, bytes::Bytes)>,
 }
 
 impl HeadGuard {
@@ -218,6 +236,8 @@ impl HeadGuard {
             end: EndOfHead::default(),
             deadline: None,
             timing: false,
+            get: false,
+            after_head: None,
         }
     }
 
@@ -262,6 +282,9 @@ impl AsyncRead for HeadGuard {
                     Some(end) => (end, true),
                     None => (chunk.len(), false),
                 };
+                if this.seen == 0 {
+                    this.get = chunk.starts_with(b"GET ");
+                }
                 this.seen += head_bytes;
                 if this.seen > this.max_bytes {
                     let error = io::Error::new(
@@ -272,6 +295,11 @@ impl AsyncRead for HeadGuard {
                 }
                 if complete {
                     this.conn.phase.store(PASS, Ordering::Relaxed);
+                    if this.get && head_bytes < chunk.len() {
+                        let request = this.conn.request.load(Ordering::Relaxed);
+                        this.after_head =
+                            Some((request, bytes::Bytes::copy_from_slice(&chunk[head_bytes..])));
+                    }
                 } else if !this.timing {
                     // The head's first byte arrived in this read: its clock starts now.
                     this.timing = true;

@@ -66,6 +66,8 @@ pub(crate) struct Upgraded {
     pub(crate) upstream: Stream,
     /// The upstream's `101` head as it arrived, then any bytes read after it.
     pub(crate) to_client: Bytes,
+    /// What the client sent right behind its upgrade request (set by the hand-off).
+    pub(crate) to_upstream: Bytes,
     /// The token watch (`None` for identities nothing can end).
     pub(crate) live: Option<LiveSession>,
     /// The metrics label of the session's app.
@@ -224,6 +226,7 @@ pub(crate) async fn relay(client: Stream, upgraded: Box<Upgraded>) -> SessionEnd
     let Upgraded {
         upstream,
         to_client,
+        to_upstream,
         live,
         app,
         idle_timeout,
@@ -233,7 +236,14 @@ pub(crate) async fn relay(client: Stream, upgraded: Box<Upgraded>) -> SessionEnd
     let _open = Open::new(&hub, &app);
     drop(pending);
     let mut pump = Pump::new(client, upstream);
-    let reason = run(&mut pump, to_client, live.as_ref(), idle_timeout, &hub).await;
+    let reason = run(
+        &mut pump,
+        (to_client, to_upstream),
+        live.as_ref(),
+        idle_timeout,
+        &hub,
+    )
+    .await;
     hub.metrics.session_ended(reason);
     tracing::debug!(target: "chatgate::proxy", app = &*app, reason = reason.as_str(), "relayed WebSocket ended");
     reason
@@ -241,7 +251,7 @@ pub(crate) async fn relay(client: Stream, upgraded: Box<Upgraded>) -> SessionEnd
 
 async fn run(
     pump: &mut Pump,
-    to_client: Bytes,
+    (to_client, to_upstream): (Bytes, Bytes),
     live: Option<&LiveSession>,
     idle_timeout: Duration,
     hub: &RelayHub,
@@ -252,6 +262,14 @@ async fn run(
     }
     pump.down.frames.advance(&to_client[head_len(&to_client)..]);
     drop(to_client);
+    if !to_upstream.is_empty() {
+        if pump.upstream.write_all(&to_upstream).await.is_err()
+            || pump.upstream.flush().await.is_err()
+        {
+            return SessionEndReason::Upstream;
+        }
+        pump.up.frames.advance(&to_upstream);
+    }
 
     let registration: Option<Registration> =
         live.and_then(|live| live.gate().sessions().register(live.identity()));
