@@ -381,7 +381,8 @@ impl SessionRegistry {
                 }
             }
             // A cleared cutoff ends nothing.
-            RevocationEvent::User { cutoff: None, .. } | RevocationEvent::App { cutoff: None, .. } => {}
+            RevocationEvent::User { cutoff: None, .. }
+            | RevocationEvent::App { cutoff: None, .. } => {}
             RevocationEvent::Resync => {
                 for watch in index.values().flat_map(|users| users.values()).flatten() {
                     watch.wake(RECHECK);
@@ -532,7 +533,12 @@ mod tests {
             .map(|i| {
                 LiveSession::new(
                     gate.clone(),
-                    identity(IdentityKind::User, Some(&format!("u{}", i % 250)), iat, None),
+                    identity(
+                        IdentityKind::User,
+                        Some(&format!("u{}", i % 250)),
+                        iat,
+                        None,
+                    ),
                 )
             })
             .collect();

@@ -75,7 +75,12 @@ pub fn masked_close_frame(code: u16, reason: &str, key: [u8; 4]) -> Bytes {
     out.put_u8(unmasked[0]);
     out.put_u8(unmasked[1] | 0x80);
     out.put_slice(&key);
-    out.extend(unmasked[2..].iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    out.extend(
+        unmasked[2..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ key[i % 4]),
+    );
     out.freeze()
 }
 

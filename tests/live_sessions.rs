@@ -68,7 +68,9 @@ impl ScriptedUpstream {
                         chatgate::ws::accept_key(key.as_bytes())
                     );
                     stream.write_all(answer.as_bytes()).await.unwrap();
-                    let Some(mut script) = script.take() else { return };
+                    let Some(mut script) = script.take() else {
+                        return;
+                    };
                     let (rec, done) = (rec.clone(), done.clone());
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 65536];
@@ -273,8 +275,15 @@ async fn a_revocation_mid_message_closes_with_4000_right_after_the_frame_in_prog
     let close = chatgate::ws::close_frame(4000, "token revoked");
     let mut expected = stream.clone();
     expected.extend_from_slice(&close);
-    assert_eq!(got.len(), expected.len(), "the bytes after the frame in progress");
-    assert!(got == expected, "the client got the frame in progress, then the close");
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "the bytes after the frame in progress"
+    );
+    assert!(
+        got == expected,
+        "the client got the frame in progress, then the close"
+    );
     let close_arrived = arrivals
         .iter()
         .find(|(count, _)| *count >= expected.len())
@@ -306,7 +315,11 @@ async fn an_upstream_stalled_mid_frame_is_cut_within_a_second_without_a_broken_f
     // connection ends without one, within the bound.
     read_to_end(&mut client, &mut got).await;
     assert!(Instant::now().duration_since(revoked_at) <= WITHIN);
-    assert_eq!(got, big[..20_000].to_vec(), "nothing was added to the frame");
+    assert_eq!(
+        got,
+        big[..20_000].to_vec(),
+        "nothing was added to the frame"
+    );
     let (first_byte, payload) = single_frame(&upstream.received_until_closed().await);
     assert_eq!(first_byte, 0x88);
     assert_eq!(&payload[..2], &1001u16.to_be_bytes());

@@ -9,18 +9,18 @@ use super::filter::{ChatAuthFilter, Verdict, write_rejection};
 use super::live::LiveWatch;
 use super::metrics::{ProxyMetrics, UNKNOWN_APP};
 use super::relay::{RelayHub, RequestGuard, Upgraded};
-use crate::session::LiveSession;
-use bytes::BytesMut;
-use futures_util::FutureExt;
-use pingora::connectors::TransportConnector;
-use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
 use crate::config::{ConfigSnapshot, UpstreamSettings};
 use crate::error::{AuthError, Rejection};
 use crate::gate::{Identity, RequestParts};
+use crate::session::LiveSession;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use bytes::BytesMut;
+use futures_util::FutureExt;
+use pingora::connectors::TransportConnector;
 use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
+use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -386,7 +386,9 @@ impl EdgeProxy {
         }
         let Some((stream, peer)) = connected else {
             tracing::debug!(target: "chatgate::proxy", error = ?failure, "no upstream for a WebSocket");
-            return self.upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable").await;
+            return self
+                .upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable")
+                .await;
         };
         let mut upstream = UpstreamSession::new_with_options(stream, &*peer);
         // The handshake is an HTTP exchange: the HTTP read timeout bounds it, not the
@@ -397,20 +399,28 @@ impl EdgeProxy {
         };
         match tokio::time::timeout(config.upstream.read_timeout, handshake).await {
             Err(_) => {
-                return self.upstream_failed(session, ctx, AuthError::UpstreamTimeout, "timeout").await;
+                return self
+                    .upstream_failed(session, ctx, AuthError::UpstreamTimeout, "timeout")
+                    .await;
             }
             Ok(Err(error)) => {
                 tracing::debug!(target: "chatgate::proxy", %error, "WebSocket handshake with the upstream failed");
-                return self.upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable").await;
+                return self
+                    .upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable")
+                    .await;
             }
             Ok(Ok(_)) => {}
         }
         ctx.access.upstream_answered();
         let Some(response) = upstream.resp_header().cloned() else {
-            return self.upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable").await;
+            return self
+                .upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable")
+                .await;
         };
         if response.status != http::StatusCode::SWITCHING_PROTOCOLS {
-            return self.copy_refusal(session, upstream, response, config.upstream.read_timeout).await;
+            return self
+                .copy_refusal(session, upstream, response, config.upstream.read_timeout)
+                .await;
         }
         let mut to_client = BytesMut::from(&upstream.get_headers_raw_bytes()[..]);
         // Frames the upstream sent with its 101 were read with it; a read that would
@@ -425,7 +435,7 @@ impl EdgeProxy {
         let live = identity
             .filter(|identity| identity.user_id.is_some() || identity.expires_at.is_some())
             .map(|identity| LiveSession::new(self.auth.gate().clone(), identity));
-        let upgraded = Upgraded {
+        let upgraded = Box::new(Upgraded {
             upstream: upstream.into_inner(),
             to_client: to_client.freeze(),
             to_upstream: bytes::Bytes::new(),
@@ -434,7 +444,7 @@ impl EdgeProxy {
             idle_timeout: config.upstream.websocket_idle_timeout,
             hub: self.hub.clone(),
             pending: self.hub.request(),
-        };
+        });
         if super::head::hand_off(session, upgraded).is_err() {
             // can_hand_off said yes on this very session: cannot happen.
             return Error::e_explain(ErrorType::InternalError, "no relay for the WebSocket");

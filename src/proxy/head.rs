@@ -49,7 +49,7 @@ use pingora::server::ShutdownWatch;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -163,15 +163,14 @@ pub fn head_read(session: &pingora::proxy::Session) {
 /// [`HeadLimitedApp`]'s (nothing would pick it up).
 pub(crate) fn hand_off(
     session: &pingora::proxy::Session,
-    upgraded: relay::Upgraded,
-) -> Result<(), relay::Upgraded> {
+    mut upgraded: Box<relay::Upgraded>,
+) -> Result<(), Box<relay::Upgraded>> {
     match session
         .as_downstream()
         .stream()
         .and_then(|stream| (**stream).as_any().downcast_ref::<HeadGuard>())
     {
         Some(guard) => {
-            let mut upgraded = upgraded;
             // Bytes the client sent right behind this request's head (frames sent
             // before the 101): Pingora read them with the head and keeps them as the
             // next request's start; they belong to the session.

@@ -26,8 +26,8 @@ mod edge;
 mod filter;
 pub mod head;
 mod live;
-mod relay;
 mod metrics;
+mod relay;
 
 pub use edge::{EdgeCtx, EdgeProxy, UpstreamError};
 pub use filter::{
@@ -41,6 +41,7 @@ use crate::gate::Gate;
 use crate::reload::ConfigHandle;
 use crate::revocation::{RevocationCache, open_store};
 use async_trait::async_trait;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
@@ -225,7 +226,14 @@ pub fn run(
         config.clone(),
     );
     let mut proxy = pingora::services::listening::Service::new("chatgate".to_owned(), app);
-    proxy.add_tcp(&snapshot.server.listen.to_string());
+    // No L4 read buffer on client connections: Pingora's default puts a 64 KiB one in
+    // front of every accepted socket, held for the connection's life; an idle relayed
+    // WebSocket would keep it (Pingora's HTTP/1 session reads into buffers of its own,
+    // and the relay reads into its stack).
+    proxy.add_listener(
+        ListenerConfig::tcp(snapshot.server.listen.to_string())
+            .l4_buffer(L4BufferSettings::default().read(0)),
+    );
     server.add_service(proxy);
 
     server.add_service(background_service(

@@ -33,9 +33,7 @@
 
 use super::metrics::{ProxyMetrics, SessionEndReason};
 use crate::session::{LiveSession, Registration, Wake, wait};
-use crate::ws::{
-    CLOSE_GOING_AWAY, FrameBoundaries, close_frame, masked_close_frame,
-};
+use crate::ws::{CLOSE_GOING_AWAY, FrameBoundaries, close_frame, masked_close_frame};
 use bytes::{Buf, Bytes, BytesMut};
 use pingora::protocols::Stream;
 use std::future::poll_fn;
@@ -86,8 +84,8 @@ pub(crate) struct Upgraded {
 pub struct Handoff(Mutex<Option<Box<Upgraded>>>);
 
 impl Handoff {
-    pub(crate) fn put(&self, upgraded: Upgraded) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(upgraded));
+    pub(crate) fn put(&self, upgraded: Box<Upgraded>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(upgraded);
     }
 
     pub(crate) fn take(&self) -> Option<Box<Upgraded>> {
@@ -274,12 +272,16 @@ async fn run(
     let registration: Option<Registration> =
         live.and_then(|live| live.gate().sessions().register(live.identity()));
     // A cutoff stored between the admission and the registration would be missed.
+    // The rare paths (store lookups, the ending) are boxed when taken, so the state an
+    // idle session keeps is only the main loop's.
     if let (Some(live), Some(_)) = (live, registration.as_ref())
-        && live.revoked_now().await
+        && Box::pin(live.revoked_now()).await
     {
-        return end(pump, SessionEndReason::Revoked, hub).await;
+        return Box::pin(end(pump, SessionEndReason::Revoked, hub)).await;
     }
-    let expiry = live.map(LiveSession::expiry_deadline);
+    let expiry = live
+        .filter(|live| live.identity().expires_at.is_some())
+        .map(LiveSession::expiry_deadline);
     let expire = tokio::time::sleep_until(expiry.unwrap_or_else(far_future));
     tokio::pin!(expire);
     let idle = tokio::time::sleep(idle_timeout);
@@ -294,26 +296,25 @@ async fn run(
             () = &mut idle => Event::Idle,
             ended = poll_fn(|cx| pump.poll_relay(cx)) => Event::Io(ended),
         };
-        match event {
-            Event::Io(reason) => return linger(pump, reason).await,
-            Event::Wake(Wake::Revoked) => return end(pump, SessionEndReason::Revoked, hub).await,
-            Event::Wake(Wake::Recheck) => {
-                if let Some(live) = live
-                    && live.revoked_now().await
-                {
-                    return end(pump, SessionEndReason::Revoked, hub).await;
-                }
-            }
-            Event::Expired => return end(pump, SessionEndReason::Expired, hub).await,
-            Event::Shutdown => return end(pump, SessionEndReason::Shutdown, hub).await,
+        let reason = match event {
+            Event::Io(reason) => return Box::pin(linger(pump, reason)).await,
+            Event::Wake(Wake::Revoked) => SessionEndReason::Revoked,
+            Event::Wake(Wake::Recheck) => match live {
+                Some(live) if Box::pin(live.revoked_now()).await => SessionEndReason::Revoked,
+                _ => continue,
+            },
+            Event::Expired => SessionEndReason::Expired,
+            Event::Shutdown => SessionEndReason::Shutdown,
             Event::Idle => {
                 let quiet_since = pump.last_activity;
-                if quiet_since.elapsed() >= idle_timeout {
-                    return end(pump, SessionEndReason::Idle, hub).await;
+                if quiet_since.elapsed() < idle_timeout {
+                    idle.as_mut().reset(quiet_since + idle_timeout);
+                    continue;
                 }
-                idle.as_mut().reset(quiet_since + idle_timeout);
+                SessionEndReason::Idle
             }
-        }
+        };
+        return Box::pin(end(pump, reason, hub)).await;
     }
 }
 
@@ -350,7 +351,8 @@ async fn end(pump: &mut Pump, reason: SessionEndReason, hub: &RelayHub) -> Sessi
     pump.down.finishing = true;
     // Between frames already: nothing more comes through.
     pump.down.stopped = pump.down.frames.at_boundary();
-    let finished = tokio::time::timeout(FINISH_FRAME_WITHIN, poll_fn(|cx| pump.poll_finish(cx))).await;
+    let finished =
+        tokio::time::timeout(FINISH_FRAME_WITHIN, poll_fn(|cx| pump.poll_finish(cx))).await;
     let client_ok = matches!(finished, Ok(Ok(())));
     if client_ok && pump.down.frames.at_boundary() {
         let close = close_frame(code, text);
@@ -490,8 +492,20 @@ impl Pump {
     /// Ready once both directions have ended (or one failed).
     fn poll_both_done(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let mut active = false;
-        let down = transfer(cx, &mut self.upstream, &mut self.client, &mut self.down, &mut active);
-        let up = transfer(cx, &mut self.client, &mut self.upstream, &mut self.up, &mut active);
+        let down = transfer(
+            cx,
+            &mut self.upstream,
+            &mut self.client,
+            &mut self.down,
+            &mut active,
+        );
+        let up = transfer(
+            cx,
+            &mut self.client,
+            &mut self.upstream,
+            &mut self.up,
+            &mut active,
+        );
         match (down, up) {
             (Poll::Ready(Err(_)), _) | (_, Poll::Ready(Err(_))) => Poll::Ready(()),
             (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(()),
@@ -503,17 +517,28 @@ impl Pump {
     /// was read from the client has reached the upstream; `Err` if the client failed.
     fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
         let mut active = false;
-        let down = transfer(cx, &mut self.upstream, &mut self.client, &mut self.down, &mut active);
+        let down = transfer(
+            cx,
+            &mut self.upstream,
+            &mut self.client,
+            &mut self.down,
+            &mut active,
+        );
         // Already-read client bytes still go up (they are whole frames or the start of
         // one, which the upstream would otherwise see cut); nothing new is read.
-        let up = transfer(cx, &mut self.client, &mut self.upstream, &mut self.up, &mut active);
+        let up = transfer(
+            cx,
+            &mut self.client,
+            &mut self.upstream,
+            &mut self.up,
+            &mut active,
+        );
         if let Poll::Ready(Err(Side::Client)) = down {
             return Poll::Ready(Err(()));
         }
         let down_done = matches!(down, Poll::Ready(_))
             || (self.down.stopped && self.down.pending.is_none() && !self.down.dirty);
-        let up_done = matches!(up, Poll::Ready(_))
-            || (self.up.pending.is_none() && !self.up.dirty);
+        let up_done = matches!(up, Poll::Ready(_)) || (self.up.pending.is_none() && !self.up.dirty);
         if down_done && up_done {
             Poll::Ready(Ok(()))
         } else {
