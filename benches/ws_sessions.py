@@ -11,7 +11,13 @@
 # N above ~14,000 may need more ephemeral ports or source addresses than loopback gives.
 import asyncio, base64, hashlib, hmac, json, os, resource, socket, subprocess, sys, tempfile, time
 
-binary, n = sys.argv[1], int(sys.argv[2])
+if sys.argv[1] == "--upstream":
+    # The idle WebSocket upstream, in a process of its own (its sockets count against
+    # its own fd limit, not the clients').
+    port = int(sys.argv[2])
+    binary, n = None, 0
+else:
+    binary, n = sys.argv[1], int(sys.argv[2])
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 SECRET, KEY = "bench-secret-0123456789abcdef0123", "benchkey"
@@ -44,7 +50,10 @@ def rss(pid):
 
 async def upstream_session(reader, writer):
     head = await reader.readuntil(b"\r\n\r\n")
-    key = next(l.split(b":", 1)[1].strip() for l in head.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key:"))
+    key = next((l.split(b":", 1)[1].strip() for l in head.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key:")), None)
+    if key is None:
+        writer.close()
+        return
     accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
     writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
     await writer.drain()
@@ -57,7 +66,7 @@ async def upstream_session(reader, writer):
 async def open_sessions(port, count):
     sessions = []
     tokens = [token(f"u{i % 1000}") for i in range(1000)]
-    sem = asyncio.Semaphore(200)
+    sem = asyncio.Semaphore(64)
 
     async def one(i):
         async with sem:
@@ -91,13 +100,19 @@ async def measure(name, pid, port):
     return per
 
 
+async def serve_upstream(port):
+    server = await asyncio.start_server(upstream_session, "127.0.0.1", port, backlog=4096)
+    async with server:
+        await server.serve_forever()
+
+
 async def main():
     up_port = free()
-    server = await asyncio.start_server(upstream_session, "127.0.0.1", up_port, backlog=4096)
+    upstream = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port)])
     cg_port, cg_admin, ha_port = free(), free(), free()
     cfg = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
     cfg.write(f'[server]\nlisten = "127.0.0.1:{cg_port}"\nadmin_listen = "127.0.0.1:{cg_admin}"\nthreads = 1\n'
-              f'[upstream]\naddresses = ["127.0.0.1:{up_port}"]\n[revocation]\nstore = "memory"\n'
+              f'[upstream]\naddresses = ["127.0.0.1:{up_port}"]\nconnect_timeout_ms = 10000\n[revocation]\nstore = "memory"\n'
               f'[[apps]]\napi_key = "{KEY}"\nsecrets = ["{SECRET}"]\n')
     cfg.close()
     chatgate = subprocess.Popen([binary, "serve", "--config", cfg.name, "--upgrade-sock", f"/tmp/chatgate-ws-{cg_port}.sock"],
@@ -108,7 +123,7 @@ async def main():
   maxconn {4 * n + 1000}
 defaults
   mode http
-  timeout connect 2s
+  timeout connect 10s
   timeout client 30s
   timeout server 30s
   timeout tunnel 1h
@@ -129,7 +144,7 @@ backend upstream
     hcfg.close()
     haproxy = subprocess.Popen(["haproxy", "-db", "-f", hcfg.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for port in (cg_port, ha_port):
+        for port in (up_port, cg_port, ha_port):
             for _ in range(100):
                 try:
                     socket.create_connection(("127.0.0.1", port)).close()
@@ -142,7 +157,10 @@ backend upstream
     finally:
         chatgate.kill()
         haproxy.kill()
-        server.close()
+        upstream.kill()
 
 
-asyncio.run(main())
+if binary is None:
+    asyncio.run(serve_upstream(port))
+else:
+    asyncio.run(main())

@@ -33,6 +33,12 @@
 //! buffer ahead) before the 1 MiB cap applies. The common request, whose head arrives
 //! in one read, costs one scan for its end (memchr) and no timer.
 //!
+//! The same loop relays WebSocket sessions (contract §4, see [`super::relay`]): when
+//! the application handed an upgraded session over during a request (`hand_off`),
+//! the connection Pingora gives back is relayed in this task instead of serving
+//! another request. The guard keeps the bytes read behind a `GET` head (a client's
+//! frames sent before the 101) for that hand-off.
+//!
 //! Only HTTP/1 is handled: chatgate's listener is plain TCP without h2c, so Pingora's
 //! `ServerApp` would take the same HTTP/1 branch.
 
