@@ -375,7 +375,10 @@ async fn a_revocation_through_one_proxy_closes_the_session_held_by_another_over_
     let upstream = TestUpstream::start(Behaviour::Echo).await;
     let options = || ProxyOptions {
         upstreams: vec![upstream.address.to_string()],
-        redis_url: Some(redis.url()),
+        revocation: Some(format!(
+            "store = \"redis\"\nredis_url = \"{}\"",
+            redis.url()
+        )),
         ..ProxyOptions::default()
     };
     let a = Proxy::start(options()).await;
