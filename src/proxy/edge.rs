@@ -322,7 +322,7 @@ impl ProxyHttp for EdgeProxy {
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
-            .or(ctx.relayed.then_some(101));
+            .or(ctx.access.relayed_status);
         self.metrics().response(status, ctx.access.upstream_time);
         let config = self.auth.gate().config().load();
         ctx.access.emit(session, ctx.identity.as_ref(), &config);
@@ -456,6 +456,7 @@ impl EdgeProxy {
         downstream.set_keepalive(Some(60));
         downstream.set_keepalive_reuses_remaining(None);
         ctx.relayed = true;
+        ctx.access.relayed_status = Some(101);
         Ok(())
     }
 

@@ -269,8 +269,14 @@ async fn run(
         pump.up.frames.advance(&to_upstream);
     }
 
-    let registration: Option<Registration> =
-        live.and_then(|live| live.gate().sessions().register(live.identity()));
+    let registration: Option<Registration> = live.and_then(|live| {
+        let identity = live.identity();
+        live.gate().sessions().register(
+            &identity.app,
+            identity.user_id.as_ref(),
+            identity.issued_at,
+        )
+    });
     // A cutoff stored between the admission and the registration would be missed.
     // The rare paths (store lookups, the ending) are boxed when taken, so the state an
     // idle session keeps is only the main loop's.
@@ -737,4 +743,56 @@ pub(crate) fn strip_hop_by_hop(
 /// RFC 9110 §5.6.2 `tchar`.
 fn is_tchar(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora::http::RequestHeader;
+
+    fn upgrade_request(connection: &str) -> RequestHeader {
+        let mut request = RequestHeader::build("GET", b"/connect?api_key=k", None).unwrap();
+        request.insert_header("host", "example").unwrap();
+        request.insert_header("connection", connection).unwrap();
+        request.insert_header("upgrade", "WebSocket").unwrap();
+        request.insert_header("keep-alive", "timeout=5").unwrap();
+        request.insert_header("x-nominated", "1").unwrap();
+        request.insert_header("sec-websocket-key", "k").unwrap();
+        request
+    }
+
+    #[test]
+    fn hop_by_hop_and_nominated_headers_are_removed_and_the_upgrade_set_again() {
+        let mut request = upgrade_request("Upgrade, X-Nominated");
+        strip_hop_by_hop(&mut request).unwrap();
+        let headers = &request.headers;
+        assert!(headers.get("x-nominated").is_none());
+        assert!(headers.get("keep-alive").is_none());
+        assert_eq!(headers.get("connection").unwrap(), "Upgrade");
+        assert_eq!(headers.get("upgrade").unwrap(), "websocket");
+        assert_eq!(headers.get("sec-websocket-key").unwrap(), "k");
+        assert_eq!(headers.get("host").unwrap(), "example");
+    }
+
+    #[test]
+    fn protected_malformed_or_too_many_nominations_are_refused() {
+        for connection in [
+            "Upgrade, Host",
+            "Upgrade, X-Forwarded-For",
+            "Upgrade, \"x-nominated\"",
+            "a, b, c, d, e, f, g, h, i, j",
+        ] {
+            let mut request = upgrade_request(connection);
+            assert!(strip_hop_by_hop(&mut request).is_err(), "{connection}");
+        }
+        // Nine names are allowed, as in Pingora.
+        let mut request = upgrade_request("a, b, c, d, e, f, g, h, upgrade");
+        assert!(strip_hop_by_hop(&mut request).is_ok());
+    }
+
+    #[test]
+    fn the_head_length_covers_the_blank_line_only() {
+        let bytes = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x02hi";
+        assert_eq!(&bytes[head_len(bytes)..], b"\x81\x02hi");
+    }
 }
