@@ -276,13 +276,13 @@ mod tests {
     async fn revoking_one_user_among_many_wakes_only_their_sessions() {
         let gate = gate(5);
         let iat = now_unix() - 100;
-        let sessions: Vec<LiveSession> = (0..500)
+        let sessions: Vec<LiveSession> = (0..10_000)
             .map(|i| {
                 LiveSession::new(
                     gate.clone(),
                     identity(
                         IdentityKind::User,
-                        Some(&format!("u{}", i % 250)),
+                        Some(&format!("u{}", i % 5_000)),
                         iat,
                         None,
                     ),
@@ -293,7 +293,7 @@ mod tests {
         for watch in &mut watching {
             assert!(futures_util::poll!(watch.as_mut()).is_pending());
         }
-        assert_eq!(gate.sessions().len(), 500);
+        assert_eq!(gate.sessions().len(), 10_000);
         let before = gate.sessions().wakeups();
         let body = format!(
             r#"{{"users":[{{"id":"u7","set":{{"revoke_tokens_issued_before":{}}}}}]}}"#,
@@ -302,8 +302,8 @@ mod tests {
         gate.apply_revocation(&server(), RevocationEndpoint::Users, body.as_bytes())
             .await
             .unwrap();
-        // The two sessions of u7 (sessions 7 and 257) end; no other one was woken.
-        for index in [7, 257] {
+        // The two sessions of u7 (sessions 7 and 5007) end; no other one was woken.
+        for index in [7, 5_007] {
             assert_eq!(
                 tokio::time::timeout(Duration::from_secs(10), watching[index].as_mut())
                     .await
@@ -313,7 +313,7 @@ mod tests {
         }
         assert_eq!(gate.sessions().wakeups() - before, 2);
         for (index, watch) in watching.iter_mut().enumerate() {
-            if index % 250 != 7 {
+            if index % 5_000 != 7 {
                 assert!(futures_util::poll!(watch.as_mut()).is_pending(), "{index}");
             }
         }
