@@ -26,6 +26,11 @@ openssl_headers() {
 # What is missing, as Debian package names (one list, one apt-get command).
 missing_apt() {
     local packages=()
+    # A C toolchain: rustup brings none, yet cargo links with `cc` and Pingora's C
+    # dependencies (zlib-ng through cmake's Makefiles, OpenSSL's bindings) compile C.
+    # build-essential, not gcc alone: with --no-install-recommends gcc comes without
+    # libc6-dev and cannot link.
+    { have cc && have make && [[ -f /usr/include/stdio.h ]]; } || packages+=(build-essential)
     have cmake || packages+=(cmake)
     have pkg-config || packages+=(pkg-config)
     openssl_headers || packages+=(libssl-dev)

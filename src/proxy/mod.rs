@@ -5,6 +5,8 @@
 //! - [`EdgeProxy`] is the `ProxyHttp` the binary runs: round robin over
 //!   `[upstream] addresses`, retries of failed connects for idempotent requests,
 //!   optional TLS, WebSockets with long idle timeouts, JSON 502/504 on upstream failure;
+//! - `tls` serves clients over TLS (`[server.tls]`): certificates that follow reloads,
+//!   HTTP/2 and HTTP/1.1 by ALPN;
 //! - [`access_log`] writes one line per request (target `chatgate::access`);
 //! - [`admin`] serves `/healthz`, `/readyz`, `/metrics` and `/config`;
 //! - [`run`] wires them into a Pingora `Server` that stops on a [`Shutdown`] of the
@@ -28,6 +30,8 @@ pub mod head;
 mod live;
 mod metrics;
 mod relay;
+mod tls;
+pub mod upstream_health;
 
 pub use edge::{EdgeCtx, EdgeProxy, UpstreamError};
 pub use filter::{
@@ -151,6 +155,9 @@ pub enum ServeError {
         /// The bind error.
         source: std::io::Error,
     },
+    /// The TLS listener could not be set up (OpenSSL refused its settings).
+    #[error("TLS listener ([server.tls]): {0}")]
+    Tls(String),
     /// `[server] admin_listen` could not be bound.
     #[error("admin_listen {address}: {source}")]
     AdminListen {
@@ -221,19 +228,29 @@ pub fn run(
     let edge = EdgeProxy::new(ChatAuthFilter::with_metrics(gate, metrics.clone()))?;
     let hub = edge.hub().clone();
     // Contract §6 rule 6: the proxy behind the request-head limits (see `head`).
-    let app = head::HeadLimitedApp::new(
-        pingora::proxy::http_proxy(&server.configuration, edge),
-        config.clone(),
-    );
+    let mut http = pingora::proxy::http_proxy(&server.configuration, edge);
+    http.h2_options = Some(tls::h2_options(snapshot.server.max_header_bytes));
+    http.server_options = Some(tls::server_options());
+    let app = head::HeadLimitedApp::new(http, config.clone());
     let mut proxy = pingora::services::listening::Service::new("chatgate".to_owned(), app);
-    // No L4 read buffer on client connections: Pingora's default puts a 64 KiB one in
-    // front of every accepted socket, held for the connection's life; an idle relayed
-    // WebSocket would keep it (Pingora's HTTP/1 session reads into buffers of its own,
-    // and the relay reads into its stack).
-    proxy.add_listener(
-        ListenerConfig::tcp(snapshot.server.listen.to_string())
-            .l4_buffer(L4BufferSettings::default().read(0)),
-    );
+    match &snapshot.server.tls {
+        // `[server.tls]`: certificates from the live config, h2 and http/1.1 by ALPN.
+        // (Pingora's L4 read buffer stays under TLS: OpenSSL reads each record in
+        // pieces, which the buffer turns into one read.)
+        Some(_) => proxy.add_tls_with_settings(
+            &snapshot.server.listen.to_string(),
+            None,
+            tls::listener_settings(&config).map_err(|e| ServeError::Tls(e.to_string()))?,
+        ),
+        // No L4 read buffer on plain client connections: Pingora's default puts a
+        // 64 KiB one in front of every accepted socket, held for the connection's
+        // life; an idle relayed WebSocket would keep it (Pingora's HTTP/1 session
+        // reads into buffers of its own, and the relay reads into its stack).
+        None => proxy.add_listener(
+            ListenerConfig::tcp(snapshot.server.listen.to_string())
+                .l4_buffer(L4BufferSettings::default().read(0)),
+        ),
+    }
     server.add_service(proxy);
 
     server.add_service(background_service(
@@ -451,17 +468,27 @@ impl BackgroundService for AdminService {
                 return;
             }
         };
+        // The upstream probe's first round before the first answer, so `/readyz`
+        // and `chatgate_upstream_up` are right from the start (a request arriving
+        // meanwhile waits in the bound listener's backlog, at most PROBE_TIMEOUT).
+        let state = &self.state;
+        let upstream = state.readiness.upstream();
+        upstream_health::probe_round(&state.config, upstream, &state.metrics).await;
+        let probes = upstream_health::watch(state.config.clone(), upstream, &state.metrics);
         // The admin listener outlives the drain: `/readyz` turns 503 `draining` when
         // the proxy stops accepting, and the listener ends with Pingora's runtimes
         // after the grace period, so a balancer polling it sees the instance leave.
-        let readiness = self.state.readiness.clone();
+        let readiness = state.readiness.clone();
         let stop = async move {
             let _ = shutdown.changed().await;
             readiness.start_draining();
             std::future::pending::<()>().await;
         };
-        if let Err(error) = admin::serve(listener, self.state.clone(), stop).await {
-            tracing::error!(target: "chatgate::proxy", %error, "admin listener stopped");
+        tokio::select! {
+            served = admin::serve(listener, state.clone(), stop) => if let Err(error) = served {
+                tracing::error!(target: "chatgate::proxy", %error, "admin listener stopped");
+            },
+            () = probes => {}
         }
     }
 }

@@ -102,7 +102,12 @@ impl Drop for TestUpstream {
 
 impl TestUpstream {
     pub async fn start(behaviour: Behaviour) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(behaviour, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// On `address` (e.g. the one a dropped upstream had, to bring it back).
+    pub async fn start_at(behaviour: Behaviour, address: SocketAddr) -> Self {
+        let listener = TcpListener::bind(address).await.unwrap();
         let address = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let recorder = seen.clone();

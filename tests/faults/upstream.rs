@@ -156,59 +156,77 @@ async fn an_upstream_cut_off_mid_body_closes_the_client_connection_not_a_complet
 /// A Python upstream in its own process: answers the head and half the body, then waits
 /// to be killed.
 const HALF_THEN_WAIT: &str = r#"
-import socket, sys, time
+import socket, sys, threading, time
+# One thread per connection: the proxy's upstream health check connects and sends nothing,
+# and must not hold up the request.
+def serve(conn):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return
+        data += chunk
+    if sys.argv[1] == "mid-body":
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 65536\r\n\r\n" + b"x" * 32768)
+    print("reached", flush=True)
+    time.sleep(600)
 listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
 listener.listen(8)
 print(listener.getsockname()[1], flush=True)
 while True:
     conn, _ = listener.accept()
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += conn.recv(4096)
-    mode = sys.argv[1]
-    if mode == "mid-body":
-        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 65536\r\n\r\n" + b"x" * 32768)
-    time.sleep(600)
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
 "#;
 
 struct PythonUpstream {
-    child: std::process::Child,
+    child: tokio::process::Child,
+    stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
     port: u16,
 }
 
 impl PythonUpstream {
-    fn start(mode: &str) -> Self {
-        use std::io::BufRead as _;
-        let mut child = std::process::Command::new("python3")
+    async fn start(mode: &str) -> Self {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut child = tokio::process::Command::new("python3")
             .args(["-c", HALF_THEN_WAIT, mode])
             .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
             .spawn()
             .expect("python3 runs");
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
+        within(Duration::from_secs(10), stdout.read_line(&mut line))
+            .await
             .unwrap();
         let port = line.trim().parse().expect("the upstream prints its port");
-        PythonUpstream { child, port }
+        PythonUpstream {
+            child,
+            stdout,
+            port,
+        }
     }
 
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// Waits until the upstream says the request reached it (and, mid-body, that half the
+    /// body was sent): a fixed sleep is too short on a loaded machine.
+    async fn reached(&mut self) {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut line = String::new();
+        within(Duration::from_secs(10), self.stdout.read_line(&mut line))
+            .await
+            .unwrap();
+        assert_eq!(line.trim(), "reached", "the upstream reports the request");
     }
-}
 
-impl Drop for PythonUpstream {
-    fn drop(&mut self) {
-        self.kill();
+    async fn kill(&mut self) {
+        let _ = self.child.kill().await;
     }
 }
 
 #[tokio::test]
 async fn an_upstream_process_killed_mid_request_is_a_502_before_the_head_and_a_cut_after() {
     for mode in ["before-head", "mid-body"] {
-        let mut upstream = PythonUpstream::start(mode);
+        let mut upstream = PythonUpstream::start(mode).await;
         // A long read timeout: only the kill can end these requests in time.
         let proxy = Proxy::start(ProxyOptions {
             upstreams: vec![format!("127.0.0.1:{}", upstream.port)],
@@ -221,10 +239,11 @@ async fn an_upstream_process_killed_mid_request_is_a_502_before_the_head_and_a_c
             .header("authorization", user_token("alice"))
             .send();
         let request = tokio::spawn(request);
-        // Let the request reach the upstream (and, mid-body, half the body reach the client).
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Kill only once the request reached the upstream (and, mid-body, half the body left
+        // it).
+        upstream.reached().await;
         let killed = Instant::now();
-        upstream.kill();
+        upstream.kill().await;
         within(Duration::from_secs(10), async {
             let response = request.await.unwrap().expect("the proxy answers");
             let status = response.status().as_u16();
