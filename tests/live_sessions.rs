@@ -45,59 +45,18 @@ impl ScriptedUpstream {
         let received = Arc::new(Mutex::new(Vec::new()));
         let closed = Arc::new(tokio::sync::Notify::new());
         let (rec, done) = (received.clone(), closed.clone());
+        let script = Arc::new(Mutex::new(Some(script)));
         tokio::spawn(async move {
-            let mut script = Some(script);
-            // Bounded by the test's runtime.
+            // Bounded by the test's runtime; each connection on its own task (the
+            // proxy's upstream health probes connect and close without a request).
             loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
+                let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let head = read_head(&mut stream).await;
-                let lower = head.to_ascii_lowercase();
-                if lower.contains("upgrade: websocket") {
-                    let key = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .starts_with("sec-websocket-key:")
-                                .then(|| l.split_once(':').unwrap().1.trim().to_owned())
-                        })
-                        .unwrap();
-                    let answer = format!(
-                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-                        chatgate::ws::accept_key(key.as_bytes())
-                    );
-                    stream.write_all(answer.as_bytes()).await.unwrap();
-                    let Some(mut script) = script.take() else {
-                        return;
-                    };
-                    let (rec, done) = (rec.clone(), done.clone());
-                    tokio::spawn(async move {
-                        let mut buf = vec![0u8; 65536];
-                        loop {
-                            tokio::select! {
-                                bytes = script.recv() => match bytes {
-                                    Some(bytes) => { let _ = stream.write_all(&bytes).await; }
-                                    None => return,
-                                },
-                                n = stream.read(&mut buf) => match n {
-                                    Ok(0) | Err(_) => { done.notify_one(); return; }
-                                    Ok(n) => rec.lock().unwrap().extend_from_slice(&buf[..n]),
-                                },
-                            }
-                        }
-                    });
-                } else {
-                    let length = lower
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
-                    let mut body = vec![0u8; length];
-                    let _ = stream.read_exact(&mut body).await;
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
-                        .await;
-                }
+                let (script, rec, done) = (script.clone(), rec.clone(), done.clone());
+                tokio::spawn(async move {
+                    let _ = serve_one(stream, script, rec, done).await;
+                });
             }
         });
         ScriptedUpstream {
@@ -119,6 +78,66 @@ impl ScriptedUpstream {
             .expect("the proxy closed the upstream connection");
         self.received.lock().unwrap().clone()
     }
+}
+
+/// One connection to the [`ScriptedUpstream`]: the upgrade (the first one only) or a
+/// plain request answered `200 {}`.
+async fn serve_one(
+    mut stream: TcpStream,
+    script: Arc<Mutex<Option<mpsc::UnboundedReceiver<Vec<u8>>>>>,
+    rec: Arc<Mutex<Vec<u8>>>,
+    done: Arc<tokio::sync::Notify>,
+) -> Option<()> {
+    let head = try_read_head(&mut stream).await?;
+    let lower = head.to_ascii_lowercase();
+    if lower.contains("upgrade: websocket") {
+        let key = head.lines().find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("sec-websocket-key:")
+                .then(|| l.split_once(':').unwrap().1.trim().to_owned())
+        })?;
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            chatgate::ws::accept_key(key.as_bytes())
+        );
+        stream.write_all(answer.as_bytes()).await.ok()?;
+        let mut script = script.lock().unwrap().take()?;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            tokio::select! {
+                bytes = script.recv() => {
+                    let _ = stream.write_all(&bytes?).await;
+                }
+                n = stream.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => { done.notify_one(); return Some(()); }
+                    Ok(n) => rec.lock().unwrap().extend_from_slice(&buf[..n]),
+                },
+            }
+        }
+    }
+    let length = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse::<usize>().unwrap_or(0));
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.ok()?;
+    stream
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        .await
+        .ok()
+}
+
+/// [`read_head`] for a peer that may close first: `None` then.
+async fn try_read_head(stream: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = timeout(STEP, stream.read_u8()).await.ok()?.ok()?;
+        head.push(byte);
+        if head.len() >= 65536 {
+            return None;
+        }
+    }
+    String::from_utf8(head).ok()
 }
 
 /// Reads an HTTP head (through the empty line), one byte at a time so nothing after
@@ -361,6 +380,20 @@ async fn a_drain_with_nothing_left_ends_long_before_the_grace_period() {
         ..ProxyOptions::default()
     })
     .await;
+    // Serving for real (Pingora installs its signal handlers once it runs) before the
+    // SIGTERM.
+    let client = reqwest::Client::new();
+    for _ in 0..100 {
+        let ready = client
+            .get(proxy.admin_url("/readyz"))
+            .timeout(STEP)
+            .send()
+            .await;
+        if ready.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     proxy.terminate();
     let status = proxy.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
