@@ -71,7 +71,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if ["/dev/", "/proc/", "/sys/"].iter().any(|p| text.contains(p)) {
+    if ["/dev/", "/proc/", "/sys/"]
+        .iter()
+        .any(|p| text.contains(p))
+    {
         return;
     }
     let first = parse(text);
@@ -83,7 +86,11 @@ fuzz_target!(|data: &[u8]| {
         }
         (Ok(config), Ok(again)) => {
             assert_eq!(config.content_hash, again.content_hash);
-            assert!(config.changes_to(again).is_empty(), "{:?}", config.changes_to(again));
+            assert!(
+                config.changes_to(again).is_empty(),
+                "{:?}",
+                config.changes_to(again)
+            );
             assert!(config.restart_required_changes(again).is_empty());
             let _ = config.warnings();
             for app in config.apps() {

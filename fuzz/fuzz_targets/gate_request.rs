@@ -86,11 +86,17 @@ fn world() -> &'static World {
             ("{dev}", TokenBuilder::developer_token("dev")),
             (
                 "{expired}",
-                TokenBuilder::user("alice").expires_at(now - 3600).issued_at(now - 7200).sign(SECRET),
+                TokenBuilder::user("alice")
+                    .expires_at(now - 3600)
+                    .issued_at(now - 7200)
+                    .sign(SECRET),
             ),
             ("{revoked}", TokenBuilder::user("revoked").sign(SECRET)),
             ("{other}", TokenBuilder::user("bob").sign(OTHER_SECRET)),
-            ("{forged}", TokenBuilder::user("alice").sign("not-the-secret-at-all")),
+            (
+                "{forged}",
+                TokenBuilder::user("alice").sign("not-the-secret-at-all"),
+            ),
         ];
         World {
             runtime,
@@ -125,7 +131,9 @@ fn parse(world: &World, data: &[u8]) -> Option<(Method, Uri, HeaderMap)> {
     let request_line = lines.next()?;
     let space = request_line.iter().position(|b| *b == b' ')?;
     let method = Method::from_bytes(&request_line[..space]).ok()?;
-    let target = request_line[space + 1..].strip_suffix(b"\r").unwrap_or(&request_line[space + 1..]);
+    let target = request_line[space + 1..]
+        .strip_suffix(b"\r")
+        .unwrap_or(&request_line[space + 1..]);
     let uri = Uri::try_from(target).ok()?;
     let mut headers = HeaderMap::new();
     for line in lines {
@@ -153,13 +161,20 @@ fn check_normal_form(raw: &str, uri: &Uri) {
     let Ok(normal) = normalize::path(raw) else {
         return;
     };
-    assert_eq!(normalize::path(&normal).as_deref(), Ok(&*normal), "not idempotent: {raw:?}");
+    assert_eq!(
+        normalize::path(&normal).as_deref(),
+        Ok(&*normal),
+        "not idempotent: {raw:?}"
+    );
     if &*normal != "*" {
         assert!(normal.starts_with('/'));
         let segments: Vec<&str> = normal[1..].split('/').collect();
         for (i, segment) in segments.iter().enumerate() {
             assert!(!matches!(*segment, "." | ".."), "{raw:?} -> {normal:?}");
-            assert!(segment.len() > 0 || i + 1 == segments.len(), "{raw:?} -> {normal:?}");
+            assert!(
+                segment.len() > 0 || i + 1 == segments.len(),
+                "{raw:?} -> {normal:?}"
+            );
         }
         let bytes = normal.as_bytes();
         for (i, _) in normal.match_indices('%') {
@@ -172,7 +187,11 @@ fn check_normal_form(raw: &str, uri: &Uri) {
         }
     }
     let rebuilt = normalize::with_path(uri, &normal);
-    assert_eq!(rebuilt.path(), &*normal, "with_path changed the normal path");
+    assert_eq!(
+        rebuilt.path(),
+        &*normal,
+        "with_path changed the normal path"
+    );
     assert_eq!(rebuilt.query(), uri.query(), "with_path changed the query");
 }
 
@@ -202,7 +221,10 @@ fn check_refusal(world: &World, error: &AuthError, parts: &RequestParts<'_>) {
     }
     let message = error.to_string();
     for (_, token) in &world.tokens {
-        assert!(!message.contains(token.as_str()), "the refusal echoes a token");
+        assert!(
+            !message.contains(token.as_str()),
+            "the refusal echoes a token"
+        );
     }
 }
 
@@ -281,6 +303,10 @@ fuzz_target!(|data: &[u8]| {
                 ..parts
             },
         );
-        assert_eq!(again, decision, "{:?} and {:?} judged apart", uri, forwarded);
+        assert_eq!(
+            again, decision,
+            "{:?} and {:?} judged apart",
+            uri, forwarded
+        );
     }
 });

@@ -50,7 +50,9 @@ fn check_users(body: &[u8]) {
         Ok(changes) => changes,
     };
     let document: Value = serde_json::from_slice(body).expect("accepted, so JSON");
-    let users = document["users"].as_array().expect("accepted, so a users array");
+    let users = document["users"]
+        .as_array()
+        .expect("accepted, so a users array");
     assert!(users.len() <= MAX_USERS_PER_UPDATE);
     assert!(changes.len() <= users.len());
     for change in &changes {

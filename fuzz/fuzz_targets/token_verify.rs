@@ -91,7 +91,8 @@ fn independent_signer(signing_input: &str, signature: &str) -> Option<&'static s
 /// padding).
 fn jsonwebtoken_signer(signing_input: &str, signature: &str) -> Option<&'static str> {
     SECRETS.into_iter().find(|secret| {
-        let key = jsonwebtoken::DecodingKey::from_secret(secret.as_bytes());
+        let key = jsonwebtoken::DecodingKey::from_secret(secret.as_bytes())
+            .expect("a non-empty HMAC secret");
         jsonwebtoken::crypto::verify(
             signature,
             signing_input.as_bytes(),
@@ -111,8 +112,14 @@ fn check(token: &str, rules: &TokenRules) {
                 "{error:?} is not a token refusal"
             );
             if token.len() >= 8 {
-                assert!(!error.to_string().contains(token), "the message echoes the token");
-                assert!(!error.to_json_object().contains(token), "the body echoes the token");
+                assert!(
+                    !error.to_string().contains(token),
+                    "the message echoes the token"
+                );
+                assert!(
+                    !error.to_json_object().contains(token),
+                    "the body echoes the token"
+                );
             }
         }
         Ok(verified) => {
@@ -122,7 +129,10 @@ fn check(token: &str, rules: &TokenRules) {
             let signing_input = &token[..header.len() + 1 + payload.len()];
             match verified.kind {
                 TokenKind::Developer => {
-                    assert!(rules.developer_tokens, "devtoken accepted where not allowed");
+                    assert!(
+                        rules.developer_tokens,
+                        "devtoken accepted where not allowed"
+                    );
                     assert_eq!(signature, token::DEVELOPER_SIGNATURE);
                     assert!(verified.claims.user_id.is_some());
                 }
@@ -149,7 +159,11 @@ fn check(token: &str, rules: &TokenRules) {
                 assert!(!user.is_empty());
             }
             let limit = NOW.saturating_add(rules.leeway_seconds);
-            assert!(claims.expires_at.is_none_or(|exp| NOW < exp.saturating_add(rules.leeway_seconds)));
+            assert!(
+                claims
+                    .expires_at
+                    .is_none_or(|exp| NOW < exp.saturating_add(rules.leeway_seconds))
+            );
             assert!(claims.not_before.is_none_or(|nbf| nbf <= limit));
             assert!(claims.issued_at.is_none_or(|iat| iat <= limit));
             assert_eq!(token::read_claims(payload).as_ref(), Ok(claims));
@@ -164,7 +178,11 @@ fn check(token: &str, rules: &TokenRules) {
         && token::read_claims(payload).is_ok()
         && jsonwebtoken_signer(&token[..header.len() + 1 + payload.len()], signature).is_some()
     {
-        assert_ne!(uncached, Err(AuthError::BadSignature), "a valid signature refused");
+        assert_ne!(
+            uncached,
+            Err(AuthError::BadSignature),
+            "a valid signature refused"
+        );
     }
 
     // The keyring's cache must not change a verdict: first use fills it, second reads it.

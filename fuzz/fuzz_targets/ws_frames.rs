@@ -34,7 +34,9 @@ fn reference_frames(stream: &[u8]) -> Vec<Frame> {
     let n = stream.len() as u128;
     let mut at = 0usize;
     loop {
-        let Some(&[first, second]) = stream.get(at..at + 2).map(|s| <&[u8; 2]>::try_from(s).unwrap())
+        let Some(&[first, second]) = stream
+            .get(at..at + 2)
+            .map(|s| <&[u8; 2]>::try_from(s).unwrap())
         else {
             return frames;
         };
@@ -97,7 +99,10 @@ fn track(seed: u8, stream: &[u8]) {
                 Some(used) => {
                     assert!(used <= chunk.len());
                     let stop = (offset + used) as u128;
-                    assert!(is_end(stop), "finish_frame stopped at {stop}, not a frame end");
+                    assert!(
+                        is_end(stop),
+                        "finish_frame stopped at {stop}, not a frame end"
+                    );
                     assert_eq!(used == 0, was_at_boundary);
                     // No frame end was skipped on the way.
                     assert!(!ends.iter().any(|e| *e > offset as u128 && *e < stop));
@@ -144,11 +149,17 @@ fn write(seed: u8, payload: &[u8]) {
     let close = ws::close_frame(code, &reason);
     assert_eq!(reference_frames(&close).len(), 1);
     let body = read_one(&close, 0x8);
-    assert!(body.len() <= 125, "a control frame payload is at most 125 bytes");
+    assert!(
+        body.len() <= 125,
+        "a control frame payload is at most 125 bytes"
+    );
     assert_eq!(u16::from_be_bytes([body[0], body[1]]), code);
     let kept = std::str::from_utf8(&body[2..]).expect("the reason is cut on a char boundary");
     assert!(reason.starts_with(kept));
-    assert!(kept.len() == reason.len() || kept.len() > 123 - 4, "cut more than needed");
+    assert!(
+        kept.len() == reason.len() || kept.len() > 123 - 4,
+        "cut more than needed"
+    );
 
     let both = ws::rejection_frames(payload);
     let frames = reference_frames(&both);
@@ -159,7 +170,11 @@ fn write(seed: u8, payload: &[u8]) {
 
     let accept = ws::accept_key(payload);
     assert_eq!(accept.len(), 28);
-    assert!(accept.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b)));
+    assert!(
+        accept
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
