@@ -186,8 +186,7 @@ mod tests {
                 "{body}"
             );
         }
-        let at_the_limit =
-            r#"{"users":[{"id":"a","set":{"revoke_tokens_issued_before":"2026-11-28T10:05:00Z"}}]}"#;
+        let at_the_limit = r#"{"users":[{"id":"a","set":{"revoke_tokens_issued_before":"2026-11-28T10:05:00Z"}}]}"#;
         assert_eq!(
             parse_users_update(at_the_limit.as_bytes(), now),
             Ok(vec![UserCutoffChange {
