@@ -532,13 +532,7 @@ where
 /// form is refused with code 4. The gate checks the rest (and the path again, which is
 /// then one scan of a normal path).
 fn normalize_request(parts: &mut http::request::Parts) -> Result<(), AuthError> {
-    let forged: Vec<http::HeaderName> = parts
-        .headers
-        .keys()
-        .filter(|name| normalize::is_identity_header(name.as_str()))
-        .cloned()
-        .collect();
-    for name in forged {
+    for name in normalize::forged_identity_headers(&parts.headers) {
         parts.headers.remove(name);
     }
     if let Cow::Owned(path) = normalize::path(parts.uri.path())? {

@@ -22,8 +22,9 @@
 //! - [`user_id_is_text`]: a `user_id` with a control character or edge whitespace is
 //!   malformed rather than a header the proxy cannot write (a 5xx) or an alias of
 //!   another user.
-//! - [`is_identity_header`]: the names an upstream may read as the gate's identity
-//!   headers (case folded, `_` for `-`), which only the gate may send (rule 2).
+//! - [`is_identity_header`], [`forged_identity_headers`]: the names an upstream may read
+//!   as the gate's identity headers (case folded, `_` for `-`), which only the gate may
+//!   send (rule 2); each adapter removes them its own way.
 //!
 //! Refusals are [`Unsafe`], whose messages are fixed text: nothing from the request (and
 //! so no token) is echoed. The gate turns them into code 4 (400, or the WebSocket
@@ -327,6 +328,19 @@ pub fn user_id_is_text(id: &str) -> bool {
         && !id.ends_with(char::is_whitespace)
 }
 
+/// The names in `headers` an upstream may read as the gate's identity headers, for the
+/// adapter to remove with its own call (hyper's `HeaderMap::remove`, Pingora's
+/// `remove_header`, which also drops its case map entry). Collected first: the common
+/// request has none, so this does not allocate, and removing while iterating is not
+/// possible.
+pub fn forged_identity_headers(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .keys()
+        .filter(|name| is_identity_header(name.as_str()))
+        .cloned()
+        .collect()
+}
+
 /// Whether an upstream may read `name` as one of the gate's identity headers: equal to
 /// one case-insensitively, with `_` read as `-` (as CGI, PHP and many frameworks do).
 pub fn is_identity_header(name: &str) -> bool {
@@ -571,5 +585,28 @@ mod tests {
         ] {
             assert!(!is_identity_header(name), "{name}");
         }
+    }
+
+    #[test]
+    fn forged_identity_headers_lists_every_spelling_and_nothing_else() {
+        let mut headers = HeaderMap::new();
+        for name in [
+            "x-chatgate-user-id",
+            "x_chatgate_auth",
+            "authorization",
+            "x-chatgate",
+        ] {
+            headers.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        let mut forged: Vec<String> = forged_identity_headers(&headers)
+            .iter()
+            .map(|name| name.as_str().to_owned())
+            .collect();
+        forged.sort();
+        assert_eq!(forged, ["x-chatgate-user-id", "x_chatgate_auth"]);
+        assert!(forged_identity_headers(&HeaderMap::new()).is_empty());
     }
 }

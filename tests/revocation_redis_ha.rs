@@ -8,6 +8,7 @@
 //! The measurements of the README are `#[ignore]`d tests here (long):
 //! `cargo test --release --features redis --test revocation_redis_ha -- --ignored --nocapture`.
 
+mod common;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -16,10 +17,9 @@ use chatgate::revocation::redis::{RedisOptions, RedisStore};
 use chatgate::revocation::{RevocationCache, RevocationEvent, RevocationStore, UserCutoffChange};
 use chatgate::time::{Cutoff, now_unix};
 use chatgate::{
-    AuthError, ConfigHandle, ConfigSnapshot, Decision, Gate, Identity, RequestParts,
-    RevocationEndpoint, TokenBuilder,
+    AuthError, ConfigHandle, ConfigSnapshot, Decision, Gate, Identity, RevocationEndpoint,
+    TokenBuilder,
 };
-use http::{HeaderMap, Method, Uri};
 use redis_server::{RedisServer, TlsFiles};
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,22 +81,12 @@ async fn instance(options: RedisOptions, policy: StoreErrorPolicy) -> Instance {
     }
 }
 
+/// One checked request (tests/common's) and how long the gate took.
 async fn check(gate: &Gate, token: &str) -> (Result<Decision, AuthError>, Duration) {
-    let uri: Uri = "/channels?api_key=key".parse().unwrap();
-    let mut headers = HeaderMap::new();
-    headers.insert(http::header::AUTHORIZATION, token.parse().unwrap());
     let started = Instant::now();
-    let result = timeout(
-        Duration::from_secs(5),
-        gate.check(RequestParts {
-            method: &Method::GET,
-            uri: &uri,
-            headers: &headers,
-            peer: None,
-        }),
-    )
-    .await
-    .expect("gate.check must not hang");
+    let result = timeout(Duration::from_secs(5), common::check(gate, "key", token))
+        .await
+        .expect("gate.check must not hang");
     (result, started.elapsed())
 }
 

@@ -30,7 +30,7 @@ pub(super) fn build_settings(
         source: at.file().to_path_buf(),
         content_hash: content_hash(text),
         loaded_at: SystemTime::now(),
-        server: server(&raw.server, at)?,
+        server: server(&raw.server, at, base_dir)?,
         upstream: upstream(&raw.upstream, at)?,
         auth: auth(&raw.auth, at)?,
         revocation: revocation(&raw.revocation, at, base_dir)?,
@@ -78,7 +78,11 @@ pub(super) fn build(
     Ok(snapshot)
 }
 
-fn server(server: &RawServer, at: &Locator) -> Result<ServerSettings, ConfigError> {
+fn server(
+    server: &RawServer,
+    at: &Locator,
+    base_dir: &Path,
+) -> Result<ServerSettings, ConfigError> {
     let listen = parse_socket_addr(
         server.listen.as_deref().unwrap_or("127.0.0.1:8080"),
         at,
@@ -117,6 +121,10 @@ fn server(server: &RawServer, at: &Locator) -> Result<ServerSettings, ConfigErro
             "server.header_timeout_ms",
         )?,
         max_header_bytes: max_header_bytes as usize,
+        tls: match &server.tls {
+            Some(tls) => Some(super::tls::build_tls(tls, at, base_dir)?),
+            None => None,
+        },
     })
 }
 

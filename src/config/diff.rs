@@ -14,10 +14,14 @@ pub const DEMO_SECRET: &str = "demo-secret-change-me";
 pub const MIN_SECRET_BYTES: usize = 32;
 
 impl ConfigSnapshot {
-    /// What a valid config should still not do, each naming its key: the demo secret,
-    /// secrets shorter than [`MIN_SECRET_BYTES`]. Secrets are never quoted.
+    /// What a valid config should still not do, each naming its key: the
+    /// `[server.tls]` certificate when it expired or expires within 30 days, the demo secret, secrets
+    /// shorter than [`MIN_SECRET_BYTES`]. Secrets are never quoted.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        if let Some(tls) = &self.server.tls {
+            warnings.extend(tls.expiry_warning(crate::time::now_unix()));
+        }
         for (i, app) in self.apps().enumerate() {
             for (j, secret) in app.keyring().secrets().iter().enumerate() {
                 let key = format!("apps[{i}].secrets[{j}] (api_key {:?})", &*app.api_key);
@@ -104,6 +108,10 @@ impl ConfigSnapshot {
         }
         if self.server.work_stealing != newer.server.work_stealing {
             changed.push("server.work_stealing");
+        }
+        // The listener is plain TCP or TLS from the start; the certificate is reloadable.
+        if self.server.tls.is_some() != newer.server.tls.is_some() {
+            changed.push("server.tls");
         }
         if self.revocation.store != newer.revocation.store
             || self.revocation.path != newer.revocation.path

@@ -15,6 +15,7 @@ pub use diff::{DEMO_SECRET, MIN_SECRET_BYTES};
 mod locate;
 mod redis;
 mod schema;
+mod tls;
 
 use crate::time::Cutoff;
 use crate::token::{Keyring, TokenRules};
@@ -28,6 +29,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+#[cfg(feature = "proxy")]
+pub use tls::CertifiedKey;
+pub use tls::TlsSettings;
 
 /// A config that could not be loaded. The message always says where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,6 +89,9 @@ pub struct ServerSettings {
     pub header_timeout: Duration,
     /// Largest request head (request line and headers) accepted (contract §6 rule 6).
     pub max_header_bytes: usize,
+    /// `[server.tls]`: serve clients over TLS (HTTP/2 and HTTP/1.1 by ALPN). Turning it
+    /// on or off needs a restart; the certificate itself is reloaded.
+    pub tls: Option<TlsSettings>,
 }
 
 /// `[limits]`: failed-authentication rate limiting (contract §6 rule 7). Reloadable.

@@ -33,6 +33,15 @@ pub(super) struct RawServer {
     pub(super) grace_period_seconds: Option<u64>,
     pub(super) header_timeout_ms: Option<u64>,
     pub(super) max_header_bytes: Option<u64>,
+    pub(super) tls: Option<RawTls>,
+}
+
+/// `[server.tls]`: see `tls::build_tls`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) cert_file: Option<String>,
+    pub(super) key_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

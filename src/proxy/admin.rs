@@ -3,14 +3,18 @@
 //! stops with the proxy.
 //!
 //! `/readyz` answers what a load balancer needs to know before sending traffic: 200
-//! only when the proxy's listener accepts connections, a config with apps is loaded
-//! and the revocation store answers; otherwise 503 with the reason of each check. A
+//! only when the proxy's listener accepts connections, a config with apps is loaded,
+//! the revocation store answers and some upstream address accepts a connection (a
+//! background probe with hysteresis, see [`super::upstream_health`]: the answer is
+//! read, not probed, so `/readyz` never waits on the upstream); otherwise 503 with the
+//! reason of each check. A
 //! draining instance (after SIGTERM or SIGQUIT) is 503 `draining` while this listener
 //! stays up, so the balancer sees it leave instead of a refused connection. The
 //! listener check connects to the proxy's port: Pingora binds it on its own runtime
 //! and says nothing when that fails, so asking the socket is the honest answer.
 
 use super::metrics::ProxyMetrics;
+use super::upstream_health::UpstreamHealth;
 use crate::reload::ConfigHandle;
 use crate::revocation::RevocationCache;
 use axum::Router;
@@ -29,12 +33,13 @@ const READY_PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest `/readyz` waits for the proxy's listener to accept a connection.
 const READY_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// What `/readyz` cannot read from the config or the store: where the proxy listens
-/// and whether it is draining.
+/// What `/readyz` cannot read from the config or the store: where the proxy listens,
+/// whether it is draining and whether the upstream accepts connections.
 #[derive(Debug, Default)]
 pub struct Readiness {
     listen: Option<SocketAddr>,
     draining: AtomicBool,
+    upstream: UpstreamHealth,
 }
 
 impl Readiness {
@@ -43,7 +48,14 @@ impl Readiness {
         Readiness {
             listen,
             draining: AtomicBool::new(false),
+            upstream: UpstreamHealth::default(),
         }
+    }
+
+    /// The upstream's reachability: fed by [`super::upstream_health::watch`], not
+    /// judged until a first round is recorded.
+    pub fn upstream(&self) -> &UpstreamHealth {
+        &self.upstream
     }
 
     /// The proxy stopped accepting: `/readyz` says 503 `draining` from now on.
@@ -138,7 +150,8 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         },
         state.readiness.listener()
     );
-    let ready = !draining && config_loaded && store.is_ok() && listener.is_ok();
+    let upstream = state.readiness.upstream.verdict();
+    let ready = !draining && config_loaded && store.is_ok() && listener.is_ok() && upstream.is_ok();
     let reason = |check: &Result<(), String>| match check {
         Ok(()) => "ok".to_owned(),
         Err(e) => e.clone(),
@@ -149,6 +162,15 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         "listener": reason(&listener),
         "config": if config_loaded { "ok" } else { "no apps configured" },
         "store": reason(&store),
+        "upstream": reason(&upstream),
+        // Each address's last probe, also while the verdict holds against it.
+        "upstreams": state
+            .readiness
+            .upstream
+            .last()
+            .into_iter()
+            .map(|probe| (probe.address, reason(&probe.result).into()))
+            .collect::<serde_json::Map<String, serde_json::Value>>(),
     });
     let status = if ready {
         StatusCode::OK
@@ -171,6 +193,10 @@ async fn config(State(state): State<AdminState>) -> Response {
     // version, content_hash, loaded_at, source, last reload error and counts.
     let mut body = state.config.status().to_json();
     body["apps"] = state.config.load().apps().count().into();
+    // Which client certificate new handshakes get (`[server.tls]`), e.g. after a rotation.
+    if let Some(tls) = &state.config.load().server.tls {
+        body["tls"] = tls.to_json();
+    }
     // How the revocation store is reached (never a password) and what to fix about it.
     let store = state.cache.store();
     let warnings: Vec<serde_json::Value> = store
@@ -346,5 +372,38 @@ mod tests {
         state.readiness = Arc::new(Readiness::new(Some(open.local_addr().unwrap())));
         let (status, text) = get_text(state, "/readyz").await;
         assert_eq!(status, StatusCode::OK, "{text}");
+    }
+
+    #[tokio::test]
+    async fn readyz_is_503_naming_the_upstream_when_no_address_accepts() {
+        let state = state();
+        let probe = |up: bool| {
+            vec![crate::proxy::upstream_health::Probe {
+                address: "127.0.0.1:9".into(),
+                result: if up { Ok(()) } else { Err("refused".into()) },
+            }]
+        };
+        state.readiness.upstream().record(probe(false));
+        let (status, text) = get_text(state.clone(), "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+        let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            body["upstream"]
+                .as_str()
+                .unwrap()
+                .contains("127.0.0.1:9 refused"),
+            "{body}"
+        );
+        assert_eq!(body["upstreams"]["127.0.0.1:9"], "refused");
+        for _ in 0..crate::proxy::upstream_health::RISE {
+            state.readiness.upstream().record(probe(true));
+        }
+        let (status, text) = get_text(state, "/readyz").await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (&body["upstream"], &body["upstreams"]["127.0.0.1:9"]),
+            (&"ok".into(), &"ok".into())
+        );
     }
 }

@@ -130,6 +130,8 @@ impl ChatAuthFilter {
         session: &mut Session,
     ) -> pingora::Result<(Verdict, Option<Refused>)> {
         strip_identity_headers(session.req_header_mut());
+        // Before the target rewrite, which leaves an HTTP/2 request without its authority.
+        super::tls::settle_h2_authority(session.req_header_mut())?;
         forward_normal_target(session)?;
         let started = Instant::now();
         let peer = session
@@ -260,14 +262,8 @@ impl std::fmt::Debug for ChatAuthFilter {
 /// Removes every header an upstream could read as one of the gate's identity headers
 /// (case folded, `_` for `-`: contract §6 rule 2).
 fn strip_identity_headers(header: &mut RequestHeader) {
-    // Found first: the common request has none, and removal rebuilds case maps.
-    let forged: Vec<http::HeaderName> = header
-        .headers
-        .keys()
-        .filter(|name| normalize::is_identity_header(name.as_str()))
-        .cloned()
-        .collect();
-    for name in forged {
+    // Pingora's own removal: it keeps the header case map in step.
+    for name in normalize::forged_identity_headers(&header.headers) {
         header.remove_header(&name);
     }
 }

@@ -33,16 +33,20 @@
 //! buffer ahead) before the 1 MiB cap applies. The common request, whose head arrives
 //! in one read, costs one scan for its end (memchr) and no timer.
 //!
-//! Only HTTP/1 is handled: chatgate's listener is plain TCP without h2c, so Pingora's
-//! `ServerApp` would take the same HTTP/1 branch.
+//! Only HTTP/1 is handled here: chatgate serves HTTP/2 only over TLS (ALPN `h2`, no
+//! h2c), and such a connection goes to Pingora's own HTTP/2 loop, where the h2
+//! server's `max_header_list_size` (from `[server] max_header_bytes`, see
+//! `tls::h2_options`) bounds a head's size, and Pingora's 60 s TLS handshake timeout
+//! and the 60 s HTTP/2 idle timeout (`tls::server_options`: a stream exists only once
+//! its head is whole) its time.
 
 use crate::reload::ConfigHandle;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
-    TimingDigest, UniqueID, UniqueIDType,
+    ALPN, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    Stream, TimingDigest, UniqueID, UniqueIDType,
 };
 use pingora::server::ShutdownWatch;
 use std::io;
@@ -100,6 +104,11 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // HTTP/2 (TLS with ALPN `h2`): Pingora's own loop, whose HTTP/2 settings bound
+        // the header list (see `tls::h2_options`).
+        if stream.selected_alpn_proto() == Some(ALPN::H2) {
+            return self.app.process_new(stream, shutdown).await;
+        }
         let (timeout, max_bytes) = {
             let config = self.config.load();
             (config.server.header_timeout, config.server.max_header_bytes)

@@ -51,6 +51,9 @@ pub struct ProxyMetrics {
     reloads: IntCounterVec,
     last_reload_success: Gauge,
     store_warnings: IntGaugeVec,
+    upstream_up: IntGaugeVec,
+    /// The addresses `upstream_up` has a series for: a reload may drop one.
+    upstreams_labelled: Mutex<Vec<String>>,
     /// Serialises the copy of the cache's atomics into the counters, so two concurrent
     /// scrapes cannot add the same delta twice.
     sync: Mutex<()>,
@@ -178,6 +181,14 @@ impl ProxyMetrics {
             &["kind"],
         )
         .expect("valid metric");
+        let upstream_up = IntGaugeVec::new(
+            Opts::new(
+                "chatgate_upstream_up",
+                "1 if the upstream address accepted the last TCP probe (every second), else 0",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(allowed.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(build_info),
@@ -194,6 +205,7 @@ impl ProxyMetrics {
             Box::new(store_errors.clone()),
             Box::new(cache_entries.clone()),
             Box::new(store_warnings.clone()),
+            Box::new(upstream_up.clone()),
         ] {
             registry.register(collector).expect("unique metric names");
         }
@@ -221,6 +233,8 @@ impl ProxyMetrics {
             reloads,
             last_reload_success,
             store_warnings,
+            upstream_up,
+            upstreams_labelled: Mutex::default(),
             sync: Mutex::new(()),
         }
     }
@@ -285,6 +299,25 @@ impl ProxyMetrics {
         }
         if let Some(upstream) = upstream {
             self.upstream_seconds.observe(upstream.as_secs_f64());
+        }
+    }
+
+    /// Sets `chatgate_upstream_up` from one probe round (address, accepted); the
+    /// series of an address no longer configured is removed.
+    pub fn upstreams_probed<'a>(&self, probes: impl Iterator<Item = (&'a str, bool)>) {
+        let mut labelled = self
+            .upstreams_labelled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let previous = std::mem::take(&mut *labelled);
+        for (address, up) in probes {
+            self.upstream_up
+                .with_label_values(&[address])
+                .set(i64::from(up));
+            labelled.push(address.to_owned());
+        }
+        for gone in previous.iter().filter(|a| !labelled.contains(a)) {
+            let _ = self.upstream_up.remove_label_values(&[gone.as_str()]);
         }
     }
 
@@ -463,5 +496,31 @@ mod tests {
         ] {
             assert!(text.contains(series), "{series} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn upstream_up_follows_each_probe_round_and_drops_addresses_a_reload_removed() {
+        let metrics = ProxyMetrics::new();
+        let cache = RevocationCache::new(
+            Arc::new(MemoryStore::new()),
+            &ConfigSnapshot::with_apps(vec![]).revocation,
+        );
+        metrics.upstreams_probed([("a:1", true), ("b:2", false)].into_iter());
+        let text = metrics.render(&cache);
+        assert!(
+            text.contains(r#"chatgate_upstream_up{upstream="a:1"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"chatgate_upstream_up{upstream="b:2"} 0"#),
+            "{text}"
+        );
+        metrics.upstreams_probed([("b:2", true)].into_iter());
+        let text = metrics.render(&cache);
+        assert!(
+            text.contains(r#"chatgate_upstream_up{upstream="b:2"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"upstream="a:1""#), "{text}");
     }
 }

@@ -5,6 +5,8 @@
 //! - [`EdgeProxy`] is the `ProxyHttp` the binary runs: round robin over
 //!   `[upstream] addresses`, retries of failed connects for idempotent requests,
 //!   optional TLS, WebSockets with long idle timeouts, JSON 502/504 on upstream failure;
+//! - `tls` serves clients over TLS (`[server.tls]`): certificates that follow reloads,
+//!   HTTP/2 and HTTP/1.1 by ALPN;
 //! - [`access_log`] writes one line per request (target `chatgate::access`);
 //! - [`admin`] serves `/healthz`, `/readyz`, `/metrics` and `/config`;
 //! - [`run`] wires them into a Pingora `Server` that stops on a [`Shutdown`] of the
@@ -25,6 +27,8 @@ mod filter;
 pub mod head;
 mod live;
 mod metrics;
+mod tls;
+pub mod upstream_health;
 
 pub use edge::{EdgeCtx, EdgeProxy, UpstreamError};
 pub use filter::{
@@ -146,6 +150,9 @@ pub enum ServeError {
         /// The bind error.
         source: std::io::Error,
     },
+    /// The TLS listener could not be set up (OpenSSL refused its settings).
+    #[error("TLS listener ([server.tls]): {0}")]
+    Tls(String),
     /// `[server] admin_listen` could not be bound.
     #[error("admin_listen {address}: {source}")]
     AdminListen {
@@ -213,12 +220,20 @@ pub fn run(
 
     let edge = EdgeProxy::new(ChatAuthFilter::with_metrics(gate, metrics.clone()))?;
     // Contract §6 rule 6: the proxy behind the request-head limits (see `head`).
-    let app = head::HeadLimitedApp::new(
-        pingora::proxy::http_proxy(&server.configuration, edge),
-        config.clone(),
-    );
+    let mut http = pingora::proxy::http_proxy(&server.configuration, edge);
+    http.h2_options = Some(tls::h2_options(snapshot.server.max_header_bytes));
+    http.server_options = Some(tls::server_options());
+    let app = head::HeadLimitedApp::new(http, config.clone());
     let mut proxy = pingora::services::listening::Service::new("chatgate".to_owned(), app);
-    proxy.add_tcp(&snapshot.server.listen.to_string());
+    match &snapshot.server.tls {
+        // `[server.tls]`: certificates from the live config, h2 and http/1.1 by ALPN.
+        Some(_) => proxy.add_tls_with_settings(
+            &snapshot.server.listen.to_string(),
+            None,
+            tls::listener_settings(&config).map_err(|e| ServeError::Tls(e.to_string()))?,
+        ),
+        None => proxy.add_tcp(&snapshot.server.listen.to_string()),
+    }
     server.add_service(proxy);
 
     server.add_service(background_service(
@@ -368,17 +383,27 @@ impl BackgroundService for AdminService {
                 return;
             }
         };
+        // The upstream probe's first round before the first answer, so `/readyz`
+        // and `chatgate_upstream_up` are right from the start (a request arriving
+        // meanwhile waits in the bound listener's backlog, at most PROBE_TIMEOUT).
+        let state = &self.state;
+        let upstream = state.readiness.upstream();
+        upstream_health::probe_round(&state.config, upstream, &state.metrics).await;
+        let probes = upstream_health::watch(state.config.clone(), upstream, &state.metrics);
         // The admin listener outlives the drain: `/readyz` turns 503 `draining` when
         // the proxy stops accepting, and the listener ends with Pingora's runtimes
         // after the grace period, so a balancer polling it sees the instance leave.
-        let readiness = self.state.readiness.clone();
+        let readiness = state.readiness.clone();
         let stop = async move {
             let _ = shutdown.changed().await;
             readiness.start_draining();
             std::future::pending::<()>().await;
         };
-        if let Err(error) = admin::serve(listener, self.state.clone(), stop).await {
-            tracing::error!(target: "chatgate::proxy", %error, "admin listener stopped");
+        tokio::select! {
+            served = admin::serve(listener, state.clone(), stop) => if let Err(error) = served {
+                tracing::error!(target: "chatgate::proxy", %error, "admin listener stopped");
+            },
+            () = probes => {}
         }
     }
 }

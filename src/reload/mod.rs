@@ -352,6 +352,9 @@ fn keep_restart_only_settings(running: &ConfigSnapshot, next: &mut ConfigSnapsho
     next.server.admin_listen = running.server.admin_listen;
     next.server.threads = running.server.threads;
     next.server.work_stealing = running.server.work_stealing;
+    if running.server.tls.is_some() != next.server.tls.is_some() {
+        next.server.tls = running.server.tls.clone();
+    }
     next.revocation.store = running.revocation.store;
     next.revocation.path = running.revocation.path.clone();
     next.revocation.redis_url = running.revocation.redis_url.clone();

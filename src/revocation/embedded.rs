@@ -1,12 +1,26 @@
-//! The default store: a redb database file. redb commits with fsync
+//! The default store (contract §3: a revocation is stored before it is acknowledged):
+//! a redb database file. redb commits with fsync
 //! (`Durability::Immediate`), so a revocation is on disk before the request that made
 //! it is answered, and a kill -9 right after loses nothing.
+//!
+//! A disk that fails under a running proxy (full, or read-only): redb fails the commit,
+//! the revocation is answered 503 (contract §4, code -1) and nothing claims it was
+//! stored. redb then latches the handle ("previous I/O error: close and re-open the
+//! database") and fails every later write, even once the disk has room again; so the
+//! store keeps serving reads from the latched handle (its page cache), and before the
+//! next operation (at most once per [`REOPEN_INTERVAL`]) checks whether the disk takes
+//! writes again — the database file opens for writing and a probe file next to it can be
+//! written and synced — and only then closes the handle and opens the file afresh
+//! (redb's repair brings it back to its last commit). Closing first is required: the
+//! file lock is per open file, so a second handle cannot be opened beside the first.
 
 use super::{RevocationEvent, RevocationStore, StoreError, UserCutoffChange};
 use crate::time::Cutoff;
 use redb::{Database, ReadableDatabase, TableDefinition};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 /// `(app, user) -> cutoff seconds`.
@@ -14,10 +28,29 @@ const USERS: TableDefinition<(&str, &str), i64> = TableDefinition::new("user_cut
 /// `app -> cutoff seconds`.
 const APPS: TableDefinition<&str, i64> = TableDefinition::new("app_cutoffs");
 
+/// How often a store whose disk failed checks whether the disk takes writes again: a
+/// probe is a small write and an fsync, cheap once a second, wasteful per request.
+pub const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Bytes the writability probe writes (and syncs) next to the database: enough that a
+/// disk with only a few free pages is not taken for a recovered one.
+const PROBE_BYTES: usize = 256 * 1024;
+
 /// A redb-backed store. redb calls block, so they run on tokio's blocking pool.
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    handle: Arc<Handle>,
     events: broadcast::Sender<RevocationEvent>,
+}
+
+/// The open database, and what is known about its disk.
+struct Handle {
+    path: PathBuf,
+    /// `None` only between closing a failed handle and a reopen that did not succeed.
+    db: RwLock<Option<Database>>,
+    /// An operation failed: redb has (probably) latched the handle.
+    failed: AtomicBool,
+    /// When a failed handle last checked its disk.
+    last_check: Mutex<Option<Instant>>,
 }
 
 fn unavailable(error: impl std::fmt::Display) -> StoreError {
@@ -45,6 +78,102 @@ impl From<OpenError> for StoreError {
     }
 }
 
+/// Opens (or creates) the file and its tables, so reads never meet a missing table.
+fn open_database(path: &Path) -> Result<Database, OpenError> {
+    let db = Database::create(path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => OpenError::Locked(path.to_path_buf()),
+        e => OpenError::Failed(unavailable(format!("{}: {e}", path.display()))),
+    })?;
+    let write = db.begin_write().map_err(unavailable)?;
+    write.open_table(USERS).map_err(unavailable)?;
+    write.open_table(APPS).map_err(unavailable)?;
+    write.commit().map_err(unavailable)?;
+    Ok(db)
+}
+
+/// Whether the disk takes writes again: the database file opens for writing, and a
+/// probe file beside it takes [`PROBE_BYTES`] and an fsync.
+fn writable(path: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    std::fs::OpenOptions::new().write(true).open(path)?;
+    let mut probe_name = path.as_os_str().to_owned();
+    probe_name.push(".probe");
+    let probe = PathBuf::from(probe_name);
+    let written = std::fs::File::create(&probe).and_then(|mut file| {
+        file.write_all(&vec![0u8; PROBE_BYTES])?;
+        file.sync_all()
+    });
+    let _ = std::fs::remove_file(&probe);
+    written
+}
+
+impl Handle {
+    /// After a failure, at most once per [`REOPEN_INTERVAL`]: if the disk takes writes
+    /// again, close the handle and open the file afresh. `Ok` when the handle is usable
+    /// for writes; otherwise why not (reads may still use the latched handle).
+    fn recover(&self) -> Result<(), StoreError> {
+        if !self.failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let shown = self.path.display();
+        {
+            let mut last = self
+                .last_check
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < REOPEN_INTERVAL) {
+                return Err(unavailable(format!(
+                    "{shown}: the disk failed a write; checking again shortly"
+                )));
+            }
+            *last = Some(Instant::now());
+        }
+        writable(&self.path)
+            .map_err(|e| unavailable(format!("{shown}: the disk does not take writes: {e}")))?;
+        let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        if !self.failed.load(Ordering::Acquire) {
+            // Another operation reopened it while this one waited for the lock.
+            return Ok(());
+        }
+        // Close first: the file's lock is held until the old handle is dropped.
+        drop(slot.take());
+        let db = open_database(&self.path).map_err(StoreError::from)?;
+        *slot = Some(db);
+        self.failed.store(false, Ordering::Release);
+        tracing::info!(target: "chatgate::revocation", path = %shown, "revocation database reopened after a disk failure");
+        Ok(())
+    }
+
+    /// Runs `work` on the database; a write needs a handle that has not failed, a read
+    /// makes do with a latched one (redb's cache often still answers).
+    fn run<T>(
+        &self,
+        writes: bool,
+        work: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let recovered = self.recover();
+        let slot = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(db) = slot.as_ref() else {
+            return Err(recovered
+                .err()
+                .unwrap_or_else(|| unavailable(format!("{}: not open", self.path.display()))));
+        };
+        if writes {
+            recovered?;
+        }
+        work(db).map_err(|error| {
+            self.failed.store(true, Ordering::Release);
+            // redb's I/O errors do not say which file: the operator needs to know.
+            match error {
+                StoreError::Unavailable(message) => {
+                    unavailable(format!("{}: {message}", self.path.display()))
+                }
+                other => other,
+            }
+        })
+    }
+}
+
 impl EmbeddedStore {
     /// Opens (or creates) the database file, creating its tables so reads never meet a
     /// missing table.
@@ -59,26 +188,25 @@ impl EmbeddedStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
         }
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => OpenError::Locked(path.to_path_buf()),
-            e => OpenError::Failed(unavailable(format!("{}: {e}", path.display()))),
-        })?;
-        let write = db.begin_write().map_err(unavailable)?;
-        write.open_table(USERS).map_err(unavailable)?;
-        write.open_table(APPS).map_err(unavailable)?;
-        write.commit().map_err(unavailable)?;
+        let db = open_database(path)?;
         Ok(EmbeddedStore {
-            db: Arc::new(db),
+            handle: Arc::new(Handle {
+                path: path.to_path_buf(),
+                db: RwLock::new(Some(db)),
+                failed: AtomicBool::new(false),
+                last_check: Mutex::new(None),
+            }),
             events: broadcast::channel(1024).0,
         })
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
+        writes: bool,
         work: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || work(&db))
+        let handle = self.handle.clone();
+        tokio::task::spawn_blocking(move || handle.run(writes, work))
             .await
             .map_err(unavailable)?
     }
@@ -88,7 +216,7 @@ impl EmbeddedStore {
 impl RevocationStore for EmbeddedStore {
     async fn user_cutoff(&self, app: &str, user: &str) -> Result<Option<Cutoff>, StoreError> {
         let (app, user) = (app.to_owned(), user.to_owned());
-        self.blocking(move |db| {
+        self.blocking(false, move |db| {
             let read = db.begin_read().map_err(unavailable)?;
             let table = read.open_table(USERS).map_err(unavailable)?;
             let value = table
@@ -106,7 +234,7 @@ impl RevocationStore for EmbeddedStore {
     ) -> Result<(), StoreError> {
         let app_owned = app.to_owned();
         let owned = changes.to_vec();
-        self.blocking(move |db| {
+        self.blocking(true, move |db| {
             let write = db.begin_write().map_err(unavailable)?;
             {
                 let mut table = write.open_table(USERS).map_err(unavailable)?;
@@ -135,7 +263,7 @@ impl RevocationStore for EmbeddedStore {
 
     async fn app_cutoff(&self, app: &str) -> Result<Option<Cutoff>, StoreError> {
         let app = app.to_owned();
-        self.blocking(move |db| {
+        self.blocking(false, move |db| {
             let read = db.begin_read().map_err(unavailable)?;
             let table = read.open_table(APPS).map_err(unavailable)?;
             let value = table.get(app.as_str()).map_err(unavailable)?;
@@ -146,7 +274,7 @@ impl RevocationStore for EmbeddedStore {
 
     async fn set_app_cutoff(&self, app: &str, cutoff: Option<Cutoff>) -> Result<(), StoreError> {
         let app_owned = app.to_owned();
-        self.blocking(move |db| {
+        self.blocking(true, move |db| {
             let write = db.begin_write().map_err(unavailable)?;
             {
                 let mut table = write.open_table(APPS).map_err(unavailable)?;
@@ -173,7 +301,7 @@ impl RevocationStore for EmbeddedStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.blocking(|db| db.begin_read().map(|_| ()).map_err(unavailable))
+        self.blocking(false, |db| db.begin_read().map(|_| ()).map_err(unavailable))
             .await
     }
 }
@@ -218,6 +346,58 @@ mod tests {
             .unwrap();
         assert_eq!(store.user_cutoff("a", "u").await.unwrap(), None);
         store.ping().await.unwrap();
+    }
+
+    fn change(user: &str, cutoff: Option<Cutoff>) -> Vec<UserCutoffChange> {
+        vec![UserCutoffChange {
+            user_id: user.into(),
+            cutoff,
+        }]
+    }
+
+    #[tokio::test]
+    async fn a_failed_handle_refuses_writes_until_its_disk_is_checked_then_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("revocations.db");
+        let store = EmbeddedStore::open(&path).unwrap();
+        let cutoff = Cutoff::from_unix_seconds(1_800_000_000);
+        store
+            .set_user_cutoffs("a", &change("u", Some(cutoff)))
+            .await
+            .unwrap();
+        // As after a failed commit whose disk was checked a moment ago.
+        store.handle.failed.store(true, Ordering::Release);
+        *store.handle.last_check.lock().unwrap() = Some(Instant::now());
+        let refused = store
+            .set_user_cutoffs("a", &change("v", Some(cutoff)))
+            .await;
+        assert!(
+            matches!(&refused, Err(StoreError::Unavailable(m)) if m.contains("checking again shortly")),
+            "{refused:?}"
+        );
+        // Reads make do with the handle they have.
+        assert_eq!(store.user_cutoff("a", "u").await.unwrap(), Some(cutoff));
+        // Once the interval has passed, the disk (fine here) is checked, the file reopened.
+        *store.handle.last_check.lock().unwrap() = Some(Instant::now() - REOPEN_INTERVAL);
+        store
+            .set_user_cutoffs("a", &change("v", Some(cutoff)))
+            .await
+            .unwrap();
+        assert!(!store.handle.failed.load(Ordering::Acquire));
+        assert_eq!(store.user_cutoff("a", "v").await.unwrap(), Some(cutoff));
+        assert_eq!(store.user_cutoff("a", "u").await.unwrap(), Some(cutoff));
+        // The probe cleaned up after itself.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["revocations.db"]);
+    }
+
+    #[test]
+    fn a_missing_database_file_is_not_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(writable(&dir.path().join("gone.db")).is_err());
     }
 
     #[test]

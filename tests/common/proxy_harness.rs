@@ -68,7 +68,21 @@ pub enum Behaviour {
     Silent,
     /// Answer HTTP like `Echo`, but only after [`SLOW_ANSWER`].
     Slow,
+    /// Read the request, then close the connection without a byte of answer: what a
+    /// client sees of an upstream process killed while it works on the request.
+    CloseBeforeAnswer,
+    /// Read the request, then reset the connection (RST) without answering.
+    ResetBeforeAnswer,
+    /// Send the head and half of a [`FAULT_BODY_LEN`] body, then reset (RST).
+    ResetMidBody,
+    /// Send the head and half of a [`FAULT_BODY_LEN`] body, then close (FIN).
+    CloseMidBody,
+    /// Send the head and half of a [`FAULT_BODY_LEN`] body, then say nothing more.
+    StallMidBody,
 }
+
+/// The `content-length` the mid-body fault behaviours announce (and half of which they send).
+pub const FAULT_BODY_LEN: usize = 64 * 1024;
 
 /// How long a [`Behaviour::Slow`] upstream takes to answer.
 pub const SLOW_ANSWER: Duration = Duration::from_millis(1500);
@@ -88,7 +102,12 @@ impl Drop for TestUpstream {
 
 impl TestUpstream {
     pub async fn start(behaviour: Behaviour) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(behaviour, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// On `address` (e.g. the one a dropped upstream had, to bring it back).
+    pub async fn start_at(behaviour: Behaviour, address: SocketAddr) -> Self {
+        let listener = TcpListener::bind(address).await.unwrap();
         let address = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let recorder = seen.clone();
@@ -208,8 +227,28 @@ async fn connection(
                 .await?;
             return echo_websocket(stream).await;
         }
-        if behaviour == Behaviour::Slow {
-            tokio::time::sleep(SLOW_ANSWER).await;
+        match behaviour {
+            Behaviour::Slow => tokio::time::sleep(SLOW_ANSWER).await,
+            Behaviour::CloseBeforeAnswer => return Ok(()),
+            Behaviour::ResetBeforeAnswer => {
+                stream.set_zero_linger()?;
+                return Ok(());
+            }
+            Behaviour::ResetMidBody | Behaviour::CloseMidBody | Behaviour::StallMidBody => {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {FAULT_BODY_LEN}\r\n\r\n"
+                );
+                stream.write_all(head.as_bytes()).await?;
+                stream.write_all(&[b'x'; FAULT_BODY_LEN / 2]).await?;
+                stream.flush().await?;
+                match behaviour {
+                    Behaviour::ResetMidBody => stream.set_zero_linger()?,
+                    Behaviour::StallMidBody => tokio::time::sleep(Duration::from_secs(120)).await,
+                    _ => {}
+                }
+                return Ok(());
+            }
+            Behaviour::Echo | Behaviour::Silent => {}
         }
         let body = serde_json::json!({
             "method": request.method,
@@ -351,6 +390,8 @@ pub struct ProxyOptions {
     pub trusted_proxies: Vec<String>,
     /// A second app, [`KEY_B`] with [`SECRET_B`].
     pub second_app: bool,
+    /// The lines of the `[revocation]` section (default `store = "memory"`).
+    pub revocation: Option<String>,
     /// `RUST_LOG` of the proxy (default `warn`).
     pub rust_log: Option<String>,
     /// Write the proxy's stdout and stderr to a file ([`Proxy::output`]) instead of
@@ -463,9 +504,13 @@ impl Proxy {
             text.push_str(&format!("trusted_proxies = [{}]\n", proxies.join(", ")));
         }
         text.push_str(&format!(
-            "[revocation]\nstore = \"memory\"\n\
+            "[revocation]\n{}\n\
              [[apps]]\napi_key = \"{KEY}\"\nsecrets = [\"{SECRET}\"]\n\
-             [[apps]]\napi_key = \"{DEV_KEY}\"\nsecrets = [\"{DEV_SECRET}\"]\ndisable_auth_checks = true\nallow_anonymous = true\n"
+             [[apps]]\napi_key = \"{DEV_KEY}\"\nsecrets = [\"{DEV_SECRET}\"]\ndisable_auth_checks = true\nallow_anonymous = true\n",
+            options
+                .revocation
+                .as_deref()
+                .unwrap_or("store = \"memory\"")
         ));
         if options.second_app {
             text.push_str(&format!(
@@ -548,6 +593,45 @@ impl Proxy {
         let _ = self.child.wait();
     }
 
+    /// The process id (to sample its `/proc` entries).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The running config file.
+    pub fn config_path(&self) -> &std::path::Path {
+        self.config.path()
+    }
+
+    /// The config text as last written by [`Proxy::start`] or [`Proxy::append_config`].
+    pub fn config_text(&self) -> &str {
+        &self.config_text
+    }
+
+    /// Waits (at most `limit`) until `GET /config` on the admin listener satisfies
+    /// `done`; returns that status, or panics with the last one seen.
+    pub async fn wait_config_status(
+        &self,
+        limit: Duration,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let client = reqwest::Client::new();
+        let mut last = serde_json::Value::Null;
+        for _ in 0..(limit.as_millis() / 50).max(1) {
+            if let Ok(response) = client.get(self.admin_url("/config")).send().await
+                && let Ok(status) = response.json::<serde_json::Value>().await
+            {
+                if done(&status) {
+                    return status;
+                }
+                last = status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{what}: not within {limit:?}; last /config status: {last}");
+    }
+
     /// Appends to the running config file (write to a temp file, then rename over it,
     /// as the README advises).
     pub fn append_config(&mut self, more: &str) {
@@ -577,4 +661,70 @@ pub fn user_token(user: &str) -> String {
 
 pub fn server_token() -> String {
     chatgate::TokenBuilder::server().sign(SECRET)
+}
+
+/// Runs `future`, failing the test if it takes longer than `limit` (a hang is a failure).
+pub async fn within<T>(limit: Duration, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|_| panic!("test step did not finish within {limit:?}"))
+}
+
+/// Asserts that `body` is the contract's error object (§4) with this code and status,
+/// and returns its message.
+pub fn assert_stream_error(body: &serde_json::Value, code: i64, status: u16) -> String {
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["StatusCode"], status, "{body}");
+    assert!(body["duration"].is_string(), "{body}");
+    assert!(body["more_info"].is_string(), "{body}");
+    let message = body["message"].as_str().unwrap_or_default().to_owned();
+    assert!(!message.is_empty(), "{body}");
+    message
+}
+
+/// `GET /channels` with `token` through the proxy: the status and the JSON body (if any).
+pub async fn get_channels(
+    client: &reqwest::Client,
+    proxy: &Proxy,
+    token: &str,
+) -> (u16, serde_json::Value) {
+    let response = client
+        .get(proxy.url(&format!("/channels?api_key={}", KEY)))
+        .header("authorization", token)
+        .send()
+        .await
+        .expect("the proxy answers");
+    let status = response.status().as_u16();
+    let body = response.json().await.unwrap_or(serde_json::Value::Null);
+    (status, body)
+}
+
+/// `PATCH /users` through the proxy with a server token, revoking `users` with `cutoff`
+/// (Unix seconds): the status and the JSON body.
+pub async fn revoke(
+    client: &reqwest::Client,
+    proxy: &Proxy,
+    users: &[String],
+    cutoff: i64,
+) -> (u16, serde_json::Value) {
+    let at = chrono::DateTime::from_timestamp(cutoff, 0)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let body = serde_json::json!({
+        "users": users
+            .iter()
+            .map(|id| serde_json::json!({"id": id, "set": {"revoke_tokens_issued_before": at}}))
+            .collect::<Vec<_>>()
+    });
+    let response = client
+        .patch(proxy.url(&format!("/users?api_key={}", KEY)))
+        .header("authorization", server_token())
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("the proxy answers");
+    let status = response.status().as_u16();
+    let body = response.json().await.unwrap_or(serde_json::Value::Null);
+    (status, body)
 }

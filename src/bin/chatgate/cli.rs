@@ -498,7 +498,6 @@ async fn revoke_through_proxy(
     target: Option<&str>,
     cutoff: Option<chatgate::time::Cutoff>,
 ) -> Result<std::net::SocketAddr, ProxyCall> {
-    use http_body_util::BodyExt as _;
     let mut address = snapshot.server.listen;
     if address.ip().is_unspecified() {
         address.set_ip(match address {
@@ -547,24 +546,10 @@ async fn revoke_through_proxy(
         )))
         .map_err(|e| failed(e.to_string()))?;
     let exchange = async {
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-        let driver = tokio::spawn(connection);
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        driver.abort();
-        Ok::<_, String>((status, String::from_utf8_lossy(&body).trim().to_owned()))
+        match &snapshot.server.tls {
+            None => send_over(stream, request).await,
+            Some(tls) => send_over(tls_to_proxy(stream, tls).await?, request).await,
+        }
     };
     let (status, body) = tokio::time::timeout(CLI_STORE_TIMEOUT, exchange)
         .await
@@ -579,6 +564,79 @@ async fn revoke_through_proxy(
             body,
         }))
     }
+}
+
+/// TLS to the running proxy's `[server.tls]` listener, trusting exactly the certificate
+/// the config names (the proxy presents the pair of its live config, so after a
+/// rotation and SIGHUP the file and the proxy agree): the listener may sit on a loopback
+/// address no public certificate names.
+async fn tls_to_proxy(
+    stream: tokio::net::TcpStream,
+    tls: &chatgate::config::TlsSettings,
+) -> Result<pingora::tls::tokio_ssl::SslStream<tokio::net::TcpStream>, String> {
+    use pingora::tls::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    let mut connector = SslConnector::builder(SslMethod::tls()).map_err(|e| e.to_string())?;
+    // Checked by hand below against the configured leaf, which no CA store holds.
+    connector.set_verify(SslVerifyMode::NONE);
+    connector
+        .set_alpn_protos(b"\x08http/1.1")
+        .map_err(|e| e.to_string())?;
+    let ssl = connector
+        .build()
+        .configure()
+        .and_then(|c| c.into_ssl("localhost"))
+        .map_err(|e| e.to_string())?;
+    let mut stream =
+        pingora::tls::tokio_ssl::SslStream::new(ssl, stream).map_err(|e| e.to_string())?;
+    std::pin::Pin::new(&mut stream)
+        .connect()
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let expected = tls
+        .certified_key()
+        .leaf
+        .to_der()
+        .map_err(|e| e.to_string())?;
+    let presented = stream
+        .ssl()
+        .peer_certificate()
+        .and_then(|c| c.to_der().ok());
+    if presented.as_deref() != Some(expected.as_slice()) {
+        return Err(format!(
+            "the proxy's certificate is not the one in {} (reload it with SIGHUP first)",
+            tls.cert_file.display()
+        ));
+    }
+    Ok(stream)
+}
+
+/// One HTTP/1.1 exchange on `stream`: the status and the trimmed body.
+async fn send_over<S>(
+    stream: S,
+    request: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> Result<(u16, String), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::BodyExt as _;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    let driver = tokio::spawn(connection);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    driver.abort();
+    Ok((status, String::from_utf8_lossy(&body).trim().to_owned()))
 }
 
 /// `--before` (or now), rounded up to the whole second like the API's cutoffs.

@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# TLS side by side (issue 14): chatgate with [server.tls] vs HAProxy with `ssl` and
+# jwt_verify, the same certificate (ECDSA P-256), TLS 1.3, TLS_AES_128_GCM_SHA256 and
+# X25519 for both (the client offers nothing else), ALPN http/1.1, in front of one
+# nginx upstream. Three loads, each with the token check on every request:
+#   full       a new connection per request, full handshake (no resumption)
+#   resumed    a new connection per request, TLS 1.3 resumption from session tickets
+#   keepalive  requests over open TLS connections
+# Proxies pinned to core 0 with one thread each; nginx and the load generator
+# (examples/tls_load.rs, rustls) to core 1. Interleaved rounds. Reports operations/s
+# and the proxy's CPU time per operation (utime + stime from /proc/PID/stat over the
+# run, divided by operations: on 2 cores the load generator may saturate first, and
+# then CPU per operation is the fair figure), then chatgate / HAProxy ratios.
+#
+#   benches/tls_compare.sh                         # debug build, 3 rounds x 6 s
+#   PROFILE=release ROUNDS=5 DURATION=8 benches/tls_compare.sh
+#   # release without fat LTO, in a target dir of its own (a much shorter build):
+#   CARGO_TARGET_DIR=target/bench CARGO_PROFILE_RELEASE_LTO=off \
+#     CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 PROFILE=release benches/tls_compare.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-6}
+CONNECTIONS=${CONNECTIONS:-16}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+PROFILE=${PROFILE:-debug}
+SECRET="bench-secret-0123456789abcdef0123456789abcdef"
+UPSTREAM_PORT=18280
+declare -A PORT=([chatgate]=18281 [haproxy]=18283)
+TARGETS=(chatgate haproxy)
+MODES=(full resumed keepalive)
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need haproxy || ! need nginx; then
+  echo "installing haproxy, nginx-light from Debian's packages"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx-light >/dev/null
+fi
+
+# The load generator is built in the dev profile whatever PROFILE says: an example
+# brings in every dev-dependency, which a release build would compile from scratch;
+# its speed bounds the rates, not the proxies' CPU per operation.
+if [ "$PROFILE" = release ]; then
+  cargo build --release --features cli --bin chatgate
+else
+  cargo build --features cli --bin chatgate
+fi
+CARGO_TARGET_DIR= cargo build --example tls_load
+BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/chatgate
+LOAD=target/debug/examples/tls_load
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"$LOAD" cert "$WORK"
+
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$UPSTREAM_PORT;
+    location / {
+      default_type application/json;
+      return 200 '{"channels":[],"duration":"0.42ms","ok":true,"user":{"id":"bench","role":"user"},"x":"0123456"}';
+    }
+  }
+}
+EOF
+taskset -c "$LOAD_CPU" nginx -c "$WORK/nginx.conf" -p "$WORK" &
+PIDS+=($!)
+
+cat >"$WORK/chatgate.toml" <<EOF
+[server]
+listen = "127.0.0.1:${PORT[chatgate]}"
+admin_listen = "off"
+threads = 1
+[server.tls]
+cert_file = "cert.pem"
+key_file = "key.pem"
+[upstream]
+addresses = ["127.0.0.1:$UPSTREAM_PORT"]
+[revocation]
+store = "memory"
+[log]
+user_ids = false
+[[apps]]
+api_key = "bench"
+secrets = ["$SECRET"]
+EOF
+RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/chatgate.toml" \
+  --upgrade-sock "$WORK/upgrade.sock" >"$WORK/chatgate.log" 2>&1 &
+PIDS+=($!)
+CHATGATE_PID=$!
+
+# The JWT checks HAProxy can express (alg, HS256 signature, exp), as benches/compare.sh.
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend jwt
+  bind 127.0.0.1:${PORT[haproxy]} ssl crt $WORK/combined.pem alpn h2,http/1.1
+  http-request deny deny_status 401 unless { req.hdr(authorization) -m found }
+  http-request set-var(txn.token) req.hdr(authorization)
+  http-request set-var(txn.alg) var(txn.token),jwt_header_query('\$.alg')
+  http-request deny deny_status 401 unless { var(txn.alg) -m str HS256 }
+  http-request deny deny_status 401 unless { var(txn.token),jwt_verify(txn.alg,"$SECRET") -m int 1 }
+  http-request set-var(txn.exp) var(txn.token),jwt_payload_query('\$.exp','int')
+  http-request set-var(txn.now) date()
+  http-request deny deny_status 401 if { var(txn.exp),sub(txn.now) -m int le 0 }
+  default_backend upstream
+backend upstream
+  http-reuse always
+  server nginx 127.0.0.1:$UPSTREAM_PORT
+EOF
+taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+PIDS+=($!)
+HAPROXY_PID=$!
+declare -A PID=([chatgate]=$CHATGATE_PID [haproxy]=$HAPROXY_PID)
+
+TOKEN=$("$BIN" token create --config "$WORK/chatgate.toml" --api-key bench --user bench-user --ttl 2h)
+URL_PATH="/channels?api_key=bench"
+
+for target in "${TARGETS[@]}"; do
+  for _ in $(seq 1 150); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$WORK/ca.pem" -H "Authorization: $TOKEN" \
+      -H "stream-auth-type: jwt" "https://localhost:${PORT[$target]}$URL_PATH" || true)
+    [ "$code" = 200 ] && break
+    sleep 0.1
+  done
+  [ "$code" = 200 ] || { echo "$target is not answering 200 over TLS (got $code)"; cat "$WORK"/*.log; exit 1; }
+  code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$WORK/ca.pem" "https://localhost:${PORT[$target]}$URL_PATH")
+  [ "$code" = 401 ] || { echo "$target let a request without a token through ($code)"; exit 1; }
+done
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICKS=$(getconf CLK_TCK)
+RESULTS="$WORK/results.tsv"
+: >"$RESULTS"
+
+echo "profile=$PROFILE rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS proxy core=$PROXY_CPU load core=$LOAD_CPU"
+for round in $(seq 1 "$ROUNDS"); do
+  for mode in "${MODES[@]}"; do
+    for offset in 0 1; do
+      target=${TARGETS[$(((round - 1 + offset) % 2))]}
+      before=$(cpu_ticks "${PID[$target]}")
+      out=$(taskset -c "$LOAD_CPU" "$LOAD" run "127.0.0.1:${PORT[$target]}" "$WORK/ca.pem" "$mode" \
+        "$CONNECTIONS" "$DURATION" "$URL_PATH" "$TOKEN")
+      after=$(cpu_ticks "${PID[$target]}")
+      ops=$(echo "$out" | sed -E 's/.*ops=([0-9]+).*/\1/')
+      failed=$(echo "$out" | sed -E 's/.*failed=([0-9]+).*/\1/')
+      resumed=$(echo "$out" | sed -E 's/.*resumed=([0-9]+).*/\1/')
+      [ "$ops" -gt 0 ] || { echo "$target $mode: no operation ($out)"; cat "$WORK"/*.log; exit 1; }
+      rate=$(awk -v n="$ops" -v d="$DURATION" 'BEGIN { printf "%.1f", n / d }')
+      cpu_us=$(awk -v t=$((after - before)) -v hz="$TICKS" -v n="$ops" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$mode" "$target" "$rate" "$cpu_us" "$failed" "$resumed" \
+        "$(echo "$out" | grep -o 'suite=.*')" | tee -a "$RESULTS"
+    done
+  done
+done
+
+echo
+median() { sort -n | awk '{a[NR]=$1} END { if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2] + a[NR/2+1]) / 2 }'; }
+# Ratios: the median over rounds of each round's own chatgate / HAProxy ratio.
+ratio() { # mode column
+  awk -v m="$1" -v c="$2" '$2 == m && $3 == "chatgate" {x[$1] = $c} $2 == m && $3 == "haproxy" {y[$1] = $c}
+    END { for (r in x) if (r in y && y[r] > 0) print x[r] / y[r] }' "$RESULTS" | median
+}
+echo "medians over $ROUNDS interleaved rounds ($PROFILE build of chatgate):"
+printf '| load | chatgate ops/s | HAProxy ops/s | chatgate CPU µs/op | HAProxy CPU µs/op | ops/s ratio | CPU/op ratio |\n'
+printf '|---|---:|---:|---:|---:|---:|---:|\n'
+for mode in "${MODES[@]}"; do
+  c_rate=$(awk -v m="$mode" '$2 == m && $3 == "chatgate" {print $4}' "$RESULTS" | median)
+  h_rate=$(awk -v m="$mode" '$2 == m && $3 == "haproxy" {print $4}' "$RESULTS" | median)
+  c_cpu=$(awk -v m="$mode" '$2 == m && $3 == "chatgate" {print $5}' "$RESULTS" | median)
+  h_cpu=$(awk -v m="$mode" '$2 == m && $3 == "haproxy" {print $5}' "$RESULTS" | median)
+  printf '| %s | %.0f | %.0f | %.1f | %.1f | %.2f | %.2f |\n' "$mode" "$c_rate" "$h_rate" "$c_cpu" "$h_cpu" \
+    "$(ratio "$mode" 4)" "$(ratio "$mode" 5)"
+done
+failures=$(awk '{s += $6} END {print s + 0}' "$RESULTS")
+echo "failed operations: $failures"
+awk '$2 == "resumed" {printf "resumed handshakes (%s, round %s): %s\n", $3, $1, $7}' "$RESULTS"
