@@ -27,6 +27,7 @@ use crate::error::{AuthError, Malformed};
 use crate::limits::{self, FailedAuthLimiter};
 use crate::normalize;
 use crate::reload::ConfigHandle;
+use crate::revocation::sessions::SessionRegistry;
 use crate::revocation::{RevocationCache, parse_app_update, parse_users_update};
 use crate::time::{Cutoff, now_unix};
 use crate::token::{self, TokenKind};
@@ -182,6 +183,7 @@ pub struct Gate {
     revocations: Arc<RevocationCache>,
     policy: Arc<Policy>,
     limiter: Arc<FailedAuthLimiter>,
+    sessions: Arc<SessionRegistry>,
 }
 
 impl Gate {
@@ -190,6 +192,7 @@ impl Gate {
     pub fn new(config: ConfigHandle, revocations: Arc<RevocationCache>) -> Self {
         Gate {
             config,
+            sessions: Arc::new(SessionRegistry::new(revocations.clone())),
             revocations,
             policy: Arc::default(),
             limiter: Arc::default(),
@@ -220,6 +223,11 @@ impl Gate {
     /// The revocation cache.
     pub fn revocations(&self) -> &Arc<RevocationCache> {
         &self.revocations
+    }
+
+    /// The live WebSocket sessions admitted through this gate (and its clones).
+    pub fn sessions(&self) -> &Arc<SessionRegistry> {
+        &self.sessions
     }
 
     /// Decides one request.

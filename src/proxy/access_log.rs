@@ -36,6 +36,9 @@ pub struct AccessRecord {
     /// App of a refused request (a configured api_key or `unknown`); allowed requests
     /// take theirs from the identity.
     pub refused_app: Option<String>,
+    /// The status of a response written after the request ended: the `101` of an
+    /// upgrade relayed by [`super::relay`].
+    pub relayed_status: Option<u16>,
 }
 
 impl Default for AccessRecord {
@@ -46,6 +49,7 @@ impl Default for AccessRecord {
             upstream_time: None,
             code: None,
             refused_app: None,
+            relayed_status: None,
         }
     }
 }
@@ -71,7 +75,8 @@ impl AccessRecord {
         let request = session.req_header();
         let status = session
             .response_written()
-            .map(|response| response.status.as_u16());
+            .map(|response| response.status.as_u16())
+            .or(self.relayed_status);
         let app: Option<&str> = identity
             .map(|identity| &*identity.app)
             .or(self.refused_app.as_deref());
