@@ -664,6 +664,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_credential_header_that_is_not_text_is_refused_never_read_as_absent() {
+        let gate = gate();
+        let token = TokenBuilder::user("a").sign(SECRET);
+        let with_query = format!("/connect?api_key=key&authorization={token}");
+        let bearer_latin1 = [b"Bearer ".as_slice(), token.as_bytes(), b"\xe9"].concat();
+        let not_utf8: [&[u8]; 4] = [b"\xff", b"\xc3\x28", b"\x80abc", &bearer_latin1];
+        for value in not_utf8 {
+            for (name, uri, websocket) in [
+                // the gate would judge the query token while the upstream reads the header
+                ("authorization", with_query.as_str(), true),
+                ("authorization", "/channels?api_key=key", false),
+                ("stream-auth-type", with_query.as_str(), true),
+            ] {
+                let uri: Uri = uri.parse().unwrap();
+                let mut headers = HeaderMap::new();
+                if websocket {
+                    headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+                    headers.insert(header::CONNECTION, "Upgrade".parse().unwrap());
+                }
+                headers.insert(
+                    http::HeaderName::from_static(name),
+                    http::HeaderValue::from_bytes(value).unwrap(),
+                );
+                let checked = gate
+                    .check(RequestParts {
+                        method: &Method::GET,
+                        uri: &uri,
+                        headers: &headers,
+                        peer: None,
+                    })
+                    .await;
+                let expected = if name == "authorization" {
+                    Malformed::Base64
+                } else {
+                    Malformed::AuthType
+                };
+                assert_eq!(
+                    checked,
+                    Err(AuthError::Malformed(expected)),
+                    "{name}: {value:?}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn connect_payload_must_name_the_token_user() {
         let gate = gate();
         let token = TokenBuilder::user("alice").sign(SECRET);
