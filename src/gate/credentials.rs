@@ -118,11 +118,11 @@ fn parse_query(query: &str) -> Query<'_> {
 /// fails later, as malformed, because no token or keyword contains one. A present value
 /// that is not UTF-8 is refused, never read as absent (contract §6 rule 1: the upstream
 /// would still receive it).
-fn header_str<'h>(
-    headers: &'h HeaderMap,
+fn header_str(
+    headers: &HeaderMap,
     name: impl header::AsHeaderName,
     not_text: Malformed,
-) -> Result<Option<&'h str>, AuthError> {
+) -> Result<Option<&str>, AuthError> {
     match headers.get(name) {
         None => Ok(None),
         Some(value) => std::str::from_utf8(value.as_bytes())
