@@ -11,8 +11,9 @@
 
 # --- build -----------------------------------------------------------------------
 FROM rust:1-bookworm AS build
-# cmake: Pingora's zlib-ng; pkg-config + libssl-dev: Pingora's OpenSSL (scripts/cmake says so
-# when one is missing).
+# cmake: Pingora's zlib-ng (scripts/cmake says so when it is missing). Pingora's OpenSSL
+# is vendored, built from source with the image's perl and make; pkg-config + libssl-dev
+# serve only an OPENSSL_NO_VENDOR=1 build against the system's OpenSSL.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends cmake pkg-config libssl-dev \
  && rm -rf /var/lib/apt/lists/*

@@ -13,7 +13,16 @@
 #   benches/compare.sh                  # 5 rounds x 8 s per target (~4 min incl. build)
 #   ROUNDS=9 DURATION=6 benches/compare.sh
 #   TARGETS="chatgate chatgate_forward haproxy_jwt" benches/compare.sh   # a subset
-#   PERF=1 benches/compare.sh   # also a `perf record` of each chatgate engine
+#   TARGETS="chatgate chatgate_noauth" PERF=1 benches/compare.sh   # auth's share by profile
+#
+# PERF=1 also profiles the proxy (`perf record`, 999 Hz) during each chatgate,
+# chatgate_forward and chatgate_noauth run, prints the top symbols of each engine's last
+# round, and reports the auth run's share of samples in symbols the no-auth run of the
+# same round never hit: the CPU only the check adds (plus what sampling puts there by
+# chance, so an upper estimate; work inlined into a function both runs share is not in
+# it). FEATURES (default "--features cli") picks the build; SKIP_BUILD=1 uses the
+# binaries already built. chatgate_forward is the same binary on `[server] engine =
+# "forward"` (issue 16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +37,7 @@ declare -A PORT=([chatgate]=18181 [chatgate_noauth]=18185 [passthrough]=18182
   [haproxy_jwt]=18183 [haproxy_plain]=18184 [chatgate_forward]=18186)
 read -r -a TARGETS <<<"${TARGETS:-chatgate chatgate_forward chatgate_noauth passthrough haproxy_jwt haproxy_plain}"
 PERF=${PERF:-0}
+FEATURES=${FEATURES:---features cli}
 has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -37,11 +47,9 @@ if ! need wrk || ! need haproxy || ! need nginx; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk haproxy nginx-light >/dev/null
 fi
 
-if has_target passthrough; then
-  cargo build --release --features cli --bin chatgate --example passthrough
-else
-  cargo build --release --features cli --bin chatgate
-fi
+# SKIP_BUILD=1: measure the binaries already in target/release as they are.
+# shellcheck disable=SC2086 # FEATURES is a list of flags
+[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release $FEATURES --bin chatgate --example passthrough
 BIN=target/release/chatgate
 PASSTHROUGH=target/release/examples/passthrough
 
@@ -186,10 +194,17 @@ echo "load: $(uptime)"
 for round in $(seq 1 "$ROUNDS"); do
   for offset in $(seq 0 $((${#TARGETS[@]} - 1))); do
     target=${TARGETS[$(((round - 1 + offset) % ${#TARGETS[@]}))]}
+    profiling=
+    if [ "$PERF" = 1 ] && [[ $target == chatgate* ]]; then
+      perf record -q -F 999 -p "${PID[$target]}" -o "$WORK/perf.$target.$round" -- sleep "$DURATION" \
+        >/dev/null 2>&1 &
+      profiling=$!
+    fi
     before=$(cpu_ticks "${PID[$target]}")
     out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
       -H "Authorization: $TOKEN" -H "stream-auth-type: jwt" "http://127.0.0.1:${PORT[$target]}$URL_PATH")
     after=$(cpu_ticks "${PID[$target]}")
+    [ -z "$profiling" ] || wait "$profiling" || true
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     requests=$(echo "$out" | awk '/requests in/ {print $1}')
     p50=$(to_us "$(echo "$out" | awk '$1 == "50%" {print $2}')")
@@ -202,21 +217,6 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 echo "load: $(uptime)"
-if [ "$PERF" = 1 ] && command -v perf >/dev/null 2>&1; then
-  for target in chatgate chatgate_forward; do
-    has_target "$target" || continue
-    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$((DURATION + 2))s" \
-      -H "Authorization: $TOKEN" -H "stream-auth-type: jwt" "http://127.0.0.1:${PORT[$target]}$URL_PATH" >/dev/null &
-    load=$!
-    sleep 1
-    perf record -q -p "${PID[$target]}" -o "$WORK/$target.perf" -- sleep "$DURATION" >/dev/null 2>&1 || true
-    wait "$load" || true
-    echo "--- perf: $target (self time, top symbols)"
-    perf report -i "$WORK/$target.perf" --no-children --stdio --percent-limit 1.5 2>/dev/null |
-      grep -v '^#' | grep -v '^$' | head -25 || true
-  done
-fi
-
 echo
 echo "medians over $ROUNDS interleaved rounds:"
 printf '| proxy | requests/s | p50 µs | p99 µs | proxy CPU µs/req |\n|---|---:|---:|---:|---:|\n'
@@ -240,25 +240,69 @@ diff_cpu() {
   awk -v a="$1" -v b="$2" '$2 == a {x[$1] = $6} $2 == b {y[$1] = $6}
     END { for (r in x) if (r in y) print x[r] - y[r] }' "$RESULTS" | median
 }
-if has_target chatgate_forward; then
+ran() { [[ " ${TARGETS[*]} " == *" $1 "* ]] && [[ " ${TARGETS[*]} " == *" $2 "* ]]; }
+if ran chatgate_forward chatgate; then
   printf 'forward / filter requests/s:             %.3f\n' "$(ratio chatgate_forward chatgate 3)"
   printf 'forward / filter p99:                    %.3f\n' "$(ratio chatgate_forward chatgate 5)"
   printf 'forward / filter proxy CPU per request:  %.3f\n' "$(ratio chatgate_forward chatgate 6)"
+fi
+if ran chatgate_forward haproxy_jwt; then
   printf 'forward / HAProxy-jwt requests/s:        %.3f\n' "$(ratio chatgate_forward haproxy_jwt 3)"
   printf 'forward / HAProxy-jwt p99:               %.3f\n' "$(ratio chatgate_forward haproxy_jwt 5)"
   printf 'forward / HAProxy-jwt CPU per request:   %.3f\n' "$(ratio chatgate_forward haproxy_jwt 6)"
 fi
-printf 'chatgate / HAProxy-jwt CPU per request:  %.3f\n' "$(ratio chatgate haproxy_jwt 6)"
-printf 'chatgate / HAProxy-jwt requests/s:       %.3f\n' "$(ratio chatgate haproxy_jwt 3)"
-printf 'chatgate / HAProxy-jwt p99:              %.3f\n' "$(ratio chatgate haproxy_jwt 5)"
-if has_target chatgate_noauth; then
-auth=$(ratio chatgate chatgate_noauth 3)
-printf 'chatgate / chatgate without auth req/s:  %.3f (auth costs %.1f%%, %.2f µs CPU/req)\n' \
-  "$auth" "$(awk -v r="$auth" 'BEGIN { print (1 - r) * 100 }')" "$(diff_cpu chatgate chatgate_noauth)"
+if ran chatgate haproxy_jwt; then
+  printf 'chatgate / HAProxy-jwt requests/s:       %.3f\n' "$(ratio chatgate haproxy_jwt 3)"
+  printf 'chatgate / HAProxy-jwt p99:              %.3f\n' "$(ratio chatgate haproxy_jwt 5)"
+  printf 'chatgate / HAProxy-jwt CPU per request:  %.3f\n' "$(ratio chatgate haproxy_jwt 6)"
 fi
-if has_target passthrough; then
-printf 'chatgate / Pingora pass-through req/s: %.3f (%.2f µs CPU/req)\n' \
-  "$(ratio chatgate passthrough 3)" "$(diff_cpu chatgate passthrough)"
-printf 'chatgate without auth / Pingora pass-through req/s: %.3f\n' "$(ratio chatgate_noauth passthrough 3)"
-printf 'Pingora pass-through / HAProxy-jwt req/s: %.3f\n' "$(ratio passthrough haproxy_jwt 3)"
+if ran chatgate chatgate_noauth; then
+  auth=$(ratio chatgate chatgate_noauth 3)
+  printf 'chatgate / chatgate without auth req/s:  %.3f (auth costs %.1f%%, %.2f µs CPU/req)\n' \
+    "$auth" "$(awk -v r="$auth" 'BEGIN { print (1 - r) * 100 }')" "$(diff_cpu chatgate chatgate_noauth)"
+  cpu=$(ratio chatgate chatgate_noauth 6)
+  printf 'chatgate / chatgate without auth, proxy CPU per request: %.3f (auth adds %.1f%%)\n' \
+    "$cpu" "$(awk -v r="$cpu" 'BEGIN { print (r - 1) * 100 }')"
+fi
+if ran chatgate passthrough; then
+  printf 'chatgate / Pingora pass-through req/s: %.3f (%.2f µs CPU/req)\n' \
+    "$(ratio chatgate passthrough 3)" "$(diff_cpu chatgate passthrough)"
+fi
+if ran chatgate_noauth passthrough; then
+  printf 'chatgate without auth / Pingora pass-through req/s: %.3f\n' "$(ratio chatgate_noauth passthrough 3)"
+fi
+if ran passthrough haproxy_jwt; then
+  printf 'Pingora pass-through / HAProxy-jwt req/s: %.3f\n' "$(ratio passthrough haproxy_jwt 3)"
+fi
+
+if [ "$PERF" = 1 ]; then
+  symbols() { # percent<TAB>symbol, for one profile
+    perf report -i "$1" --no-children --sort sym -F overhead,sym --stdio 2>/dev/null |
+      awk -F'  +' '/^ +[0-9.]+%/ { gsub(/%/, "", $2); print $2 "\t" $3 }'
+  }
+  for target in chatgate chatgate_forward; do
+    [ -f "$WORK/perf.$target.$ROUNDS" ] || continue
+    echo
+    echo "--- perf: $target, round $ROUNDS (self time, top symbols)"
+    perf report -i "$WORK/perf.$target.$ROUNDS" --no-children --stdio --percent-limit 1.5 2>/dev/null |
+      grep -v '^#' | grep -v '^$' | head -25 || true
+  done
+  echo
+  echo "auth's share of the proxy core (perf: samples in symbols only the auth run hit), per round:"
+  shares=()
+  for round in $(seq 1 "$ROUNDS"); do
+    [ -f "$WORK/perf.chatgate.$round" ] && [ -f "$WORK/perf.chatgate_noauth.$round" ] || continue
+    symbols "$WORK/perf.chatgate_noauth.$round" | cut -f2 | sort -u >"$WORK/noauth.symbols"
+    share=$(symbols "$WORK/perf.chatgate.$round" |
+      awk -F'\t' 'NR == FNR { seen[$1] = 1; next } !($2 in seen) { s += $1 } END { printf "%.2f", s }' \
+        "$WORK/noauth.symbols" -)
+    echo "  round $round: $share%"
+    shares+=("$share")
+  done
+  if [ "${#shares[@]}" -gt 0 ]; then
+    printf 'median: %s%%\n' "$(printf '%s\n' "${shares[@]}" | median)"
+    echo "the auth-only symbols of the last round, largest first:"
+    symbols "$WORK/perf.chatgate.$ROUNDS" |
+      awk -F'\t' 'NR == FNR { seen[$1] = 1; next } !($2 in seen)' "$WORK/noauth.symbols" - | head -15
+  fi
 fi

@@ -47,7 +47,7 @@ if [ "$PROFILE" = release ]; then
 else
   cargo build --features cli --bin chatgate
 fi
-CARGO_TARGET_DIR= cargo build --example tls_load
+env -u CARGO_TARGET_DIR cargo build --example tls_load
 BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/chatgate
 LOAD=target/debug/examples/tls_load
 

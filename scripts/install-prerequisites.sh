@@ -31,7 +31,11 @@ missing_apt() {
     # build-essential, not gcc alone: with --no-install-recommends gcc comes without
     # libc6-dev and cannot link.
     { have cc && have make && [[ -f /usr/include/stdio.h ]]; } || packages+=(build-essential)
+    # Pingora's openssl dependency is vendored: OpenSSL is built from source by a perl
+    # Configure and make (git on Debian brings perl; a bare system may not have it).
+    have perl || packages+=(perl)
     have cmake || packages+=(cmake)
+    # pkg-config and libssl-dev: for OPENSSL_NO_VENDOR=1 builds against the system's.
     have pkg-config || packages+=(pkg-config)
     openssl_headers || packages+=(libssl-dev)
     have openssl || packages+=(openssl)

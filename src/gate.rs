@@ -27,6 +27,7 @@ use crate::error::{AuthError, Malformed};
 use crate::limits::{self, FailedAuthLimiter};
 use crate::normalize;
 use crate::reload::ConfigHandle;
+use crate::revocation::sessions::SessionRegistry;
 use crate::revocation::{RevocationCache, parse_app_update, parse_users_update};
 use crate::time::{Cutoff, now_unix};
 use crate::token::{self, TokenKind};
@@ -182,6 +183,7 @@ pub struct Gate {
     revocations: Arc<RevocationCache>,
     policy: Arc<Policy>,
     limiter: Arc<FailedAuthLimiter>,
+    sessions: Arc<SessionRegistry>,
 }
 
 impl Gate {
@@ -190,6 +192,7 @@ impl Gate {
     pub fn new(config: ConfigHandle, revocations: Arc<RevocationCache>) -> Self {
         Gate {
             config,
+            sessions: Arc::new(SessionRegistry::new(revocations.clone())),
             revocations,
             policy: Arc::default(),
             limiter: Arc::default(),
@@ -220,6 +223,11 @@ impl Gate {
     /// The revocation cache.
     pub fn revocations(&self) -> &Arc<RevocationCache> {
         &self.revocations
+    }
+
+    /// The live WebSocket sessions admitted through this gate (and its clones).
+    pub fn sessions(&self) -> &Arc<SessionRegistry> {
+        &self.sessions
     }
 
     /// Decides one request.
@@ -653,6 +661,52 @@ mod tests {
             .await,
         );
         assert_eq!(identity.user_id(), Some("a"));
+    }
+
+    #[tokio::test]
+    async fn a_credential_header_that_is_not_text_is_refused_never_read_as_absent() {
+        let gate = gate();
+        let token = TokenBuilder::user("a").sign(SECRET);
+        let with_query = format!("/connect?api_key=key&authorization={token}");
+        let bearer_latin1 = [b"Bearer ".as_slice(), token.as_bytes(), b"\xe9"].concat();
+        let not_utf8: [&[u8]; 4] = [b"\xff", b"\xc3\x28", b"\x80abc", &bearer_latin1];
+        for value in not_utf8 {
+            for (name, uri, websocket) in [
+                // the gate would judge the query token while the upstream reads the header
+                ("authorization", with_query.as_str(), true),
+                ("authorization", "/channels?api_key=key", false),
+                ("stream-auth-type", with_query.as_str(), true),
+            ] {
+                let uri: Uri = uri.parse().unwrap();
+                let mut headers = HeaderMap::new();
+                if websocket {
+                    headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+                    headers.insert(header::CONNECTION, "Upgrade".parse().unwrap());
+                }
+                headers.insert(
+                    http::HeaderName::from_static(name),
+                    http::HeaderValue::from_bytes(value).unwrap(),
+                );
+                let checked = gate
+                    .check(RequestParts {
+                        method: &Method::GET,
+                        uri: &uri,
+                        headers: &headers,
+                        peer: None,
+                    })
+                    .await;
+                let expected = if name == "authorization" {
+                    Malformed::Base64
+                } else {
+                    Malformed::AuthType
+                };
+                assert_eq!(
+                    checked,
+                    Err(AuthError::Malformed(expected)),
+                    "{name}: {value:?}"
+                );
+            }
+        }
     }
 
     #[tokio::test]

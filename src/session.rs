@@ -5,13 +5,18 @@
 //! reconnect; the reconnect gets the code-40 frame and they refresh their token.
 //!
 //! [`crate::ChatAuthLayer`] puts a `LiveSession` into the extensions of every WebSocket
-//! upgrade it admits (axum: take `Option<LiveSession>` in the handler).
+//! upgrade it admits (axum: take `Option<LiveSession>` in the handler); the edge proxy
+//! watches the sessions it relays the same way.
+//!
+//! A revocation wakes only the sessions it reaches: each [`Gate`] owns a
+//! [`SessionRegistry`] indexed by (app, user) (see `revocation::sessions`). Expiry is
+//! a timer per session (`sleep_until` the gate's own refusal instant, `exp +
+//! leeway`), never a poll.
 
 use crate::gate::{Gate, Identity};
-use crate::revocation::RevocationEvent;
+pub use crate::revocation::sessions::{Registration, SessionRegistry, Wake, wait};
 use crate::time::Cutoff;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::broadcast::error::RecvError;
 
 /// Watches one admitted WebSocket's token. Cheap to clone.
 #[derive(Clone)]
@@ -56,42 +61,48 @@ impl LiveSession {
         &self.identity
     }
 
+    /// The gate watching it.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
     /// Resolves when the session must end; never, for a token without `exp` that no
     /// cutoff can reach (server and anonymous identities). Store errors never end a
-    /// session: the next connect is checked anyway.
+    /// session: the next connect is checked anyway. The session is registered from
+    /// the first poll until the future is dropped.
     pub async fn ended(&self) -> SessionEnd {
-        let mut events = self.gate.revocations().store().subscribe();
-        // A cutoff stored between the admission and the subscription would be missed.
-        if self.revoked_now().await {
+        let registration = self.gate.sessions().register(
+            &self.identity.app,
+            self.identity.user_id.as_ref(),
+            self.identity.issued_at,
+        );
+        // A cutoff stored between the admission and the registration would be missed.
+        if registration.is_some() && self.revoked_now().await {
             return SessionEnd::Revoked;
         }
-        let expiry = self.expiry();
+        let expiry = tokio::time::sleep_until(self.expiry_deadline());
         tokio::pin!(expiry);
-        let mut listening = true;
+        let has_expiry = self.identity.expires_at.is_some();
         loop {
             tokio::select! {
-                () = &mut expiry => return SessionEnd::Expired,
-                event = events.recv(), if listening => match event {
-                    Ok(RevocationEvent::Resync) | Err(RecvError::Lagged(_)) => {
+                () = &mut expiry, if has_expiry => return SessionEnd::Expired,
+                wake = wait(registration.as_ref()) => match wake {
+                    Wake::Revoked => return SessionEnd::Revoked,
+                    Wake::Recheck => {
                         if self.revoked_now().await {
                             return SessionEnd::Revoked;
                         }
                     }
-                    Ok(event) => {
-                        if self.revoked_by(&event) {
-                            return SessionEnd::Revoked;
-                        }
-                    }
-                    Err(RecvError::Closed) => listening = false,
                 },
             }
         }
     }
 
-    /// Sleeps until the gate would refuse the token as expired (`now >= exp + leeway`).
-    async fn expiry(&self) {
+    /// The instant the gate starts refusing the token as expired (`now >= exp +
+    /// leeway`); far in the future without `exp`.
+    pub fn expiry_deadline(&self) -> tokio::time::Instant {
         let Some(exp) = self.identity.expires_at else {
-            return std::future::pending().await;
+            return far_future();
         };
         let leeway = self.gate.config().load().auth.leeway_seconds;
         let deadline_ms = exp.saturating_add(leeway).saturating_mul(1000);
@@ -99,30 +110,14 @@ impl LiveSession {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let wait = u64::try_from(deadline_ms.saturating_sub(now_ms)).unwrap_or(0);
-        tokio::time::sleep(Duration::from_millis(wait)).await;
+        tokio::time::Instant::now() + Duration::from_millis(wait)
     }
 
     fn revokes(&self, cutoff: Option<Cutoff>) -> bool {
         cutoff.is_some_and(|cutoff| cutoff.revokes(self.identity.issued_at))
     }
 
-    fn revoked_by(&self, event: &RevocationEvent) -> bool {
-        // Only user tokens fall to cutoffs, as in the gate.
-        let Some(user_id) = self.identity.user_id() else {
-            return false;
-        };
-        match event {
-            RevocationEvent::User { app, user, cutoff } => {
-                *app == self.identity.app && &**user == user_id && self.revokes(*cutoff)
-            }
-            RevocationEvent::App { app, cutoff } => {
-                *app == self.identity.app && self.revokes(*cutoff)
-            }
-            RevocationEvent::Resync => false,
-        }
-    }
-
-    async fn revoked_now(&self) -> bool {
+    pub(crate) async fn revoked_now(&self) -> bool {
         let Some(user) = &self.identity.user_id else {
             return false;
         };
@@ -140,6 +135,12 @@ impl LiveSession {
     }
 }
 
+/// About a year: a deadline that never comes for a session without one (tokio's
+/// timer wheel takes any instant; this keeps the arithmetic away from overflow).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}
+
 impl std::fmt::Debug for LiveSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LiveSession")
@@ -154,7 +155,7 @@ mod tests {
     use crate::config::{App, ConfigSnapshot};
     use crate::gate::{IdentityKind, RevocationEndpoint};
     use crate::reload::ConfigHandle;
-    use crate::revocation::{MemoryStore, RevocationCache};
+    use crate::revocation::{MemoryStore, RevocationCache, RevocationEvent};
     use crate::time::now_unix;
     use std::sync::Arc;
 
@@ -269,5 +270,60 @@ mod tests {
             SessionEnd::Revoked
         );
         assert!(futures_util::poll!(&mut watch_server).is_pending());
+    }
+
+    #[tokio::test]
+    async fn revoking_one_user_among_many_wakes_only_their_sessions() {
+        let gate = gate(5);
+        let iat = now_unix() - 100;
+        let sessions: Vec<LiveSession> = (0..10_000)
+            .map(|i| {
+                LiveSession::new(
+                    gate.clone(),
+                    identity(
+                        IdentityKind::User,
+                        Some(&format!("u{}", i % 5_000)),
+                        iat,
+                        None,
+                    ),
+                )
+            })
+            .collect();
+        let mut watching: Vec<_> = sessions.iter().map(|s| Box::pin(s.ended())).collect();
+        for watch in &mut watching {
+            assert!(futures_util::poll!(watch.as_mut()).is_pending());
+        }
+        assert_eq!(gate.sessions().len(), 10_000);
+        let before = gate.sessions().wakeups();
+        let body = format!(
+            r#"{{"users":[{{"id":"u7","set":{{"revoke_tokens_issued_before":{}}}}}]}}"#,
+            now_unix()
+        );
+        gate.apply_revocation(&server(), RevocationEndpoint::Users, body.as_bytes())
+            .await
+            .unwrap();
+        // The two sessions of u7 (sessions 7 and 5007) end; no other one was woken.
+        for index in [7, 5_007] {
+            assert_eq!(
+                tokio::time::timeout(Duration::from_secs(10), watching[index].as_mut())
+                    .await
+                    .unwrap(),
+                SessionEnd::Revoked
+            );
+        }
+        assert_eq!(gate.sessions().wakeups() - before, 2);
+        for (index, watch) in watching.iter_mut().enumerate() {
+            if index % 5_000 != 7 {
+                assert!(futures_util::poll!(watch.as_mut()).is_pending(), "{index}");
+            }
+        }
+        // An app-wide cutoff for another app wakes nobody here.
+        gate.sessions().apply(&RevocationEvent::App {
+            app: "other".into(),
+            cutoff: Some(Cutoff::from_unix_seconds(now_unix())),
+        });
+        assert_eq!(gate.sessions().wakeups() - before, 2);
+        drop(watching);
+        assert!(gate.sessions().is_empty());
     }
 }

@@ -107,9 +107,18 @@ pub fn parse_json_time(value: &serde_json::Value) -> Result<DateTime<Utc>, TimeE
             let raw = n.as_f64().ok_or(TimeError::NotANumber)?;
             // 1e11 seconds is the year 5138: anything bigger is milliseconds (Java's Date).
             let seconds = if raw.abs() >= 1e11 { raw / 1000.0 } else { raw };
-            let nanos = (seconds.fract() * 1e9).round() as u32;
-            DateTime::<Utc>::from_timestamp(seconds.trunc() as i64, nanos)
-                .ok_or(TimeError::OutOfRange(raw))
+            // Whole seconds down and a non-negative fraction, carried when it rounds
+            // to a whole second: `fract()` of 0.9999999999 rounded to 10^9 ns was an
+            // invalid nanosecond count (a valid date refused as out of range), and a
+            // negative fraction was lost in the cast.
+            let whole = seconds.floor();
+            let mut nanos = ((seconds - whole) * 1e9).round();
+            let mut whole = whole as i64;
+            if nanos >= 1e9 {
+                nanos = 0.0;
+                whole = whole.saturating_add(1);
+            }
+            DateTime::<Utc>::from_timestamp(whole, nanos as u32).ok_or(TimeError::OutOfRange(raw))
         }
         other => Err(TimeError::NotADateValue(other.to_string())),
     }
@@ -175,5 +184,21 @@ mod tests {
         let millis = parse_json_time(&serde_json::json!(1_795_860_000_000i64)).unwrap();
         assert_eq!(secs, millis);
         assert!(parse_json_time(&serde_json::json!(true)).is_err());
+    }
+
+    #[test]
+    fn fractions_that_round_to_a_whole_second_carry_and_negative_ones_count() {
+        let at = |n: f64| parse_json_time(&serde_json::json!(n)).map(Cutoff::from_datetime);
+        assert_eq!(at(0.9999999999), Ok(Cutoff::from_unix_seconds(1)));
+        assert_eq!(at(1.9999999999), Ok(Cutoff::from_unix_seconds(2)));
+        // -1.5 s is half a second before -1 s: its cutoff rounds up to -1.
+        let before = parse_json_time(&serde_json::json!(-1.5)).unwrap();
+        assert_eq!(before.timestamp(), -2);
+        assert_eq!(before.timestamp_subsec_nanos(), 500_000_000);
+        assert_eq!(at(-1.5), Ok(Cutoff::from_unix_seconds(-1)));
+        assert_eq!(
+            at(1_795_860_000.25),
+            Ok(Cutoff::from_unix_seconds(1_795_860_001))
+        );
     }
 }

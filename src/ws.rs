@@ -62,6 +62,28 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
     out.freeze()
 }
 
+/// Going away (server shutdown, idle): what the edge proxy sends both sides when it
+/// ends a relayed session for a reason other than the token.
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// One close frame as a client sends it (masked with `key`, RFC 6455 §5.3): what a
+/// proxy writes towards the server side of a WebSocket it ends.
+pub fn masked_close_frame(code: u16, reason: &str, key: [u8; 4]) -> Bytes {
+    let unmasked = close_frame(code, reason);
+    // A close frame's payload is at most 125 bytes: its header is always two bytes.
+    let mut out = BytesMut::with_capacity(unmasked.len() + 4);
+    out.put_u8(unmasked[0]);
+    out.put_u8(unmasked[1] | 0x80);
+    out.put_slice(&key);
+    out.extend(
+        unmasked[2..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ key[i % 4]),
+    );
+    out.freeze()
+}
+
 /// The bytes after a refusing 101: the error frame (`{"error":{...}}`), then a normal
 /// close.
 pub fn rejection_frames(error_frame: &[u8]) -> Bytes {
@@ -177,6 +199,26 @@ mod tests {
         let long = text_frame(&vec![b'a'; 70_000]);
         assert_eq!(long[1], 127);
         assert_eq!(&close_frame(1000, "")[..], &[0x88, 2, 0x03, 0xe8]);
+    }
+
+    #[test]
+    fn a_masked_close_unmasks_to_the_plain_one() {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let masked = masked_close_frame(1001, "going away", key);
+        let plain = close_frame(1001, "going away");
+        assert_eq!(masked[0], plain[0]);
+        assert_eq!(masked[1], plain[1] | 0x80);
+        assert_eq!(&masked[2..6], &key);
+        let unmasked: Vec<u8> = masked[6..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ key[i % 4])
+            .collect();
+        assert_eq!(&unmasked[..], &plain[2..]);
+        let mut tracker = FrameBoundaries::default();
+        tracker.advance(&masked[..3]);
+        assert!(!tracker.at_boundary());
+        assert_eq!(tracker.finish_frame(&masked[3..]), Some(masked.len() - 3));
     }
 
     #[test]

@@ -20,12 +20,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-async fn within<T>(limit: Duration, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(limit, future)
-        .await
-        .expect("test step timed out")
-}
-
 /// Percent-encodes a query value (form style).
 fn enc(value: &str) -> String {
     form_urlencoded::byte_serialize(value.as_bytes()).collect()
@@ -424,6 +418,58 @@ async fn on_connect_a_header_token_and_a_different_query_token_are_refused() {
             "a junk query token beside a valid header",
             refused_ws(&answer, &forwarded, 4),
         );
+        findings.assert_none();
+    })
+    .await;
+}
+
+/// `request` with the header value `NOT-TEXT` replaced by `bytes` (not UTF-8).
+fn with_raw_value(request: &[u8], bytes: &[u8]) -> Vec<u8> {
+    let at = find(request, b"NOT-TEXT").expect("the placeholder is in the request");
+    [&request[..at], bytes, &request[at + b"NOT-TEXT".len()..]].concat()
+}
+
+#[tokio::test]
+async fn a_credential_header_that_is_not_text_is_refused_not_read_as_absent() {
+    let rig = Rig::start(|_| {}).await;
+    let alice = user_token("alice");
+    let bearer_latin1 = [b"Bearer ".as_slice(), alice.as_bytes(), b"\xe9"].concat();
+    let mallory_latin1 = [user_token("mallory").as_bytes(), b"\xff"].concat();
+    let spellings: [(&str, &[u8]); 5] = [
+        ("a lone 0xff", b"\xff"),
+        ("a broken two-byte sequence", b"\xc3\x28"),
+        ("a stray continuation byte", b"\x80abc"),
+        ("a valid bearer token plus a latin-1 byte", &bearer_latin1),
+        ("another user's token plus 0xff", &mallory_latin1),
+    ];
+    within(Duration::from_secs(60), async {
+        let mut findings = Findings::default();
+        let connect = format!("/connect?api_key={KEY}&authorization={alice}");
+        for (what, bytes) in spellings {
+            // On /connect the gate would otherwise judge the query token alone while the
+            // upstream still receives the header.
+            for (name, code) in [
+                ("Authorization", 5),
+                ("authorization", 5),
+                ("Stream-Auth-Type", 5),
+            ] {
+                let request = upgrade(&connect, &[(name, "NOT-TEXT")]);
+                let (answer, forwarded) = rig.send(&with_raw_value(&request, bytes)).await;
+                findings.check(
+                    &format!("{what} in {name} on /connect"),
+                    refused_ws(&answer, &forwarded, code),
+                );
+            }
+            let request = get(
+                &format!("/channels?api_key={KEY}"),
+                &[("Authorization", "NOT-TEXT")],
+            );
+            let (answer, forwarded) = rig.send(&with_raw_value(&request, bytes)).await;
+            findings.check(
+                &format!("{what} in Authorization on HTTP"),
+                refused_http(&answer, &forwarded, 5),
+            );
+        }
         findings.assert_none();
     })
     .await;

@@ -5,12 +5,14 @@
 
 #[path = "common/proxy_harness.rs"]
 mod harness;
+#[path = "common/sdk_js.rs"]
+mod sdk_js;
 
 use chatgate::TokenBuilder;
 use chatgate::time::now_unix;
 use harness::*;
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use sdk_js::*;
+use std::process::Command;
 use std::time::Duration;
 
 async fn echo_proxy() -> (TestUpstream, Proxy) {
@@ -21,28 +23,6 @@ async fn echo_proxy() -> (TestUpstream, Proxy) {
     })
     .await;
     (upstream, proxy)
-}
-
-/// Runs an SDK script off the async runtime, at most 60 s, and parses its JSON output.
-async fn run_script(mut command: Command, sdk: &str) -> serde_json::Value {
-    let sdk = sdk.to_owned();
-    let output: Output = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::task::spawn_blocking(move || command.output()),
-    )
-    .await
-    .expect("the SDK script finished within 60 s")
-    .unwrap()
-    .unwrap_or_else(|e| panic!("cannot run {sdk}: {e}"));
-    assert!(
-        output.status.success(),
-        "{sdk} failed (install it: see .ci/run):\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let last = stdout.lines().last().unwrap_or("");
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("{sdk} printed no JSON ({e}): {stdout}"))
 }
 
 #[tokio::test]
@@ -116,26 +96,6 @@ print(json.dumps(out))
     assert!(patches[0].contains(r#""u1""#));
 }
 
-/// A Node script around `body`, which defines `async function main(out)`: `main` fills
-/// `out`, which is printed as the last line of JSON; any throw fails the script.
-fn js_main(body: &str) -> String {
-    format!(
-        "const {{ StreamChat }} = require('stream-chat');\n{body}\n\
-         const out = {{}};\n\
-         main(out).then(() => {{ console.log(JSON.stringify(out)); process.exit(0); }}, \
-         (e) => {{ console.error(e); process.exit(1); }});\n"
-    )
-}
-
-fn js_command(script: String) -> Command {
-    let mut command = Command::new("node");
-    command
-        .current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk"))
-        .arg("-e")
-        .arg(script);
-    command
-}
-
 #[tokio::test]
 async fn js_sdk_connect_user_works_through_the_proxy() {
     let (_upstream, proxy) = echo_proxy().await;
@@ -204,57 +164,73 @@ async function main(out) {{
     );
 }
 
-/// Contract §4, live: the JS SDK is connected when its user's tokens are revoked (by
-/// the JS server SDK's `revokeUserToken`, through the proxy). The proxy ends the live
-/// socket; the SDK reconnects on its own, gets the code-40 frame, asks its
+/// Contract §4, live: the JS SDK is connected and idle when its user's tokens are
+/// revoked (by the JS server SDK's `revokeUserToken`, through the proxy). The proxy
+/// closes the socket with 4000 within a second of the revocation's answer, without
+/// waiting for traffic; the SDK reconnects on its own, gets the code-40 frame, asks its
 /// tokenProvider for a new token and is connected again.
 #[tokio::test]
-async fn js_sdk_reconnects_with_a_fresh_token_after_a_live_revocation() {
+async fn an_idle_js_sdk_session_is_closed_within_a_second_of_a_revocation_and_reconnects() {
     let (_upstream, proxy) = echo_proxy().await;
     // issued before the revocation the script makes
     let first = TokenBuilder::user("dana")
         .issued_at(now_unix() - 10)
         .sign(SECRET);
-    let script = js_main(&format!(
-        r#"
-const base = '{base}';
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-async function main(out) {{
-  const server = new StreamChat('{KEY}', '{SECRET}', {{ baseURL: base, timeout: 5000 }});
-  const client = new StreamChat('{KEY}', {{ baseURL: base, timeout: 5000 }});
-  let calls = 0;
-  const provider = async () => {{
-    calls += 1;
-    if (calls === 1) return '{first}';
-    // issued after the cutoff (which is rounded up to its second); within the leeway
-    return server.createToken('dana', undefined, Math.floor(Date.now() / 1000) + 2);
-  }};
-  await client.connectUser({{ id: 'dana' }}, provider);
-  out.connected = client.wsConnection.isHealthy;
-  let closes = 0;
-  const firstSocket = client.wsConnection.ws;
-  firstSocket.on('close', (code) => {{ closes += 1; out.close_code = code; }});
+    let base = proxy.url("");
+    let script = idle_session_script(
+        KEY,
+        SECRET,
+        &base,
+        &base,
+        "dana",
+        &format!("'{first}'"),
+        "await sleep(300);
   await server.revokeUserToken('dana', new Date());
-  // The end of the session rides on the next traffic: the client's own (binary
-  // frames, which the test upstream ignores). Bounded: 100 x 100 ms.
-  await sleep(300);
-  for (let i = 0; i < 100; i++) {{
-    if (calls >= 2 && client.wsConnection.isHealthy && client.wsConnection.ws !== firstSocket) break;
-    if (firstSocket.readyState === 1) firstSocket.send(Buffer.from([i]));
-    await sleep(100);
-  }}
-  out.first_socket_closed = closes;
-  out.provider_calls = calls;
-  out.reconnected = client.wsConnection.isHealthy && client.wsConnection.ws !== firstSocket;
-  await client.disconnectUser();
-}}
-"#,
-        base = proxy.url(""),
-    ));
-    let out = run_script(js_command(script), "the JS SDK (npm install in tests/sdk)").await;
+  markAt = Date.now();",
+    );
+    let out = run_script(js_command(script), JS_SDK).await;
     assert_eq!(out["connected"], true, "{out}");
     assert_eq!(out["first_socket_closed"], 1, "{out}");
-    assert_ne!(out["close_code"], 1000, "{out}");
+    assert_eq!(out["close_code"], 4000, "{out}");
+    assert_eq!(out["close_reason"], "token revoked", "{out}");
+    // The contract's bound: at most 1 s after the revocation's 2xx.
+    assert!(
+        out["close_after_mark_ms"].as_i64().unwrap() <= 1000,
+        "{out}"
+    );
+    assert!(out["provider_calls"].as_i64().unwrap() >= 2, "{out}");
+    assert_eq!(out["reconnected"], true, "{out}");
+}
+
+/// Contract §4, live: an idle JS SDK session whose token's `exp` passes is closed with
+/// 4000 `token expired` within a second of `exp + leeway`, and reconnects with a new
+/// token from its provider.
+#[tokio::test]
+async fn an_idle_js_sdk_session_is_closed_within_a_second_of_its_expiry_and_reconnects() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let leeway = 1;
+    let proxy = Proxy::start(ProxyOptions {
+        upstreams: vec![upstream.address.to_string()],
+        leeway_seconds: Some(leeway),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let base = proxy.url("");
+    // The first token expires 3 s after the script asks for it; the deadline is the
+    // instant the gate starts refusing it.
+    let first = "(() => { out.exp = Math.floor(Date.now() / 1000) + 3; \
+                 return server.createToken('erin', out.exp, Math.floor(Date.now() / 1000) - 1); })()";
+    let event = format!("markAt = (out.exp + {leeway}) * 1000;");
+    let script = idle_session_script(KEY, SECRET, &base, &base, "erin", first, &event);
+    let out = run_script(js_command(script), JS_SDK).await;
+    assert_eq!(out["connected"], true, "{out}");
+    assert_eq!(out["first_socket_closed"], 1, "{out}");
+    assert_eq!(out["close_code"], 4000, "{out}");
+    assert_eq!(out["close_reason"], "token expired", "{out}");
+    assert!(
+        out["close_after_mark_ms"].as_i64().unwrap() <= 1000,
+        "closed later than 1 s after exp + leeway: {out}"
+    );
     assert!(out["provider_calls"].as_i64().unwrap() >= 2, "{out}");
     assert_eq!(out["reconnected"], true, "{out}");
 }

@@ -554,6 +554,73 @@ async fn a_websocket_over_tls_upgrades_on_http1() {
     assert_eq!(upstream.requests().len(), 1);
 }
 
+/// Contract §4 over TLS: an idle WebSocket on an HTTPS listener is relayed like a
+/// plain one, so a revocation (made over TLS too) closes it with 4000 within a second.
+#[tokio::test]
+async fn an_idle_websocket_over_tls_is_closed_with_4000_within_a_second_of_a_revocation() {
+    use tokio_tungstenite::tungstenite::Message;
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let (proxy, _) = TlsProxy::start(&upstream, "").await;
+    let token = chatgate::TokenBuilder::user("alice")
+        .issued_at(chatgate::time::now_unix() - 10)
+        .sign(harness::SECRET);
+    let json = r#"{"user_id":"alice","user_details":{"id":"alice"}}"#;
+    let url = format!(
+        "wss://localhost:{}/connect?api_key={KEY}&authorization={token}&stream-auth-type=jwt&json={}",
+        proxy.listen.port(),
+        percent_encoding::utf8_percent_encode(json, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let stream = proxy.connect(&[H1]).await;
+    let (mut socket, _) =
+        tokio::time::timeout(STEP, tokio_tungstenite::client_async(url.as_str(), stream))
+            .await
+            .unwrap()
+            .unwrap();
+    // The greeting, then nothing: the session is idle.
+    tokio::time::timeout(STEP, socket.next()).await.unwrap();
+
+    let body = format!(
+        r#"{{"users":[{{"id":"alice","set":{{"revoke_tokens_issued_before":{}}}}}]}}"#,
+        chatgate::time::now_unix()
+    );
+    let mut https = proxy.connect(&[H1]).await;
+    let request = format!(
+        "PATCH /users?api_key={KEY} HTTP/1.1\r\nHost: localhost\r\nAuthorization: {}\r\n\
+         stream-auth-type: jwt\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        harness::server_token(),
+        body.len()
+    );
+    https.write_all(request.as_bytes()).await.unwrap();
+    let mut status = [0u8; 12];
+    tokio::time::timeout(STEP, https.read_exact(&mut status))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&status, b"HTTP/1.1 200");
+    let answered = Instant::now();
+
+    let close = tokio::time::timeout(STEP, async {
+        // Bounded by the proxy closing the socket.
+        while let Some(message) = socket.next().await {
+            if let Ok(Message::Close(frame)) = message {
+                return frame;
+            }
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .expect("a close frame");
+    assert!(
+        answered.elapsed() <= Duration::from_secs(1),
+        "closed {:?} after the revocation's answer",
+        answered.elapsed()
+    );
+    assert_eq!(u16::from(close.code), 4000);
+    assert_eq!(close.reason.as_str(), "token revoked");
+}
+
 /// One request on each connection kept open across the swap.
 async fn kept_round(h1: &mut Client, h2: &mut Client, token: &str, tally: &Tally) {
     for client in [h1, h2] {

@@ -115,10 +115,14 @@ impl<'a> Locator<'a> {
         let (line, column) = self.line_col(offset);
         // A duplicate key makes toml_edit refuse the document too, so there is no tree
         // to search: the key is read from the text at the error's offset.
+        // An empty name (`= 1`, a quoted `""` key) names nothing: every error names
+        // a key, at worst the document (found by fuzz/ `config_parse`).
+        let named = |key: &String| !key.is_empty() && !key.ends_with('.');
         let key = self
             .key_at(offset)
-            .or_else(|| quoted_field(error.message()))
-            .or_else(|| written_key_at(self.text, offset))
+            .filter(named)
+            .or_else(|| quoted_field(error.message()).filter(named))
+            .or_else(|| written_key_at(self.text, offset).filter(named))
             .unwrap_or_else(|| "(document)".to_owned());
         ConfigError::Invalid {
             file: self.file.clone(),
@@ -236,6 +240,18 @@ fn quoted_field(message: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use crate::config::tests::{VALID, invalid, parse};
+
+    /// fuzz/seeds/config_parse/regression-empty-key: a syntax error on a line with
+    /// no key name before its `=` named the key as "".
+    #[test]
+    fn a_syntax_error_without_a_key_name_names_the_document() {
+        let (_, _, key, message) = invalid("=\r\0\x19se_");
+        assert_eq!(key, "(document)", "{message}");
+        // Inside a table, the table or the document, never `auth.` with no name.
+        let (line, _, key, message) = invalid("[auth]\n = \r");
+        assert!(matches!(&*key, "auth" | "(document)"), "{key:?}: {message}");
+        assert_eq!(line, 2);
+    }
 
     #[test]
     fn unknown_keys_are_rejected_with_their_line_and_name() {

@@ -44,7 +44,7 @@ impl<'a> Credentials<'a> {
             .map(strip_bearer)
             .filter(|t| !t.is_empty());
         // Swift sends headers on the upgrade too, so headers win when both are present.
-        let token = match header_str(self.headers, header::AUTHORIZATION) {
+        let token = match header_str(self.headers, header::AUTHORIZATION, Malformed::Base64)? {
             Some(t) => Some(strip_bearer(t)),
             None if self.websocket => query_token,
             None => None,
@@ -60,11 +60,13 @@ impl<'a> Credentials<'a> {
 
     /// Whether the caller asks to be anonymous (`stream-auth-type`; absent means jwt).
     pub(super) fn is_anonymous(&self) -> Result<bool, AuthError> {
-        let auth_type = header_str(self.headers, AUTH_TYPE_HEADER).or(if self.websocket {
-            self.query.auth_type.as_deref()
-        } else {
-            None
-        });
+        let auth_type = header_str(self.headers, AUTH_TYPE_HEADER, Malformed::AuthType)?.or(
+            if self.websocket {
+                self.query.auth_type.as_deref()
+            } else {
+                None
+            },
+        );
         match auth_type.map(str::trim) {
             None => Ok(false),
             Some(t) if t.eq_ignore_ascii_case("jwt") => Ok(false),
@@ -111,13 +113,22 @@ fn parse_query(query: &str) -> Query<'_> {
     found
 }
 
-/// A header as text. `from_utf8` rather than `HeaderValue::to_str`, whose byte-by-byte
-/// check of a 200-byte token showed in the profile; a non-ASCII value still fails later,
-/// as malformed, because no token or keyword contains one.
-fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
-    headers
-        .get(name)
-        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+/// A credential header as text. `from_utf8` rather than `HeaderValue::to_str`, whose
+/// byte-by-byte check of a 200-byte token showed in the profile; a non-ASCII value still
+/// fails later, as malformed, because no token or keyword contains one. A present value
+/// that is not UTF-8 is refused, never read as absent (contract §6 rule 1: the upstream
+/// would still receive it).
+fn header_str(
+    headers: &HeaderMap,
+    name: impl header::AsHeaderName,
+    not_text: Malformed,
+) -> Result<Option<&str>, AuthError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(value) => std::str::from_utf8(value.as_bytes())
+            .map(Some)
+            .map_err(|_| AuthError::Malformed(not_text)),
+    }
 }
 
 fn strip_bearer(token: &str) -> &str {

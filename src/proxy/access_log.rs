@@ -36,6 +36,9 @@ pub struct AccessRecord {
     /// App of a refused request (a configured api_key or `unknown`); allowed requests
     /// take theirs from the identity.
     pub refused_app: Option<String>,
+    /// The status of a response written after the request ended: the `101` of an
+    /// upgrade relayed by [`super::relay`].
+    pub relayed_status: Option<u16>,
 }
 
 impl Default for AccessRecord {
@@ -46,6 +49,7 @@ impl Default for AccessRecord {
             upstream_time: None,
             code: None,
             refused_app: None,
+            relayed_status: None,
         }
     }
 }
@@ -70,7 +74,8 @@ impl AccessRecord {
         }
         let status = session
             .response_written()
-            .map(|response| response.status.as_u16());
+            .map(|response| response.status.as_u16())
+            .or(self.relayed_status);
         self.emit_parts(
             session.req_header(),
             status,

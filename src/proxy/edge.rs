@@ -1,16 +1,26 @@
-//! [`EdgeProxy`]: the `ProxyHttp` that `chatgate serve` runs.
+//! [`EdgeProxy`]: the `ProxyHttp` that `chatgate serve` runs. WebSocket upgrades it
+//! admits are made with the upstream here and relayed by [`super::relay`] (contract §4:
+//! live sessions end when their token does), when the connection runs under
+//! [`super::head::HeadLimitedApp`] as in [`super::run`]; otherwise (an embedder's own
+//! service) Pingora tunnels them and [`LiveWatch`] ends them with the next bytes.
 
 use super::access_log::AccessRecord;
 use super::filter::{ChatAuthFilter, Verdict, write_rejection};
 use super::live::LiveWatch;
-use super::metrics::ProxyMetrics;
+use super::metrics::{ProxyMetrics, UNKNOWN_APP};
+use super::relay::{RelayHub, RequestGuard, Upgraded};
 use crate::config::{ConfigSnapshot, UpstreamSettings};
 use crate::error::{AuthError, Rejection};
 use crate::gate::{Identity, RequestParts};
+use crate::session::LiveSession;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use bytes::BytesMut;
+use futures_util::FutureExt;
+use pingora::connectors::TransportConnector;
 use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
+use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -41,6 +51,9 @@ pub enum UpstreamError {
 pub struct EdgeProxy {
     auth: ChatAuthFilter,
     upstreams: Upstreams,
+    /// Opens the upstream side of relayed WebSockets (never pooled).
+    connector: TransportConnector,
+    hub: Arc<RelayHub>,
 }
 
 /// Per-request state of [`EdgeProxy`].
@@ -60,13 +73,28 @@ pub struct EdgeCtx {
     pub live: Option<LiveWatch>,
     /// What the access log line of this request says.
     pub access: AccessRecord,
+    /// The upgrade was made here and the session handed to the relay.
+    pub relayed: bool,
+    /// Counts the request as in progress for a drain.
+    _in_progress: Option<RequestGuard>,
 }
 
 impl EdgeProxy {
     /// A proxy over `auth`, with peers built from the current `[upstream]`.
     pub fn new(auth: ChatAuthFilter) -> Result<Self, UpstreamError> {
         let upstreams = Upstreams::new(&auth.gate().config().load().upstream)?;
-        Ok(EdgeProxy { auth, upstreams })
+        let hub = Arc::new(RelayHub::new(auth.metrics().clone()));
+        Ok(EdgeProxy {
+            auth,
+            upstreams,
+            connector: TransportConnector::new(None),
+            hub,
+        })
+    }
+
+    /// The relayed WebSocket sessions and requests in progress (for a drain).
+    pub fn hub(&self) -> &Arc<RelayHub> {
+        &self.hub
     }
 
     /// The filter (and through it the gate and metrics).
@@ -84,7 +112,10 @@ impl ProxyHttp for EdgeProxy {
     type CTX = EdgeCtx;
 
     fn new_ctx(&self) -> Self::CTX {
-        EdgeCtx::default()
+        EdgeCtx {
+            _in_progress: Some(self.hub.request()),
+            ..EdgeCtx::default()
+        }
     }
 
     // No response compression module: chatgate never compresses, and installing the
@@ -130,6 +161,10 @@ impl ProxyHttp for EdgeProxy {
                         .websocket_idle_timeout;
                     session.set_read_timeout(Some(idle));
                     session.set_write_timeout(Some(idle));
+                    if super::head::can_hand_off(session) {
+                        self.relay_upgrade(session, ctx).await?;
+                        return Ok(true);
+                    }
                 }
                 Ok(false)
             }
@@ -155,14 +190,7 @@ impl ProxyHttp for EdgeProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        self.auth
-            .upstream_request_filter(upstream_request, ctx.identity.as_ref())?;
-        let peers = self.upstreams.current.load();
-        if let Some(host) = &peers.tls_host {
-            // A TLS upstream (e.g. Stream) routes on Host: send the name it is known by.
-            upstream_request.insert_header(http::header::HOST, host.as_str())?;
-        }
-        Ok(())
+        self.upstream_request(upstream_request, ctx.identity.as_ref())
     }
 
     async fn response_filter(
@@ -290,7 +318,11 @@ impl ProxyHttp for EdgeProxy {
             ctx.websocket_open = false;
             self.metrics().websocket_closed();
         }
-        let status = session.response_written().map(|r| r.status.as_u16());
+        // A relayed upgrade's 101 goes to the client from the relay, after this.
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .or(ctx.access.relayed_status);
         self.metrics().response(status, ctx.access.upstream_time);
         let config = self.auth.gate().config().load();
         ctx.access.emit(session, ctx.identity.as_ref(), &config);
@@ -301,6 +333,171 @@ impl ProxyHttp for EdgeProxy {
     fn request_summary(&self, session: &Session, _ctx: &Self::CTX) -> String {
         let request = session.req_header();
         format!("{} {}", request.method, request.uri.path())
+    }
+}
+
+impl EdgeProxy {
+    /// The request head the upstream receives: the identity headers (contract §6 rule
+    /// 2, after hop-by-hop removal) and, for a TLS upstream, its Host.
+    fn upstream_request(
+        &self,
+        upstream_request: &mut RequestHeader,
+        identity: Option<&Identity>,
+    ) -> Result<()> {
+        self.auth
+            .upstream_request_filter(upstream_request, identity)?;
+        let peers = self.upstreams.current.load();
+        if let Some(host) = &peers.tls_host {
+            // A TLS upstream (e.g. Stream) routes on Host: send the name it is known by.
+            upstream_request.insert_header(http::header::HOST, host.as_str())?;
+        }
+        Ok(())
+    }
+
+    /// Makes an admitted WebSocket upgrade with the upstream and, on its 101, leaves
+    /// the session for the relay (see [`super::relay`]); any other answer is copied to
+    /// the client. Connect failures try each peer once, as `fail_to_connect` does.
+    async fn relay_upgrade(&self, session: &mut Session, ctx: &mut EdgeCtx) -> Result<()> {
+        let config = self.auth.gate().config().load();
+        let mut request = session.req_header().clone();
+        if let Err(error) = super::relay::strip_hop_by_hop(&mut request) {
+            // What Pingora answers to a request it cannot forward.
+            tracing::debug!(target: "chatgate::proxy", %error, "upgrade request refused");
+            session.set_keepalive(None);
+            session.respond_error(400).await?;
+            return Ok(());
+        }
+        self.upstream_request(&mut request, ctx.identity.as_ref())?;
+        ctx.access.upstream_picked();
+        let peers = self.upstreams.current.load().websocket.len();
+        let mut connected = None;
+        let mut failure = None;
+        for _ in 0..peers.max(1) {
+            ctx.attempts += 1;
+            let (index, peer) = self.upstreams.pick(&config, true, ctx.peer);
+            ctx.peer = Some(index);
+            match self.connector.new_stream(&*peer).await {
+                Ok(stream) => {
+                    connected = Some((stream, peer));
+                    break;
+                }
+                Err(error) => failure = Some(error),
+            }
+        }
+        let Some((stream, peer)) = connected else {
+            tracing::debug!(target: "chatgate::proxy", error = ?failure, "no upstream for a WebSocket");
+            return self
+                .upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable")
+                .await;
+        };
+        let mut upstream = UpstreamSession::new_with_options(stream, &*peer);
+        // The handshake is an HTTP exchange: the HTTP read timeout bounds it, not the
+        // WebSocket idle timeout the peer carries.
+        let handshake = async {
+            upstream.write_request_header(Box::new(request)).await?;
+            upstream.read_response().await
+        };
+        match tokio::time::timeout(config.upstream.read_timeout, handshake).await {
+            Err(_) => {
+                return self
+                    .upstream_failed(session, ctx, AuthError::UpstreamTimeout, "timeout")
+                    .await;
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(target: "chatgate::proxy", %error, "WebSocket handshake with the upstream failed");
+                return self
+                    .upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable")
+                    .await;
+            }
+            Ok(Ok(_)) => {}
+        }
+        ctx.access.upstream_answered();
+        let Some(response) = upstream.resp_header().cloned() else {
+            return self
+                .upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable")
+                .await;
+        };
+        if response.status != http::StatusCode::SWITCHING_PROTOCOLS {
+            return self
+                .copy_refusal(session, upstream, response, config.upstream.read_timeout)
+                .await;
+        }
+        let mut to_client = BytesMut::from(&upstream.get_headers_raw_bytes()[..]);
+        // Frames the upstream sent with its 101 were read with it; a read that would
+        // wait is not made (the relay reads on).
+        if let Some(Ok(Some(early))) = upstream.read_body_bytes().now_or_never() {
+            to_client.extend_from_slice(&early);
+        }
+        let identity = ctx.identity.clone();
+        let app: Arc<str> = identity
+            .as_ref()
+            .map_or_else(|| Arc::from(UNKNOWN_APP), |identity| identity.app.clone());
+        let live = identity
+            .filter(|identity| identity.user_id.is_some() || identity.expires_at.is_some())
+            .map(|identity| LiveSession::new(self.auth.gate().clone(), identity));
+        let upgraded = Box::new(Upgraded {
+            upstream: upstream.into_inner(),
+            to_client: to_client.freeze(),
+            to_upstream: bytes::Bytes::new(),
+            live,
+            app,
+            idle_timeout: config.upstream.websocket_idle_timeout,
+            hub: self.hub.clone(),
+            pending: self.hub.request(),
+        });
+        if super::head::hand_off(session, upgraded).is_err() {
+            // can_hand_off said yes on this very session: cannot happen.
+            return Error::e_explain(ErrorType::InternalError, "no relay for the WebSocket");
+        }
+        // Pingora hands a kept-alive connection back to the loop that relays it (with
+        // pipelining on, set above, bytes the client sent before the 101 do not stop
+        // that; the hand-off forwards them).
+        let downstream = session.as_downstream_mut();
+        downstream.set_keepalive(Some(60));
+        downstream.set_keepalive_reuses_remaining(None);
+        ctx.relayed = true;
+        ctx.access.relayed_status = Some(101);
+        Ok(())
+    }
+
+    /// Copies an upstream's refusal of an upgrade to the client, then closes.
+    async fn copy_refusal(
+        &self,
+        session: &mut Session,
+        mut upstream: UpstreamSession,
+        response: ResponseHeader,
+        read_timeout: std::time::Duration,
+    ) -> Result<()> {
+        session.set_keepalive(None);
+        session
+            .write_response_header(Box::new(response), false)
+            .await?;
+        // Bounded: each read within the read timeout, ended by the body's framing.
+        loop {
+            match tokio::time::timeout(read_timeout, upstream.read_body_bytes()).await {
+                Ok(Ok(Some(chunk))) => session.write_response_body(Some(chunk), false).await?,
+                Ok(Ok(None)) => break,
+                _ => {
+                    // A body cut short: the client sees the connection close.
+                    return Error::e_explain(ErrorType::ReadError, "upstream refusal body");
+                }
+            }
+        }
+        session.write_response_body(None, true).await
+    }
+
+    /// Answers an upgrade whose upstream failed as `fail_to_proxy` would.
+    async fn upstream_failed(
+        &self,
+        session: &mut Session,
+        ctx: &mut EdgeCtx,
+        error: AuthError,
+        label: &str,
+    ) -> Result<()> {
+        self.metrics().upstream_error(label);
+        ctx.access.code = Some(error.code());
+        session.set_keepalive(None);
+        write_rejection(session, Rejection::http(&error).closing()).await
     }
 }
 

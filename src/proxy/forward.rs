@@ -36,7 +36,8 @@ use super::filter::{
     ChatAuthFilter, DRAIN_TIMEOUT, MAX_DRAINED_BODY, MAX_REVOCATION_BODY, normal_target,
     strip_identity_headers,
 };
-use super::head::{self, HeadLimitedApp};
+use super::head::{self, Connection, HeadLimitedApp};
+use super::relay::RelayHub;
 use crate::error::{AuthError, Rejection};
 use crate::gate::{Decision, Identity, RequestParts};
 use async_trait::async_trait;
@@ -55,7 +56,6 @@ use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use pingora::{ErrorType, RetryType};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU8;
 use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 
@@ -67,14 +67,18 @@ pub struct ForwardApp {
     auth: ChatAuthFilter,
     upstreams: Upstreams,
     connector: TransportConnector,
+    /// Counts the requests in progress for a drain, with the filter engine's.
+    hub: Arc<RelayHub>,
     /// The filter engine, for WebSocket upgrades and HTTP/2.
     filter: Arc<HeadLimitedApp<HttpProxy<EdgeProxy>>>,
 }
 
 impl ForwardApp {
-    /// The forward engine over `auth`; upgrades go to `filter`.
+    /// The forward engine over `auth`; upgrades go to `filter`, whose requests and
+    /// relayed sessions `hub` counts.
     pub(crate) fn new(
         auth: ChatAuthFilter,
+        hub: Arc<RelayHub>,
         filter: Arc<HeadLimitedApp<HttpProxy<EdgeProxy>>>,
     ) -> Result<Self, super::UpstreamError> {
         let upstreams = Upstreams::new(&auth.gate().config().load().upstream)?;
@@ -82,6 +86,7 @@ impl ForwardApp {
             auth,
             upstreams,
             connector: TransportConnector::new(None),
+            hub,
             filter,
         })
     }
@@ -115,12 +120,11 @@ impl ServerApp for ForwardApp {
         if stream.selected_alpn_proto() == Some(pingora::protocols::ALPN::H2) {
             return self.filter.process_new(stream, shutdown).await;
         }
-        let (mut stream, phase) = head::guard(stream, self.auth.gate().config());
+        let (mut stream, conn) = head::guard(stream, self.auth.gate().config());
         let mut prefix: Option<BytesMut> = None;
         let mut upstream: Option<Owned> = None;
         // Bounded by the client: each round serves one request or ends the connection.
         loop {
-            head::arm(&phase);
             let mut session = ClientSession::new(stream);
             if let Some(prefix) = prefix.take() {
                 session.set_pipelined_prefix(prefix);
@@ -140,10 +144,10 @@ impl ServerApp for ForwardApp {
                     return None;
                 }
             }
-            head::end_head(&phase);
+            head::end_head(&conn);
             session.set_pipelining_enabled(true);
             if session.is_upgrade_req() {
-                self.hand_over(session, &phase, shutdown).await;
+                self.hand_over(session, &conn, shutdown).await;
                 return None;
             }
             if *shutdown.borrow() {
@@ -160,6 +164,7 @@ impl ServerApp for ForwardApp {
                 Ok(Some(reusable)) => (stream, prefix) = reusable.into_parts(),
                 _ => return None,
             }
+            head::next_request(&conn);
         }
     }
 
@@ -170,20 +175,25 @@ impl ServerApp for ForwardApp {
 
 impl ForwardApp {
     /// Gives the connection, with the upgrade request's head as a pipelined prefix, to
-    /// the filter engine, which decides it again and relays the WebSocket.
-    async fn hand_over(&self, session: ClientSession, phase: &AtomicU8, shutdown: &ShutdownWatch) {
+    /// the filter engine, which decides it again and relays the WebSocket. What the
+    /// client sent behind the head (frames before the 101) is not lost with this
+    /// session's buffer: the [`HeadGuard`](super::head::HeadGuard) kept it for the
+    /// relay, tagged with this request, which the filter engine's first request is.
+    async fn hand_over(&self, session: ClientSession, conn: &Connection, shutdown: &ShutdownWatch) {
         let head_bytes = session.get_headers_raw_bytes();
         let stream = session.into_inner();
         let mut next = ClientSession::new(stream);
         next.set_pipelined_prefix(BytesMut::from(&head_bytes[..]));
         next.set_server_keepalive(Some(head::KEEPALIVE));
         self.filter
-            .serve(ServerSession::H1(next), phase, shutdown)
+            .serve(ServerSession::H1(next), conn, shutdown)
             .await;
     }
 
     /// One request: the gate's decision, then the refusal or the upstream's answer.
     async fn serve(&self, session: &mut ClientSession, upstream: &mut Option<Owned>) -> Served {
+        // A drain waits for it, as for the filter engine's requests.
+        let _in_progress = self.hub.request();
         let mut access = AccessRecord::default();
         let header = session.req_header_mut();
         strip_identity_headers(header);

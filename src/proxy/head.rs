@@ -33,6 +33,12 @@
 //! buffer ahead) before the 1 MiB cap applies. The common request, whose head arrives
 //! in one read, costs one scan for its end (memchr) and no timer.
 //!
+//! The same loop relays WebSocket sessions (contract §4, see [`super::relay`]): when
+//! the application handed an upgraded session over during a request (`hand_off`),
+//! the connection Pingora gives back is relayed in this task instead of serving
+//! another request. The guard keeps the bytes read behind a `GET` head (a client's
+//! frames sent before the 101) for that hand-off.
+//!
 //! Only HTTP/1 is handled here: chatgate serves HTTP/2 only over TLS (ALPN `h2`, no
 //! h2c), and such a connection goes to Pingora's own HTTP/2 loop, where the h2
 //! server's `max_header_list_size` (from `[server] max_header_bytes`, see
@@ -40,6 +46,7 @@
 //! and the 60 s HTTP/2 idle timeout (`tls::server_options`: a stream exists only once
 //! its head is whole) its time.
 
+use super::relay::{self, Handoff};
 use crate::reload::ConfigHandle;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
@@ -52,7 +59,7 @@ use pingora::server::ShutdownWatch;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -100,11 +107,12 @@ where
 {
     /// Serves `session` (a new connection's first request, possibly handed over by the
     /// forward engine with its head as a pipelined prefix) and the connection's later
-    /// requests. `phase` is the connection's [`HeadGuard`] phase.
+    /// requests; relays the connection instead once a request has handed an upgraded
+    /// WebSocket over. `conn` is what the connection's [`HeadGuard`] shares.
     pub(crate) async fn serve(
         &self,
         mut session: ServerSession,
-        phase: &AtomicU8,
+        conn: &Connection,
         shutdown: &ShutdownWatch,
     ) {
         session.set_keepalive_reuses_remaining(
@@ -115,7 +123,13 @@ where
         let mut reused = self.app.process_new_http(session, shutdown).await;
         // Bounded by the client: each round serves one request or ends the connection.
         while let Some((stream, settings)) = reused.map(|r| r.consume()) {
-            phase.store(ARMED, Ordering::Relaxed);
+            if let Some(upgraded) = conn.handoff.take() {
+                // The request was a WebSocket upgrade the application made itself: the
+                // connection is now a relayed session, in this task, to its end.
+                relay::relay(stream, upgraded).await;
+                return;
+            }
+            next_request(conn);
             let mut session = ServerSession::new_http1(stream);
             if let Some(settings) = settings {
                 settings.apply_to_session(&mut session);
@@ -126,25 +140,31 @@ where
 }
 
 /// Wraps a new connection's stream in a [`HeadGuard`] with the live config's limits;
-/// the returned phase is what [`arm`] and [`end_head`] move.
-pub(crate) fn guard(stream: Stream, config: &ConfigHandle) -> (Stream, Arc<AtomicU8>) {
+/// the returned [`Connection`] is what [`next_request`] and [`end_head`] move.
+pub(crate) fn guard(stream: Stream, config: &ConfigHandle) -> (Stream, Arc<Connection>) {
     let (timeout, max_bytes) = {
         let config = config.load();
         (config.server.header_timeout, config.server.max_header_bytes)
     };
-    let phase = Arc::new(AtomicU8::new(ARMED));
-    let guarded: Stream = Box::new(HeadGuard::new(stream, phase.clone(), timeout, max_bytes));
-    (guarded, phase)
+    let conn = Arc::new(Connection {
+        phase: AtomicU8::new(ARMED),
+        request: AtomicU32::new(0),
+        handoff: Handoff::default(),
+    });
+    let guarded: Stream = Box::new(HeadGuard::new(stream, conn.clone(), timeout, max_bytes));
+    (guarded, conn)
 }
 
-/// The connection's next read starts a new request head.
-pub(crate) fn arm(phase: &AtomicU8) {
-    phase.store(ARMED, Ordering::Relaxed);
+/// The connection's next read starts a new request's head (a connection's first
+/// request needs no call: [`guard`] starts it so).
+pub(crate) fn next_request(conn: &Connection) {
+    conn.request.fetch_add(1, Ordering::Relaxed);
+    conn.phase.store(ARMED, Ordering::Relaxed);
 }
 
 /// The current head has been read: what follows is body.
-pub(crate) fn end_head(phase: &AtomicU8) {
-    phase.store(PASS, Ordering::Relaxed);
+pub(crate) fn end_head(conn: &Connection) {
+    conn.phase.store(PASS, Ordering::Relaxed);
 }
 
 /// Pingora's keep-alive for a new connection, for the forward engine's own loop.
@@ -165,7 +185,7 @@ where
         if stream.selected_alpn_proto() == Some(ALPN::H2) {
             return self.app.process_new(stream, shutdown).await;
         }
-        let (guarded, phase) = guard(stream, &self.config);
+        let (guarded, conn) = guard(stream, &self.config);
         let mut session = ServerSession::new_http1(guarded);
         // As Pingora's own loop does for a new HTTP/1 connection.
         if *shutdown.borrow() {
@@ -173,7 +193,7 @@ where
         } else {
             session.set_keepalive(Some(KEEPALIVE_SECONDS));
         }
-        self.serve(session, &phase, shutdown).await;
+        self.serve(session, &conn, shutdown).await;
         None
     }
 
@@ -188,15 +208,61 @@ pub fn head_read(session: &pingora::proxy::Session) {
     if let Some(stream) = session.as_downstream().stream()
         && let Some(guard) = (**stream).as_any().downcast_ref::<HeadGuard>()
     {
-        guard.phase.store(PASS, Ordering::Relaxed);
+        guard.conn.phase.store(PASS, Ordering::Relaxed);
     }
+}
+
+/// Leaves an upgraded WebSocket session for the connection's loop to relay once the
+/// request ends; gives it back when the connection under `session` is not one of
+/// [`HeadLimitedApp`]'s (nothing would pick it up).
+pub(crate) fn hand_off(
+    session: &pingora::proxy::Session,
+    mut upgraded: Box<relay::Upgraded>,
+) -> Result<(), Box<relay::Upgraded>> {
+    match session
+        .as_downstream()
+        .stream()
+        .and_then(|stream| (**stream).as_any().downcast_ref::<HeadGuard>())
+    {
+        Some(guard) => {
+            // Bytes the client sent right behind this request's head (frames sent
+            // before the 101): Pingora read them with the head and keeps them as the
+            // next request's start; they belong to the session.
+            if let Some((request, bytes)) = &guard.after_head
+                && *request == guard.conn.request.load(Ordering::Relaxed)
+            {
+                upgraded.to_upstream = bytes.clone();
+            }
+            guard.conn.handoff.put(upgraded);
+            Ok(())
+        }
+        None => Err(upgraded),
+    }
+}
+
+/// Whether the connection under `session` can take a [`hand_off`].
+pub(crate) fn can_hand_off(session: &pingora::proxy::Session) -> bool {
+    session
+        .as_downstream()
+        .stream()
+        .is_some_and(|stream| (**stream).as_any().is::<HeadGuard>())
+}
+
+/// What a connection's loop shares with the requests on it.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    /// [`PASS`], [`ARMED`] or [`HEAD`].
+    phase: AtomicU8,
+    /// Counts the requests served on the connection (tags [`HeadGuard::after_head`]).
+    request: AtomicU32,
+    handoff: Handoff,
 }
 
 /// A client connection whose request heads are bounded in time and size.
 #[derive(Debug)]
 pub struct HeadGuard {
     inner: Stream,
-    phase: Arc<AtomicU8>,
+    conn: Arc<Connection>,
     timeout: Duration,
     max_bytes: usize,
     /// Bytes of the current head so far.
@@ -205,25 +271,32 @@ pub struct HeadGuard {
     /// Set from the first byte of a head that did not arrive in one read.
     deadline: Option<Pin<Box<Sleep>>>,
     timing: bool,
+    /// The head being read is a `GET` (the only method a WebSocket upgrade uses).
+    get: bool,
+    /// Bytes read in the same read as the end of a `GET` head, tagged with the request
+    /// they followed: what a client sent right behind an upgrade request.
+    after_head: Option<(u32, bytes::Bytes)>,
 }
 
 impl HeadGuard {
-    fn new(inner: Stream, phase: Arc<AtomicU8>, timeout: Duration, max_bytes: usize) -> Self {
+    fn new(inner: Stream, conn: Arc<Connection>, timeout: Duration, max_bytes: usize) -> Self {
         HeadGuard {
             inner,
-            phase,
+            conn,
             timeout,
             max_bytes,
             seen: 0,
             end: EndOfHead::default(),
             deadline: None,
             timing: false,
+            get: false,
+            after_head: None,
         }
     }
 
     /// Writes `answer` if the socket takes it at once, then fails the read.
     fn refuse(&mut self, cx: &mut Context<'_>, answer: &[u8], error: io::Error) -> io::Error {
-        self.phase.store(PASS, Ordering::Relaxed);
+        self.conn.phase.store(PASS, Ordering::Relaxed);
         let inner = Pin::new(&mut self.inner);
         if let Poll::Ready(Ok(n)) = inner.poll_write(cx, answer)
             && n == answer.len()
@@ -241,13 +314,13 @@ impl AsyncRead for HeadGuard {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match this.phase.load(Ordering::Relaxed) {
+        match this.conn.phase.load(Ordering::Relaxed) {
             PASS => return Pin::new(&mut this.inner).poll_read(cx, buf),
             ARMED => {
                 this.seen = 0;
                 this.end = EndOfHead::default();
                 this.timing = false;
-                this.phase.store(HEAD, Ordering::Relaxed);
+                this.conn.phase.store(HEAD, Ordering::Relaxed);
             }
             _ => {}
         }
@@ -262,6 +335,9 @@ impl AsyncRead for HeadGuard {
                     Some(end) => (end, true),
                     None => (chunk.len(), false),
                 };
+                if this.seen == 0 {
+                    this.get = chunk.starts_with(b"GET ");
+                }
                 this.seen += head_bytes;
                 if this.seen > this.max_bytes {
                     let error = io::Error::new(
@@ -271,7 +347,12 @@ impl AsyncRead for HeadGuard {
                     return Poll::Ready(Err(this.refuse(cx, TOO_LARGE, error)));
                 }
                 if complete {
-                    this.phase.store(PASS, Ordering::Relaxed);
+                    this.conn.phase.store(PASS, Ordering::Relaxed);
+                    if this.get && head_bytes < chunk.len() {
+                        let request = this.conn.request.load(Ordering::Relaxed);
+                        this.after_head =
+                            Some((request, bytes::Bytes::copy_from_slice(&chunk[head_bytes..])));
+                    }
                 } else if !this.timing {
                     // The head's first byte arrived in this read: its clock starts now.
                     this.timing = true;

@@ -4,9 +4,11 @@
 //! 4000, so the SDK reconnects, gets the code-40 frame and refreshes its token; bytes
 //! the client sends instead end the connection at once.
 //!
-//! Pingora offers no hook to write to a proxied connection by itself, so the close
-//! rides on the next traffic in either direction; chat connections carry health checks
-//! both ways every 25-30 s, which bounds the delay.
+//! This is the fallback for an [`super::EdgeProxy`] run in an embedder's own Pingora
+//! service, where Pingora tunnels the upgrade: Pingora offers no hook to write to a
+//! tunnel by itself, so the close rides on the next traffic in either direction. Under
+//! [`super::head::HeadLimitedApp`] (what [`super::run`] uses) sessions are relayed by
+//! [`super::relay`] instead, which closes them at once, idle or not.
 
 use crate::gate::{Gate, Identity};
 use crate::session::{LiveSession, SessionEnd};

@@ -26,6 +26,48 @@ const UPSTREAM_ERROR_KINDS: [&str; 2] = ["unavailable", "timeout"];
 /// Status classes of `chatgate_responses_total`, index = status / 100 - 1.
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// Why a relayed WebSocket session ended (`chatgate_websocket_sessions_ended_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEndReason {
+    /// A revocation cutoff covered its token: closed with 4000.
+    Revoked,
+    /// Its token's `exp` (plus leeway) passed: closed with 4000.
+    Expired,
+    /// The end of a drain: closed with 1001.
+    Shutdown,
+    /// The client closed or failed.
+    Client,
+    /// The upstream closed or failed.
+    Upstream,
+    /// Nothing passed for `[upstream] websocket_idle_timeout`: closed with 1001.
+    Idle,
+}
+
+impl SessionEndReason {
+    /// Every reason, in label order.
+    pub const ALL: [SessionEndReason; 6] = [
+        SessionEndReason::Revoked,
+        SessionEndReason::Expired,
+        SessionEndReason::Shutdown,
+        SessionEndReason::Client,
+        SessionEndReason::Upstream,
+        SessionEndReason::Idle,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionEndReason::Revoked => "revoked",
+            SessionEndReason::Expired => "expired",
+            SessionEndReason::Shutdown => "shutdown",
+            SessionEndReason::Client => "client",
+            SessionEndReason::Upstream => "upstream",
+            SessionEndReason::Idle => "idle",
+        }
+    }
+}
+
 /// Label used for requests whose `api_key` names no configured app: arbitrary client
 /// input must not become a label value (unbounded series).
 pub const UNKNOWN_APP: &str = "unknown";
@@ -40,6 +82,9 @@ pub struct ProxyMetrics {
     denied: IntCounterVec,
     check_seconds: Histogram,
     websockets_open: IntGauge,
+    sessions_open: IntGaugeVec,
+    /// Indexed like [`SessionEndReason::ALL`].
+    sessions_ended: [IntCounter; 6],
     upstream_errors: IntCounterVec,
     cache_hits: IntCounter,
     cache_misses: IntCounter,
@@ -95,6 +140,24 @@ impl ProxyMetrics {
             "WebSocket connections currently proxied",
         )
         .expect("valid metric");
+        let sessions_open = IntGaugeVec::new(
+            Opts::new(
+                "chatgate_websocket_sessions_open",
+                "WebSocket sessions the proxy relays now, by app",
+            ),
+            &["app"],
+        )
+        .expect("valid metric");
+        let sessions_ended_by_reason = IntCounterVec::new(
+            Opts::new(
+                "chatgate_websocket_sessions_ended_total",
+                "Relayed WebSocket sessions ended, by reason (revoked, expired, shutdown, client, upstream, idle)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let sessions_ended = SessionEndReason::ALL
+            .map(|reason| sessions_ended_by_reason.with_label_values(&[reason.as_str()]));
         let upstream_errors = IntCounterVec::new(
             Opts::new(
                 "chatgate_upstream_errors_total",
@@ -199,6 +262,8 @@ impl ProxyMetrics {
             Box::new(denied.clone()),
             Box::new(check_seconds.clone()),
             Box::new(websockets_open.clone()),
+            Box::new(sessions_open.clone()),
+            Box::new(sessions_ended_by_reason),
             Box::new(upstream_errors.clone()),
             Box::new(cache_hits.clone()),
             Box::new(cache_misses.clone()),
@@ -223,6 +288,8 @@ impl ProxyMetrics {
             denied,
             check_seconds,
             websockets_open,
+            sessions_open,
+            sessions_ended,
             upstream_errors,
             cache_hits,
             cache_misses,
@@ -283,6 +350,28 @@ impl ProxyMetrics {
         self.websockets_open.get()
     }
 
+    /// A relayed WebSocket session of `app` started (also counted in
+    /// `chatgate_websockets_open`).
+    pub fn session_opened(&self, app: &str) {
+        self.websockets_open.inc();
+        self.sessions_open.with_label_values(&[app]).inc();
+    }
+
+    /// A relayed WebSocket session of `app` ended.
+    pub fn session_closed(&self, app: &str) {
+        self.websockets_open.dec();
+        self.sessions_open.with_label_values(&[app]).dec();
+    }
+
+    /// Counts why a relayed session ended.
+    pub fn session_ended(&self, reason: SessionEndReason) {
+        let index = SessionEndReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("every reason is in ALL");
+        self.sessions_ended[index].inc();
+    }
+
     /// Counts a request that failed at the upstream (`unavailable`, `timeout`).
     pub fn upstream_error(&self, kind: &str) {
         self.upstream_errors.with_label_values(&[kind]).inc();
@@ -340,6 +429,7 @@ impl ProxyMetrics {
         self.last_reload_success.set(loaded.as_secs_f64());
         for app in config.load().apps() {
             self.allowed.with_label_values(&[&*app.api_key]);
+            self.sessions_open.with_label_values(&[&*app.api_key]);
         }
     }
 
@@ -459,6 +549,13 @@ mod tests {
             r#"chatgate_upstream_errors_total{kind="timeout"} 0"#,
             r#"chatgate_requests_allowed_total{app="demo-key"} 0"#,
             "chatgate_websockets_open 0",
+            r#"chatgate_websocket_sessions_open{app="demo-key"} 0"#,
+            r#"chatgate_websocket_sessions_ended_total{reason="revoked"} 0"#,
+            r#"chatgate_websocket_sessions_ended_total{reason="expired"} 0"#,
+            r#"chatgate_websocket_sessions_ended_total{reason="shutdown"} 0"#,
+            r#"chatgate_websocket_sessions_ended_total{reason="client"} 0"#,
+            r#"chatgate_websocket_sessions_ended_total{reason="upstream"} 0"#,
+            r#"chatgate_websocket_sessions_ended_total{reason="idle"} 0"#,
             "process_start_time_seconds",
             "process_resident_memory_bytes",
         ] {

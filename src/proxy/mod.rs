@@ -18,7 +18,9 @@
 //! Signals (Pingora's): SIGTERM stops accepting and lets in-flight requests finish
 //! within `[server] grace_period_seconds`; SIGINT stops at once; SIGQUIT hands the
 //! listening sockets to a new process started with `chatgate serve --upgrade`
-//! (zero-downtime upgrade), then drains like SIGTERM.
+//! (zero-downtime upgrade), then drains like SIGTERM. A drain ends as soon as no
+//! request or relayed WebSocket is left; WebSockets still open when the grace period
+//! ends are closed with 1001 `going away` on both sides (contract §4).
 
 pub mod access_log;
 pub mod admin;
@@ -28,6 +30,7 @@ mod forward;
 pub mod head;
 mod live;
 mod metrics;
+mod relay;
 mod tls;
 pub mod upstream_health;
 
@@ -36,12 +39,14 @@ pub use filter::{
     AUTH_HEADER, ChatAuthFilter, MAX_REVOCATION_BODY, USER_ID_HEADER, Verdict, respond,
 };
 pub use live::LiveWatch;
-pub use metrics::{ProxyMetrics, UNKNOWN_APP};
+pub use metrics::{ProxyMetrics, SessionEndReason, UNKNOWN_APP};
+pub use relay::RelayHub;
 
 use crate::gate::Gate;
 use crate::reload::ConfigHandle;
 use crate::revocation::{RevocationCache, open_store};
 use async_trait::async_trait;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
@@ -83,8 +88,8 @@ pub enum Shutdown {
     /// Drain like SIGTERM once the future completes; signals are left alone, so a
     /// test or an embedding program decides when the proxy stops.
     When(Pin<Box<dyn Future<Output = ()> + Send>>),
-    /// Any Pingora shutdown watch.
-    Watch(Box<dyn ShutdownSignalWatch>),
+    /// Any Pingora shutdown watch (`Send`: Pingora runs on a thread of its own).
+    Watch(Box<dyn ShutdownSignalWatch + Send>),
 }
 
 impl Shutdown {
@@ -93,7 +98,7 @@ impl Shutdown {
         Shutdown::When(Box::pin(stop))
     }
 
-    fn into_watch(self) -> Box<dyn ShutdownSignalWatch> {
+    fn into_watch(self) -> Box<dyn ShutdownSignalWatch + Send> {
         match self {
             Shutdown::UnixSignals => Box::new(pingora::server::UnixShutdownSignalWatch),
             Shutdown::When(stop) => Box::new(FutureWatch(tokio::sync::Mutex::new(Some(stop)))),
@@ -207,7 +212,9 @@ pub fn run(
     let conf = ServerConf {
         threads: snapshot.server.threads.max(1),
         work_stealing: snapshot.server.work_stealing,
-        grace_period_seconds: Some(snapshot.server.grace_period.as_secs()),
+        // The drain itself is [`drain`]'s: Pingora's own fixed sleep only backs it up
+        // (see `run`'s body).
+        grace_period_seconds: Some(snapshot.server.grace_period.as_secs() + DRAIN_BACKSTOP_SECONDS),
         graceful_shutdown_timeout_seconds: Some(RUNTIME_SHUTDOWN_TIMEOUT_SECONDS),
         upgrade_sock: options.upgrade_sock.display().to_string(),
         ..ServerConf::default()
@@ -221,6 +228,7 @@ pub fn run(
 
     let auth = ChatAuthFilter::with_metrics(gate, metrics.clone());
     let edge = EdgeProxy::new(auth.clone())?;
+    let hub = edge.hub().clone();
     // Contract §6 rule 6: the proxy behind the request-head limits (see `head`).
     let mut http = pingora::proxy::http_proxy(&server.configuration, edge);
     http.h2_options = Some(tls::h2_options(snapshot.server.max_header_bytes));
@@ -229,7 +237,7 @@ pub fn run(
     match snapshot.server.engine {
         crate::config::Engine::Filter => add_listener(&mut server, app, &snapshot, &config)?,
         crate::config::Engine::Forward => {
-            let app = forward::ForwardApp::new(auth, Arc::new(app))?;
+            let app = forward::ForwardApp::new(auth, hub.clone(), Arc::new(app))?;
             add_listener(&mut server, app, &snapshot, &config)?
         }
     }
@@ -281,9 +289,32 @@ pub fn run(
         upstream = %snapshot.upstream.addresses.join(","),
         "chatgate serving"
     );
-    server.run(RunArgs {
-        shutdown_signal: shutdown.into_watch(),
-    });
+    // Pingora's graceful shutdown always sleeps its whole grace period, then cancels
+    // whatever still runs. So Pingora runs on a thread of its own, and `run` returns
+    // at the first of: Pingora finishing (a fast shutdown, or the backstop), or
+    // [`drain`] finding nothing left. Pingora's grace period is the configured one plus
+    // a backstop, so the relays' 1001 goes out before any runtime stops.
+    let (finished, done) = std::sync::mpsc::channel::<()>();
+    support.spawn(drain(
+        server.watch_execution_phase(),
+        hub,
+        snapshot.server.grace_period,
+        finished.clone(),
+    ));
+    let signal = shutdown.into_watch();
+    let pingora = std::thread::Builder::new()
+        .name("chatgate-pingora".into())
+        .spawn(move || {
+            server.run(RunArgs {
+                shutdown_signal: signal,
+            });
+            let _ = finished.send(());
+        })
+        .map_err(ServeError::Runtime)?;
+    let _ = done.recv();
+    if pingora.is_finished() {
+        let _ = pingora.join();
+    }
     support.shutdown_timeout(Duration::from_secs(2));
     Ok(())
 }
@@ -298,15 +329,69 @@ fn add_listener<A: pingora::apps::ServerApp + Send + Sync + 'static>(
 ) -> Result<(), ServeError> {
     let mut proxy = pingora::services::listening::Service::new("chatgate".to_owned(), app);
     match &snapshot.server.tls {
+        // (Pingora's L4 read buffer stays under TLS: OpenSSL reads each record in
+        // pieces, which the buffer turns into one read.)
         Some(_) => proxy.add_tls_with_settings(
             &snapshot.server.listen.to_string(),
             None,
             tls::listener_settings(config).map_err(|e| ServeError::Tls(e.to_string()))?,
         ),
-        None => proxy.add_tcp(&snapshot.server.listen.to_string()),
+        // No L4 read buffer on plain client connections: Pingora's default puts a
+        // 64 KiB one in front of every accepted socket, held for the connection's
+        // life; an idle relayed WebSocket would keep it (Pingora's HTTP/1 session
+        // reads into buffers of its own, and the relay reads into its stack).
+        None => proxy.add_listener(
+            ListenerConfig::tcp(snapshot.server.listen.to_string())
+                .l4_buffer(L4BufferSettings::default().read(0)),
+        ),
     }
     server.add_service(proxy);
     Ok(())
+}
+
+/// Seconds Pingora's own grace period exceeds `[server] grace_period_seconds`: time
+/// for [`drain`] to close the remaining sessions before Pingora stops its runtimes.
+const DRAIN_BACKSTOP_SECONDS: u64 = 5;
+/// The shortest drain (or the whole grace period, if shorter): how long `/readyz`
+/// answers `draining` before a process with nothing left exits.
+const ANNOUNCE_DRAIN: Duration = Duration::from_secs(5);
+/// How long sessions told to go away get to close.
+const GOING_AWAY_WITHIN: Duration = Duration::from_secs(3);
+
+/// The drain (contract §4 and `[server] grace_period_seconds`): once Pingora has
+/// stopped accepting (and, on an upgrade, handed the sockets over), waits until no
+/// request or relayed session is left, at most the grace period; then tells the open
+/// sessions to go away (close 1001 to both sides) and gives them a moment to close.
+/// Sends on `done` when nothing is left (but not before [`ANNOUNCE_DRAIN`]), so the
+/// process exits then instead of at the end of the grace period.
+async fn drain(
+    mut phases: tokio::sync::broadcast::Receiver<pingora::server::ExecutionPhase>,
+    hub: Arc<RelayHub>,
+    grace: Duration,
+    done: std::sync::mpsc::Sender<()>,
+) {
+    use pingora::server::ExecutionPhase;
+    use tokio::sync::broadcast::error::RecvError;
+    // Bounded by Pingora's lifetime: the sender goes when the server does.
+    loop {
+        match phases.recv().await {
+            Ok(ExecutionPhase::ShutdownGracePeriod) => break,
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+    }
+    let started = tokio::time::Instant::now();
+    tracing::info!(target: "chatgate::proxy", busy = hub.busy(), "draining");
+    if tokio::time::timeout(grace, hub.until_idle()).await.is_err() {
+        tracing::info!(target: "chatgate::proxy", sessions = hub.open(), "grace period over: closing open WebSockets with 1001");
+        hub.go_away();
+        let _ = tokio::time::timeout(GOING_AWAY_WITHIN, hub.until_idle()).await;
+    } else {
+        // `/readyz` says `draining` for a while before the admin port goes away with
+        // the process, so a balancer polling it sees the instance leave.
+        tokio::time::sleep_until(started + grace.min(ANNOUNCE_DRAIN)).await;
+    }
+    let _ = done.send(());
 }
 
 /// The parts of a config that cannot be shared with the running instance during a

@@ -10,6 +10,9 @@
 //! sending a byte. The addresses are read from the live config every round, so a
 //! reload changes what is probed. The first round runs before the admin listener
 //! answers, so neither `/readyz` nor the metric has a moment of "not known yet".
+//! A TCP connect, not an HTTP request: the chat API has no health path chatgate could
+//! rely on, and accepting is what a proxied request needs first. (A TLS upstream sees a
+//! connection closed before its handshake each second, as with HAProxy's plain `check`.)
 //!
 //! - `chatgate_upstream_up{upstream="host:port"}` is the raw last result per address
 //!   (1 accepted, 0 not): what a dashboard and an alert want.

@@ -11,6 +11,7 @@ pub mod embedded;
 mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod sessions;
 mod update;
 
 pub use cache::{CacheStats, RevocationCache};

@@ -30,12 +30,16 @@ fn parse_cutoff_value(
         return Ok(None);
     }
     let at = parse_json_time(value).map_err(|m| bad_input(format!("{field}: {m}")))?;
-    if at.timestamp() > now + MAX_FUTURE_CUTOFF_SECONDS {
+    // The limit is on the cutoff as stored, rounded up to its second: judged on the
+    // instant's whole second, `now + 300.5` passed and stored `now + 301` (found by
+    // fuzz/ `revocation_body`).
+    let cutoff = Cutoff::from_datetime(at);
+    if cutoff.unix_seconds() > now.saturating_add(MAX_FUTURE_CUTOFF_SECONDS) {
         return Err(bad_input(format!(
             "{field}: revoke_tokens_issued_before is more than 5 minutes in the future"
         )));
     }
-    Ok(Some(Cutoff::from_datetime(at)))
+    Ok(Some(cutoff))
 }
 
 /// Parses `{"users":[{"id":..,"set":{..},"unset":[..]}]}` into cutoff changes.
@@ -165,6 +169,31 @@ mod tests {
         ] {
             assert_eq!(parse(body).unwrap_err().code(), 4, "{body}");
         }
+    }
+
+    /// fuzz/seeds/revocation_body/regression-cutoff-301s-ahead: an instant half a
+    /// second past the limit rounds up to a cutoff a whole second past it.
+    #[test]
+    fn a_fraction_of_a_second_past_the_limit_is_refused() {
+        let now = 1_795_860_000;
+        for body in [
+            r#"{"users":[{"id":"a","set":{"revoke_tokens_issued_before":1795860300.5}}]}"#,
+            r#"{"users":[{"id":"a","set":{"revoke_tokens_issued_before":"2026-11-28T10:05:00.001Z"}}]}"#,
+        ] {
+            assert_eq!(
+                parse_users_update(body.as_bytes(), now).unwrap_err().code(),
+                4,
+                "{body}"
+            );
+        }
+        let at_the_limit = r#"{"users":[{"id":"a","set":{"revoke_tokens_issued_before":"2026-11-28T10:05:00Z"}}]}"#;
+        assert_eq!(
+            parse_users_update(at_the_limit.as_bytes(), now),
+            Ok(vec![UserCutoffChange {
+                user_id: "a".into(),
+                cutoff: Some(Cutoff::from_unix_seconds(now + 300)),
+            }])
+        );
     }
 
     /// One user's entry in a generated body, and the change it must parse to.

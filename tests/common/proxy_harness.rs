@@ -397,6 +397,10 @@ pub struct ProxyOptions {
     /// Write the proxy's stdout and stderr to a file ([`Proxy::output`]) instead of
     /// discarding stdout and sharing the test's stderr.
     pub capture_output: bool,
+    /// `[server] grace_period_seconds` (default here: 3).
+    pub grace_period_seconds: Option<u64>,
+    /// `[auth] leeway_seconds` (default 5).
+    pub leeway_seconds: Option<u64>,
 }
 
 impl Proxy {
@@ -471,11 +475,12 @@ impl Proxy {
             server_extra.push_str(&format!("max_header_bytes = {bytes}\n"));
         }
         let mut text = format!(
-            "[server]\nlisten = \"127.0.0.1:{listen_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nthreads = 1\ngrace_period_seconds = 3\n{server_extra}\
+            "[server]\nlisten = \"127.0.0.1:{listen_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nthreads = 1\ngrace_period_seconds = {grace}\n{server_extra}\
              [upstream]\naddresses = [{}]\nforward_identity = {}\ndemo = {}\nconnect_timeout_ms = 1000\n",
             upstreams.join(", "),
             options.forward_identity,
             options.demo,
+            grace = options.grace_period_seconds.unwrap_or(3),
         );
         if let Some(ms) = options.read_timeout_ms {
             text.push_str(&format!("read_timeout_ms = {ms}\n"));
@@ -488,13 +493,16 @@ impl Proxy {
         if let Some(s) = options.websocket_idle_timeout_seconds {
             text.push_str(&format!("websocket_idle_timeout_seconds = {s}\n"));
         }
-        if !options.public_paths.is_empty() {
+        if !options.public_paths.is_empty() || options.leeway_seconds.is_some() {
             let paths: Vec<String> = options
                 .public_paths
                 .iter()
                 .map(|p| format!("\"{p}\""))
                 .collect();
             text.push_str(&format!("[auth]\npublic_paths = [{}]\n", paths.join(", ")));
+            if let Some(leeway) = options.leeway_seconds {
+                text.push_str(&format!("leeway_seconds = {leeway}\n"));
+            }
         }
         if options.failed_auth_per_minute.is_some() || !options.trusted_proxies.is_empty() {
             text.push_str("[limits]\n");

@@ -1,0 +1,798 @@
+//! Live sessions at the edge (contract §4): the proxy relays admitted WebSocket sessions
+//! itself, so it can end one the moment its token does, idle or not.
+//!
+//! How a session gets here: [`super::EdgeProxy`]'s `request_filter` makes the upgrade
+//! handshake with the upstream itself (pingora-core's `TransportConnector` and its
+//! HTTP/1 client session, the same request head Pingora would have sent: hop-by-hop
+//! headers removed as Pingora does, then the identity headers of
+//! [`super::ChatAuthFilter::upstream_request_filter`]). On a `101` it leaves the
+//! upstream connection in the client connection's [`Handoff`] slot and ends the request
+//! without writing anything, with keep-alive on, so that Pingora hands the client
+//! connection back to [`super::head::HeadLimitedApp`]'s loop, which finds the slot filled
+//! and runs [`relay`] in the connection's own task. Any other answer from the upstream
+//! is copied to the client as an HTTP response.
+//!
+//! [`relay`] copies bytes both ways with a stack buffer per poll: an idle session holds
+//! no buffer at all, only bytes a peer has not taken yet are copied to the heap, and
+//! that copy goes once they are written. It follows the frame boundaries of both
+//! directions (headers only) and wakes on the first of: traffic, the session's
+//! [`Registration`] (a revocation of that user or app), its expiry timer, its idle
+//! timer, or the end of a drain ([`RelayHub::go_away`]). On revocation or expiry the
+//! client gets close `4000` (`token revoked` / `token expired`) right after the frame
+//! the upstream is sending, if any, and the upstream gets a masked close `1001` at a
+//! boundary of what the client sent; then both connections are shut down.
+//!
+//! Alternatives considered: letting Pingora tunnel the upgrade (its `ProxyHttp` has no
+//! hook to write to a tunnel from outside, cloudflare/pingora#571, so the close rode on
+//! the next bytes: an idle client was never cut, and its tunnel held about 235 KB per
+//! session in buffers and tasks); shutting the sockets down from outside (no close
+//! frame, so the SDK sees 1006 and cannot tell a revocation from a network failure,
+//! and a frame in flight would be cut in half); relaying inside `request_filter`
+//! through the `Session`'s body API (keeps Pingora's whole per-request state and its
+//! 64 KiB body buffers alive for the session's life).
+
+use super::metrics::{ProxyMetrics, SessionEndReason};
+use crate::session::{LiveSession, Registration, Wake, wait};
+use crate::ws::{CLOSE_GOING_AWAY, FrameBoundaries, close_frame, masked_close_frame};
+use bytes::{Buf, Bytes, BytesMut};
+use pingora::protocols::Stream;
+use std::future::poll_fn;
+use std::hash::BuildHasher;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Bytes read per poll, on the stack: nothing is allocated for an idle session.
+const READ_CHUNK: usize = 8 * 1024;
+/// Reads per poll before yielding to other tasks.
+const READS_PER_POLL: usize = 16;
+/// How long the frame in progress may take to complete before the close is injected;
+/// past it the connections are cut without a close frame (the contract's bound is 1 s).
+const FINISH_FRAME_WITHIN: Duration = Duration::from_millis(500);
+/// How long the peers get to answer the close (and to finish a half-closed session)
+/// before their connections are dropped.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Everything a relay needs once the upgrade is made.
+pub(crate) struct Upgraded {
+    /// The upstream connection, past its `101`.
+    pub(crate) upstream: Stream,
+    /// The upstream's `101` head as it arrived, then any bytes read after it.
+    pub(crate) to_client: Bytes,
+    /// What the client sent right behind its upgrade request (set by the hand-off).
+    pub(crate) to_upstream: Bytes,
+    /// The token watch (`None` for identities nothing can end).
+    pub(crate) live: Option<LiveSession>,
+    /// The metrics label of the session's app.
+    pub(crate) app: Arc<str>,
+    /// `[upstream] websocket_idle_timeout`.
+    pub(crate) idle_timeout: Duration,
+    /// The proxy's sessions.
+    pub(crate) hub: Arc<RelayHub>,
+    /// Keeps a drain waiting between the request's end and the relay's start.
+    pub(crate) pending: RequestGuard,
+}
+
+/// Per client connection: where `request_filter` leaves an upgraded session for the
+/// connection's loop in [`super::head::HeadLimitedApp`].
+#[derive(Default)]
+pub struct Handoff(Mutex<Option<Box<Upgraded>>>);
+
+impl Handoff {
+    pub(crate) fn put(&self, upgraded: Box<Upgraded>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(upgraded);
+    }
+
+    pub(crate) fn take(&self) -> Option<Box<Upgraded>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Handoff")
+    }
+}
+
+/// The proxy's relayed sessions: how many are open, and the drain's end.
+#[derive(Debug)]
+pub struct RelayHub {
+    metrics: Arc<ProxyMetrics>,
+    open: AtomicUsize,
+    /// Requests being handled (HTTP or handshakes), so a drain knows when nothing is left.
+    requests: AtomicUsize,
+    idle: Notify,
+    going_away: AtomicBool,
+    going_away_notify: Notify,
+    masks: AtomicU64,
+}
+
+impl RelayHub {
+    /// A hub recording into `metrics`.
+    pub fn new(metrics: Arc<ProxyMetrics>) -> Self {
+        RelayHub {
+            metrics,
+            open: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
+            idle: Notify::new(),
+            going_away: AtomicBool::new(false),
+            going_away_notify: Notify::new(),
+            masks: AtomicU64::new(0),
+        }
+    }
+
+    /// Relayed sessions open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Requests and sessions in progress.
+    pub fn busy(&self) -> usize {
+        self.open() + self.requests.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no request or session is in progress.
+    pub async fn until_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.busy() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Ends every open session with close 1001 (the end of a drain); sessions
+    /// handed over later end at once.
+    pub fn go_away(&self) {
+        self.going_away.store(true, Ordering::Release);
+        self.going_away_notify.notify_waiters();
+    }
+
+    async fn gone_away(&self) {
+        loop {
+            let notified = self.going_away_notify.notified();
+            if self.going_away.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Counts a request in progress until the guard drops.
+    pub(crate) fn request(self: &Arc<Self>) -> RequestGuard {
+        self.requests.fetch_add(1, Ordering::AcqRel);
+        RequestGuard(self.clone())
+    }
+
+    fn done(&self) {
+        if self.busy() == 0 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// A masking key for a client-side frame (RFC 6455 §10.3 asks for unpredictable
+    /// keys): std's randomly keyed SipHash over a counter.
+    fn mask(&self) -> [u8; 4] {
+        let n = self.masks.fetch_add(1, Ordering::Relaxed);
+        let hash = std::collections::hash_map::RandomState::new().hash_one(n);
+        (hash as u32).to_be_bytes()
+    }
+}
+
+/// A request in progress (see [`RelayHub::request`]).
+#[derive(Debug)]
+pub(crate) struct RequestGuard(Arc<RelayHub>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.requests.fetch_sub(1, Ordering::AcqRel);
+        self.0.done();
+    }
+}
+
+/// One open session in the hub and the metrics, until dropped.
+struct Open<'a> {
+    hub: &'a RelayHub,
+    app: &'a str,
+}
+
+impl<'a> Open<'a> {
+    fn new(hub: &'a RelayHub, app: &'a str) -> Self {
+        hub.open.fetch_add(1, Ordering::AcqRel);
+        hub.metrics.session_opened(app);
+        Open { hub, app }
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.hub.open.fetch_sub(1, Ordering::AcqRel);
+        self.hub.metrics.session_closed(self.app);
+        self.hub.done();
+    }
+}
+
+/// Relays an upgraded session between `client` and the upstream until either side
+/// ends it, the token does, or the drain does; returns why it ended.
+pub(crate) async fn relay(client: Stream, upgraded: Box<Upgraded>) -> SessionEndReason {
+    let Upgraded {
+        upstream,
+        to_client,
+        to_upstream,
+        live,
+        app,
+        idle_timeout,
+        hub,
+        pending,
+    } = *upgraded;
+    let _open = Open::new(&hub, &app);
+    drop(pending);
+    let mut pump = Pump::new(client, upstream);
+    let reason = run(
+        &mut pump,
+        (to_client, to_upstream),
+        live.as_ref(),
+        idle_timeout,
+        &hub,
+    )
+    .await;
+    hub.metrics.session_ended(reason);
+    tracing::debug!(target: "chatgate::proxy", app = &*app, reason = reason.as_str(), "relayed WebSocket ended");
+    reason
+}
+
+async fn run(
+    pump: &mut Pump,
+    (to_client, to_upstream): (Bytes, Bytes),
+    live: Option<&LiveSession>,
+    idle_timeout: Duration,
+    hub: &RelayHub,
+) -> SessionEndReason {
+    // The 101 and whatever the upstream sent with it.
+    if pump.client.write_all(&to_client).await.is_err() || pump.client.flush().await.is_err() {
+        return SessionEndReason::Client;
+    }
+    pump.down.frames.advance(&to_client[head_len(&to_client)..]);
+    drop(to_client);
+    if !to_upstream.is_empty() {
+        if pump.upstream.write_all(&to_upstream).await.is_err()
+            || pump.upstream.flush().await.is_err()
+        {
+            return SessionEndReason::Upstream;
+        }
+        pump.up.frames.advance(&to_upstream);
+    }
+
+    let registration: Option<Registration> = live.and_then(|live| {
+        let identity = live.identity();
+        live.gate().sessions().register(
+            &identity.app,
+            identity.user_id.as_ref(),
+            identity.issued_at,
+        )
+    });
+    // A cutoff stored between the admission and the registration would be missed.
+    // The rare paths (store lookups, the ending) are boxed when taken, so the state an
+    // idle session keeps is only the main loop's.
+    if let (Some(live), Some(_)) = (live, registration.as_ref())
+        && Box::pin(live.revoked_now()).await
+    {
+        return Box::pin(end(pump, SessionEndReason::Revoked, hub)).await;
+    }
+    let expiry = live
+        .filter(|live| live.identity().expires_at.is_some())
+        .map(LiveSession::expiry_deadline);
+    let expire = tokio::time::sleep_until(expiry.unwrap_or_else(far_future));
+    tokio::pin!(expire);
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
+
+    loop {
+        let event = tokio::select! {
+            biased;
+            wake = wait(registration.as_ref()) => Event::Wake(wake),
+            () = hub.gone_away() => Event::Shutdown,
+            () = &mut expire, if expiry.is_some() => Event::Expired,
+            () = &mut idle => Event::Idle,
+            ended = poll_fn(|cx| pump.poll_relay(cx)) => Event::Io(ended),
+        };
+        let reason = match event {
+            Event::Io(reason) => return Box::pin(linger(pump, reason)).await,
+            Event::Wake(Wake::Revoked) => SessionEndReason::Revoked,
+            Event::Wake(Wake::Recheck) => match live {
+                Some(live) if Box::pin(live.revoked_now()).await => SessionEndReason::Revoked,
+                _ => continue,
+            },
+            Event::Expired => SessionEndReason::Expired,
+            Event::Shutdown => SessionEndReason::Shutdown,
+            Event::Idle => {
+                let quiet_since = pump.last_activity;
+                if quiet_since.elapsed() < idle_timeout {
+                    idle.as_mut().reset(quiet_since + idle_timeout);
+                    continue;
+                }
+                SessionEndReason::Idle
+            }
+        };
+        return Box::pin(end(pump, reason, hub)).await;
+    }
+}
+
+enum Event {
+    Io(SessionEndReason),
+    Wake(Wake),
+    Expired,
+    Shutdown,
+    Idle,
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}
+
+/// The length of the HTTP head at the start of `bytes` (through the empty line).
+fn head_len(bytes: &[u8]) -> usize {
+    memchr::memmem::find(bytes, b"\r\n\r\n").map_or(bytes.len(), |at| at + 4)
+}
+
+/// Ends the session for `reason`: the upstream's frame in progress is completed (within
+/// [`FINISH_FRAME_WITHIN`]), the client gets its close frame, the upstream a masked
+/// 1001 if what the client sent ends at a frame boundary; then both are shut down.
+async fn end(pump: &mut Pump, reason: SessionEndReason, hub: &RelayHub) -> SessionEndReason {
+    let (code, text) = match reason {
+        SessionEndReason::Revoked => (crate::ws::CLOSE_TOKEN_INVALIDATED, "token revoked"),
+        SessionEndReason::Expired => (crate::ws::CLOSE_TOKEN_INVALIDATED, "token expired"),
+        SessionEndReason::Shutdown => (CLOSE_GOING_AWAY, "going away"),
+        _ => (CLOSE_GOING_AWAY, "idle timeout"),
+    };
+    // Nothing more from the client goes upstream; the upstream's frame in progress is
+    // let through to its end so the close does not land inside it.
+    pump.up.stopped = true;
+    pump.down.finishing = true;
+    // Between frames already: nothing more comes through.
+    pump.down.stopped = pump.down.frames.at_boundary();
+    let finished =
+        tokio::time::timeout(FINISH_FRAME_WITHIN, poll_fn(|cx| pump.poll_finish(cx))).await;
+    let client_ok = matches!(finished, Ok(Ok(())));
+    if client_ok && pump.down.frames.at_boundary() {
+        let close = close_frame(code, text);
+        let _ = tokio::time::timeout(FINISH_FRAME_WITHIN, async {
+            pump.client.write_all(&close).await?;
+            pump.client.flush().await
+        })
+        .await;
+    }
+    if pump.up.frames.at_boundary() && pump.up.pending.is_none() {
+        let close = masked_close_frame(CLOSE_GOING_AWAY, "going away", hub.mask());
+        let _ = tokio::time::timeout(FINISH_FRAME_WITHIN, async {
+            pump.upstream.write_all(&close).await?;
+            pump.upstream.flush().await
+        })
+        .await;
+    }
+    tracing::info!(target: "chatgate::proxy", code, reason = text, "closed a relayed WebSocket");
+    shut_both(pump).await;
+    reason
+}
+
+/// After one side ended: the other direction gets [`LINGER`] to finish, then both
+/// connections are shut down.
+async fn linger(pump: &mut Pump, reason: SessionEndReason) -> SessionEndReason {
+    let _ = tokio::time::timeout(LINGER, poll_fn(|cx| pump.poll_both_done(cx))).await;
+    shut_both(pump).await;
+    reason
+}
+
+/// Shuts down both write sides, then reads and discards what the peers still send
+/// (their close replies) until both have closed or [`LINGER`] passes: closing a
+/// socket with unread bytes would reset it, and a reset may discard the close frame
+/// before the peer reads it.
+async fn shut_both(pump: &mut Pump) {
+    let _ = tokio::time::timeout(LINGER, async {
+        let _ = pump.client.shutdown().await;
+        let _ = pump.upstream.shutdown().await;
+    })
+    .await;
+    let _ = tokio::time::timeout(LINGER, poll_fn(|cx| pump.poll_discard(cx))).await;
+}
+
+/// One direction of the relay.
+struct Direction {
+    /// Where the bytes come from.
+    from: Side,
+    /// Bytes read but not yet taken by the writer (heap, only while it lasts).
+    pending: Option<BytesMut>,
+    /// Written but not flushed.
+    dirty: bool,
+    /// The reader has ended.
+    eof: bool,
+    /// The writer has been shut down after the reader ended.
+    shut: bool,
+    /// Reads stopped (the session is ending).
+    stopped: bool,
+    /// Forward only up to the end of the frame in progress, then stop.
+    finishing: bool,
+    frames: FrameBoundaries,
+}
+
+impl Direction {
+    fn new(from: Side) -> Self {
+        Direction {
+            from,
+            pending: None,
+            dirty: false,
+            eof: false,
+            shut: false,
+            stopped: false,
+            finishing: false,
+            frames: FrameBoundaries::default(),
+        }
+    }
+}
+
+struct Pump {
+    client: Stream,
+    upstream: Stream,
+    /// Upstream to client.
+    down: Direction,
+    /// Client to upstream.
+    up: Direction,
+    last_activity: Instant,
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+impl Side {
+    fn reason(self) -> SessionEndReason {
+        match self {
+            Side::Client => SessionEndReason::Client,
+            Side::Upstream => SessionEndReason::Upstream,
+        }
+    }
+}
+
+impl Pump {
+    fn new(client: Stream, upstream: Stream) -> Self {
+        Pump {
+            client,
+            upstream,
+            down: Direction::new(Side::Upstream),
+            up: Direction::new(Side::Client),
+            last_activity: Instant::now(),
+        }
+    }
+
+    /// Relays both ways; ready when a side has closed or failed (the reason names it).
+    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<SessionEndReason> {
+        let Pump {
+            client,
+            upstream,
+            down,
+            up,
+            last_activity,
+        } = self;
+        let mut active = false;
+        let down_state = transfer(cx, upstream, client, down, &mut active);
+        let up_state = transfer(cx, client, upstream, up, &mut active);
+        if active {
+            *last_activity = Instant::now();
+        }
+        match (down_state, up_state) {
+            (Poll::Ready(Err(side)), _) | (_, Poll::Ready(Err(side))) => Poll::Ready(side.reason()),
+            (Poll::Ready(Ok(())), _) => Poll::Ready(SessionEndReason::Upstream),
+            (_, Poll::Ready(Ok(()))) => Poll::Ready(SessionEndReason::Client),
+            _ => Poll::Pending,
+        }
+    }
+
+    /// Ready once both directions have ended (or one failed).
+    fn poll_both_done(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut active = false;
+        let down = transfer(
+            cx,
+            &mut self.upstream,
+            &mut self.client,
+            &mut self.down,
+            &mut active,
+        );
+        let up = transfer(
+            cx,
+            &mut self.client,
+            &mut self.upstream,
+            &mut self.up,
+            &mut active,
+        );
+        match (down, up) {
+            (Poll::Ready(Err(_)), _) | (_, Poll::Ready(Err(_))) => Poll::Ready(()),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(()),
+            _ => Poll::Pending,
+        }
+    }
+
+    /// Ready once the upstream's frame in progress has reached the client and what
+    /// was read from the client has reached the upstream; `Err` if the client failed.
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+        let mut active = false;
+        let down = transfer(
+            cx,
+            &mut self.upstream,
+            &mut self.client,
+            &mut self.down,
+            &mut active,
+        );
+        // Already-read client bytes still go up (they are whole frames or the start of
+        // one, which the upstream would otherwise see cut); nothing new is read.
+        let up = transfer(
+            cx,
+            &mut self.client,
+            &mut self.upstream,
+            &mut self.up,
+            &mut active,
+        );
+        if let Poll::Ready(Err(Side::Client)) = down {
+            return Poll::Ready(Err(()));
+        }
+        let down_done = matches!(down, Poll::Ready(_))
+            || (self.down.stopped && self.down.pending.is_none() && !self.down.dirty);
+        let up_done = matches!(up, Poll::Ready(_)) || (self.up.pending.is_none() && !self.up.dirty);
+        if down_done && up_done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Reads and drops whatever either peer sends; ready when both have closed.
+    fn poll_discard(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let client = discard(cx, &mut self.client);
+        let upstream = discard(cx, &mut self.upstream);
+        if client.is_ready() && upstream.is_ready() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// Reads until end of stream or error, dropping the bytes.
+fn discard(cx: &mut Context<'_>, stream: &mut Stream) -> Poll<()> {
+    for _ in 0..READS_PER_POLL {
+        let mut buf = [0u8; 1024];
+        let mut read = ReadBuf::new(&mut buf);
+        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) if !read.filled().is_empty() => {}
+            Poll::Ready(_) => return Poll::Ready(()),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    cx.waker().wake_by_ref();
+    Poll::Pending
+}
+
+/// Moves bytes from `from` to `to` through `dir`. Ready(Ok) once `from` has ended and
+/// `to` was shut down after everything read; Ready(Err(side)) when a side fails;
+/// Pending otherwise (wakers registered on whatever it waits for).
+fn transfer(
+    cx: &mut Context<'_>,
+    from: &mut Stream,
+    to: &mut Stream,
+    dir: &mut Direction,
+    active: &mut bool,
+) -> Poll<Result<(), Side>> {
+    let from_side = dir.from;
+    let to_side = match from_side {
+        Side::Client => Side::Upstream,
+        Side::Upstream => Side::Client,
+    };
+    for _ in 0..READS_PER_POLL {
+        if let Some(pending) = dir.pending.as_mut() {
+            while !pending.is_empty() {
+                match Pin::new(&mut *to).poll_write(cx, pending) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(to_side)),
+                    Poll::Ready(Ok(n)) => pending.advance(n),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            dir.pending = None;
+            dir.dirty = true;
+        }
+        if dir.dirty {
+            match Pin::new(&mut *to).poll_flush(cx) {
+                Poll::Ready(Ok(())) => dir.dirty = false,
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(to_side)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if dir.eof {
+            if !dir.shut {
+                match Pin::new(&mut *to).poll_shutdown(cx) {
+                    Poll::Ready(_) => dir.shut = true,
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if dir.stopped {
+            return Poll::Pending;
+        }
+        let mut buf = [0u8; READ_CHUNK];
+        let mut read = ReadBuf::new(&mut buf);
+        match Pin::new(&mut *from).poll_read(cx, &mut read) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(_)) => return Poll::Ready(Err(from_side)),
+            Poll::Ready(Ok(())) => {}
+        }
+        let mut data = read.filled();
+        if data.is_empty() {
+            dir.eof = true;
+            continue;
+        }
+        *active = true;
+        if dir.finishing {
+            if let Some(frame_end) = dir.frames.finish_frame(data) {
+                // The frame in progress ends here: what follows it is not forwarded.
+                data = &data[..frame_end];
+                dir.stopped = true;
+            }
+        } else {
+            dir.frames.advance(data);
+        }
+        let mut written = 0;
+        while written < data.len() {
+            match Pin::new(&mut *to).poll_write(cx, &data[written..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(to_side)),
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Pending => break,
+            }
+        }
+        if written < data.len() {
+            dir.pending = Some(BytesMut::from(&data[written..]));
+        }
+        dir.dirty = true;
+    }
+    // Still more to read: let other tasks run, then come back.
+    cx.waker().wake_by_ref();
+    Poll::Pending
+}
+
+impl std::fmt::Debug for Upgraded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upgraded")
+            .field("app", &self.app)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Most names a client may list in `Connection` (pingora-proxy's
+/// `MAX_CONNECTION_NOMINATIONS`: the tenth fails).
+const MAX_CONNECTION_NOMINATIONS: usize = 10;
+
+/// Removes from an upgrade request what must not cross the proxy, exactly as
+/// pingora-proxy 0.9.1 does before every request it forwards (its default
+/// `HttpUpstreamRequestPolicy`, in the crate-private `sanitize_h1_upstream_request` of
+/// `proxy_common.rs`), so that a relayed upgrade reaches the upstream as a tunnelled
+/// one would: the headers the client names in `Connection` (fewer than ten valid
+/// tokens, none of `host` and `x-forwarded-{for,host,proto}`), the standard hop-by-hop
+/// headers, then `Connection: Upgrade` and `Upgrade: websocket` set again. Run it
+/// before the identity headers are added (contract §6 rule 2).
+pub(crate) fn strip_hop_by_hop(
+    request: &mut pingora::http::RequestHeader,
+) -> Result<(), &'static str> {
+    use http::header;
+    let mut nominated = Vec::new();
+    for token in request
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|byte| *byte == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| !token.is_empty())
+    {
+        if nominated.len() + 1 >= MAX_CONNECTION_NOMINATIONS {
+            return Err("too many Connection header nominations");
+        }
+        if token.starts_with(b":") || !token.iter().all(|&byte| is_tchar(byte)) {
+            return Err("invalid token nominated by the Connection header");
+        }
+        let name = http::HeaderName::from_bytes(token)
+            .map_err(|_| "invalid token nominated by the Connection header")?;
+        if matches!(
+            name.as_str(),
+            "host" | "x-forwarded-for" | "x-forwarded-host" | "x-forwarded-proto"
+        ) {
+            return Err("protected header cannot be nominated by the Connection header");
+        }
+        nominated.push(name);
+    }
+    for name in &nominated {
+        request.remove_header(name);
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "http2-settings",
+    ] {
+        request.remove_header(name);
+    }
+    request
+        .insert_header(header::CONNECTION, "Upgrade")
+        .map_err(|_| "header")?;
+    request
+        .insert_header(header::UPGRADE, "websocket")
+        .map_err(|_| "header")?;
+    Ok(())
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_tchar(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora::http::RequestHeader;
+
+    fn upgrade_request(connection: &str) -> RequestHeader {
+        let mut request = RequestHeader::build("GET", b"/connect?api_key=k", None).unwrap();
+        request.insert_header("host", "example").unwrap();
+        request.insert_header("connection", connection).unwrap();
+        request.insert_header("upgrade", "WebSocket").unwrap();
+        request.insert_header("keep-alive", "timeout=5").unwrap();
+        request.insert_header("x-nominated", "1").unwrap();
+        request.insert_header("sec-websocket-key", "k").unwrap();
+        request
+    }
+
+    #[test]
+    fn hop_by_hop_and_nominated_headers_are_removed_and_the_upgrade_set_again() {
+        let mut request = upgrade_request("Upgrade, X-Nominated");
+        strip_hop_by_hop(&mut request).unwrap();
+        let headers = &request.headers;
+        assert!(headers.get("x-nominated").is_none());
+        assert!(headers.get("keep-alive").is_none());
+        assert_eq!(headers.get("connection").unwrap(), "Upgrade");
+        assert_eq!(headers.get("upgrade").unwrap(), "websocket");
+        assert_eq!(headers.get("sec-websocket-key").unwrap(), "k");
+        assert_eq!(headers.get("host").unwrap(), "example");
+    }
+
+    #[test]
+    fn protected_malformed_or_too_many_nominations_are_refused() {
+        for connection in [
+            "Upgrade, Host",
+            "Upgrade, X-Forwarded-For",
+            "Upgrade, \"x-nominated\"",
+            "a, b, c, d, e, f, g, h, i, j",
+        ] {
+            let mut request = upgrade_request(connection);
+            assert!(strip_hop_by_hop(&mut request).is_err(), "{connection}");
+        }
+        // Nine names are allowed, as in Pingora.
+        let mut request = upgrade_request("a, b, c, d, e, f, g, h, upgrade");
+        assert!(strip_hop_by_hop(&mut request).is_ok());
+    }
+
+    #[test]
+    fn the_head_length_covers_the_blank_line_only() {
+        let bytes = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x02hi";
+        assert_eq!(&bytes[head_len(bytes)..], b"\x81\x02hi");
+    }
+}
