@@ -26,7 +26,8 @@
 //! connection, as in the filter engine.
 //!
 //! Not handled here: WebSocket upgrades go to the filter engine with the connection (the
-//! head is handed over as a pipelined prefix, see [`ForwardApp`]), and so do HTTP/2
+//! head is handed over as a pipelined prefix, see [`ForwardApp`]; the filter decides it
+//! again and hands the session to [`super::relay`]), and so do HTTP/2
 //! connections (`[server.tls]` with ALPN `h2`). TLS to clients and to the upstream is
 //! Pingora's in both engines (the listener; `TransportConnector`).
 
