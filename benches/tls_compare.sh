@@ -51,37 +51,12 @@ env -u CARGO_TARGET_DIR cargo build --example tls_load
 BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/chatgate
 LOAD=target/debug/examples/tls_load
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 
 "$LOAD" cert "$WORK"
 
-cat >"$WORK/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$UPSTREAM_PORT;
-    location / {
-      default_type application/json;
-      return 200 '{"channels":[],"duration":"0.42ms","ok":true,"user":{"id":"bench","role":"user"},"x":"0123456"}';
-    }
-  }
-}
-EOF
-taskset -c "$LOAD_CPU" nginx -c "$WORK/nginx.conf" -p "$WORK" &
-PIDS+=($!)
+start_nginx_upstream "$UPSTREAM_PORT" "$LOAD_CPU"
 
 cat >"$WORK/chatgate.toml" <<EOF
 [server]

@@ -35,14 +35,8 @@ done
 python3 -c 'import matplotlib' 2>/dev/null || { echo "missing: matplotlib (pip install matplotlib)"; exit 1; }
 [ -x "$BIN" ] || cargo build --release --features cli --bin chatgate
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 
 # The shipped config, on ports of its own so that it cannot collide with a running
 # quickstart; everything else as shipped.
