@@ -472,20 +472,31 @@ impl Pump {
         }
     }
 
+    /// One step each way, upstream to client first; also says whether any byte moved.
+    fn transfer_both(&mut self, cx: &mut Context<'_>) -> (Step, Step, bool) {
+        let mut active = false;
+        let down = transfer(
+            cx,
+            &mut self.upstream,
+            &mut self.client,
+            &mut self.down,
+            &mut active,
+        );
+        let up = transfer(
+            cx,
+            &mut self.client,
+            &mut self.upstream,
+            &mut self.up,
+            &mut active,
+        );
+        (down, up, active)
+    }
+
     /// Relays both ways; ready when a side has closed or failed (the reason names it).
     fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<SessionEndReason> {
-        let Pump {
-            client,
-            upstream,
-            down,
-            up,
-            last_activity,
-        } = self;
-        let mut active = false;
-        let down_state = transfer(cx, upstream, client, down, &mut active);
-        let up_state = transfer(cx, client, upstream, up, &mut active);
+        let (down_state, up_state, active) = self.transfer_both(cx);
         if active {
-            *last_activity = Instant::now();
+            self.last_activity = Instant::now();
         }
         match (down_state, up_state) {
             (Poll::Ready(Err(side)), _) | (_, Poll::Ready(Err(side))) => Poll::Ready(side.reason()),
@@ -497,21 +508,7 @@ impl Pump {
 
     /// Ready once both directions have ended (or one failed).
     fn poll_both_done(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut active = false;
-        let down = transfer(
-            cx,
-            &mut self.upstream,
-            &mut self.client,
-            &mut self.down,
-            &mut active,
-        );
-        let up = transfer(
-            cx,
-            &mut self.client,
-            &mut self.upstream,
-            &mut self.up,
-            &mut active,
-        );
+        let (down, up, _) = self.transfer_both(cx);
         match (down, up) {
             (Poll::Ready(Err(_)), _) | (_, Poll::Ready(Err(_))) => Poll::Ready(()),
             (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(()),
@@ -522,23 +519,9 @@ impl Pump {
     /// Ready once the upstream's frame in progress has reached the client and what
     /// was read from the client has reached the upstream; `Err` if the client failed.
     fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
-        let mut active = false;
-        let down = transfer(
-            cx,
-            &mut self.upstream,
-            &mut self.client,
-            &mut self.down,
-            &mut active,
-        );
         // Already-read client bytes still go up (they are whole frames or the start of
         // one, which the upstream would otherwise see cut); nothing new is read.
-        let up = transfer(
-            cx,
-            &mut self.client,
-            &mut self.upstream,
-            &mut self.up,
-            &mut active,
-        );
+        let (down, up, _) = self.transfer_both(cx);
         if let Poll::Ready(Err(Side::Client)) = down {
             return Poll::Ready(Err(()));
         }
@@ -563,6 +546,10 @@ impl Pump {
         }
     }
 }
+
+/// One direction's state after a [`transfer`]: ready once it ended (`Err` names the
+/// side that failed).
+type Step = Poll<Result<(), Side>>;
 
 /// Reads until end of stream or error, dropping the bytes.
 fn discard(cx: &mut Context<'_>, stream: &mut Stream) -> Poll<()> {
