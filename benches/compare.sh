@@ -20,9 +20,11 @@
 # round, and reports the auth run's share of samples in symbols the no-auth run of the
 # same round never hit: the CPU only the check adds (plus what sampling puts there by
 # chance, so an upper estimate; work inlined into a function both runs share is not in
-# it). FEATURES (default "--features cli") picks the build; SKIP_BUILD=1 uses the
-# binaries already built. chatgate_forward is the same binary on `[server] engine =
-# "forward"` (issue 16).
+# it). FEATURES (default "--features cli") picks the build; PROFILE (default release)
+# the cargo profile and so the target/ directory (PROFILE=perf: release without fat LTO,
+# target/perf/); SKIP_BUILD=1 uses the binaries already built. chatgate is the
+# `[server] engine = "filter"` engine and chatgate_forward the same binary on
+# `engine = "forward"` (issue 16), both named in their configs whatever the default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +40,7 @@ declare -A PORT=([chatgate]=18181 [chatgate_noauth]=18185 [passthrough]=18182
 read -r -a TARGETS <<<"${TARGETS:-chatgate chatgate_forward chatgate_noauth passthrough haproxy_jwt haproxy_plain}"
 PERF=${PERF:-0}
 FEATURES=${FEATURES:---features cli}
+PROFILE=${PROFILE:-release}
 has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -47,11 +50,12 @@ if ! need wrk || ! need haproxy || ! need nginx; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk haproxy nginx-light >/dev/null
 fi
 
-# SKIP_BUILD=1: measure the binaries already in target/release as they are.
+# SKIP_BUILD=1: measure the binaries already in target/$PROFILE as they are.
 # shellcheck disable=SC2086 # FEATURES is a list of flags
-[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release $FEATURES --bin chatgate --example passthrough
-BIN=target/release/chatgate
-PASSTHROUGH=target/release/examples/passthrough
+[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --profile "$PROFILE" $FEATURES --bin chatgate --example passthrough
+BIN=target/$PROFILE/chatgate
+PASSTHROUGH=target/$PROFILE/examples/passthrough
+echo "binaries: $BIN ($(stat -c %y "$BIN" | cut -d. -f1)), profile $PROFILE"
 
 # shellcheck source=benches/lib.sh
 . benches/lib.sh
@@ -65,6 +69,7 @@ cat >"$WORK/chatgate.toml" <<EOF
 listen = "127.0.0.1:${PORT[chatgate]}"
 admin_listen = "off"
 threads = 1
+engine = "filter"
 [upstream]
 addresses = ["127.0.0.1:$UPSTREAM_PORT"]
 [revocation]
@@ -77,7 +82,7 @@ taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/chatgate.toml" >"$WORK/chat
 PIDS+=($!)
 CHATGATE_PID=$!
 # the same proxy on the forward engine (issue 16)
-sed -e "s/${PORT[chatgate]}/${PORT[chatgate_forward]}/" -e 's/^threads = 1$/threads = 1\nengine = "forward"/' \
+sed -e "s/${PORT[chatgate]}/${PORT[chatgate_forward]}/" -e 's/^engine = "filter"$/engine = "forward"/' \
   "$WORK/chatgate.toml" >"$WORK/forward.toml"
 taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/forward.toml" >"$WORK/forward.log" 2>&1 &
 PIDS+=($!)

@@ -8,7 +8,7 @@ mod harness;
 
 use chatgate::TokenBuilder;
 use chatgate::time::now_unix;
-use harness::{Behaviour, STEP, TestUpstream, free_port};
+use harness::{Behaviour, STEP, TestUpstream, free_port, with_test_engine};
 use std::io::Read as _;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -37,7 +37,7 @@ async fn run_proxy(
         upstream.address
     );
     let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    std::fs::write(file.path(), config).unwrap();
+    std::fs::write(file.path(), with_test_engine(&config)).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_chatgate"))
         .args(["serve", "--config"])
         .arg(file.path())

@@ -1327,6 +1327,83 @@ async fn an_idle_keep_alive_connection_is_not_cut_by_the_header_timeout() {
     .await;
 }
 
+// === a request body that stops arriving does not hold the request ===
+
+const BODY_TIMEOUT_MS: u64 = 1000;
+
+/// Sends `head` and `sent` bytes of a body it announced as longer, then nothing more;
+/// returns what the client heard and when its connection ended (at most 8 s).
+async fn stalled_body(rig: &Rig, head: &str, sent: &str) -> (Vec<u8>, Duration) {
+    let mut stream = TcpStream::connect(rig.proxy.address).await.unwrap();
+    let started = Instant::now();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(sent.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    // Bounded: 80 reads of at most 100 ms each.
+    for _ in 0..80 {
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (received, started.elapsed()),
+            Ok(Ok(n)) => received.extend_from_slice(&chunk[..n]),
+            Err(_) => {}
+        }
+    }
+    panic!(
+        "the connection was still open 8 s into a stalled body; heard {:?}",
+        String::from_utf8_lossy(&received)
+    );
+}
+
+#[tokio::test]
+async fn a_request_body_that_stops_arriving_ends_the_request_at_the_client_body_timeout() {
+    let rig = Rig::start(|o| o.client_body_timeout_ms = Some(BODY_TIMEOUT_MS)).await;
+    let token = user_token("alice");
+    let server = server_token();
+    let cases = [
+        (
+            "an allowed request's body (streamed upstream)",
+            format!(
+                "POST /channels?api_key={KEY} HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n\
+                 Stream-Auth-Type: jwt\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            ),
+        ),
+        (
+            "a revocation body (read before the gate decides)",
+            format!(
+                "PATCH /users?api_key={KEY} HTTP/1.1\r\nHost: x\r\nAuthorization: {server}\r\n\
+                 Stream-Auth-Type: jwt\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            ),
+        ),
+    ];
+    for (what, head) in cases {
+        let (received, ended) = stalled_body(&rig, &head, "{\"users\"").await;
+        let heard = String::from_utf8_lossy(&received);
+        // Both engines answer a stalled body as Pingora does: a bare 400 that closes
+        // the connection (not the contract's 502 or 504: the upstream did nothing wrong).
+        assert!(
+            heard.starts_with("HTTP/1.1 400 ")
+                && heard
+                    .to_ascii_lowercase()
+                    .contains("\r\nconnection: close\r\n"),
+            "{what}: heard {heard:?}"
+        );
+        assert!(
+            ended >= Duration::from_millis(BODY_TIMEOUT_MS),
+            "{what}: ended after {ended:?}, before the body timeout"
+        );
+        assert!(
+            ended <= Duration::from_millis(BODY_TIMEOUT_MS) + SLACK,
+            "{what}: ended after {ended:?}, body timeout {BODY_TIMEOUT_MS} ms"
+        );
+    }
+    // The revocation was never whole, so never forwarded.
+    assert!(
+        rig.upstream.requests().iter().all(|r| r.method != "PATCH"),
+        "{:?}",
+        rig.upstream.requests()
+    );
+}
+
 // === rule 7: failed authentication is rate limited ===
 
 /// One refusal of each counted code: `(code, request)`.

@@ -161,7 +161,7 @@ async fn a_busy_listen_port_ends_the_process_with_the_address_and_a_failure_stat
          [[apps]]\napi_key = \"k\"\nsecrets = [\"s\"]\n"
     );
     let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    std::fs::write(file.path(), config).unwrap();
+    std::fs::write(file.path(), with_test_engine(&config)).unwrap();
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_chatgate"))
         .args(["serve", "--config"])

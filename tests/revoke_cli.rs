@@ -8,7 +8,7 @@ mod harness;
 
 use chatgate::TokenBuilder;
 use chatgate::time::now_unix;
-use harness::{Behaviour, STEP, TestUpstream, free_port};
+use harness::{Behaviour, STEP, TestUpstream, free_port, with_test_engine};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -34,13 +34,13 @@ async fn revoke_reaches_the_running_proxy_and_its_next_check() {
     let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     std::fs::write(
         file.path(),
-        format!(
+        with_test_engine(&format!(
             "[server]\nlisten = \"{address}\"\nadmin_listen = \"off\"\nthreads = 1\ngrace_period_seconds = 1\n\
              [upstream]\naddresses = [\"{}\"]\n\
              [revocation]\nstore = \"memory\"\n\
              [[apps]]\napi_key = \"{KEY}\"\nsecrets = [\"{SECRET}\"]\n",
             upstream.address
-        ),
+        )),
     )
     .unwrap();
     let _proxy = Running(

@@ -125,7 +125,7 @@ impl TlsProxy {
             harness::SECRET,
         );
         let path = dir.path().join("chatgate.toml");
-        std::fs::write(&path, text).unwrap();
+        std::fs::write(&path, harness::with_test_engine(&text)).unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
             .args(["serve", "--config"])
             .arg(&path)

@@ -128,6 +128,12 @@ fn server(
             10_000,
             "server.header_timeout_ms",
         )?,
+        client_body_timeout: positive_ms(
+            at,
+            server.client_body_timeout_ms,
+            60_000,
+            "server.client_body_timeout_ms",
+        )?,
         max_header_bytes: max_header_bytes as usize,
         tls: match &server.tls {
             Some(tls) => Some(super::tls::build_tls(tls, at, base_dir)?),
@@ -541,6 +547,7 @@ mod tests {
         assert_eq!(config.limits.failed_auth_per_minute, None);
         assert!(config.limits.trusted_proxies.is_empty());
         assert_eq!(config.server.header_timeout.as_millis(), 10_000);
+        assert_eq!(config.server.client_body_timeout.as_millis(), 60_000);
         assert_eq!(config.server.max_header_bytes, 65_536);
 
         let with = |extra: &str| {
@@ -606,6 +613,18 @@ mod tests {
         );
         let (line, _, key, _) = invalid(&text);
         assert_eq!((key.as_str(), line), ("server.header_timeout_ms", 4));
+        let text = VALID.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nclient_body_timeout_ms = 0",
+        );
+        let (line, _, key, _) = invalid(&text);
+        assert_eq!((key.as_str(), line), ("server.client_body_timeout_ms", 4));
+        let text = VALID.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nclient_body_timeout_ms = 2500",
+        );
+        let config = crate::config::tests::parse(&text).unwrap();
+        assert_eq!(config.server.client_body_timeout.as_millis(), 2500);
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub struct ServerSettings {
     /// Longest a request head may take to arrive, from its first byte (contract §6
     /// rule 6). Read per connection, so a reload applies to new connections.
     pub header_timeout: Duration,
+    /// Longest pause between two reads of a client's request body (Pingora's 60 s
+    /// default, the same on both engines); past it the request ends. Read per request.
+    pub client_body_timeout: Duration,
     /// Largest request head (request line and headers) accepted (contract §6 rule 6).
     pub max_header_bytes: usize,
     /// `[server.tls]`: serve clients over TLS (HTTP/2 and HTTP/1.1 by ALPN). Turning it

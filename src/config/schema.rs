@@ -32,6 +32,7 @@ pub(super) struct RawServer {
     pub(super) work_stealing: Option<bool>,
     pub(super) grace_period_seconds: Option<u64>,
     pub(super) header_timeout_ms: Option<u64>,
+    pub(super) client_body_timeout_ms: Option<u64>,
     pub(super) max_header_bytes: Option<u64>,
     pub(super) engine: Option<String>,
     pub(super) tls: Option<RawTls>,

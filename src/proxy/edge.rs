@@ -139,6 +139,10 @@ impl ProxyHttp for EdgeProxy {
         // those bytes are kept as the next request and answered in order; the setting
         // carries over to the connection's later requests.
         session.as_downstream_mut().set_pipelining_enabled(true);
+        // Pingora's own default is 60 s; the setting makes it the operator's (and a
+        // test's) and keeps both engines alike. Per request: a reload applies to the next.
+        let body_timeout = self.auth.gate().config().load().server.client_body_timeout;
+        session.set_read_timeout(Some(body_timeout));
         ctx.websocket = RequestParts::from(&**session.req_header()).is_websocket_upgrade();
         let (verdict, refused) = self.auth.decide(session).await?;
         if let Some(refused) = refused {

@@ -189,7 +189,14 @@ impl ChatAuthFilter {
         session.as_downstream_mut().enable_retry_buffering();
         let mut body = BytesMut::new();
         // Bounded by the size check: every iteration adds at least one byte or ends.
-        while let Some(chunk) = session.read_request_body().await? {
+        // A body that stalls or breaks is the client's fault (`into_down`): the filter's
+        // `fail_to_proxy` answers it as Pingora answers a streamed body's (400, or
+        // nothing to a client that went away), not as an unavailable upstream.
+        while let Some(chunk) = session
+            .read_request_body()
+            .await
+            .map_err(|error| error.into_down())?
+        {
             if body.len() + chunk.len() > MAX_REVOCATION_BODY {
                 return Ok(Err(AuthError::BadInput(format!(
                     "request body larger than {MAX_REVOCATION_BODY} bytes"

@@ -196,6 +196,10 @@ impl ForwardApp {
         // A drain waits for it, as for the filter engine's requests.
         let _in_progress = self.hub.request();
         let mut access = AccessRecord::default();
+        let gate = self.auth.gate();
+        // The pause allowed between two reads of the client's body, as the filter engine
+        // sets it: the revocation body, the streamed body and the drain of a refused one.
+        session.set_read_timeout(Some(gate.config().load().server.client_body_timeout));
         let header = session.req_header_mut();
         strip_identity_headers(header);
         if normal_target(header).is_err() {
@@ -206,7 +210,6 @@ impl ForwardApp {
             .client_addr()
             .and_then(|address| address.as_inet())
             .map(|address| address.ip());
-        let gate = self.auth.gate();
         let decision = gate
             .check(RequestParts::from(&**session.req_header()).with_peer(peer))
             .await;
@@ -223,7 +226,7 @@ impl ForwardApp {
                     applied.map(|()| Some(identity))
                 }
                 Ok(Err(error)) => Err(error),
-                Err(()) => return Served::Close,
+                Err(error) => return client_failed(session, &error).await,
             },
             Err(error) => Err(error),
         };
@@ -401,7 +404,7 @@ impl ForwardApp {
             .await;
             if let Err(kind) = sent {
                 match kind {
-                    SendError::Client => return Served::Close,
+                    SendError::Client(error) => return client_failed(session, &error).await,
                     SendError::Upstream
                         if reused && !has_body && idempotent && !fresh_retry_used =>
                     {
@@ -516,7 +519,7 @@ impl ForwardApp {
 /// Why a request could not be sent upstream.
 enum SendError {
     /// Reading the client's body failed: the client connection ends.
-    Client,
+    Client(Box<pingora::Error>),
     /// Writing to the upstream failed.
     Upstream,
 }
@@ -593,7 +596,10 @@ fn prepare_upstream_header(
 }
 
 /// Writes the head and the body upstream: a body already read whole, or the client's
-/// body streamed (re-chunked when it came chunked).
+/// body streamed (re-chunked when it came chunked). `timeout` bounds each write to the
+/// upstream (as Pingora's write timeout does for the filter engine), not the whole
+/// request: a long upload that keeps moving is not cut, and the pauses between the
+/// client's body reads are bounded by the session's own read timeout.
 async fn send_request(
     session: &mut ClientSession,
     stream: &mut Stream,
@@ -603,60 +609,53 @@ async fn send_request(
     chunked: bool,
     timeout: Option<std::time::Duration>,
 ) -> Result<(), SendError> {
-    let write = async {
-        stream
-            .write_all(wire)
-            .await
-            .map_err(|_| SendError::Upstream)?;
-        if let Some(body) = read_body {
-            stream
-                .write_all(body)
-                .await
-                .map_err(|_| SendError::Upstream)?;
-        } else if has_body {
-            // Bounded by the client's body, which the read timeout paces.
-            loop {
-                match session.read_body_bytes().await {
-                    Ok(Some(chunk)) if chunked => {
-                        let size = format!("{:x}\r\n", chunk.len());
-                        stream
-                            .write_all(size.as_bytes())
-                            .await
-                            .map_err(|_| SendError::Upstream)?;
-                        stream
-                            .write_all(&chunk)
-                            .await
-                            .map_err(|_| SendError::Upstream)?;
-                        stream
-                            .write_all(b"\r\n")
-                            .await
-                            .map_err(|_| SendError::Upstream)?;
-                    }
-                    Ok(Some(chunk)) => {
-                        stream
-                            .write_all(&chunk)
-                            .await
-                            .map_err(|_| SendError::Upstream)?;
-                    }
-                    Ok(None) => break,
-                    Err(_) => return Err(SendError::Client),
+    write_upstream(stream, wire, timeout).await?;
+    if let Some(body) = read_body {
+        write_upstream(stream, body, timeout).await?;
+    } else if has_body {
+        // Bounded by the client's body, which the read timeout paces.
+        loop {
+            match session.read_body_bytes().await {
+                Ok(Some(chunk)) if chunked => {
+                    let size = format!("{:x}\r\n", chunk.len());
+                    write_upstream(stream, size.as_bytes(), timeout).await?;
+                    write_upstream(stream, &chunk, timeout).await?;
+                    write_upstream(stream, b"\r\n", timeout).await?;
                 }
-            }
-            if chunked {
-                stream
-                    .write_all(b"0\r\n\r\n")
-                    .await
-                    .map_err(|_| SendError::Upstream)?;
+                Ok(Some(chunk)) => write_upstream(stream, &chunk, timeout).await?,
+                Ok(None) => break,
+                Err(error) => return Err(SendError::Client(error)),
             }
         }
-        stream.flush().await.map_err(|_| SendError::Upstream)
-    };
+        if chunked {
+            write_upstream(stream, b"0\r\n\r\n", timeout).await?;
+        }
+    }
+    let flush = stream.flush();
     match timeout {
+        Some(timeout) => tokio::time::timeout(timeout, flush)
+            .await
+            .map_or(Err(SendError::Upstream), |r| {
+                r.map_err(|_| SendError::Upstream)
+            }),
+        None => flush.await.map_err(|_| SendError::Upstream),
+    }
+}
+
+/// One write to the upstream, within `timeout`.
+async fn write_upstream(
+    stream: &mut Stream,
+    bytes: &[u8],
+    timeout: Option<std::time::Duration>,
+) -> Result<(), SendError> {
+    let write = stream.write_all(bytes);
+    let written = match timeout {
         Some(timeout) => tokio::time::timeout(timeout, write)
             .await
-            .unwrap_or(Err(SendError::Upstream)),
+            .map_err(|_| SendError::Upstream)?,
         None => write.await,
-    }
+    };
+    written.map_err(|_| SendError::Upstream)
 }
 
 /// Whether an idle upstream connection is still open with nothing unread on it.
@@ -686,9 +685,11 @@ async fn read_head(reply: &mut UpstreamSession) -> pingora::Result<()> {
     )
 }
 
-/// Reads a revocation body whole, up to [`MAX_REVOCATION_BODY`]; `Err(())` when the
+/// Reads a revocation body whole, up to [`MAX_REVOCATION_BODY`]; `Err` when the
 /// client's body could not be read.
-async fn read_small_body(session: &mut ClientSession) -> Result<Result<Bytes, AuthError>, ()> {
+async fn read_small_body(
+    session: &mut ClientSession,
+) -> Result<Result<Bytes, AuthError>, Box<pingora::Error>> {
     let mut body = BytesMut::new();
     // Bounded by the size check: every iteration adds at least one byte or ends.
     loop {
@@ -702,7 +703,7 @@ async fn read_small_body(session: &mut ClientSession) -> Result<Result<Bytes, Au
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(Ok(body.freeze())),
-            Err(_) => return Err(()),
+            Err(error) => return Err(error),
         }
     }
 }
@@ -741,11 +742,25 @@ async fn write_rejection(session: &mut ClientSession, rejection: Rejection) -> p
     Ok(())
 }
 
-/// Pingora's answer to a request head it cannot parse (as its proxy gives).
-async fn bad_request(session: &mut ClientSession) {
-    if let Ok(mut header) = ResponseHeader::build(400, Some(1)) {
-        let _ = header.insert_header(header::CONTENT_LENGTH, "0");
-        session.set_server_keepalive(None);
-        let _ = session.write_response_header(Box::new(header)).await;
+/// The client's body could not be read, as the filter engine answers it (its
+/// `fail_to_proxy` for a downstream error): a client that went away or broke the
+/// connection hears nothing; a body that stalled past `[server] client_body_timeout_ms`
+/// or was malformed gets Pingora's 400, before any answer started. The connection ends.
+async fn client_failed(session: &mut ClientSession, error: &pingora::Error) -> Served {
+    let gone = matches!(
+        error.etype(),
+        ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+    );
+    if !gone && session.response_written().is_none() {
+        bad_request(session).await;
     }
+    Served::Close
+}
+
+/// Pingora's 400 (what its proxy answers to a head it cannot parse or a body it could
+/// not read), and the connection closes after it.
+async fn bad_request(session: &mut ClientSession) {
+    session.set_server_keepalive(None);
+    let header = pingora::protocols::http::error_resp::gen_error_response(400);
+    let _ = session.write_response_header(Box::new(header)).await;
 }

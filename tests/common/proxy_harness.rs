@@ -87,6 +87,30 @@ pub const FAULT_BODY_LEN: usize = 64 * 1024;
 /// How long a [`Behaviour::Slow`] upstream takes to answer.
 pub const SLOW_ANSWER: Duration = Duration::from_millis(1500);
 
+/// The forwarding engine the proxy tests run on (issue 16): `CHATGATE_TEST_ENGINE`
+/// (`filter` or `forward`) when set, else the binary's default (`None`).
+pub fn test_engine() -> Option<String> {
+    std::env::var("CHATGATE_TEST_ENGINE").ok()
+}
+
+/// `config` (a whole config file's text, with a `[server]` table) set to run on
+/// [`test_engine`]. Every test that writes a config for the `chatgate` binary passes it
+/// through here, so one variable moves the whole proxy suite to the other engine.
+pub fn with_test_engine(config: &str) -> String {
+    let Some(engine) = test_engine() else {
+        return config.to_owned();
+    };
+    assert!(
+        config.starts_with("[server]\n") && !config.contains("\nengine ="),
+        "a proxy test config starts with its [server] table and leaves the engine to the harness"
+    );
+    config.replacen(
+        "[server]\n",
+        &format!("[server]\nengine = \"{engine}\"\n"),
+        1,
+    )
+}
+
 /// A loopback upstream that records what reaches it.
 pub struct TestUpstream {
     pub address: SocketAddr,
@@ -383,6 +407,8 @@ pub struct ProxyOptions {
     pub header_timeout_ms: Option<u64>,
     /// `[server] max_header_bytes`.
     pub max_header_bytes: Option<u64>,
+    /// `[server] client_body_timeout_ms`.
+    pub client_body_timeout_ms: Option<u64>,
     /// `[limits] failed_auth_per_minute`.
     pub failed_auth_per_minute: Option<u32>,
     /// `[limits] trusted_proxies`; the `[limits]` section is written when this or
@@ -463,13 +489,11 @@ impl Proxy {
             .map(|a| format!("\"{a}\""))
             .collect();
         let mut server_extra = String::new();
-        // `CHATGATE_TEST_ENGINE=forward` runs every proxy test on the forward engine
-        // (issue 16); unset, the default engine.
-        if let Ok(engine) = std::env::var("CHATGATE_TEST_ENGINE") {
-            server_extra.push_str(&format!("engine = \"{engine}\"\n"));
-        }
         if let Some(ms) = options.header_timeout_ms {
             server_extra.push_str(&format!("header_timeout_ms = {ms}\n"));
+        }
+        if let Some(ms) = options.client_body_timeout_ms {
+            server_extra.push_str(&format!("client_body_timeout_ms = {ms}\n"));
         }
         if let Some(bytes) = options.max_header_bytes {
             server_extra.push_str(&format!("max_header_bytes = {bytes}\n"));
@@ -530,6 +554,7 @@ impl Proxy {
                 "[[apps]]\napi_key = \"{KEY_B}\"\nsecrets = [\"{SECRET_B}\"]\n"
             ));
         }
+        let text = with_test_engine(&text);
         let mut config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         config.write_all(text.as_bytes()).unwrap();
         config.flush().unwrap();
