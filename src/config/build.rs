@@ -109,8 +109,8 @@ fn server(
         ));
     }
     let engine = match server.engine.as_deref() {
-        None | Some("filter") => Engine::Filter,
-        Some("forward") => Engine::Forward,
+        Some("filter") => Engine::Filter,
+        None | Some("forward") => Engine::Forward,
         Some(_) => {
             return Err(at.error("server.engine", "must be \"filter\" or \"forward\""));
         }
@@ -529,10 +529,13 @@ mod tests {
     }
 
     #[test]
-    fn the_engine_is_the_filter_unless_forward_is_asked_for() {
+    fn the_engine_is_forward_unless_the_filter_is_asked_for() {
         let config = crate::config::tests::parse(VALID).unwrap();
-        assert_eq!(config.server.engine, crate::config::Engine::Filter);
+        assert_eq!(config.server.engine, crate::config::Engine::Forward);
         let listen = "listen = \"127.0.0.1:8080\"";
+        let filter = VALID.replace(listen, &format!("{listen}\nengine = \"filter\""));
+        let config = crate::config::tests::parse(&filter).unwrap();
+        assert_eq!(config.server.engine, crate::config::Engine::Filter);
         let forward = VALID.replace(listen, &format!("{listen}\nengine = \"forward\""));
         let config = crate::config::tests::parse(&forward).unwrap();
         assert_eq!(config.server.engine, crate::config::Engine::Forward);

@@ -1,5 +1,6 @@
-//! `[server] engine = "forward"`: issue 16's experiment, a forward loop of chatgate's own
-//! on pingora-core's public API, next to the `ProxyHttp` filter engine (`edge`).
+//! `[server] engine = "forward"` (the binary's default since issue 16's measurement): a
+//! forward loop of chatgate's own on pingora-core's public API, next to the `ProxyHttp`
+//! filter engine (`edge`), which embedders of chatgate in their own Pingora proxy use.
 //!
 //! Contract §6 holds as in the filter engine, by the same functions: the client's
 //! identity headers are stripped and the target rewritten to its normal form before the

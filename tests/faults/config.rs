@@ -7,7 +7,7 @@
 //! that stops answering after a torn write, an error that does not say where, or a good
 //! write that is never picked up.
 
-use crate::harness::*;
+use super::harness::*;
 use std::io::Write as _;
 use std::time::Duration;
 

@@ -9,8 +9,8 @@
 //! shows as a request slower than the bound (a store call without its timeout), a miss
 //! answered against the policy, or a proxy that never answers a miss 200 again.
 
-use crate::harness::*;
-use crate::redis_server::RedisServer;
+use super::harness::*;
+use super::redis_server::RedisServer;
 use chatgate::TokenBuilder;
 use chatgate::time::now_unix;
 use std::sync::Arc;

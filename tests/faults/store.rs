@@ -18,7 +18,7 @@
 //! file after a kill -9, as 503s for users the store merely has to look up, or as
 //! revocations that keep failing after the disk recovered.
 
-use crate::harness::*;
+use super::harness::*;
 use chatgate::TokenBuilder;
 use chatgate::revocation::RevocationStore;
 use chatgate::revocation::embedded::EmbeddedStore;

@@ -6,7 +6,7 @@
 //! be closed — never a hang, never a body that looks complete. A regression shows up as
 //! a timeout here (a hang), an empty reply or a non-JSON 5xx, or a body read that succeeds.
 
-use crate::harness::*;
+use super::harness::*;
 use std::time::{Duration, Instant};
 
 /// Read timeout of the proxies here: what bounds every wait on a silent upstream.
