@@ -12,11 +12,17 @@
 # run, divided by operations: on 2 cores the load generator may saturate first, and
 # then CPU per operation is the fair figure), then chatgate / HAProxy ratios.
 #
-#   benches/tls_compare.sh                         # debug build, 3 rounds x 6 s
-#   PROFILE=release ROUNDS=5 DURATION=8 benches/tls_compare.sh
-#   # release without fat LTO, in a target dir of its own (a much shorter build):
-#   CARGO_TARGET_DIR=target/bench CARGO_PROFILE_RELEASE_LTO=off \
-#     CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 PROFILE=release benches/tls_compare.sh
+#   benches/tls_compare.sh                      # perf profile, 3 rounds x 6 s
+#   PROFILE=perf SKIP_BUILD=1 ROUNDS=3 DURATION=6 benches/tls_compare.sh   # built before
+#   PROFILE=release benches/tls_compare.sh      # the shipped profile (fat LTO: long build)
+#   PROFILE=debug benches/tls_compare.sh        # quick to build, says little about speed
+#   PERF_RECORD=keepalive PERF_OUT=/tmp/tls.perf benches/tls_compare.sh
+#       # after the rounds, one more run of that load against chatgate under
+#       # `perf record -g` of the proxy process (the report is left in PERF_OUT)
+# PROFILE names a cargo profile (debug = dev); chatgate and the load generator are
+# built in it (`cargo build --profile perf --features cli --bin chatgate --example
+# tls_load`), so a slow client does not hide the proxies' rates. SKIP_BUILD=1 runs
+# what target/PROFILE holds: build first, then measure in a quiet window.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +31,7 @@ DURATION=${DURATION:-6}
 CONNECTIONS=${CONNECTIONS:-16}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
-PROFILE=${PROFILE:-debug}
+PROFILE=${PROFILE:-perf}
 SECRET="bench-secret-0123456789abcdef0123456789abcdef"
 UPSTREAM_PORT=18280
 declare -A PORT=([chatgate]=18281 [haproxy]=18283)
@@ -39,17 +45,18 @@ if ! need haproxy || ! need nginx; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx-light >/dev/null
 fi
 
-# The load generator is built in the dev profile whatever PROFILE says: an example
-# brings in every dev-dependency, which a release build would compile from scratch;
-# its speed bounds the rates, not the proxies' CPU per operation.
-if [ "$PROFILE" = release ]; then
-  cargo build --release --features cli --bin chatgate
-else
-  cargo build --features cli --bin chatgate
+case "$PROFILE" in
+  debug | dev) PROFILE=debug; PROFILE_ARGS=() ;;
+  *) PROFILE_ARGS=(--profile "$PROFILE") ;;
+esac
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  cargo build "${PROFILE_ARGS[@]}" --features cli --bin chatgate --example tls_load
 fi
-env -u CARGO_TARGET_DIR cargo build --example tls_load
 BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/chatgate
-LOAD=target/debug/examples/tls_load
+LOAD=${CARGO_TARGET_DIR:-target}/$PROFILE/examples/tls_load
+for built in "$BIN" "$LOAD"; do
+  [ -x "$built" ] || { echo "$built is missing: build it, or run without SKIP_BUILD=1"; exit 1; }
+done
 
 # shellcheck source=benches/lib.sh
 . benches/lib.sh
@@ -152,6 +159,21 @@ for round in $(seq 1 "$ROUNDS"); do
     done
   done
 done
+
+if [ -n "${PERF_RECORD:-}" ]; then
+  # Where chatgate's CPU goes under one load: a sampled profile of the proxy process
+  # (cpu-clock: no hardware counters needed), flat by symbol, plus the raw data.
+  PERF_OUT=${PERF_OUT:-tls_compare.perf}
+  perf record -e cpu-clock -F 1999 ${PERF_CALLGRAPH:+--call-graph "$PERF_CALLGRAPH"} \
+    -o "$PERF_OUT.data" -p "$CHATGATE_PID" -- sleep "$DURATION" 2>"$WORK/perf.err" &
+  recorder=$!
+  out=$(taskset -c "$LOAD_CPU" "$LOAD" run "127.0.0.1:${PORT[chatgate]}" "$WORK/ca.pem" "$PERF_RECORD" \
+    "$CONNECTIONS" "$DURATION" "$URL_PATH" "$TOKEN")
+  wait "$recorder" || { cat "$WORK/perf.err"; exit 1; }
+  perf report -i "$PERF_OUT.data" --no-children --sort dso,symbol --percent-limit 0.3 --stdio \
+    >"$PERF_OUT.txt" 2>/dev/null
+  echo "perf record of chatgate under $PERF_RECORD ($out): $PERF_OUT.txt, $PERF_OUT.data"
+fi
 
 echo
 median() { sort -n | awk '{a[NR]=$1} END { if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2] + a[NR/2+1]) / 2 }'; }
