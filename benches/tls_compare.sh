@@ -16,9 +16,10 @@
 #   PROFILE=perf SKIP_BUILD=1 ROUNDS=3 DURATION=6 benches/tls_compare.sh   # built before
 #   PROFILE=release benches/tls_compare.sh      # the shipped profile (fat LTO: long build)
 #   PROFILE=debug benches/tls_compare.sh        # quick to build, says little about speed
-#   PERF_RECORD=keepalive PERF_OUT=/tmp/tls.perf benches/tls_compare.sh
-#       # after the rounds, one more run of that load against chatgate under
-#       # `perf record -g` of the proxy process (the report is left in PERF_OUT)
+#   PERF_RECORD="full keepalive" PERF_OUT=/tmp/tls benches/tls_compare.sh
+#       # after the rounds, one more run of each load named against chatgate under
+#       # `perf record` of the proxy (reports in PERF_OUT.TARGET.MODE.txt, data in
+#       # .data); PERF_TARGETS="chatgate haproxy" profiles both, ROUNDS=0 only profiles
 # PROFILE names a cargo profile (debug = dev); chatgate and the load generator are
 # built in it (`cargo build --profile perf --features cli --bin chatgate --example
 # tls_load`), so a slow client does not hide the proxies' rates. SKIP_BUILD=1 runs
@@ -161,19 +162,24 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 if [ -n "${PERF_RECORD:-}" ]; then
-  # Where chatgate's CPU goes under one load: a sampled profile of the proxy process
-  # (cpu-clock: no hardware counters needed), flat by symbol, plus the raw data.
+  # Where a proxy's CPU goes under each load named: a sampled profile of the proxy
+  # process (cpu-clock: no hardware counters needed), flat by symbol, and the raw data.
   PERF_OUT=${PERF_OUT:-tls_compare.perf}
-  perf record -e cpu-clock -F 1999 ${PERF_CALLGRAPH:+--call-graph "$PERF_CALLGRAPH"} \
-    -o "$PERF_OUT.data" -p "$CHATGATE_PID" -- sleep "$DURATION" 2>"$WORK/perf.err" &
-  recorder=$!
-  out=$(taskset -c "$LOAD_CPU" "$LOAD" run "127.0.0.1:${PORT[chatgate]}" "$WORK/ca.pem" "$PERF_RECORD" \
-    "$CONNECTIONS" "$DURATION" "$URL_PATH" "$TOKEN")
-  wait "$recorder" || { cat "$WORK/perf.err"; exit 1; }
-  perf report -i "$PERF_OUT.data" --no-children --sort dso,symbol --percent-limit 0.3 --stdio \
-    >"$PERF_OUT.txt" 2>/dev/null
-  echo "perf record of chatgate under $PERF_RECORD ($out): $PERF_OUT.txt, $PERF_OUT.data"
+  for target in ${PERF_TARGETS:-chatgate}; do
+    for mode in $PERF_RECORD; do
+      perf record -e cpu-clock -F 1999 ${PERF_CALLGRAPH:+--call-graph "$PERF_CALLGRAPH"} \
+        -o "$PERF_OUT.$target.$mode.data" -p "${PID[$target]}" -- sleep "$DURATION" 2>"$WORK/perf.err" &
+      recorder=$!
+      out=$(taskset -c "$LOAD_CPU" "$LOAD" run "127.0.0.1:${PORT[$target]}" "$WORK/ca.pem" "$mode" \
+        "$CONNECTIONS" "$DURATION" "$URL_PATH" "$TOKEN")
+      wait "$recorder" || { cat "$WORK/perf.err"; exit 1; }
+      perf report -i "$PERF_OUT.$target.$mode.data" --no-children --sort dso,symbol --percent-limit 0.3 \
+        --stdio >"$PERF_OUT.$target.$mode.txt" 2>/dev/null
+      echo "perf record of $target under $mode ($out): $PERF_OUT.$target.$mode.txt"
+    done
+  done
 fi
+[ "$ROUNDS" -gt 0 ] || exit 0
 
 echo
 median() { sort -n | awk '{a[NR]=$1} END { if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2] + a[NR/2+1]) / 2 }'; }
