@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# TLS side by side (issue 14): chatgate with [server.tls] vs HAProxy with `ssl` and
-# jwt_verify, the same certificate (ECDSA P-256), TLS 1.3, TLS_AES_128_GCM_SHA256 and
-# X25519 for both (the client offers nothing else), ALPN http/1.1, in front of one
+# TLS side by side (issue 14): chatgate with [server.tls] (both engines) vs HAProxy
+# with `ssl` and jwt_verify, the same certificate (ECDSA P-256), TLS 1.3,
+# TLS_AES_128_GCM_SHA256 and X25519 for all (the client offers nothing else), ALPN
+# http/1.1, in front of one
 # nginx upstream. Three loads, each with the token check on every request:
 #   full       a new connection per request, full handshake (no resumption)
 #   resumed    a new connection per request, TLS 1.3 resumption from session tickets
@@ -35,8 +36,10 @@ LOAD_CPU=${LOAD_CPU:-1}
 PROFILE=${PROFILE:-perf}
 SECRET="bench-secret-0123456789abcdef0123456789abcdef"
 UPSTREAM_PORT=18280
-declare -A PORT=([chatgate]=18281 [haproxy]=18283)
-TARGETS=(chatgate haproxy)
+declare -A PORT=([chatgate]=18281 [chatgate_forward]=18282 [haproxy]=18283)
+# chatgate_forward: the same binary and config on `[server] engine = "forward"` (issue
+# 16's experimental engine; HTTP/1.1 over TLS is its, HTTP/2 stays the filter's).
+read -r -a TARGETS <<<"${TARGETS:-chatgate chatgate_forward haproxy}"
 MODES=(full resumed keepalive)
 
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -88,6 +91,12 @@ RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/chatgate.toml
   --upgrade-sock "$WORK/upgrade.sock" >"$WORK/chatgate.log" 2>&1 &
 PIDS+=($!)
 CHATGATE_PID=$!
+sed -e "s/${PORT[chatgate]}/${PORT[chatgate_forward]}/" -e 's/^threads = 1$/threads = 1\nengine = "forward"/' \
+  "$WORK/chatgate.toml" >"$WORK/forward.toml"
+RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/forward.toml" \
+  --upgrade-sock "$WORK/upgrade-forward.sock" >"$WORK/forward.log" 2>&1 &
+PIDS+=($!)
+FORWARD_PID=$!
 
 # The JWT checks HAProxy can express (alg, HS256 signature, exp), as benches/compare.sh.
 cat >"$WORK/haproxy.cfg" <<EOF
@@ -118,7 +127,7 @@ EOF
 taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
 PIDS+=($!)
 HAPROXY_PID=$!
-declare -A PID=([chatgate]=$CHATGATE_PID [haproxy]=$HAPROXY_PID)
+declare -A PID=([chatgate]=$CHATGATE_PID [chatgate_forward]=$FORWARD_PID [haproxy]=$HAPROXY_PID)
 
 TOKEN=$("$BIN" token create --config "$WORK/chatgate.toml" --api-key bench --user bench-user --ttl 2h)
 URL_PATH="/channels?api_key=bench"
@@ -143,8 +152,8 @@ RESULTS="$WORK/results.tsv"
 echo "profile=$PROFILE rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS proxy core=$PROXY_CPU load core=$LOAD_CPU"
 for round in $(seq 1 "$ROUNDS"); do
   for mode in "${MODES[@]}"; do
-    for offset in 0 1; do
-      target=${TARGETS[$(((round - 1 + offset) % 2))]}
+    for offset in $(seq 0 $((${#TARGETS[@]} - 1))); do
+      target=${TARGETS[$(((round - 1 + offset) % ${#TARGETS[@]}))]}
       before=$(cpu_ticks "${PID[$target]}")
       out=$(taskset -c "$LOAD_CPU" "$LOAD" run "127.0.0.1:${PORT[$target]}" "$WORK/ca.pem" "$mode" \
         "$CONNECTIONS" "$DURATION" "$URL_PATH" "$TOKEN")
@@ -183,21 +192,23 @@ fi
 
 echo
 median() { sort -n | awk '{a[NR]=$1} END { if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2] + a[NR/2+1]) / 2 }'; }
-# Ratios: the median over rounds of each round's own chatgate / HAProxy ratio.
-ratio() { # mode column
-  awk -v m="$1" -v c="$2" '$2 == m && $3 == "chatgate" {x[$1] = $c} $2 == m && $3 == "haproxy" {y[$1] = $c}
+# Ratios: the median over rounds of each round's own TARGET / HAProxy ratio.
+ratio() { # target mode column
+  awk -v t="$1" -v m="$2" -v c="$3" '$2 == m && $3 == t {x[$1] = $c} $2 == m && $3 == "haproxy" {y[$1] = $c}
     END { for (r in x) if (r in y && y[r] > 0) print x[r] / y[r] }' "$RESULTS" | median
 }
+column() { awk -v t="$1" -v m="$2" -v c="$3" '$2 == m && $3 == t {print $c}' "$RESULTS" | median; }
 echo "medians over $ROUNDS interleaved rounds ($PROFILE build of chatgate):"
-printf '| load | chatgate ops/s | HAProxy ops/s | chatgate CPU µs/op | HAProxy CPU µs/op | ops/s ratio | CPU/op ratio |\n'
-printf '|---|---:|---:|---:|---:|---:|---:|\n'
+printf '| load | proxy | ops/s | CPU µs/op | HAProxy ops/s | HAProxy CPU µs/op | ops/s ratio | CPU/op ratio |\n'
+printf '|---|---|---:|---:|---:|---:|---:|---:|\n'
 for mode in "${MODES[@]}"; do
-  c_rate=$(awk -v m="$mode" '$2 == m && $3 == "chatgate" {print $4}' "$RESULTS" | median)
-  h_rate=$(awk -v m="$mode" '$2 == m && $3 == "haproxy" {print $4}' "$RESULTS" | median)
-  c_cpu=$(awk -v m="$mode" '$2 == m && $3 == "chatgate" {print $5}' "$RESULTS" | median)
-  h_cpu=$(awk -v m="$mode" '$2 == m && $3 == "haproxy" {print $5}' "$RESULTS" | median)
-  printf '| %s | %.0f | %.0f | %.1f | %.1f | %.2f | %.2f |\n' "$mode" "$c_rate" "$h_rate" "$c_cpu" "$h_cpu" \
-    "$(ratio "$mode" 4)" "$(ratio "$mode" 5)"
+  for target in "${TARGETS[@]}"; do
+    [ "$target" != haproxy ] || continue
+    printf '| %s | %s | %.0f | %.1f | %.0f | %.1f | %.2f | %.2f |\n' "$mode" "$target" \
+      "$(column "$target" "$mode" 4)" "$(column "$target" "$mode" 5)" \
+      "$(column haproxy "$mode" 4)" "$(column haproxy "$mode" 5)" \
+      "$(ratio "$target" "$mode" 4)" "$(ratio "$target" "$mode" 5)"
+  done
 done
 failures=$(awk '{s += $6} END {print s + 0}' "$RESULTS")
 echo "failed operations: $failures"
