@@ -1,6 +1,6 @@
 # chatgate in a container: build with the Rust image, run on a slim Debian as a
-# non-root user. (Written and checked without a Docker engine: the build stage's
-# commands are the ones `scripts/` and the README run; see README, Packaging.)
+# non-root user. (Checked without a Docker engine: packaging/podman-check.sh builds
+# and runs it with podman; see README, Packaging, for what that run covers.)
 #
 #   docker build -t chatgate .
 #   docker run --rm -p 8080:8080 -p 9090:9090 chatgate                 # the quickstart config
