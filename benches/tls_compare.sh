@@ -37,8 +37,9 @@ PROFILE=${PROFILE:-perf}
 SECRET="bench-secret-0123456789abcdef0123456789abcdef"
 UPSTREAM_PORT=18280
 declare -A PORT=([chatgate]=18281 [chatgate_forward]=18282 [haproxy]=18283)
-# chatgate_forward: the same binary and config on `[server] engine = "forward"` (issue
-# 16's experimental engine; HTTP/1.1 over TLS is its, HTTP/2 stays the filter's).
+# chatgate is `[server] engine = "filter"`, chatgate_forward the same binary and config
+# on `engine = "forward"` (issue 16's engine, the default since; HTTP/1.1 over TLS is
+# its, HTTP/2 stays the filter's); both named in their configs whatever the default.
 read -r -a TARGETS <<<"${TARGETS:-chatgate chatgate_forward haproxy}"
 MODES=(full resumed keepalive)
 
@@ -74,6 +75,7 @@ cat >"$WORK/chatgate.toml" <<EOF
 listen = "127.0.0.1:${PORT[chatgate]}"
 admin_listen = "off"
 threads = 1
+engine = "filter"
 [server.tls]
 cert_file = "cert.pem"
 key_file = "key.pem"
@@ -91,7 +93,7 @@ RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/chatgate.toml
   --upgrade-sock "$WORK/upgrade.sock" >"$WORK/chatgate.log" 2>&1 &
 PIDS+=($!)
 CHATGATE_PID=$!
-sed -e "s/${PORT[chatgate]}/${PORT[chatgate_forward]}/" -e 's/^threads = 1$/threads = 1\nengine = "forward"/' \
+sed -e "s/${PORT[chatgate]}/${PORT[chatgate_forward]}/" -e 's/^engine = "filter"$/engine = "forward"/' \
   "$WORK/chatgate.toml" >"$WORK/forward.toml"
 RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/forward.toml" \
   --upgrade-sock "$WORK/upgrade-forward.sock" >"$WORK/forward.log" 2>&1 &
