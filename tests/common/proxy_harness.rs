@@ -95,7 +95,10 @@ pub fn test_engine() -> Option<String> {
     if env!("CARGO_CRATE_NAME") == "filter_engine" {
         return Some("filter".to_owned());
     }
-    std::env::var("CHATGATE_TEST_ENGINE").ok()
+    // Set but empty (`CHATGATE_TEST_ENGINE= cargo test`) means unset.
+    std::env::var("CHATGATE_TEST_ENGINE")
+        .ok()
+        .filter(|engine| !engine.is_empty())
 }
 
 /// `config` (a whole config file's text, with a `[server]` table) set to run on
