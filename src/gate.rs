@@ -156,15 +156,16 @@ pub enum Decision {
 /// What the synchronous step found; the revocation step needs no config guard.
 struct Verified {
     identity: Identity,
-    /// The stored cutoff when known without I/O (`Some(None)`: none, or no user to
-    /// revoke); `None` sends the request to [`Gate::finish`].
-    cached: Option<Option<Cutoff>>,
     config_cutoff: Option<Cutoff>,
     policy: StoreErrorPolicy,
     endpoint: Option<RevocationEndpoint>,
     /// The client failures are counted against, when the limiter is on.
     client: Option<IpAddr>,
 }
+
+/// The stored cutoff when known without I/O (`Some(None)`: none, or no user to
+/// revoke); `None` when the store must be asked.
+type CachedCutoff = Option<Option<Cutoff>>;
 
 /// Where a verified token's cache entry is, for the revocation step of the same
 /// request: the answer stamped on it last time, and where to stamp a new one.
@@ -271,7 +272,7 @@ impl Gate {
             }
             _ => None,
         };
-        let verified = match authenticate(
+        let (verified, cached) = match authenticate(
             &config,
             &self.policy,
             &self.revocations,
@@ -284,7 +285,7 @@ impl Gate {
         };
         drop(config);
         let verified = Verified { client, ..verified };
-        let stored = match verified.cached {
+        let stored = match cached {
             Some(hit) => Ok(hit),
             None => return Err(PendingCheck(verified)),
         };
@@ -398,14 +399,16 @@ fn revocation_endpoint(method: &Method, path: &str) -> Option<RevocationEndpoint
 
 /// Everything but the store: public paths, app, auth type, token, WS user match, with
 /// the policy applied where each rule is decided, then the cached revocation answer
-/// for an admitted user. `Ok(None)` is a public path.
+/// for an admitted user: the stored cutoff when known without I/O (`Some(None)`: none,
+/// or no user to revoke), `None` for [`Gate::finish`] to read. `Ok(None)` is a public
+/// path.
 fn authenticate(
     config: &ConfigSnapshot,
     policy: &Policy,
     revocations: &RevocationCache,
     request: RequestParts<'_>,
     now: i64,
-) -> Result<Option<Verified>, AuthError> {
+) -> Result<Option<(Verified, CachedCutoff)>, AuthError> {
     // Contract §6: everything below matches the normal form, which the adapters forward.
     let path = normalize::request(request.method, request.uri, request.headers)?;
     let path = &*path;
@@ -432,14 +435,14 @@ fn authenticate(
                 "only server-side auth can revoke tokens: use a server token",
             ));
         }
-        return Ok(Some(Verified {
+        let verified = Verified {
             identity: Identity::anonymous(app.api_key.clone()),
-            cached: Some(None),
             config_cutoff: None,
             policy: config.revocation.on_store_error,
             endpoint: None,
             client: None,
-        }));
+        };
+        return Ok(Some((verified, Some(None))));
     }
 
     let token = token.ok_or(AuthError::Malformed(Malformed::Missing))?;
@@ -486,14 +489,14 @@ fn authenticate(
             cached_cutoff(revocations, &identity.app, user, now, entry)
         }
     };
-    Ok(Some(Verified {
+    let verified = Verified {
         identity,
-        cached,
         config_cutoff: app_config_cutoff(app),
         policy: config.revocation.on_store_error,
         endpoint,
         client: None,
-    }))
+    };
+    Ok(Some((verified, cached)))
 }
 
 /// A user's stored cutoff without I/O: the answer stamped on the token's cache entry

@@ -63,13 +63,12 @@ impl<'a> Credentials<'a> {
         // A name built once: looking a header up by `&str` parses the name on every
         // request (`HdrName::from_bytes`, 1.4% of the layer bench's profile).
         static AUTH_TYPE: HeaderName = HeaderName::from_static(AUTH_TYPE_HEADER);
-        let auth_type = header_str(self.headers, &AUTH_TYPE, Malformed::AuthType)?.or(
-            if self.websocket {
+        let auth_type =
+            header_str(self.headers, &AUTH_TYPE, Malformed::AuthType)?.or(if self.websocket {
                 self.query.auth_type.as_deref()
             } else {
                 None
-            },
-        );
+            });
         match auth_type.map(str::trim) {
             None => Ok(false),
             Some(t) if t.eq_ignore_ascii_case("jwt") => Ok(false),

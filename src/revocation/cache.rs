@@ -37,10 +37,10 @@
 //!   meanwhile, and `and_compute_with` serialises only with other computes, not with
 //!   `invalidate`. So every invalidation bumps a counter, and a read caches its answer
 //!   only if the counter did not move while it ran (re-checked after the insert).
-//! - **One lookup per repeated token**: [`RevocationCache::cached_stamped`] hands the
-//!   answer out as a [`StampedCutoff`] (this cache's id, its *epoch*, the answer and
+//! - **One lookup per repeated token**: `RevocationCache::cached_stamped` hands the
+//!   answer out as a `StampedCutoff` (this cache's id, its *epoch*, the answer and
 //!   when it was read), which the gate keeps in the token's own cache entry; the next
-//!   request of that token takes it ([`RevocationCache::stamped`]) after one atomic
+//!   request of that token takes it (`RevocationCache::stamped`) after one atomic
 //!   load and the TTL check, instead of probing both tables again. The epoch is
 //!   bumped *after* every removal that a cutoff change makes (events, writes, a
 //!   resync, an overtaken answer taken out again, a resize), so a stamp made after

@@ -12,7 +12,7 @@
 //! without allocating, and the comparison never stops early.
 //!
 //! An entry also carries the revocation cache's last answer for the token's user
-//! ([`StampedCutoff`]), so that a repeated token costs one moka lookup, not two: the
+//! (`StampedCutoff`), so that a repeated token costs one moka lookup, not two: the
 //! gate takes that answer when the revocation cache says its state has not moved
 //! since (see `revocation::cache`), and otherwise looks the cutoffs up and stamps the
 //! entry again.
