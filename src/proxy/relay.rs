@@ -36,7 +36,7 @@ use crate::session::{LiveSession, Registration, Wake, wait};
 use crate::ws::{CLOSE_GOING_AWAY, FrameBoundaries, close_frame, masked_close_frame};
 use bytes::{Buf, Bytes, BytesMut};
 use pingora::protocols::Stream;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::hash::BuildHasher;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -219,8 +219,17 @@ impl Drop for Open<'_> {
 }
 
 /// Relays an upgraded session between `client` and the upstream until either side
-/// ends it, the token does, or the drain does; returns why it ended.
-pub(crate) async fn relay(client: Stream, upgraded: Box<Upgraded>) -> SessionEndReason {
+/// ends it, the token does, or the drain does; resolves to why it ended.
+///
+/// The future is meant to be spawned as the session's own task: the `Upgraded` box
+/// and the client connection's [`super::head::HeadGuard`] are gone before it is
+/// built, so an idle session keeps only the two connections, its timers and its
+/// registration (the connection task that made the upgrade, with Pingora's HTTP state
+/// machine in it, ends instead of waiting for the session).
+pub(crate) fn relay(
+    client: Stream,
+    upgraded: Box<Upgraded>,
+) -> impl Future<Output = SessionEndReason> + Send + 'static {
     let Upgraded {
         upstream,
         to_client,
@@ -231,31 +240,38 @@ pub(crate) async fn relay(client: Stream, upgraded: Box<Upgraded>) -> SessionEnd
         hub,
         pending,
     } = *upgraded;
-    let _open = Open::new(&hub, &app);
-    drop(pending);
-    let mut pump = Pump::new(client, upstream);
-    let reason = run(
-        &mut pump,
-        (to_client, to_upstream),
-        live.as_ref(),
-        idle_timeout,
-        &hub,
-    )
-    .await;
-    hub.metrics.session_ended(reason);
-    tracing::debug!(target: "chatgate::proxy", app = &*app, reason = reason.as_str(), "relayed WebSocket ended");
-    reason
+    let (client, unflushed) = super::head::unguard(client);
+    async move {
+        let _open = Open::new(&hub, &app);
+        drop(pending);
+        let mut pump = Pump::new(client, upstream);
+        let reason = run(
+            &mut pump,
+            [unflushed, to_client, to_upstream],
+            live.as_ref(),
+            idle_timeout,
+            &hub,
+        )
+        .await;
+        hub.metrics.session_ended(reason);
+        tracing::debug!(target: "chatgate::proxy", app = &*app, reason = reason.as_str(), "relayed WebSocket ended");
+        reason
+    }
 }
 
 async fn run(
     pump: &mut Pump,
-    (to_client, to_upstream): (Bytes, Bytes),
+    [unflushed, to_client, to_upstream]: [Bytes; 3],
     live: Option<&LiveSession>,
     idle_timeout: Duration,
     hub: &RelayHub,
 ) -> SessionEndReason {
-    // The 101 and whatever the upstream sent with it.
-    if pump.client.write_all(&to_client).await.is_err() || pump.client.flush().await.is_err() {
+    // The 101 and whatever the upstream sent with it (after anything written to the
+    // client before the hand-off and still in its buffer: nothing, in practice).
+    if pump.client.write_all(&unflushed).await.is_err()
+        || pump.client.write_all(&to_client).await.is_err()
+        || pump.client.flush().await.is_err()
+    {
         return SessionEndReason::Client;
     }
     pump.down.frames.advance(&to_client[head_len(&to_client)..]);
