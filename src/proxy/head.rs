@@ -652,6 +652,44 @@ mod tests {
         None
     }
 
+    fn sent(stream: &dyn pingora::protocols::IO) -> Vec<u8> {
+        let cursor = stream.as_any().downcast_ref::<std::io::Cursor<Vec<u8>>>();
+        cursor.expect("a cursor").get_ref().clone()
+    }
+
+    #[tokio::test]
+    async fn writes_are_coalesced_until_a_flush_and_unguard_returns_what_was_not_sent() {
+        use tokio::io::AsyncWriteExt;
+        let conn = Arc::new(Connection {
+            phase: AtomicU8::new(PASS),
+            request: AtomicU32::new(0),
+            handoff: Handoff::default(),
+        });
+        let inner: Stream = Box::new(std::io::Cursor::new(Vec::<u8>::new()));
+        let mut guard = HeadGuard::new(inner, conn, Duration::from_secs(1), 1024);
+        guard.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        guard.write_all(b"body").await.unwrap();
+        assert!(sent(&*guard.inner).is_empty(), "sent before the flush");
+        guard.flush().await.unwrap();
+        assert_eq!(sent(&*guard.inner), b"HTTP/1.1 200 OK\r\n\r\nbody");
+        // A write that does not fit sends what is buffered first; one as large as the
+        // buffer goes straight through.
+        guard.write_all(b"x").await.unwrap();
+        let large = vec![7u8; WRITE_BUFFER];
+        guard.write_all(&large).await.unwrap();
+        let mut expected = b"HTTP/1.1 200 OK\r\n\r\nbodyx".to_vec();
+        expected.extend_from_slice(&large);
+        assert_eq!(sent(&*guard.inner), expected);
+        guard.write_all(b"tail").await.unwrap();
+        let (inner, unflushed) = unguard(Box::new(guard));
+        assert_eq!(&unflushed[..], b"tail");
+        assert_eq!(sent(&*inner), expected);
+        // Not a guard: returned as it is.
+        let (inner, unflushed) = unguard(inner);
+        assert!(unflushed.is_empty());
+        assert_eq!(sent(&*inner), expected);
+    }
+
     #[test]
     fn the_end_of_a_head_is_found_in_any_split() {
         let head = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Pad: b\r\n\r\nBODY";
