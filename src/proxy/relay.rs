@@ -241,7 +241,8 @@ pub(crate) fn relay(
         pending,
     } = *upgraded;
     let (client, unflushed) = super::head::unguard(client);
-    async move {
+    let metrics = hub.metrics.clone();
+    let session = async move {
         let _open = Open::new(&hub, &app);
         drop(pending);
         let mut pump = Pump::new(client, upstream);
@@ -256,6 +257,17 @@ pub(crate) fn relay(
         hub.metrics.session_ended(reason);
         tracing::debug!(target: "chatgate::proxy", app = &*app, reason = reason.as_str(), "relayed WebSocket ended");
         reason
+    };
+    async move {
+        // Every run of the task is counted, so that what a revocation wakes is
+        // observable (`chatgate_websocket_session_runs_total`): its user's sessions,
+        // not the idle others.
+        let mut session = std::pin::pin!(session);
+        poll_fn(|cx| {
+            metrics.session_ran();
+            session.as_mut().poll(cx)
+        })
+        .await
     }
 }
 
