@@ -58,10 +58,59 @@ const FINISH_FRAME_WITHIN: Duration = Duration::from_millis(500);
 /// before their connections are dropped.
 const LINGER: Duration = Duration::from_secs(1);
 
+/// The upstream connection of a relayed session: the bare socket for a plain upstream
+/// (see `EdgeProxy::connect_websocket`), Pingora's stream over TLS.
+pub(crate) enum RelayUpstream {
+    /// A plain TCP upstream.
+    Tcp(tokio::net::TcpStream),
+    /// A TLS upstream (or any other stream Pingora made).
+    Pingora(Stream),
+}
+
+impl AsyncRead for RelayUpstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            RelayUpstream::Tcp(socket) => Pin::new(socket).poll_read(cx, buf),
+            RelayUpstream::Pingora(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for RelayUpstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            RelayUpstream::Tcp(socket) => Pin::new(socket).poll_write(cx, buf),
+            RelayUpstream::Pingora(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            RelayUpstream::Tcp(socket) => Pin::new(socket).poll_flush(cx),
+            RelayUpstream::Pingora(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            RelayUpstream::Tcp(socket) => Pin::new(socket).poll_shutdown(cx),
+            RelayUpstream::Pingora(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}
+
 /// Everything a relay needs once the upgrade is made.
 pub(crate) struct Upgraded {
     /// The upstream connection, past its `101`.
-    pub(crate) upstream: Stream,
+    pub(crate) upstream: RelayUpstream,
     /// The upstream's `101` head as it arrived, then any bytes read after it.
     pub(crate) to_client: Bytes,
     /// What the client sent right behind its upgrade request (set by the hand-off).
@@ -466,7 +515,7 @@ impl Direction {
 
 struct Pump {
     client: Stream,
-    upstream: Stream,
+    upstream: RelayUpstream,
     /// Upstream to client.
     down: Direction,
     /// Client to upstream.
@@ -490,7 +539,7 @@ impl Side {
 }
 
 impl Pump {
-    fn new(client: Stream, upstream: Stream) -> Self {
+    fn new(client: Stream, upstream: RelayUpstream) -> Self {
         Pump {
             client,
             upstream,
@@ -580,7 +629,7 @@ impl Pump {
 type Step = Poll<Result<(), Side>>;
 
 /// Reads until end of stream or error, dropping the bytes.
-fn discard(cx: &mut Context<'_>, stream: &mut Stream) -> Poll<()> {
+fn discard(cx: &mut Context<'_>, stream: &mut (impl AsyncRead + Unpin)) -> Poll<()> {
     for _ in 0..READS_PER_POLL {
         let mut buf = [0u8; 1024];
         let mut read = ReadBuf::new(&mut buf);
@@ -599,8 +648,8 @@ fn discard(cx: &mut Context<'_>, stream: &mut Stream) -> Poll<()> {
 /// Pending otherwise (wakers registered on whatever it waits for).
 fn transfer(
     cx: &mut Context<'_>,
-    from: &mut Stream,
-    to: &mut Stream,
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
     dir: &mut Direction,
     active: &mut bool,
 ) -> Poll<Result<(), Side>> {
