@@ -445,7 +445,12 @@ impl EdgeProxy {
                     Err(error) => {
                         tracing::debug!(target: "chatgate::proxy", %error, "upstream socket for a WebSocket");
                         return self
-                            .upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable")
+                            .upstream_failed(
+                                session,
+                                ctx,
+                                AuthError::UpstreamUnavailable,
+                                "unavailable",
+                            )
                             .await;
                     }
                 }

@@ -517,7 +517,10 @@ impl AsyncWrite for HeadGuard {
 impl Shutdown for HeadGuard {
     async fn shutdown(&mut self) {
         // What is buffered goes first, as Pingora's L4 stream flushes its own buffer.
-        if std::future::poll_fn(|cx| self.poll_send_out(cx)).await.is_err() {
+        if std::future::poll_fn(|cx| self.poll_send_out(cx))
+            .await
+            .is_err()
+        {
             return;
         }
         self.inner.shutdown().await
