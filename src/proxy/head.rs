@@ -35,9 +35,10 @@
 //!
 //! The same loop relays WebSocket sessions (contract §4, see [`super::relay`]): when
 //! the application handed an upgraded session over during a request (`hand_off`),
-//! the connection Pingora gives back is relayed in this task instead of serving
-//! another request. The guard keeps the bytes read behind a `GET` head (a client's
-//! frames sent before the 101) for that hand-off.
+//! the connection Pingora gives back is relayed (in a task of its own, without the
+//! guard: see [`unguard`]) instead of serving another request. The guard keeps the
+//! bytes read behind a `GET` head (a client's frames sent before the 101) for that
+//! hand-off.
 //!
 //! Only HTTP/1 is handled here: chatgate serves HTTP/2 only over TLS (ALPN `h2`, no
 //! h2c), and such a connection goes to Pingora's own HTTP/2 loop, where the h2

@@ -2,19 +2,26 @@
 //! itself, so it can end one the moment its token does, idle or not.
 //!
 //! How a session gets here: [`super::EdgeProxy`]'s `request_filter` makes the upgrade
-//! handshake with the upstream itself (pingora-core's `TransportConnector` and its
-//! HTTP/1 client session, the same request head Pingora would have sent: hop-by-hop
-//! headers removed as Pingora does, then the identity headers of
+//! handshake with the upstream itself (a plain upstream connected directly, a TLS one
+//! through pingora-core's `TransportConnector`, and Pingora's HTTP/1 client session,
+//! the same request head Pingora would have sent: hop-by-hop headers removed as
+//! Pingora does, then the identity headers of
 //! [`super::ChatAuthFilter::upstream_request_filter`]). On a `101` it leaves the
 //! upstream connection in the client connection's [`Handoff`] slot and ends the request
 //! without writing anything, with keep-alive on, so that Pingora hands the client
 //! connection back to [`super::head::HeadLimitedApp`]'s loop, which finds the slot filled
-//! and runs [`relay`] in the connection's own task. Any other answer from the upstream
+//! and spawns [`relay`] as the session's own task. Any other answer from the upstream
 //! is copied to the client as an HTTP response.
 //!
-//! [`relay`] copies bytes both ways with a stack buffer per poll: an idle session holds
-//! no buffer at all, only bytes a peer has not taken yet are copied to the heap, and
-//! that copy goes once they are written. It follows the frame boundaries of both
+//! What an idle session holds is kept to the two sockets, the relay's state and its
+//! registration (issue 13: at most HAProxy's memory per idle session). [`relay`]
+//! copies bytes both ways with a stack buffer per poll: an idle session holds no buffer
+//! at all, only bytes a peer has not taken yet are copied to the heap, and that copy
+//! goes once they are written. Pingora's connection task ends at the hand-off (its
+//! future is sized for the whole HTTP state machine), the client's
+//! [`super::head::HeadGuard`] and its write buffer are dropped ([`super::head::unguard`]),
+//! and a plain upstream is kept as the bare socket ([`RelayUpstream::Tcp`]) rather than
+//! Pingora's boxed stream and socket digest. It follows the frame boundaries of both
 //! directions (headers only) and wakes on the first of: traffic, the session's
 //! [`Registration`] (a revocation of that user or app), its expiry timer, its idle
 //! timer, or the end of a drain ([`RelayHub::go_away`]). On revocation or expiry the
@@ -128,7 +135,7 @@ pub(crate) struct Upgraded {
 }
 
 /// Per client connection: where `request_filter` leaves an upgraded session for the
-/// connection's loop in [`super::head::HeadLimitedApp`].
+/// connection's loop in [`super::head::HeadLimitedApp`], which spawns its relay.
 #[derive(Default)]
 pub struct Handoff(Mutex<Option<Box<Upgraded>>>);
 
