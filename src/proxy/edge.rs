@@ -384,7 +384,7 @@ impl EdgeProxy {
                 Err(error) => failure = Some(error),
             }
         }
-        let Some(((stream, spare), peer)) = connected else {
+        let Some((stream, peer)) = connected else {
             tracing::debug!(target: "chatgate::proxy", error = ?failure, "no upstream for a WebSocket");
             return self
                 .upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable")
@@ -435,28 +435,7 @@ impl EdgeProxy {
         let live = identity
             .filter(|identity| identity.user_id.is_some() || identity.expires_at.is_some())
             .map(|identity| LiveSession::new(self.auth.gate().clone(), identity));
-        let upstream = match spare {
-            // Pingora's stream goes (its digest and buffers, and its registration with
-            // the reactor); the session keeps the bare socket.
-            Some(spare) => {
-                drop(upstream.into_inner());
-                match tokio::net::TcpStream::from_std(spare) {
-                    Ok(socket) => RelayUpstream::Tcp(socket),
-                    Err(error) => {
-                        tracing::debug!(target: "chatgate::proxy", %error, "upstream socket for a WebSocket");
-                        return self
-                            .upstream_failed(
-                                session,
-                                ctx,
-                                AuthError::UpstreamUnavailable,
-                                "unavailable",
-                            )
-                            .await;
-                    }
-                }
-            }
-            None => RelayUpstream::Pingora(upstream.into_inner()),
-        };
+        let upstream = RelayUpstream::from_stream(upstream.into_inner());
         let upgraded = Box::new(Upgraded {
             upstream,
             to_client: to_client.freeze(),
@@ -484,20 +463,15 @@ impl EdgeProxy {
 
     /// Opens the upstream connection of a WebSocket: a TLS upstream through Pingora's
     /// connector; a plain one here (within the peer's connect timeout, with
-    /// `TCP_NODELAY` as the connector sets), wrapped in Pingora's stream for the
-    /// handshake, with a clone of the socket returned beside it. The relay drops
-    /// Pingora's stream after the `101` and keeps the clone: an idle session then holds
-    /// the socket only, not Pingora's boxed stream and socket digest (about 0.9 KB).
-    /// Pingora offers no way to take the socket out of its stream, and the clone
-    /// (`try_clone`, a `dup`) needs no unsafe code.
-    async fn connect_websocket(
-        &self,
-        peer: &HttpPeer,
-    ) -> Result<(pingora::protocols::Stream, Option<std::net::TcpStream>)> {
+    /// `TCP_NODELAY` as the connector sets), as a [`super::relay::PlainUpstream`] that
+    /// the relay takes the socket back from after the `101`: an idle session then
+    /// holds the socket only, not Pingora's boxed stream and socket digest (about
+    /// 0.9 KB).
+    async fn connect_websocket(&self, peer: &HttpPeer) -> Result<pingora::protocols::Stream> {
         use pingora::upstreams::peer::Peer;
         let address = match peer.address() {
             pingora::protocols::l4::socket::SocketAddr::Inet(address) if !peer.tls() => *address,
-            _ => return Ok((self.connector.new_stream(peer).await?, None)),
+            _ => return self.connector.new_stream(peer).await,
         };
         let connect = tokio::net::TcpStream::connect(address);
         let socket = match peer.options.connection_timeout {
@@ -510,17 +484,7 @@ impl EdgeProxy {
         socket
             .set_nodelay(true)
             .or_err(ErrorType::ConnectError, "TCP_NODELAY")?;
-        let socket = socket
-            .into_std()
-            .or_err(ErrorType::ConnectError, "upstream socket")?;
-        let spare = socket
-            .try_clone()
-            .or_err(ErrorType::ConnectError, "upstream socket")?;
-        let socket = tokio::net::TcpStream::from_std(socket)
-            .or_err(ErrorType::ConnectError, "upstream socket")?;
-        let stream: pingora::protocols::Stream =
-            Box::new(pingora::protocols::l4::stream::Stream::from(socket));
-        Ok((stream, Some(spare)))
+        Ok(Box::new(super::relay::PlainUpstream(socket)))
     }
 
     /// Copies an upstream's refusal of an upgrade to the client, then closes.

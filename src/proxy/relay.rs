@@ -114,6 +114,94 @@ impl AsyncWrite for RelayUpstream {
     }
 }
 
+/// A plain upstream socket lent to Pingora's HTTP/1 client session for the upgrade
+/// handshake (as a [`Stream`]) and taken back after it ([`RelayUpstream::from_stream`]):
+/// the session then keeps the bare socket, with no copy of it and no second
+/// registration with the reactor. Pingora's own stream type offers no way to take its
+/// socket out.
+#[derive(Debug)]
+pub(crate) struct PlainUpstream(pub(crate) tokio::net::TcpStream);
+
+impl AsyncRead for PlainUpstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PlainUpstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::protocols::Shutdown for PlainUpstream {
+    async fn shutdown(&mut self) {
+        let _ = AsyncWriteExt::shutdown(&mut self.0).await;
+    }
+}
+
+impl pingora::protocols::UniqueID for PlainUpstream {
+    fn id(&self) -> pingora::protocols::UniqueIDType {
+        use std::os::fd::AsRawFd;
+        self.0.as_raw_fd()
+    }
+}
+
+impl pingora::protocols::Ssl for PlainUpstream {}
+
+impl pingora::protocols::GetTimingDigest for PlainUpstream {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        Vec::new()
+    }
+}
+
+impl pingora::protocols::GetProxyDigest for PlainUpstream {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        None
+    }
+}
+
+impl pingora::protocols::GetSocketDigest for PlainUpstream {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        None
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::protocols::Peek for PlainUpstream {}
+
+impl RelayUpstream {
+    /// The relay's side of the upstream stream the handshake was made on: the bare
+    /// socket when it is a [`PlainUpstream`].
+    pub(crate) fn from_stream(stream: Stream) -> Self {
+        if !stream.as_any().is::<PlainUpstream>() {
+            return RelayUpstream::Pingora(stream);
+        }
+        match stream.into_any().downcast::<PlainUpstream>() {
+            Ok(plain) => RelayUpstream::Tcp(plain.0),
+            // `is` said it is one.
+            Err(_) => unreachable!("a PlainUpstream that does not downcast"),
+        }
+    }
+}
+
 /// Everything a relay needs once the upgrade is made.
 pub(crate) struct Upgraded {
     /// The upstream connection, past its `101`.
