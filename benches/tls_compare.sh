@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# TLS side by side (issue 14): chatgate with [server.tls] vs HAProxy with `ssl` and
-# jwt_verify, the same certificate (ECDSA P-256), TLS 1.3, TLS_AES_128_GCM_SHA256 and
-# X25519 for both (the client offers nothing else), ALPN http/1.1, in front of one
+# TLS side by side (issue 14): chatgate with [server.tls] (both engines) vs HAProxy
+# with `ssl` and jwt_verify, the same certificate (ECDSA P-256), TLS 1.3,
+# TLS_AES_128_GCM_SHA256 and X25519 for all (the client offers nothing else), ALPN
+# http/1.1, in front of one
 # nginx upstream. Three loads, each with the token check on every request:
 #   full       a new connection per request, full handshake (no resumption)
 #   resumed    a new connection per request, TLS 1.3 resumption from session tickets
@@ -12,11 +13,18 @@
 # run, divided by operations: on 2 cores the load generator may saturate first, and
 # then CPU per operation is the fair figure), then chatgate / HAProxy ratios.
 #
-#   benches/tls_compare.sh                         # debug build, 3 rounds x 6 s
-#   PROFILE=release ROUNDS=5 DURATION=8 benches/tls_compare.sh
-#   # release without fat LTO, in a target dir of its own (a much shorter build):
-#   CARGO_TARGET_DIR=target/bench CARGO_PROFILE_RELEASE_LTO=off \
-#     CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 PROFILE=release benches/tls_compare.sh
+#   benches/tls_compare.sh                      # perf profile, 3 rounds x 6 s
+#   PROFILE=perf SKIP_BUILD=1 ROUNDS=3 DURATION=6 benches/tls_compare.sh   # built before
+#   PROFILE=release benches/tls_compare.sh      # the shipped profile (fat LTO: long build)
+#   PROFILE=debug benches/tls_compare.sh        # quick to build, says little about speed
+#   PERF_RECORD="full keepalive" PERF_OUT=/tmp/tls benches/tls_compare.sh
+#       # after the rounds, one more run of each load named against chatgate under
+#       # `perf record` of the proxy (reports in PERF_OUT.TARGET.MODE.txt, data in
+#       # .data); PERF_TARGETS="chatgate haproxy" profiles both, ROUNDS=0 only profiles
+# PROFILE names a cargo profile (debug = dev); chatgate and the load generator are
+# built in it (`cargo build --profile perf --features cli --bin chatgate --example
+# tls_load`), so a slow client does not hide the proxies' rates. SKIP_BUILD=1 runs
+# what target/PROFILE holds: build first, then measure in a quiet window.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,11 +33,13 @@ DURATION=${DURATION:-6}
 CONNECTIONS=${CONNECTIONS:-16}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
-PROFILE=${PROFILE:-debug}
+PROFILE=${PROFILE:-perf}
 SECRET="bench-secret-0123456789abcdef0123456789abcdef"
 UPSTREAM_PORT=18280
-declare -A PORT=([chatgate]=18281 [haproxy]=18283)
-TARGETS=(chatgate haproxy)
+declare -A PORT=([chatgate]=18281 [chatgate_forward]=18282 [haproxy]=18283)
+# chatgate_forward: the same binary and config on `[server] engine = "forward"` (issue
+# 16's experimental engine; HTTP/1.1 over TLS is its, HTTP/2 stays the filter's).
+read -r -a TARGETS <<<"${TARGETS:-chatgate chatgate_forward haproxy}"
 MODES=(full resumed keepalive)
 
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -39,17 +49,18 @@ if ! need haproxy || ! need nginx; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx-light >/dev/null
 fi
 
-# The load generator is built in the dev profile whatever PROFILE says: an example
-# brings in every dev-dependency, which a release build would compile from scratch;
-# its speed bounds the rates, not the proxies' CPU per operation.
-if [ "$PROFILE" = release ]; then
-  cargo build --release --features cli --bin chatgate
-else
-  cargo build --features cli --bin chatgate
+case "$PROFILE" in
+  debug | dev) PROFILE=debug; PROFILE_ARGS=() ;;
+  *) PROFILE_ARGS=(--profile "$PROFILE") ;;
+esac
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  cargo build "${PROFILE_ARGS[@]}" --features cli --bin chatgate --example tls_load
 fi
-env -u CARGO_TARGET_DIR cargo build --example tls_load
 BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/chatgate
-LOAD=target/debug/examples/tls_load
+LOAD=${CARGO_TARGET_DIR:-target}/$PROFILE/examples/tls_load
+for built in "$BIN" "$LOAD"; do
+  [ -x "$built" ] || { echo "$built is missing: build it, or run without SKIP_BUILD=1"; exit 1; }
+done
 
 # shellcheck source=benches/lib.sh
 . benches/lib.sh
@@ -80,6 +91,12 @@ RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/chatgate.toml
   --upgrade-sock "$WORK/upgrade.sock" >"$WORK/chatgate.log" 2>&1 &
 PIDS+=($!)
 CHATGATE_PID=$!
+sed -e "s/${PORT[chatgate]}/${PORT[chatgate_forward]}/" -e 's/^threads = 1$/threads = 1\nengine = "forward"/' \
+  "$WORK/chatgate.toml" >"$WORK/forward.toml"
+RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/forward.toml" \
+  --upgrade-sock "$WORK/upgrade-forward.sock" >"$WORK/forward.log" 2>&1 &
+PIDS+=($!)
+FORWARD_PID=$!
 
 # The JWT checks HAProxy can express (alg, HS256 signature, exp), as benches/compare.sh.
 cat >"$WORK/haproxy.cfg" <<EOF
@@ -110,7 +127,7 @@ EOF
 taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
 PIDS+=($!)
 HAPROXY_PID=$!
-declare -A PID=([chatgate]=$CHATGATE_PID [haproxy]=$HAPROXY_PID)
+declare -A PID=([chatgate]=$CHATGATE_PID [chatgate_forward]=$FORWARD_PID [haproxy]=$HAPROXY_PID)
 
 TOKEN=$("$BIN" token create --config "$WORK/chatgate.toml" --api-key bench --user bench-user --ttl 2h)
 URL_PATH="/channels?api_key=bench"
@@ -135,8 +152,8 @@ RESULTS="$WORK/results.tsv"
 echo "profile=$PROFILE rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS proxy core=$PROXY_CPU load core=$LOAD_CPU"
 for round in $(seq 1 "$ROUNDS"); do
   for mode in "${MODES[@]}"; do
-    for offset in 0 1; do
-      target=${TARGETS[$(((round - 1 + offset) % 2))]}
+    for offset in $(seq 0 $((${#TARGETS[@]} - 1))); do
+      target=${TARGETS[$(((round - 1 + offset) % ${#TARGETS[@]}))]}
       before=$(cpu_ticks "${PID[$target]}")
       out=$(taskset -c "$LOAD_CPU" "$LOAD" run "127.0.0.1:${PORT[$target]}" "$WORK/ca.pem" "$mode" \
         "$CONNECTIONS" "$DURATION" "$URL_PATH" "$TOKEN")
@@ -153,23 +170,45 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 
+if [ -n "${PERF_RECORD:-}" ]; then
+  # Where a proxy's CPU goes under each load named: a sampled profile of the proxy
+  # process (cpu-clock: no hardware counters needed), flat by symbol, and the raw data.
+  PERF_OUT=${PERF_OUT:-tls_compare.perf}
+  for target in ${PERF_TARGETS:-chatgate}; do
+    for mode in $PERF_RECORD; do
+      perf record -e cpu-clock -F 1999 ${PERF_CALLGRAPH:+--call-graph "$PERF_CALLGRAPH"} \
+        -o "$PERF_OUT.$target.$mode.data" -p "${PID[$target]}" -- sleep "$DURATION" 2>"$WORK/perf.err" &
+      recorder=$!
+      out=$(taskset -c "$LOAD_CPU" "$LOAD" run "127.0.0.1:${PORT[$target]}" "$WORK/ca.pem" "$mode" \
+        "$CONNECTIONS" "$DURATION" "$URL_PATH" "$TOKEN")
+      wait "$recorder" || { cat "$WORK/perf.err"; exit 1; }
+      perf report -i "$PERF_OUT.$target.$mode.data" --no-children --sort dso,symbol --percent-limit 0.3 \
+        --stdio >"$PERF_OUT.$target.$mode.txt" 2>/dev/null
+      echo "perf record of $target under $mode ($out): $PERF_OUT.$target.$mode.txt"
+    done
+  done
+fi
+[ "$ROUNDS" -gt 0 ] || exit 0
+
 echo
 median() { sort -n | awk '{a[NR]=$1} END { if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2] + a[NR/2+1]) / 2 }'; }
-# Ratios: the median over rounds of each round's own chatgate / HAProxy ratio.
-ratio() { # mode column
-  awk -v m="$1" -v c="$2" '$2 == m && $3 == "chatgate" {x[$1] = $c} $2 == m && $3 == "haproxy" {y[$1] = $c}
+# Ratios: the median over rounds of each round's own TARGET / HAProxy ratio.
+ratio() { # target mode column
+  awk -v t="$1" -v m="$2" -v c="$3" '$2 == m && $3 == t {x[$1] = $c} $2 == m && $3 == "haproxy" {y[$1] = $c}
     END { for (r in x) if (r in y && y[r] > 0) print x[r] / y[r] }' "$RESULTS" | median
 }
+column() { awk -v t="$1" -v m="$2" -v c="$3" '$2 == m && $3 == t {print $c}' "$RESULTS" | median; }
 echo "medians over $ROUNDS interleaved rounds ($PROFILE build of chatgate):"
-printf '| load | chatgate ops/s | HAProxy ops/s | chatgate CPU µs/op | HAProxy CPU µs/op | ops/s ratio | CPU/op ratio |\n'
-printf '|---|---:|---:|---:|---:|---:|---:|\n'
+printf '| load | proxy | ops/s | CPU µs/op | HAProxy ops/s | HAProxy CPU µs/op | ops/s ratio | CPU/op ratio |\n'
+printf '|---|---|---:|---:|---:|---:|---:|---:|\n'
 for mode in "${MODES[@]}"; do
-  c_rate=$(awk -v m="$mode" '$2 == m && $3 == "chatgate" {print $4}' "$RESULTS" | median)
-  h_rate=$(awk -v m="$mode" '$2 == m && $3 == "haproxy" {print $4}' "$RESULTS" | median)
-  c_cpu=$(awk -v m="$mode" '$2 == m && $3 == "chatgate" {print $5}' "$RESULTS" | median)
-  h_cpu=$(awk -v m="$mode" '$2 == m && $3 == "haproxy" {print $5}' "$RESULTS" | median)
-  printf '| %s | %.0f | %.0f | %.1f | %.1f | %.2f | %.2f |\n' "$mode" "$c_rate" "$h_rate" "$c_cpu" "$h_cpu" \
-    "$(ratio "$mode" 4)" "$(ratio "$mode" 5)"
+  for target in "${TARGETS[@]}"; do
+    [ "$target" != haproxy ] || continue
+    printf '| %s | %s | %.0f | %.1f | %.0f | %.1f | %.2f | %.2f |\n' "$mode" "$target" \
+      "$(column "$target" "$mode" 4)" "$(column "$target" "$mode" 5)" \
+      "$(column haproxy "$mode" 4)" "$(column haproxy "$mode" 5)" \
+      "$(ratio "$target" "$mode" 4)" "$(ratio "$target" "$mode" 5)"
+  done
 done
 failures=$(awk '{s += $6} END {print s + 0}' "$RESULTS")
 echo "failed operations: $failures"

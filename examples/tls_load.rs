@@ -8,9 +8,10 @@
 //! ```
 //!
 //! MODE is `full` (a full handshake per connection), `resumed` (TLS 1.3 resumption
-//! from tickets, checked per connection) or `keepalive` (requests on open
-//! connections). In the handshake modes every connection sends one request with
-//! `Connection: close` and reads the answer, which is also what delivers the tickets.
+//! from tickets, checked per connection; each connection loop keeps its own tickets)
+//! or `keepalive` (requests on open connections). In the handshake modes every
+//! connection sends one request with `Connection: close` and reads the answer, which
+//! is also what delivers the tickets.
 //! Prints one line: `ops=N failed=N resumed=N suite=... group=...`.
 
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -118,14 +119,22 @@ async fn run(args: &[String]) {
             "Connection: close\r\n"
         }
     );
-    let connector = TlsConnector::from(client_config(&args[1], mode == "resumed"));
+    let config = client_config(&args[1], mode == "resumed");
     let counts = Arc::new(Counts::default());
     let negotiated = Arc::new(std::sync::Mutex::new(String::new()));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for _ in 0..connections {
+        // Each connection loop resumes from the tickets of its own previous connection:
+        // with one store shared by all loops (rustls keeps at most 8 TLS 1.3 tickets a
+        // server, and OpenSSL sends one ticket after a resumption), how many handshakes
+        // resume depended on how the server interleaved the loops, not on what it can do.
+        let mut own = (*config).clone();
+        if mode == "resumed" {
+            own.resumption = rustls::client::Resumption::in_memory_sessions(4);
+        }
         let (connector, counts, negotiated, request, mode) = (
-            connector.clone(),
+            TlsConnector::from(Arc::new(own)),
             counts.clone(),
             negotiated.clone(),
             request.clone(),

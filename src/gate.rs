@@ -29,8 +29,8 @@ use crate::normalize;
 use crate::reload::ConfigHandle;
 use crate::revocation::sessions::SessionRegistry;
 use crate::revocation::{RevocationCache, parse_app_update, parse_users_update};
-use crate::time::{Cutoff, now_unix};
-use crate::token::{self, TokenKind};
+use crate::time::{Cutoff, StampedCutoff, now_unix};
+use crate::token::{self, Keyring, TokenKind};
 use http::Method;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -156,12 +156,23 @@ pub enum Decision {
 /// What the synchronous step found; the revocation step needs no config guard.
 struct Verified {
     identity: Identity,
-    now: i64,
     config_cutoff: Option<Cutoff>,
     policy: StoreErrorPolicy,
     endpoint: Option<RevocationEndpoint>,
     /// The client failures are counted against, when the limiter is on.
     client: Option<IpAddr>,
+}
+
+/// The stored cutoff when known without I/O (`Some(None)`: none, or no user to
+/// revoke); `None` when the store must be asked.
+type CachedCutoff = Option<Option<Cutoff>>;
+
+/// Where a verified token's cache entry is, for the revocation step of the same
+/// request: the answer stamped on it last time, and where to stamp a new one.
+struct TokenEntry<'a> {
+    keyring: &'a Keyring,
+    token: &'a str,
+    stamp: Option<StampedCutoff>,
 }
 
 /// A request whose token passed every check but revocation, and whose cutoffs are not
@@ -262,22 +273,22 @@ impl Gate {
             }
             _ => None,
         };
-        let verified = match authenticate(&config, &self.policy, request, now_unix()) {
+        let (verified, cached) = match authenticate(
+            &config,
+            &self.policy,
+            &self.revocations,
+            request,
+            now_unix(),
+        ) {
             Ok(Some(verified)) => verified,
             Ok(None) => return Ok(Ok(Decision::Public)),
             Err(error) => return Ok(Err(self.counted(client, error))),
         };
         drop(config);
         let verified = Verified { client, ..verified };
-        let stored = match &verified.identity.user_id {
-            None => Ok(None),
-            Some(user) => {
-                let app = &verified.identity.app;
-                match self.revocations.cached_cutoff(app, user, verified.now) {
-                    Some(hit) => Ok(hit),
-                    None => return Err(PendingCheck(verified)),
-                }
-            }
+        let stored = match cached {
+            Some(hit) => Ok(hit),
+            None => return Err(PendingCheck(verified)),
         };
         Ok(self.decide(verified, stored))
     }
@@ -387,14 +398,18 @@ fn revocation_endpoint(method: &Method, path: &str) -> Option<RevocationEndpoint
     }
 }
 
-/// Everything but revocation: public paths, app, auth type, token, WS user match, with
-/// the policy applied where each rule is decided. `Ok(None)` is a public path.
+/// Everything but the store: public paths, app, auth type, token, WS user match, with
+/// the policy applied where each rule is decided, then the cached revocation answer
+/// for an admitted user: the stored cutoff when known without I/O (`Some(None)`: none,
+/// or no user to revoke), `None` for [`Gate::finish`] to read. `Ok(None)` is a public
+/// path.
 fn authenticate(
     config: &ConfigSnapshot,
     policy: &Policy,
+    revocations: &RevocationCache,
     request: RequestParts<'_>,
     now: i64,
-) -> Result<Option<Verified>, AuthError> {
+) -> Result<Option<(Verified, CachedCutoff)>, AuthError> {
     // Contract §6: everything below matches the normal form, which the adapters forward.
     let path = normalize::request(request.method, request.uri, request.headers)?;
     let path = &*path;
@@ -421,18 +436,20 @@ fn authenticate(
                 "only server-side auth can revoke tokens: use a server token",
             ));
         }
-        return Ok(Some(Verified {
-            now,
+        let verified = Verified {
             identity: Identity::anonymous(app.api_key.clone()),
             config_cutoff: None,
             policy: config.revocation.on_store_error,
             endpoint: None,
             client: None,
-        }));
+        };
+        return Ok(Some((verified, Some(None))));
     }
 
     let token = token.ok_or(AuthError::Malformed(Malformed::Missing))?;
-    let verified = token::verify(token, app.keyring(), &app.token_rules(&config.auth), now)?;
+    let keyring = app.keyring();
+    let (verified, stamp) =
+        token::verify_stamped(token, keyring, &app.token_rules(&config.auth), now)?;
     let claims = verified.claims;
     if claims
         .user_id
@@ -462,14 +479,47 @@ fn authenticate(
             "only server-side auth can revoke tokens: use a server token",
         ));
     }
-    Ok(Some(Verified {
-        now,
+    let cached = match identity.user_id() {
+        None => Some(None),
+        Some(user) => {
+            let entry = TokenEntry {
+                keyring,
+                token,
+                stamp,
+            };
+            cached_cutoff(revocations, &identity.app, user, now, entry)
+        }
+    };
+    let verified = Verified {
         identity,
         config_cutoff: app_config_cutoff(app),
         policy: config.revocation.on_store_error,
         endpoint,
         client: None,
-    }))
+    };
+    Ok(Some((verified, cached)))
+}
+
+/// A user's stored cutoff without I/O: the answer stamped on the token's cache entry
+/// while the revocation cache says it holds (one moka lookup per request, the
+/// token's), else both cached cutoffs, then stamped on the entry for the next requests.
+fn cached_cutoff(
+    revocations: &RevocationCache,
+    app: &str,
+    user: &str,
+    now: i64,
+    entry: TokenEntry<'_>,
+) -> Option<Option<Cutoff>> {
+    if let Some(hit) = entry
+        .stamp
+        .as_ref()
+        .and_then(|stamp| revocations.stamped(stamp, now))
+    {
+        return Some(hit);
+    }
+    let stamp = revocations.cached_stamped(app, user, now)?;
+    entry.keyring.restamp(entry.token, stamp);
+    Some(stamp.cutoff)
 }
 
 fn app_config_cutoff(app: &App) -> Option<Cutoff> {
@@ -480,9 +530,10 @@ fn app_config_cutoff(app: &App) -> Option<Cutoff> {
 mod tests {
     use super::*;
     use crate::config::{App, StoreErrorPolicy, StoreKind};
-    use crate::revocation::{MemoryStore, RevocationStore, UserCutoffChange};
+    use crate::revocation::{MemoryStore, RevocationEvent, RevocationStore, UserCutoffChange};
     use crate::token::TokenBuilder;
     use http::{HeaderMap, Uri, header};
+    use std::sync::atomic::Ordering;
     use std::time::Duration;
 
     const SECRET: &str = "secret";
@@ -1150,5 +1201,145 @@ mod tests {
         let spoofed = as_client("203.0.113.5");
         let spoofed: Vec<(&str, &str)> = spoofed.iter().map(|(k, v)| (*k, v.as_str())).collect();
         user(from_peer(&gate, Some("192.0.2.9"), "/x?api_key=key", &spoofed).await);
+    }
+
+    /// A user's cutoff written behind this instance's back, as another instance (or
+    /// the Redis store's listener) would, and the event it sends.
+    async fn revoke_elsewhere(gate: &Gate, event: RevocationEvent) {
+        let store = gate.revocations().store();
+        match &event {
+            RevocationEvent::User { app, user, cutoff } => {
+                let change = UserCutoffChange {
+                    user_id: user.to_string(),
+                    cutoff: *cutoff,
+                };
+                store.set_user_cutoffs(app, &[change]).await.unwrap();
+            }
+            RevocationEvent::App { app, cutoff } => {
+                store.set_app_cutoff(app, *cutoff).await.unwrap();
+            }
+            RevocationEvent::Resync => {}
+        }
+        gate.revocations().apply_event(&event).await;
+    }
+
+    #[tokio::test]
+    async fn a_repeated_tokens_stamped_answer_gives_way_to_the_next_cutoff() {
+        let gate = gate();
+        let now = now_unix();
+        let token = TokenBuilder::user("u").issued_at(now - 100).sign(SECRET);
+        let headers = [("authorization", token.as_str())];
+        let check = || get(&gate, "/x?api_key=key", &headers);
+        let stamp = || {
+            let config = gate.config().load();
+            let entry = config.app("key").unwrap().keyring().cached_stamped(&token);
+            entry.and_then(|entry| entry.stamp)
+        };
+        let (app, u): (Arc<str>, Arc<str>) = (Arc::from("key"), Arc::from("u"));
+        let cutoff = Some(Cutoff::from_unix_seconds(now));
+        let user_event = |cutoff| RevocationEvent::User {
+            app: app.clone(),
+            user: u.clone(),
+            cutoff,
+        };
+        let app_event = |cutoff| RevocationEvent::App {
+            app: app.clone(),
+            cutoff,
+        };
+        // The first request reads the store; the second finds both cutoffs cached and
+        // stamps the answer on the token's entry; the third takes the stamp alone.
+        for _ in 0..3 {
+            user(check().await);
+        }
+        let hits = gate.revocations().stats().hits.load(Ordering::Relaxed);
+        assert!(stamp().is_some(), "a repeated token carries its answer");
+        user(check().await);
+        assert_eq!(
+            gate.revocations().stats().hits.load(Ordering::Relaxed),
+            hits + 1,
+            "a stamped answer counts as a cache hit"
+        );
+
+        // Each way a cutoff arrives applies to the very next request, and to the
+        // ones after it (a store read, a new stamp, the stamp).
+        let revoked = || async {
+            for _ in 0..3 {
+                assert_eq!(check().await, Err(AuthError::Revoked));
+            }
+        };
+        let admitted = || async {
+            for _ in 0..3 {
+                user(check().await);
+            }
+        };
+        revoke_elsewhere(&gate, user_event(cutoff)).await;
+        revoked().await;
+        revoke_elsewhere(&gate, user_event(None)).await;
+        admitted().await;
+        revoke_elsewhere(&gate, app_event(cutoff)).await;
+        revoked().await;
+        revoke_elsewhere(&gate, app_event(None)).await;
+        admitted().await;
+        // Missed events: the resync voids the stamp, so the store is read again.
+        let store = gate.revocations().store().clone();
+        let change = UserCutoffChange {
+            user_id: "u".into(),
+            cutoff,
+        };
+        store.set_user_cutoffs("key", &[change]).await.unwrap();
+        user(check().await); // no event yet: the cache (and its stamp) still answers
+        revoke_elsewhere(&gate, RevocationEvent::Resync).await;
+        revoked().await;
+        // This instance's own write.
+        revoke_user(
+            &gate,
+            r#"{"users":[{"id":"u","set":{"revoke_tokens_issued_before":null}}]}"#,
+        )
+        .await
+        .unwrap();
+        admitted().await;
+        revoke_user(
+            &gate,
+            &format!(r#"{{"users":[{{"id":"u","set":{{"revoke_tokens_issued_before":{now}}}}}]}}"#),
+        )
+        .await
+        .unwrap();
+        revoked().await;
+    }
+
+    #[tokio::test]
+    async fn a_stamp_from_one_revocation_cache_is_not_taken_by_another() {
+        // Two gates over one config (so one keyring, one verified-token cache) and
+        // each its own store and cache, both at their first epoch.
+        let config = ConfigHandle::new(ConfigSnapshot::with_apps(vec![App::new(
+            "key",
+            vec![SECRET.into()],
+        )]));
+        let settings = config.load().revocation.clone();
+        let open = RevocationCache::new(Arc::new(MemoryStore::new()), &settings);
+        let revoked_store = Arc::new(MemoryStore::new());
+        let now = now_unix();
+        let change = UserCutoffChange {
+            user_id: "u".into(),
+            cutoff: Some(Cutoff::from_unix_seconds(now)),
+        };
+        revoked_store
+            .set_user_cutoffs("key", &[change])
+            .await
+            .unwrap();
+        let revoked = RevocationCache::new(revoked_store, &settings);
+        let (open, revoked) = (Gate::new(config.clone(), open), Gate::new(config, revoked));
+        let token = TokenBuilder::user("u").issued_at(now - 100).sign(SECRET);
+        let headers = [("authorization", token.as_str())];
+        for _ in 0..3 {
+            user(get(&open, "/x?api_key=key", &headers).await);
+        }
+        for _ in 0..3 {
+            assert_eq!(
+                get(&revoked, "/x?api_key=key", &headers).await,
+                Err(AuthError::Revoked)
+            );
+        }
+        user(get(&open, "/x?api_key=key", &headers).await);
     }
 }

@@ -53,6 +53,25 @@ impl Cutoff {
     }
 }
 
+/// The revocation cache's answer for one user (the later of the user's and the app's
+/// stored cutoffs), stamped with the state of the cache it came from, so that the
+/// token's own cache entry can carry it: on the next request of the same token the
+/// answer is checked against that state (same cache, no invalidation since, younger
+/// than the TTL) instead of being looked up again. Made and judged only by
+/// `revocation::RevocationCache`; it lives here, at the bottom of the module graph,
+/// because `token` keeps it and must not import `revocation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StampedCutoff {
+    /// The cache that answered (an id unique in the process).
+    pub(crate) owner: u64,
+    /// That cache's invalidation epoch when the answer was read.
+    pub(crate) epoch: u64,
+    /// The answer.
+    pub(crate) cutoff: Option<Cutoff>,
+    /// The unix second the older of the two cached entries was read from the store.
+    pub(crate) read_at: i64,
+}
+
 /// Why a date from a config file, an API body or the command line was not taken.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]

@@ -8,7 +8,7 @@
 use super::{AUTH_TYPE_HEADER, RequestParts};
 use crate::error::{AuthError, Malformed};
 use crate::normalize::decode_component;
-use http::{HeaderMap, header};
+use http::{HeaderMap, HeaderName, header};
 use std::borrow::Cow;
 
 /// A request's credentials, read lazily: the query is split once, nothing is checked.
@@ -60,13 +60,15 @@ impl<'a> Credentials<'a> {
 
     /// Whether the caller asks to be anonymous (`stream-auth-type`; absent means jwt).
     pub(super) fn is_anonymous(&self) -> Result<bool, AuthError> {
-        let auth_type = header_str(self.headers, AUTH_TYPE_HEADER, Malformed::AuthType)?.or(
-            if self.websocket {
+        // A name built once: looking a header up by `&str` parses the name on every
+        // request (`HdrName::from_bytes`, 1.4% of the layer bench's profile).
+        static AUTH_TYPE: HeaderName = HeaderName::from_static(AUTH_TYPE_HEADER);
+        let auth_type =
+            header_str(self.headers, &AUTH_TYPE, Malformed::AuthType)?.or(if self.websocket {
                 self.query.auth_type.as_deref()
             } else {
                 None
-            },
-        );
+            });
         match auth_type.map(str::trim) {
             None => Ok(false),
             Some(t) if t.eq_ignore_ascii_case("jwt") => Ok(false),

@@ -37,11 +37,21 @@
 //!   meanwhile, and `and_compute_with` serialises only with other computes, not with
 //!   `invalidate`. So every invalidation bumps a counter, and a read caches its answer
 //!   only if the counter did not move while it ran (re-checked after the insert).
+//! - **One lookup per repeated token**: `RevocationCache::cached_stamped` hands the
+//!   answer out as a `StampedCutoff` (this cache's id, its *epoch*, the answer and
+//!   when it was read), which the gate keeps in the token's own cache entry; the next
+//!   request of that token takes it (`RevocationCache::stamped`) after one atomic
+//!   load and the TTL check, instead of probing both tables again. The epoch is
+//!   bumped *after* every removal that a cutoff change makes (events, writes, a
+//!   resync, an overtaken answer taken out again, a resize), so a stamp made after
+//!   the bump saw the removal, and one made before fails the check: a recorded cutoff
+//!   applies to the very next request, as with the tables alone. A stamp is never
+//!   fresher than the two entries it was made from (the older `read_at` counts).
 
 use super::{RevocationEvent, RevocationStore, StoreError, UserCutoffChange};
 use crate::config::RevocationSettings;
 use crate::reload::ConfigHandle;
-use crate::time::{Cutoff, now_unix};
+use crate::time::{Cutoff, StampedCutoff, now_unix};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
@@ -279,6 +289,10 @@ impl AppCutoffs {
         self.map.load().get(app)?.fresh(now, ttl_seconds)
     }
 
+    fn ready(&self, app: &str) -> Option<Cached> {
+        self.map.load().get(app)?.ready()
+    }
+
     /// Copies the map, changes the copy, swaps it in: readers never wait.
     fn update<R>(&self, change: impl FnOnce(&mut HashMap<Arc<str>, Slot, FastHash>) -> R) -> R {
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
@@ -355,6 +369,12 @@ pub struct RevocationCache {
     // Bumped by every invalidation: a store read that started before one must not put
     // its (possibly older) answer in the cache.
     generation: AtomicU64,
+    // Bumped after every removal a cutoff change makes: the stamps handed out before
+    // it no longer hold (module docs).
+    epoch: AtomicU64,
+    // Tells this cache's stamps from another's (the same config, so the same tokens'
+    // cache entries, may serve gates over different revocation caches).
+    owner: u64,
     stats: CacheStats,
     // For the read tasks, which store their answer when they end.
     this: Weak<RevocationCache>,
@@ -369,6 +389,9 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The next [`RevocationCache`]'s id.
+static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
+
 impl RevocationCache {
     /// A cache over `store`, sized and timed by `[revocation]`. Call
     /// [`RevocationCache::spawn_invalidation`] to follow the store's events.
@@ -381,6 +404,8 @@ impl RevocationCache {
             ttl_seconds: AtomicI64::new(ttl_seconds(settings.cache_ttl)),
             store_timeout_ms: AtomicU64::new(millis(settings.store_timeout)),
             generation: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
             stats: CacheStats::default(),
             this: this.clone(),
         })
@@ -398,6 +423,8 @@ impl RevocationCache {
             != settings.cache_capacity
         {
             self.users.resize(settings.cache_capacity);
+            // The copy may have put back, for a moment, what an invalidation removed.
+            self.bump_epoch();
             changed = true;
         }
         let ttl = ttl_seconds(settings.cache_ttl);
@@ -482,6 +509,12 @@ impl RevocationCache {
                 self.apps.clear();
             }
         }
+        self.bump_epoch();
+    }
+
+    /// After a removal: every stamp handed out before it is void.
+    fn bump_epoch(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     fn ttl(&self) -> i64 {
@@ -492,10 +525,12 @@ impl RevocationCache {
         Duration::from_millis(self.store_timeout_ms.load(Ordering::Relaxed))
     }
 
+    #[cfg(test)]
     fn cached_app(&self, app: &str, now: i64) -> Option<Option<Cutoff>> {
         self.apps.fresh(app, now, self.ttl())
     }
 
+    #[cfg(test)]
     fn cached_user(&self, app: &str, user: &str, now: i64) -> Option<Option<Cutoff>> {
         self.users
             .get(&UserRef { app, user })?
@@ -506,10 +541,40 @@ impl RevocationCache {
     /// app's stored cutoffs) when both are cached: no I/O, no `.await`, no allocation.
     /// `now` is the current unix second (the gate has it already).
     pub fn cached_cutoff(&self, app: &str, user: &str, now: i64) -> Option<Option<Cutoff>> {
-        let app_cutoff = self.cached_app(app, now)?;
-        let user_cutoff = self.cached_user(app, user, now)?;
+        self.cached_stamped(app, user, now)
+            .map(|stamp| stamp.cutoff)
+    }
+
+    /// [`RevocationCache::cached_cutoff`], stamped for [`RevocationCache::stamped`].
+    pub(crate) fn cached_stamped(&self, app: &str, user: &str, now: i64) -> Option<StampedCutoff> {
+        // Before the lookups: a removal that these lookups might not see bumps the
+        // epoch after this load, and so voids the stamp.
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let ttl = self.ttl();
+        let app_cached = self.apps.ready(app)?;
+        app_cached.fresh(now, ttl)?;
+        let user_cached = self.users.get(&UserRef { app, user })?.ready()?;
+        user_cached.fresh(now, ttl)?;
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
-        Some(app_cutoff.max(user_cutoff))
+        Some(StampedCutoff {
+            owner: self.owner,
+            epoch,
+            cutoff: app_cached.cutoff().max(user_cached.cutoff()),
+            read_at: i64::from(app_cached.read_at.min(user_cached.read_at)),
+        })
+    }
+
+    /// The answer a stamp holds, if it still holds: made by this cache, no removal
+    /// since, and both entries it came from younger than the TTL. Counted as a hit.
+    pub(crate) fn stamped(&self, stamp: &StampedCutoff, now: i64) -> Option<Option<Cutoff>> {
+        let holds = stamp.owner == self.owner
+            && stamp.epoch == self.epoch.load(Ordering::SeqCst)
+            && now < stamp.read_at.saturating_add(self.ttl());
+        if !holds {
+            return None;
+        }
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        Some(stamp.cutoff)
     }
 
     /// The cutoff that applies to a user's tokens: from the cache, or from the store
@@ -608,6 +673,8 @@ impl RevocationCache {
                 // sides must not let each miss the other.
                 if self.generation.load(Ordering::SeqCst) != generation {
                     key.invalidate(self);
+                    // A stamp may have been made from the answer while it was there.
+                    self.bump_epoch();
                 }
             }
             Ok(_) => key.invalidate(self),
@@ -639,6 +706,7 @@ impl RevocationCache {
                 user: &change.user_id,
             });
         }
+        self.bump_epoch();
         Ok(())
     }
 
@@ -653,6 +721,7 @@ impl RevocationCache {
             .map_err(|e| self.count_error(&e))?;
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.apps.invalidate(app);
+        self.bump_epoch();
         Ok(())
     }
 
@@ -1111,5 +1180,91 @@ mod tests {
         );
         cache.cutoff(&app, &user).await.unwrap();
         assert_eq!(store.reads.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_stamp_holds_until_a_removal_the_ttl_or_another_cache() {
+        let store = Arc::new(MemoryStore::new());
+        let cache = RevocationCache::new(store.clone(), &settings());
+        let (app, user): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("u"));
+        let now = now_unix();
+        assert!(cache.cached_stamped(&app, &user, now).is_none(), "cold");
+        let stamp_now = || async {
+            assert_eq!(cache.cutoff(&app, &user).await, Ok(None));
+            cache.cached_stamped(&app, &user, now).expect("both cached")
+        };
+        let stamp = stamp_now().await;
+        assert_eq!(stamp.cutoff, None);
+        assert_eq!(cache.stamped(&stamp, now), Some(None));
+        // The older entry's read counts, against the TTL read at use.
+        assert!(cache.stamped(&stamp, stamp.read_at + 59).is_some());
+        assert!(cache.stamped(&stamp, stamp.read_at + 60).is_none());
+        let mut shorter = settings();
+        shorter.cache_ttl = Duration::from_secs(5);
+        cache.apply_settings(&shorter);
+        assert!(cache.stamped(&stamp, stamp.read_at + 6).is_none());
+        cache.apply_settings(&settings());
+        assert!(
+            cache.stamped(&stamp, now).is_some(),
+            "a TTL alone voids nothing"
+        );
+
+        // Every removal voids the stamps made before it, even another user's.
+        let other: Arc<str> = Arc::from("v");
+        let removals: [RevocationEvent; 3] = [
+            RevocationEvent::User {
+                app: app.clone(),
+                user: other,
+                cutoff: None,
+            },
+            RevocationEvent::App {
+                app: app.clone(),
+                cutoff: None,
+            },
+            RevocationEvent::Resync,
+        ];
+        for event in &removals {
+            let stamp = stamp_now().await;
+            cache.apply_event(event).await;
+            assert_eq!(cache.stamped(&stamp, now), None, "after {event:?}");
+        }
+        let stamp = stamp_now().await;
+        let change = UserCutoffChange {
+            user_id: "u".into(),
+            cutoff: Some(Cutoff::from_unix_seconds(3)),
+        };
+        cache.set_user_cutoffs(&app, &[change]).await.unwrap();
+        assert_eq!(cache.stamped(&stamp, now), None, "after a user write");
+        assert_eq!(
+            cache.cutoff(&app, &user).await,
+            Ok(Some(Cutoff::from_unix_seconds(3)))
+        );
+        let stamp = cache.cached_stamped(&app, &user, now).unwrap();
+        assert_eq!(stamp.cutoff, Some(Cutoff::from_unix_seconds(3)));
+        cache
+            .set_app_cutoff(&app, Some(Cutoff::from_unix_seconds(4)))
+            .await
+            .unwrap();
+        assert_eq!(cache.stamped(&stamp, now), None, "after an app write");
+        assert_eq!(
+            cache.cutoff(&app, &user).await,
+            Ok(Some(Cutoff::from_unix_seconds(4)))
+        );
+        let stamp = cache.cached_stamped(&app, &user, now).unwrap();
+        assert_eq!(
+            stamp.cutoff,
+            Some(Cutoff::from_unix_seconds(4)),
+            "the later one"
+        );
+        let mut smaller = settings();
+        smaller.cache_capacity = 10;
+        cache.apply_settings(&smaller);
+        assert_eq!(cache.stamped(&stamp, now), None, "after a resize");
+
+        // Another cache at the same epoch does not take this one's stamp.
+        let stamp = cache.cached_stamped(&app, &user, now).unwrap();
+        let other = RevocationCache::new(store, &settings());
+        other.epoch.store(stamp.epoch, Ordering::SeqCst);
+        assert_eq!(other.stamped(&stamp, now), None);
     }
 }

@@ -10,7 +10,14 @@
 //! The cache is `moka::sync::Cache`, the crate the product names for its caches, with
 //! foldhash and a borrowed key: a lookup hashes the presented `&str` and compares it
 //! without allocating, and the comparison never stops early.
+//!
+//! An entry also carries the revocation cache's last answer for the token's user
+//! (`StampedCutoff`), so that a repeated token costs one moka lookup, not two: the
+//! gate takes that answer when the revocation cache says its state has not moved
+//! since (see `revocation::cache`), and otherwise looks the cutoffs up and stamps the
+//! entry again.
 
+use crate::time::StampedCutoff;
 use crate::token::VerifiedToken;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -92,14 +99,33 @@ impl Keyring {
         self.verified.0.entry_count()
     }
 
+    #[cfg(test)]
     pub(crate) fn cached(&self, token: &str) -> Option<VerifiedToken> {
+        self.cached_stamped(token).map(|entry| entry.verified)
+    }
+
+    /// The verified token and the revocation answer last stamped on it, if any.
+    pub(crate) fn cached_stamped(&self, token: &str) -> Option<Entry> {
         self.verified.0.get(&TokenRef(token))
     }
 
     pub(crate) fn remember(&self, token: &str, verified: &VerifiedToken) {
+        self.insert(token, verified.clone(), None);
+    }
+
+    /// Keeps `stamp` with a token this keyring verified, for its next requests. Off
+    /// the hit path: once per token after each revocation change (or TTL). A token
+    /// evicted meanwhile stays out (it was verified; it will be again).
+    pub(crate) fn restamp(&self, token: &str, stamp: StampedCutoff) {
+        if let Some(entry) = self.cached_stamped(token) {
+            self.insert(token, entry.verified, Some(stamp));
+        }
+    }
+
+    fn insert(&self, token: &str, verified: VerifiedToken, stamp: Option<StampedCutoff>) {
         self.verified
             .0
-            .insert(TokenKey(Box::from(token)), verified.clone());
+            .insert(TokenKey(Box::from(token)), Entry { verified, stamp });
     }
 }
 
@@ -119,7 +145,16 @@ impl std::fmt::Debug for Keyring {
 /// repeats the same token, so a hit skips the base64, JSON and HMAC work for a hash
 /// and a comparison of the token. Only successes are kept, so invalid tokens cannot
 /// fill it; times are checked on every hit.
-struct VerifiedTokens(moka::sync::Cache<TokenKey, VerifiedToken, foldhash::fast::RandomState>);
+struct VerifiedTokens(moka::sync::Cache<TokenKey, Entry, foldhash::fast::RandomState>);
+
+/// What the cache keeps per token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) verified: VerifiedToken,
+    /// The revocation cache's answer for the token's user, as of its stamp (users'
+    /// tokens only, once a request has found both cutoffs cached).
+    pub(crate) stamp: Option<StampedCutoff>,
+}
 
 impl Default for VerifiedTokens {
     fn default() -> Self {

@@ -11,6 +11,7 @@
 //! each place where the contract makes them differ; `benches/verify.rs` compares speed.
 
 use crate::error::{AuthError, Malformed};
+use crate::time::StampedCutoff;
 use crate::token::{Keyring, TokenRules};
 use serde::{Deserialize, Deserializer};
 use std::borrow::Cow;
@@ -259,18 +260,29 @@ pub fn verify(
     rules: &TokenRules,
     now: i64,
 ) -> Result<VerifiedToken, AuthError> {
+    verify_stamped(token, keyring, rules, now).map(|(verified, _)| verified)
+}
+
+/// [`verify`], with the revocation answer the keyring's cache last kept for the
+/// token (the gate's hit path: one cache lookup for both).
+pub(crate) fn verify_stamped(
+    token: &str,
+    keyring: &Keyring,
+    rules: &TokenRules,
+    now: i64,
+) -> Result<(VerifiedToken, Option<StampedCutoff>), AuthError> {
     if token.len() > rules.max_token_bytes {
         return Err(AuthError::Malformed(Malformed::TooLong));
     }
-    if let Some(known) = keyring.cached(token)
-        && (known.kind != TokenKind::Developer || rules.developer_tokens)
+    if let Some(known) = keyring.cached_stamped(token)
+        && (known.verified.kind != TokenKind::Developer || rules.developer_tokens)
     {
-        rules.check_times(&known.claims, now)?;
-        return Ok(known);
+        rules.check_times(&known.verified.claims, now)?;
+        return Ok((known.verified, known.stamp));
     }
     let verified = verify_uncached(token, keyring, rules, now)?;
     keyring.remember(token, &verified);
-    Ok(verified)
+    Ok((verified, None))
 }
 
 /// [`verify`] without the keyring's cache of verified tokens: what a token costs the
