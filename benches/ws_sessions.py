@@ -1,44 +1,72 @@
 #!/usr/bin/env python3
-# Usage: python3 benches/ws_sessions.py CHATGATE_BINARY N
+# Usage: python3 benches/ws_sessions.py CHATGATE_BINARY [N] [MESSAGES]
 #
-# Memory per idle proxied WebSocket (issue 13), chatgate against HAProxy in the same
-# run: N clients upgrade through each proxy (token in the query, checked by each:
-# chatgate's gate, HAProxy's jwt_verify) to one idle WebSocket upstream, stay idle,
-# then close. Prints each proxy's RSS before, with the N sessions open, and after they
-# closed, and the RSS per session side by side.
+# Live WebSocket sessions at the edge (issue 13), chatgate against HAProxy in the same
+# run, one proxy after the other (chatgate first), each with one thread:
+# - handshakes: N clients upgrade through the proxy (token in the query, checked by
+#   each: chatgate's gate, HAProxy's jwt_verify on alg, signature and exp) to one
+#   WebSocket upstream; the proxy's CPU time (utime + stime) over those N upgrades;
+# - memory: the proxy's RSS before, with the N sessions open and idle for 3 s, and
+#   5 s after they all closed (RSS per session = (open - before) / N);
+# - revocation (chatgate only; HAProxy cannot end a live session): one user's sessions
+#   (N / 1000 of them: the clients are users u0..u999) are revoked through the proxy
+#   (PATCH /users with a server token, as the server SDK does); the time from sending
+#   the PATCH to the last of that user's close frames, and how many times relayed
+#   sessions' tasks ran meanwhile (`chatgate_websocket_session_runs_total`: only the
+#   revoked sessions should run);
+# - small frames: 100 of the open sessions each send MESSAGES masked 64-byte frames
+#   one at a time, which the upstream echoes; the proxy's CPU time per round trip
+#   (two relayed frames).
+# Prints each figure per proxy and the ratios chatgate / HAProxy.
 #
-# Raises the fd limit (each session is two sockets in each proxy) as far as allowed;
-# N above ~14,000 may need more ephemeral ports or source addresses than loopback gives.
-import asyncio, base64, hashlib, hmac, json, os, resource, socket, subprocess, sys, tempfile, time
+# Each session is two sockets in each proxy: the fd limit is raised as far as allowed
+# (root may raise the hard limit) and N defaults to what fits in it. Loopback only,
+# every wait bounded.
+import asyncio, base64, datetime, hashlib, hmac, json, os, resource, socket, subprocess, sys, tempfile, time
 
 if sys.argv[1] == "--upstream":
-    # The idle WebSocket upstream, in a process of its own (its sockets count against
-    # its own fd limit, not the clients').
+    # The WebSocket upstream, in a process of its own (its sockets count against its
+    # own fd limit, not the clients').
     port = int(sys.argv[2])
-    binary, n = None, 0
+    binary, n, messages = None, 0, 0
 else:
-    binary, n = sys.argv[1], int(sys.argv[2])
+    binary = sys.argv[1]
+    n = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    messages = int(sys.argv[3]) if len(sys.argv) > 3 else 300
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 try:
-    # The proxies inherit it and each holds two sockets per session (root may raise
-    # the hard limit).
     wanted = max(hard, 4 * n + 4096)
     resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
 except (ValueError, OSError):
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+if binary is not None:
+    # Two sockets per session in the proxy, plus its own descriptors.
+    fits = (limit - 100) // 2
+    if n == 0 or n > fits:
+        if n > fits:
+            print(f"N={n} needs more than the fd limit ({limit}) allows: N={fits}", flush=True)
+        n = fits
 SECRET, KEY = "bench-secret-0123456789abcdef0123", "benchkey"
+USERS = 1000
+RELAY_SESSIONS = 100
+CLK = os.sysconf("SC_CLK_TCK")
 
 
 def b64(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def token(user):
+def jwt(claims):
     header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    now = int(time.time())
-    payload = b64(json.dumps({"user_id": user, "iat": now - 5, "exp": now + 7200}).encode())
+    payload = b64(json.dumps(claims).encode())
     signature = hmac.new(SECRET.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
     return f"{header}.{payload}.{b64(signature)}"
+
+
+def token(user):
+    now = int(time.time())
+    return jwt({"user_id": user, "iat": now - 5, "exp": now + 7200})
 
 
 def free():
@@ -54,56 +82,151 @@ def rss(pid):
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
 
 
+def cpu(pid):
+    """The process's CPU time (all threads, user + system) in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
 async def upstream_session(reader, writer):
-    head = await reader.readuntil(b"\r\n\r\n")
-    key = next((l.split(b":", 1)[1].strip() for l in head.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key:")), None)
-    if key is None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        # A health probe (connect, close).
         writer.close()
         return
-    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-    await writer.drain()
-    # Idle until the proxy closes.
-    while await reader.read(4096):
+    lines = head.split(b"\r\n")
+    key = next((l.split(b":", 1)[1].strip() for l in lines if l.lower().startswith(b"sec-websocket-key:")), None)
+    try:
+        if key is None:
+            # An HTTP request (the revocation the proxy forwards): 200 {}.
+            length = next((int(l.split(b":", 1)[1]) for l in lines if l.lower().startswith(b"content-length:")), 0)
+            if length:
+                await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+            await writer.drain()
+            writer.close()
+            return
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        await writer.drain()
+        # Echoes what arrives (the small-frame phase); an idle session sends nothing.
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
         pass
     writer.close()
 
 
 async def open_sessions(port, count):
-    sessions = []
-    tokens = [token(f"u{i % 1000}") for i in range(1000)]
+    sessions = [None] * count
+    tokens = [token(f"u{i}") for i in range(USERS)]
     sem = asyncio.Semaphore(64)
 
     async def one(i):
         async with sem:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(
-                f"GET /connect?api_key={KEY}&authorization={tokens[i % 1000]}&stream-auth-type=jwt HTTP/1.1\r\n"
+                f"GET /connect?api_key={KEY}&authorization={tokens[i % USERS]}&stream-auth-type=jwt HTTP/1.1\r\n"
                 "Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
             assert head.startswith(b"HTTP/1.1 101"), head
-            sessions.append((reader, writer))
+            sessions[i] = (reader, writer)
 
     await asyncio.gather(*(one(i) for i in range(count)))
     return sessions
 
 
-async def measure(name, pid, port):
+def runs(admin):
+    """chatgate_websocket_session_runs_total, from the admin listener."""
+    with socket.create_connection(("127.0.0.1", admin), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    line = next((l for l in data.decode().splitlines() if l.startswith("chatgate_websocket_session_runs_total")), None)
+    # None: a chatgate from before the counter.
+    return None if line is None else int(float(line.split()[1]))
+
+
+async def revoke_one(port, admin, sessions):
+    user = 7
+    mine = [sessions[i] for i in range(user, len(sessions), USERS)]
+    before = runs(admin)
+    cutoff = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    body = json.dumps({"users": [{"id": f"u{user}", "set": {"revoke_tokens_issued_before": cutoff}}]}).encode()
+    server = jwt({"server": True, "exp": int(time.time()) + 60})
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.monotonic()
+    writer.write(
+        f"PATCH /users?api_key={KEY} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {server}\r\n"
+        f"Stream-Auth-Type: jwt\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n".encode() + body)
+    status = (await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)).split()[1].decode()
+    answered = time.monotonic() - started
+    writer.close()
+
+    async def closed(session):
+        # The close frame (0x88) is the first thing the relay sends an idle client.
+        first = await asyncio.wait_for(session[0].readexactly(2), 10)
+        assert first[0] == 0x88, first
+        return time.monotonic() - started
+
+    times = await asyncio.gather(*(closed(s) for s in mine))
+    await asyncio.sleep(1.5)
+    after = runs(admin)
+    woken = "n/a" if before is None else f"{after - before} ({(after - before) / len(mine):.1f} per revoked session)"
+    print(f"  revoke u{user}: PATCH {status} in {answered * 1000:.1f} ms; its {len(mine)} sessions closed "
+          f"{min(times) * 1000:.1f}-{max(times) * 1000:.1f} ms after the PATCH was sent; "
+          f"session task runs meanwhile: {woken}, {len(sessions) - len(mine)} other sessions open", flush=True)
+    return [i for i in range(len(sessions)) if i % USERS != user]
+
+
+async def small_frames(pid, sessions, count):
+    frame = bytes([0x82, 0x80 | 64]) + os.urandom(4) + os.urandom(64)
+
+    async def pingpong(session):
+        reader, writer = session
+        for _ in range(count):
+            writer.write(frame)
+            await asyncio.wait_for(reader.readexactly(len(frame)), 10)
+
+    start = cpu(pid)
+    started = time.monotonic()
+    await asyncio.gather(*(pingpong(s) for s in sessions))
+    elapsed = time.monotonic() - started
+    spent = cpu(pid) - start
+    total = len(sessions) * count
+    return spent / total, total / elapsed
+
+
+async def measure(name, pid, port, admin=None):
     await asyncio.sleep(1.0)
     before = rss(pid)
-    started = time.time()
+    start_cpu = cpu(pid)
+    started = time.monotonic()
     sessions = await open_sessions(port, n)
+    opened_in = time.monotonic() - started
+    per_handshake = (cpu(pid) - start_cpu) / n
     await asyncio.sleep(3.0)
     during = rss(pid)
+    open_left = list(range(n))
+    if admin is not None:
+        open_left = await revoke_one(port, admin, sessions)
+    relay_cpu, relay_rate = await small_frames(pid, [sessions[i] for i in open_left[:RELAY_SESSIONS]], messages)
     for _, writer in sessions:
         writer.close()
-    await asyncio.sleep(3.0)
+    await asyncio.sleep(5.0)
     after = rss(pid)
     per = (during - before) / n
     print(f"{name:9} n={n} rss_kb before={before} open={during} after_close={after} "
-          f"per_session={per:.2f}KB opened_in={time.time() - started:.1f}s", flush=True)
-    return per
+          f"per_session={per:.2f}KB cpu_per_handshake={per_handshake * 1e6:.1f}us "
+          f"cpu_per_round_trip={relay_cpu * 1e6:.2f}us ({relay_rate:.0f}/s) opened_in={opened_in:.1f}s", flush=True)
+    return {"per": per, "handshake": per_handshake, "relay": relay_cpu,
+            "before": before, "open": during, "after": after}
 
 
 async def serve_upstream(port):
@@ -127,7 +250,7 @@ async def main():
     hcfg = tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False)
     hcfg.write(f"""global
   nbthread 1
-  maxconn {n + 200}
+  maxconn {n + 20}
 defaults
   mode http
   timeout connect 10s
@@ -158,9 +281,17 @@ backend upstream
                     break
                 except OSError:
                     await asyncio.sleep(0.1)
-        ours = await measure("chatgate", chatgate.pid, cg_port)
+        ours = await measure("chatgate", chatgate.pid, cg_port, cg_admin)
         theirs = await measure("haproxy", haproxy.pid, ha_port)
-        print(f"RSS per idle session, chatgate / HAProxy: {ours:.2f} KB / {theirs:.2f} KB = {ours / theirs:.2f}x")
+        print(f"chatgate / HAProxy, n={n}, one thread each:")
+        print(f"  RSS per idle session: {ours['per']:.2f} KB / {theirs['per']:.2f} KB = {ours['per'] / theirs['per']:.2f}x")
+        print(f"  RSS after all closed, above the start: {ours['after'] - ours['before']} KB / "
+              f"{theirs['after'] - theirs['before']} KB (peak above the start: {ours['open'] - ours['before']} KB / "
+              f"{theirs['open'] - theirs['before']} KB)")
+        print(f"  CPU per upgrade handshake: {ours['handshake'] * 1e6:.1f} us / {theirs['handshake'] * 1e6:.1f} us = "
+              f"{ours['handshake'] / theirs['handshake']:.2f}x")
+        print(f"  CPU per 64-byte round trip: {ours['relay'] * 1e6:.2f} us / {theirs['relay'] * 1e6:.2f} us = "
+              f"{ours['relay'] / theirs['relay']:.2f}x")
     finally:
         chatgate.kill()
         haproxy.kill()

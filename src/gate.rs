@@ -201,9 +201,10 @@ impl Gate {
     /// A gate over a live config and a revocation cache, with the default [`Policy`]
     /// (the config alone decides).
     pub fn new(config: ConfigHandle, revocations: Arc<RevocationCache>) -> Self {
+        let sessions = Arc::new(SessionRegistry::with_config(revocations.clone(), &config));
         Gate {
             config,
-            sessions: Arc::new(SessionRegistry::new(revocations.clone())),
+            sessions,
             revocations,
             policy: Arc::default(),
             limiter: Arc::default(),

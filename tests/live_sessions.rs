@@ -2,8 +2,9 @@
 //! relayed WebSocket carries when its token is revoked in the middle of a large
 //! fragmented message (the close lands at a frame boundary, the upstream gets a masked
 //! 1001), an upstream that stalls mid-frame, a revocation through one proxy closing a
-//! session held by another over Redis (with the official JS SDK), and the end of a
-//! drain (1001 both ways, then the process exits without waiting out the grace period).
+//! session held by another over Redis (with the official JS SDK), an app-wide cutoff
+//! set in the config file and applied by a reload, and the end of a drain (1001 both
+//! ways, then the process exits without waiting out the grace period).
 
 #[path = "common/proxy_harness.rs"]
 mod harness;
@@ -154,12 +155,17 @@ async fn read_head(stream: &mut TcpStream) -> String {
 
 /// A raw client upgraded through the proxy as `user`, past the 101.
 async fn raw_session(proxy: &Proxy, user: &str) -> TcpStream {
+    raw_session_of(proxy, (KEY, SECRET), user).await
+}
+
+/// [`raw_session`] for the app `(api key, secret)`.
+async fn raw_session_of(proxy: &Proxy, (key, secret): (&str, &str), user: &str) -> TcpStream {
     let token = TokenBuilder::user(user)
         .issued_at(now_unix() - 10)
-        .sign(SECRET);
+        .sign(secret);
     let mut stream = TcpStream::connect(proxy.address).await.unwrap();
     let request = format!(
-        "GET /connect?api_key={KEY}&authorization={token}&stream-auth-type=jwt&json=%7B%22user_id%22%3A%22{user}%22%7D HTTP/1.1\r\n\
+        "GET /connect?api_key={key}&authorization={token}&stream-auth-type=jwt&json=%7B%22user_id%22%3A%22{user}%22%7D HTTP/1.1\r\n\
          Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
@@ -315,6 +321,40 @@ async fn a_revocation_mid_message_closes_with_4000_right_after_the_frame_in_prog
     );
 
     // The client sent nothing: the upstream got a masked close 1001 at a boundary.
+    let (first_byte, payload) = single_frame(&upstream.received_until_closed().await);
+    assert_eq!(first_byte, 0x88);
+    assert_eq!(&payload[..2], &1001u16.to_be_bytes());
+}
+
+#[tokio::test]
+async fn a_cutoff_set_in_the_config_file_closes_that_apps_idle_sessions_on_reload() {
+    let (upstream, mut proxy) = scripted_proxy(ProxyOptions {
+        second_app: true,
+        ..ProxyOptions::default()
+    })
+    .await;
+    let mut client = raw_session_of(&proxy, (KEY_B, SECRET_B), "carol").await;
+    // The harness's config ends with app B's table: the cutoff lands there.
+    let cutoff = chatgate::time::Cutoff::from_unix_seconds(now_unix()).to_rfc3339();
+    proxy.append_config(&format!("revoke_tokens_issued_before = \"{cutoff}\"\n"));
+    proxy
+        .wait_config_status(STEP, "the reload with app B's cutoff", |status| {
+            status["version"] == 2
+        })
+        .await;
+    let reloaded_at = Instant::now();
+    let mut got = Vec::new();
+    let arrivals = read_to_end(&mut client, &mut got).await;
+    assert!(
+        got == chatgate::ws::close_frame(4000, "token revoked"),
+        "the idle client got close 4000, nothing else: {got:?}"
+    );
+    let closed_at = arrivals.last().unwrap().1;
+    assert!(
+        closed_at.duration_since(reloaded_at) <= WITHIN,
+        "close {:?} after the reload was live",
+        closed_at.duration_since(reloaded_at)
+    );
     let (first_byte, payload) = single_frame(&upstream.received_until_closed().await);
     assert_eq!(first_byte, 0x88);
     assert_eq!(&payload[..2], &1001u16.to_be_bytes());

@@ -35,9 +35,10 @@
 //!
 //! The same loop relays WebSocket sessions (contract §4, see [`super::relay`]): when
 //! the application handed an upgraded session over during a request (`hand_off`),
-//! the connection Pingora gives back is relayed in this task instead of serving
-//! another request. The guard keeps the bytes read behind a `GET` head (a client's
-//! frames sent before the 101) for that hand-off.
+//! the connection Pingora gives back is relayed (in a task of its own, without the
+//! guard: see [`unguard`]) instead of serving another request. The guard keeps the
+//! bytes read behind a `GET` head (a client's frames sent before the 101) for that
+//! hand-off.
 //!
 //! Only HTTP/1 is handled here: chatgate serves HTTP/2 only over TLS (ALPN `h2`, no
 //! h2c), and such a connection goes to Pingora's own HTTP/2 loop, where the h2
@@ -60,7 +61,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -125,8 +126,10 @@ where
         while let Some((stream, settings)) = reused.map(|r| r.consume()) {
             if let Some(upgraded) = conn.handoff.take() {
                 // The request was a WebSocket upgrade the application made itself: the
-                // connection is now a relayed session, in this task, to its end.
-                relay::relay(stream, upgraded).await;
+                // connection is now a relayed session, in a task of its own, and this
+                // one (Pingora's connection task, sized for its HTTP state machine)
+                // ends instead of idling as long as the session does.
+                tokio::spawn(relay::relay(stream, upgraded));
                 return;
             }
             next_request(conn);
@@ -248,6 +251,29 @@ pub(crate) fn can_hand_off(session: &pingora::proxy::Session) -> bool {
         .is_some_and(|stream| (**stream).as_any().is::<HeadGuard>())
 }
 
+/// The connection under a [`HeadGuard`], once it is relayed: the guard (its head
+/// state, its timer and its write buffer) is dropped, and what it still held unsent
+/// comes back with the connection. Any other stream is returned as it is.
+pub(crate) fn unguard(stream: Stream) -> (Stream, bytes::Bytes) {
+    if !stream.as_any().is::<HeadGuard>() {
+        return (stream, bytes::Bytes::new());
+    }
+    match stream.into_any().downcast::<HeadGuard>() {
+        Ok(guard) => {
+            let HeadGuard {
+                inner,
+                mut out,
+                out_sent,
+                ..
+            } = *guard;
+            out.drain(..out_sent);
+            (inner, bytes::Bytes::from(out))
+        }
+        // `is` said it is one.
+        Err(_) => unreachable!("a HeadGuard that does not downcast"),
+    }
+}
+
 /// What a connection's loop shares with the requests on it.
 #[derive(Debug)]
 pub(crate) struct Connection {
@@ -276,10 +302,27 @@ pub struct HeadGuard {
     /// Bytes read in the same read as the end of a `GET` head, tagged with the request
     /// they followed: what a client sent right behind an upgrade request.
     after_head: Option<(u32, bytes::Bytes)>,
+    /// Coalesce writes here (see [`WRITE_BUFFER`]); off over TLS, whose L4 stream keeps
+    /// Pingora's own write buffer.
+    buffer_writes: bool,
+    /// Written but not yet passed on; no capacity until the first buffered write.
+    out: Vec<u8>,
+    /// How much of `out` the inner stream has taken.
+    out_sent: usize,
 }
+
+/// The write buffer of a plain client connection, in [`HeadGuard`] rather than under
+/// it: the same size and the same coalescing as Pingora's L4 write buffer
+/// (`DEFAULT_L4_WRITE_BUFFER_SIZE`, a tokio `BufWriter`), which the plain listener
+/// leaves out, so that a connection handed to the relay drops it with the guard
+/// ([`unguard`]) instead of holding it for the session's life (the relay writes each
+/// chunk once and flushes it at once: a buffer would only copy).
+const WRITE_BUFFER: usize = pingora::protocols::l4::stream::DEFAULT_L4_WRITE_BUFFER_SIZE;
 
 impl HeadGuard {
     fn new(inner: Stream, conn: Arc<Connection>, timeout: Duration, max_bytes: usize) -> Self {
+        // A TLS stream is written through OpenSSL over Pingora's buffered L4 stream.
+        let buffer_writes = inner.get_ssl().is_none();
         HeadGuard {
             inner,
             conn,
@@ -291,7 +334,30 @@ impl HeadGuard {
             timing: false,
             get: false,
             after_head: None,
+            buffer_writes,
+            out: Vec::new(),
+            out_sent: 0,
         }
+    }
+
+    /// Passes the buffered writes on; ready once all are taken.
+    fn poll_send_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.out_sent < self.out.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.out[self.out_sent..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "failed to write the buffered data",
+                    )));
+                }
+                Poll::Ready(Ok(n)) => self.out_sent += n,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.out.clear();
+        self.out_sent = 0;
+        Poll::Ready(Ok(()))
     }
 
     /// Writes `answer` if the socket takes it at once, then fails the read.
@@ -384,13 +450,28 @@ impl AsyncRead for HeadGuard {
 
 use std::future::Future as _;
 
+// Coalescing as tokio's `BufWriter` does (what Pingora's L4 write buffer is): a write
+// that does not fit behind what is buffered sends the buffer first; one at least as
+// large as the buffer goes straight through; flush and shutdown send the buffer first.
 impl AsyncWrite for HeadGuard {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if !this.buffer_writes {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        if this.out.len() + buf.len() > WRITE_BUFFER {
+            ready!(this.poll_send_out(cx))?;
+        }
+        if buf.len() >= WRITE_BUFFER {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        this.out.reserve_exact(WRITE_BUFFER - this.out.len());
+        this.out.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_write_vectored(
@@ -398,25 +479,51 @@ impl AsyncWrite for HeadGuard {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if !this.buffer_writes {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
+        let total = bufs.iter().map(|buf| buf.len()).sum::<usize>();
+        if this.out.len() + total > WRITE_BUFFER {
+            ready!(this.poll_send_out(cx))?;
+        }
+        if total >= WRITE_BUFFER {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
+        this.out.reserve_exact(WRITE_BUFFER - this.out.len());
+        for buf in bufs {
+            this.out.extend_from_slice(buf);
+        }
+        Poll::Ready(Ok(total))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.buffer_writes || self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(this.poll_send_out(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        ready!(this.poll_send_out(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
 #[async_trait]
 impl Shutdown for HeadGuard {
     async fn shutdown(&mut self) {
+        // What is buffered goes first, as Pingora's L4 stream flushes its own buffer.
+        if std::future::poll_fn(|cx| self.poll_send_out(cx))
+            .await
+            .is_err()
+        {
+            return;
+        }
         self.inner.shutdown().await
     }
 }
@@ -547,6 +654,44 @@ mod tests {
             offset += piece.len();
         }
         None
+    }
+
+    fn sent(stream: &dyn pingora::protocols::IO) -> Vec<u8> {
+        let cursor = stream.as_any().downcast_ref::<std::io::Cursor<Vec<u8>>>();
+        cursor.expect("a cursor").get_ref().clone()
+    }
+
+    #[tokio::test]
+    async fn writes_are_coalesced_until_a_flush_and_unguard_returns_what_was_not_sent() {
+        use tokio::io::AsyncWriteExt;
+        let conn = Arc::new(Connection {
+            phase: AtomicU8::new(PASS),
+            request: AtomicU32::new(0),
+            handoff: Handoff::default(),
+        });
+        let inner: Stream = Box::new(std::io::Cursor::new(Vec::<u8>::new()));
+        let mut guard = HeadGuard::new(inner, conn, Duration::from_secs(1), 1024);
+        guard.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        guard.write_all(b"body").await.unwrap();
+        assert!(sent(&*guard.inner).is_empty(), "sent before the flush");
+        guard.flush().await.unwrap();
+        assert_eq!(sent(&*guard.inner), b"HTTP/1.1 200 OK\r\n\r\nbody");
+        // A write that does not fit sends what is buffered first; one as large as the
+        // buffer goes straight through.
+        guard.write_all(b"x").await.unwrap();
+        let large = vec![7u8; WRITE_BUFFER];
+        guard.write_all(&large).await.unwrap();
+        let mut expected = b"HTTP/1.1 200 OK\r\n\r\nbodyx".to_vec();
+        expected.extend_from_slice(&large);
+        assert_eq!(sent(&*guard.inner), expected);
+        guard.write_all(b"tail").await.unwrap();
+        let (inner, unflushed) = unguard(Box::new(guard));
+        assert_eq!(&unflushed[..], b"tail");
+        assert_eq!(sent(&*inner), expected);
+        // Not a guard: returned as it is.
+        let (inner, unflushed) = unguard(inner);
+        assert!(unflushed.is_empty());
+        assert_eq!(sent(&*inner), expected);
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub struct ProxyMetrics {
     sessions_open: IntGaugeVec,
     /// Indexed like [`SessionEndReason::ALL`].
     sessions_ended: [IntCounter; 6],
+    session_runs: IntCounter,
     upstream_errors: IntCounterVec,
     cache_hits: IntCounter,
     cache_misses: IntCounter,
@@ -154,6 +155,11 @@ impl ProxyMetrics {
                 "Relayed WebSocket sessions ended, by reason (revoked, expired, shutdown, client, upstream, idle)",
             ),
             &["reason"],
+        )
+        .expect("valid metric");
+        let session_runs = IntCounter::new(
+            "chatgate_websocket_session_runs_total",
+            "Times a relayed WebSocket session's task ran (bytes moving, its timers, a revocation of its user or app, the drain); an idle session adds none",
         )
         .expect("valid metric");
         let sessions_ended = SessionEndReason::ALL
@@ -264,6 +270,7 @@ impl ProxyMetrics {
             Box::new(websockets_open.clone()),
             Box::new(sessions_open.clone()),
             Box::new(sessions_ended_by_reason),
+            Box::new(session_runs.clone()),
             Box::new(upstream_errors.clone()),
             Box::new(cache_hits.clone()),
             Box::new(cache_misses.clone()),
@@ -290,6 +297,7 @@ impl ProxyMetrics {
             websockets_open,
             sessions_open,
             sessions_ended,
+            session_runs,
             upstream_errors,
             cache_hits,
             cache_misses,
@@ -361,6 +369,11 @@ impl ProxyMetrics {
     pub fn session_closed(&self, app: &str) {
         self.websockets_open.dec();
         self.sessions_open.with_label_values(&[app]).dec();
+    }
+
+    /// Counts one run (poll) of a relayed session's task.
+    pub fn session_ran(&self) {
+        self.session_runs.inc();
     }
 
     /// Counts why a relayed session ended.

@@ -336,13 +336,15 @@ fn add_listener<A: pingora::apps::ServerApp + Send + Sync + 'static>(
             None,
             tls::listener_settings(config).map_err(|e| ServeError::Tls(e.to_string()))?,
         ),
-        // No L4 read buffer on plain client connections: Pingora's default puts a
-        // 64 KiB one in front of every accepted socket, held for the connection's
-        // life; an idle relayed WebSocket would keep it (Pingora's HTTP/1 session
-        // reads into buffers of its own, and the relay reads into its stack).
+        // No L4 buffers on plain client connections: Pingora's default puts a 64 KiB
+        // read buffer and a 1,460-byte write buffer in front of every accepted
+        // socket, held for the connection's life; an idle relayed WebSocket would
+        // keep them (Pingora's HTTP/1 session reads into buffers of its own, the
+        // relay reads into its stack, and `head::HeadGuard` coalesces the HTTP
+        // writes the same way, in a buffer the relay drops).
         None => proxy.add_listener(
             ListenerConfig::tcp(snapshot.server.listen.to_string())
-                .l4_buffer(L4BufferSettings::default().read(0)),
+                .l4_buffer(L4BufferSettings::default().read(0).write(0)),
         ),
     }
     server.add_service(proxy);

@@ -2,19 +2,26 @@
 //! itself, so it can end one the moment its token does, idle or not.
 //!
 //! How a session gets here: [`super::EdgeProxy`]'s `request_filter` makes the upgrade
-//! handshake with the upstream itself (pingora-core's `TransportConnector` and its
-//! HTTP/1 client session, the same request head Pingora would have sent: hop-by-hop
-//! headers removed as Pingora does, then the identity headers of
+//! handshake with the upstream itself (a plain upstream connected directly, a TLS one
+//! through pingora-core's `TransportConnector`, and Pingora's HTTP/1 client session,
+//! the same request head Pingora would have sent: hop-by-hop headers removed as
+//! Pingora does, then the identity headers of
 //! [`super::ChatAuthFilter::upstream_request_filter`]). On a `101` it leaves the
 //! upstream connection in the client connection's [`Handoff`] slot and ends the request
 //! without writing anything, with keep-alive on, so that Pingora hands the client
 //! connection back to [`super::head::HeadLimitedApp`]'s loop, which finds the slot filled
-//! and runs [`relay`] in the connection's own task. Any other answer from the upstream
+//! and spawns [`relay`] as the session's own task. Any other answer from the upstream
 //! is copied to the client as an HTTP response.
 //!
-//! [`relay`] copies bytes both ways with a stack buffer per poll: an idle session holds
-//! no buffer at all, only bytes a peer has not taken yet are copied to the heap, and
-//! that copy goes once they are written. It follows the frame boundaries of both
+//! What an idle session holds is kept to the two sockets, the relay's state and its
+//! registration (issue 13: at most HAProxy's memory per idle session). [`relay`]
+//! copies bytes both ways with a stack buffer per poll: an idle session holds no buffer
+//! at all, only bytes a peer has not taken yet are copied to the heap, and that copy
+//! goes once they are written. Pingora's connection task ends at the hand-off (its
+//! future is sized for the whole HTTP state machine), the client's
+//! [`super::head::HeadGuard`] and its write buffer are dropped ([`super::head::unguard`]),
+//! and a plain upstream is kept as the bare socket ([`RelayUpstream::Tcp`]) rather than
+//! Pingora's boxed stream and socket digest. It follows the frame boundaries of both
 //! directions (headers only) and wakes on the first of: traffic, the session's
 //! [`Registration`] (a revocation of that user or app), its expiry timer, its idle
 //! timer, or the end of a drain ([`RelayHub::go_away`]). On revocation or expiry the
@@ -36,7 +43,7 @@ use crate::session::{LiveSession, Registration, Wake, wait};
 use crate::ws::{CLOSE_GOING_AWAY, FrameBoundaries, close_frame, masked_close_frame};
 use bytes::{Buf, Bytes, BytesMut};
 use pingora::protocols::Stream;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::hash::BuildHasher;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -58,10 +65,147 @@ const FINISH_FRAME_WITHIN: Duration = Duration::from_millis(500);
 /// before their connections are dropped.
 const LINGER: Duration = Duration::from_secs(1);
 
+/// The upstream connection of a relayed session: the bare socket for a plain upstream
+/// (see `EdgeProxy::connect_websocket`), Pingora's stream over TLS.
+pub(crate) enum RelayUpstream {
+    /// A plain TCP upstream.
+    Tcp(tokio::net::TcpStream),
+    /// A TLS upstream (or any other stream Pingora made).
+    Pingora(Stream),
+}
+
+impl AsyncRead for RelayUpstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            RelayUpstream::Tcp(socket) => Pin::new(socket).poll_read(cx, buf),
+            RelayUpstream::Pingora(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for RelayUpstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            RelayUpstream::Tcp(socket) => Pin::new(socket).poll_write(cx, buf),
+            RelayUpstream::Pingora(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            RelayUpstream::Tcp(socket) => Pin::new(socket).poll_flush(cx),
+            RelayUpstream::Pingora(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            RelayUpstream::Tcp(socket) => Pin::new(socket).poll_shutdown(cx),
+            RelayUpstream::Pingora(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A plain upstream socket lent to Pingora's HTTP/1 client session for the upgrade
+/// handshake (as a [`Stream`]) and taken back after it ([`RelayUpstream::from_stream`]):
+/// the session then keeps the bare socket, with no copy of it and no second
+/// registration with the reactor. Pingora's own stream type offers no way to take its
+/// socket out.
+#[derive(Debug)]
+pub(crate) struct PlainUpstream(pub(crate) tokio::net::TcpStream);
+
+impl AsyncRead for PlainUpstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PlainUpstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::protocols::Shutdown for PlainUpstream {
+    async fn shutdown(&mut self) {
+        let _ = AsyncWriteExt::shutdown(&mut self.0).await;
+    }
+}
+
+impl pingora::protocols::UniqueID for PlainUpstream {
+    fn id(&self) -> pingora::protocols::UniqueIDType {
+        use std::os::fd::AsRawFd;
+        self.0.as_raw_fd()
+    }
+}
+
+impl pingora::protocols::Ssl for PlainUpstream {}
+
+impl pingora::protocols::GetTimingDigest for PlainUpstream {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        Vec::new()
+    }
+}
+
+impl pingora::protocols::GetProxyDigest for PlainUpstream {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        None
+    }
+}
+
+impl pingora::protocols::GetSocketDigest for PlainUpstream {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        None
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::protocols::Peek for PlainUpstream {}
+
+impl RelayUpstream {
+    /// The relay's side of the upstream stream the handshake was made on: the bare
+    /// socket when it is a [`PlainUpstream`].
+    pub(crate) fn from_stream(stream: Stream) -> Self {
+        if !stream.as_any().is::<PlainUpstream>() {
+            return RelayUpstream::Pingora(stream);
+        }
+        match stream.into_any().downcast::<PlainUpstream>() {
+            Ok(plain) => RelayUpstream::Tcp(plain.0),
+            // `is` said it is one.
+            Err(_) => unreachable!("a PlainUpstream that does not downcast"),
+        }
+    }
+}
+
 /// Everything a relay needs once the upgrade is made.
 pub(crate) struct Upgraded {
     /// The upstream connection, past its `101`.
-    pub(crate) upstream: Stream,
+    pub(crate) upstream: RelayUpstream,
     /// The upstream's `101` head as it arrived, then any bytes read after it.
     pub(crate) to_client: Bytes,
     /// What the client sent right behind its upgrade request (set by the hand-off).
@@ -79,7 +223,7 @@ pub(crate) struct Upgraded {
 }
 
 /// Per client connection: where `request_filter` leaves an upgraded session for the
-/// connection's loop in [`super::head::HeadLimitedApp`].
+/// connection's loop in [`super::head::HeadLimitedApp`], which spawns its relay.
 #[derive(Default)]
 pub struct Handoff(Mutex<Option<Box<Upgraded>>>);
 
@@ -219,8 +363,17 @@ impl Drop for Open<'_> {
 }
 
 /// Relays an upgraded session between `client` and the upstream until either side
-/// ends it, the token does, or the drain does; returns why it ended.
-pub(crate) async fn relay(client: Stream, upgraded: Box<Upgraded>) -> SessionEndReason {
+/// ends it, the token does, or the drain does; resolves to why it ended.
+///
+/// The future is meant to be spawned as the session's own task: the `Upgraded` box
+/// and the client connection's [`super::head::HeadGuard`] are gone before it is
+/// built, so an idle session keeps only the two connections, its timers and its
+/// registration (the connection task that made the upgrade, with Pingora's HTTP state
+/// machine in it, ends instead of waiting for the session).
+pub(crate) fn relay(
+    client: Stream,
+    upgraded: Box<Upgraded>,
+) -> impl Future<Output = SessionEndReason> + Send + 'static {
     let Upgraded {
         upstream,
         to_client,
@@ -231,31 +384,50 @@ pub(crate) async fn relay(client: Stream, upgraded: Box<Upgraded>) -> SessionEnd
         hub,
         pending,
     } = *upgraded;
-    let _open = Open::new(&hub, &app);
-    drop(pending);
-    let mut pump = Pump::new(client, upstream);
-    let reason = run(
-        &mut pump,
-        (to_client, to_upstream),
-        live.as_ref(),
-        idle_timeout,
-        &hub,
-    )
-    .await;
-    hub.metrics.session_ended(reason);
-    tracing::debug!(target: "chatgate::proxy", app = &*app, reason = reason.as_str(), "relayed WebSocket ended");
-    reason
+    let (client, unflushed) = super::head::unguard(client);
+    let metrics = hub.metrics.clone();
+    let session = async move {
+        let _open = Open::new(&hub, &app);
+        drop(pending);
+        let mut pump = Pump::new(client, upstream);
+        let reason = run(
+            &mut pump,
+            [unflushed, to_client, to_upstream],
+            live.as_ref(),
+            idle_timeout,
+            &hub,
+        )
+        .await;
+        hub.metrics.session_ended(reason);
+        tracing::debug!(target: "chatgate::proxy", app = &*app, reason = reason.as_str(), "relayed WebSocket ended");
+        reason
+    };
+    async move {
+        // Every run of the task is counted, so that what a revocation wakes is
+        // observable (`chatgate_websocket_session_runs_total`): its user's sessions,
+        // not the idle others.
+        let mut session = std::pin::pin!(session);
+        poll_fn(|cx| {
+            metrics.session_ran();
+            session.as_mut().poll(cx)
+        })
+        .await
+    }
 }
 
 async fn run(
     pump: &mut Pump,
-    (to_client, to_upstream): (Bytes, Bytes),
+    [unflushed, to_client, to_upstream]: [Bytes; 3],
     live: Option<&LiveSession>,
     idle_timeout: Duration,
     hub: &RelayHub,
 ) -> SessionEndReason {
-    // The 101 and whatever the upstream sent with it.
-    if pump.client.write_all(&to_client).await.is_err() || pump.client.flush().await.is_err() {
+    // The 101 and whatever the upstream sent with it (after anything written to the
+    // client before the hand-off and still in its buffer: nothing, in practice).
+    if pump.client.write_all(&unflushed).await.is_err()
+        || pump.client.write_all(&to_client).await.is_err()
+        || pump.client.flush().await.is_err()
+    {
         return SessionEndReason::Client;
     }
     pump.down.frames.advance(&to_client[head_len(&to_client)..]);
@@ -438,7 +610,7 @@ impl Direction {
 
 struct Pump {
     client: Stream,
-    upstream: Stream,
+    upstream: RelayUpstream,
     /// Upstream to client.
     down: Direction,
     /// Client to upstream.
@@ -462,7 +634,7 @@ impl Side {
 }
 
 impl Pump {
-    fn new(client: Stream, upstream: Stream) -> Self {
+    fn new(client: Stream, upstream: RelayUpstream) -> Self {
         Pump {
             client,
             upstream,
@@ -552,7 +724,7 @@ impl Pump {
 type Step = Poll<Result<(), Side>>;
 
 /// Reads until end of stream or error, dropping the bytes.
-fn discard(cx: &mut Context<'_>, stream: &mut Stream) -> Poll<()> {
+fn discard(cx: &mut Context<'_>, stream: &mut (impl AsyncRead + Unpin)) -> Poll<()> {
     for _ in 0..READS_PER_POLL {
         let mut buf = [0u8; 1024];
         let mut read = ReadBuf::new(&mut buf);
@@ -571,8 +743,8 @@ fn discard(cx: &mut Context<'_>, stream: &mut Stream) -> Poll<()> {
 /// Pending otherwise (wakers registered on whatever it waits for).
 fn transfer(
     cx: &mut Context<'_>,
-    from: &mut Stream,
-    to: &mut Stream,
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
     dir: &mut Direction,
     active: &mut bool,
 ) -> Poll<Result<(), Side>> {

@@ -336,6 +336,7 @@ impl ConfigHandle {
 }
 
 /// A [`ConfigHandle`] that does not keep it alive.
+#[derive(Clone)]
 pub(crate) struct WeakConfigHandle(std::sync::Weak<Shared>);
 
 impl WeakConfigHandle {

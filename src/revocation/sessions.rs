@@ -9,8 +9,14 @@
 //! revocation store because that is all it knows: the events and the cutoffs; the
 //! sessions register by (app, user, `iat`) and wait on their [`Registration`]
 //! (`crate::session::LiveSession` for the tower layer, the edge proxy's relay).
+//!
+//! The same task follows the config's versions when the registry is given the live
+//! config ([`SessionRegistry::with_config`]): a reload that sets or moves an app's
+//! `revoke_tokens_issued_before` reaches that app's sessions exactly as an app-wide
+//! revocation through the API does.
 
 use super::{RevocationCache, RevocationEvent};
+use crate::reload::ConfigHandle;
 use crate::time::Cutoff;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -66,6 +72,8 @@ type Users = HashMap<Arc<str>, Vec<Arc<Watch>>>;
 /// The live sessions of one [`Gate`], indexed by app and user (see the module docs).
 pub struct SessionRegistry {
     cache: Arc<RevocationCache>,
+    /// The live config, whose app-wide cutoffs are followed too.
+    config: Option<crate::reload::WeakConfigHandle>,
     index: Mutex<HashMap<Arc<str>, Users>>,
     /// The task following the store's events, started by the first registration.
     follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -133,10 +141,19 @@ impl SessionRegistry {
     pub fn new(cache: Arc<RevocationCache>) -> Self {
         SessionRegistry {
             cache,
+            config: None,
             index: Mutex::default(),
             follower: Mutex::default(),
             woken: AtomicU64::new(0),
         }
+    }
+
+    /// An empty registry following `cache`'s store and `config`'s app-wide cutoffs
+    /// (`[[apps]] revoke_tokens_issued_before`, applied by a reload).
+    pub fn with_config(cache: Arc<RevocationCache>, config: &ConfigHandle) -> Self {
+        let mut registry = SessionRegistry::new(cache);
+        registry.config = Some(config.downgrade());
+        registry
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Users>> {
@@ -204,17 +221,56 @@ impl SessionRegistry {
             return;
         }
         let mut events = self.cache.store().subscribe();
+        let config = self.config.clone();
+        // Subscribed now, like the events: a reload after a registration is not missed.
+        let mut versions = config.as_ref().and_then(|c| c.upgrade()).map(|c| {
+            let versions = c.subscribe();
+            (versions, config_cutoffs(&c))
+        });
         let registry: Weak<SessionRegistry> = Arc::downgrade(self);
         *follower = Some(tokio::spawn(async move {
             loop {
-                let event = events.recv().await;
-                let Some(registry) = registry.upgrade() else {
-                    return;
+                let changed = async {
+                    match versions.as_mut() {
+                        Some((versions, _)) => versions.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
                 };
-                match event {
-                    Ok(event) => registry.apply(&event),
-                    Err(RecvError::Lagged(_)) => registry.apply(&RevocationEvent::Resync),
-                    Err(RecvError::Closed) => return,
+                tokio::select! {
+                    event = events.recv() => {
+                        let Some(registry) = registry.upgrade() else {
+                            return;
+                        };
+                        match event {
+                            Ok(event) => registry.apply(&event),
+                            Err(RecvError::Lagged(_)) => registry.apply(&RevocationEvent::Resync),
+                            Err(RecvError::Closed) => return,
+                        }
+                    }
+                    alive = changed => {
+                        let (Some(registry), Some(handle)) = (
+                            registry.upgrade(),
+                            config.as_ref().and_then(|c| c.upgrade()),
+                        ) else {
+                            return;
+                        };
+                        if !alive {
+                            versions = None;
+                            continue;
+                        }
+                        let now = config_cutoffs(&handle);
+                        if let Some((_, before)) = versions.as_mut() {
+                            for (app, cutoff) in &now {
+                                if cutoff.is_some() && before.get(app) != Some(cutoff) {
+                                    registry.apply(&RevocationEvent::App {
+                                        app: app.clone(),
+                                        cutoff: *cutoff,
+                                    });
+                                }
+                            }
+                            *before = now;
+                        }
+                    }
                 }
             }
         }));
@@ -264,10 +320,64 @@ impl SessionRegistry {
     }
 }
 
+/// Each app's cutoff in the live config.
+fn config_cutoffs(config: &ConfigHandle) -> HashMap<Arc<str>, Option<Cutoff>> {
+    config
+        .load()
+        .apps()
+        .map(|app| (app.api_key.clone(), app.revoke_tokens_issued_before))
+        .collect()
+}
+
 impl Drop for SessionRegistry {
     fn drop(&mut self) {
         if let Some(task) = self.follower.get_mut().ok().and_then(Option::take) {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{App, ConfigSnapshot};
+    use crate::revocation::MemoryStore;
+    use crate::time::now_unix;
+    use std::time::Duration;
+
+    fn snapshot(b_cutoff: Option<i64>) -> ConfigSnapshot {
+        let mut b = App::new("b", vec!["s".into()]);
+        b.revoke_tokens_issued_before = b_cutoff.map(Cutoff::from_unix_seconds);
+        ConfigSnapshot::with_apps(vec![App::new("a", vec!["s".into()]), b])
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_sets_an_apps_cutoff_wakes_that_apps_sessions_only() {
+        let config = ConfigHandle::new(snapshot(None));
+        let cache = RevocationCache::new(Arc::new(MemoryStore::new()), &config.load().revocation);
+        let registry = Arc::new(SessionRegistry::with_config(cache, &config));
+        let issued = Some(now_unix() - 10);
+        let user: Arc<str> = "u".into();
+        let in_a = registry.register(&"a".into(), Some(&user), issued).unwrap();
+        let in_b = registry.register(&"b".into(), Some(&user), issued).unwrap();
+        let later = registry
+            .register(&"b".into(), Some(&user), Some(now_unix() + 60))
+            .unwrap();
+
+        config.store(snapshot(Some(now_unix())));
+        let woken = tokio::time::timeout(Duration::from_secs(5), in_b.woken()).await;
+        assert_eq!(woken.expect("app b's session was woken"), Wake::Revoked);
+        // Neither the other app's session nor a token issued after the cutoff.
+        for untouched in [&in_a, &later] {
+            let quiet = tokio::time::timeout(Duration::from_millis(200), untouched.woken()).await;
+            assert!(quiet.is_err(), "woken: {:?}", quiet);
+        }
+        assert_eq!(registry.wakeups(), 1);
+
+        // A reload that leaves the cutoff where it is wakes nobody.
+        let same = config.load().app("b").unwrap().revoke_tokens_issued_before;
+        config.store(snapshot(same.map(|c| c.unix_seconds())));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(registry.wakeups(), 1);
     }
 }
