@@ -604,28 +604,24 @@ mod tests {
                 "{extra}: {message}"
             );
         }
-        let text = VALID.replace(
-            "listen = \"127.0.0.1:8080\"",
-            "listen = \"127.0.0.1:8080\"\nmax_header_bytes = 100",
-        );
-        let (line, _, key, _) = invalid(&text);
-        assert_eq!((key.as_str(), line), ("server.max_header_bytes", 4));
-        let text = VALID.replace(
-            "listen = \"127.0.0.1:8080\"",
-            "listen = \"127.0.0.1:8080\"\nheader_timeout_ms = 0",
-        );
-        let (line, _, key, _) = invalid(&text);
-        assert_eq!((key.as_str(), line), ("server.header_timeout_ms", 4));
-        let text = VALID.replace(
-            "listen = \"127.0.0.1:8080\"",
-            "listen = \"127.0.0.1:8080\"\nclient_body_timeout_ms = 0",
-        );
-        let (line, _, key, _) = invalid(&text);
-        assert_eq!((key.as_str(), line), ("server.client_body_timeout_ms", 4));
-        let text = VALID.replace(
-            "listen = \"127.0.0.1:8080\"",
-            "listen = \"127.0.0.1:8080\"\nclient_body_timeout_ms = 2500",
-        );
+        let in_server = |extra: &str| {
+            VALID.replace(
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"127.0.0.1:8080\"\n{extra}"),
+            )
+        };
+        for (extra, key) in [
+            ("max_header_bytes = 100", "server.max_header_bytes"),
+            ("header_timeout_ms = 0", "server.header_timeout_ms"),
+            (
+                "client_body_timeout_ms = 0",
+                "server.client_body_timeout_ms",
+            ),
+        ] {
+            let (line, _, got_key, message) = invalid(&in_server(extra));
+            assert_eq!((got_key.as_str(), line), (key, 4), "{extra}: {message}");
+        }
+        let text = in_server("client_body_timeout_ms = 2500");
         let config = crate::config::tests::parse(&text).unwrap();
         assert_eq!(config.server.client_body_timeout.as_millis(), 2500);
     }

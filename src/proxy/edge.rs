@@ -8,7 +8,7 @@ use super::access_log::AccessRecord;
 use super::filter::{ChatAuthFilter, Verdict, write_rejection};
 use super::live::LiveWatch;
 use super::metrics::{ProxyMetrics, UNKNOWN_APP};
-use super::relay::{RelayHub, RelayUpstream, RequestGuard, Upgraded};
+use super::relay::{RelayHub, RequestGuard, Upgraded, relay_upstream};
 use crate::config::{ConfigSnapshot, UpstreamSettings};
 use crate::error::{AuthError, Rejection};
 use crate::gate::{Identity, RequestParts};
@@ -439,7 +439,7 @@ impl EdgeProxy {
         let live = identity
             .filter(|identity| identity.user_id.is_some() || identity.expires_at.is_some())
             .map(|identity| LiveSession::new(self.auth.gate().clone(), identity));
-        let upstream = RelayUpstream::from_stream(upstream.into_inner());
+        let upstream = relay_upstream(upstream.into_inner());
         let upgraded = Box::new(Upgraded {
             upstream,
             to_client: to_client.freeze(),

@@ -20,7 +20,7 @@
 //! goes once they are written. Pingora's connection task ends at the hand-off (its
 //! future is sized for the whole HTTP state machine), the client's
 //! [`super::head::HeadGuard`] and its write buffer are dropped ([`super::head::unguard`]),
-//! and a plain upstream is kept as the bare socket ([`RelayUpstream::Tcp`]) rather than
+//! and a plain upstream is kept as the bare socket ([`relay_upstream`]) rather than
 //! Pingora's boxed stream and socket digest. It follows the frame boundaries of both
 //! directions (headers only) and wakes on the first of: traffic, the session's
 //! [`Registration`] (a revocation of that user or app), its expiry timer, its idle
@@ -66,56 +66,12 @@ const FINISH_FRAME_WITHIN: Duration = Duration::from_millis(500);
 const LINGER: Duration = Duration::from_secs(1);
 
 /// The upstream connection of a relayed session: the bare socket for a plain upstream
-/// (see `EdgeProxy::connect_websocket`), Pingora's stream over TLS.
-pub(crate) enum RelayUpstream {
-    /// A plain TCP upstream.
-    Tcp(tokio::net::TcpStream),
-    /// A TLS upstream (or any other stream Pingora made).
-    Pingora(Stream),
-}
-
-impl AsyncRead for RelayUpstream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            RelayUpstream::Tcp(socket) => Pin::new(socket).poll_read(cx, buf),
-            RelayUpstream::Pingora(stream) => Pin::new(stream).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for RelayUpstream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            RelayUpstream::Tcp(socket) => Pin::new(socket).poll_write(cx, buf),
-            RelayUpstream::Pingora(stream) => Pin::new(stream).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            RelayUpstream::Tcp(socket) => Pin::new(socket).poll_flush(cx),
-            RelayUpstream::Pingora(stream) => Pin::new(stream).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            RelayUpstream::Tcp(socket) => Pin::new(socket).poll_shutdown(cx),
-            RelayUpstream::Pingora(stream) => Pin::new(stream).poll_shutdown(cx),
-        }
-    }
-}
+/// (see `EdgeProxy::connect_websocket`), Pingora's stream over TLS (or any other stream
+/// Pingora made). tokio-util's `Either` forwards the I/O to whichever side it holds.
+pub(crate) type RelayUpstream = tokio_util::either::Either<tokio::net::TcpStream, Stream>;
 
 /// A plain upstream socket lent to Pingora's HTTP/1 client session for the upgrade
-/// handshake (as a [`Stream`]) and taken back after it ([`RelayUpstream::from_stream`]):
+/// handshake (as a [`Stream`]) and taken back after it ([`relay_upstream`]):
 /// the session then keeps the bare socket, with no copy of it and no second
 /// registration with the reactor. Pingora's own stream type offers no way to take its
 /// socket out.
@@ -187,18 +143,17 @@ impl pingora::protocols::GetSocketDigest for PlainUpstream {
 #[async_trait::async_trait]
 impl pingora::protocols::Peek for PlainUpstream {}
 
-impl RelayUpstream {
-    /// The relay's side of the upstream stream the handshake was made on: the bare
-    /// socket when it is a [`PlainUpstream`].
-    pub(crate) fn from_stream(stream: Stream) -> Self {
-        if !stream.as_any().is::<PlainUpstream>() {
-            return RelayUpstream::Pingora(stream);
-        }
-        match stream.into_any().downcast::<PlainUpstream>() {
-            Ok(plain) => RelayUpstream::Tcp(plain.0),
-            // `is` said it is one.
-            Err(_) => unreachable!("a PlainUpstream that does not downcast"),
-        }
+/// The relay's side of the upstream stream the handshake was made on: the bare socket
+/// when it is a [`PlainUpstream`].
+pub(crate) fn relay_upstream(stream: Stream) -> RelayUpstream {
+    use tokio_util::either::Either;
+    if !stream.as_any().is::<PlainUpstream>() {
+        return Either::Right(stream);
+    }
+    match stream.into_any().downcast::<PlainUpstream>() {
+        Ok(plain) => Either::Left(plain.0),
+        // `is` said it is one.
+        Err(_) => unreachable!("a PlainUpstream that does not downcast"),
     }
 }
 
