@@ -108,31 +108,7 @@ if has_target passthrough; then
 fi
 
 # --- HAProxy: the same JWT checks HAProxy can express (alg, HS256 signature, exp)
-cat >"$WORK/haproxy_jwt.cfg" <<EOF
-global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-frontend jwt
-  bind 127.0.0.1:${PORT[haproxy_jwt]}
-  http-request deny deny_status 401 unless { req.hdr(authorization) -m found }
-  http-request set-var(txn.token) req.hdr(authorization)
-  http-request set-var(txn.alg) var(txn.token),jwt_header_query('\$.alg')
-  http-request deny deny_status 401 unless { var(txn.alg) -m str HS256 }
-  http-request deny deny_status 401 unless { var(txn.token),jwt_verify(txn.alg,"$SECRET") -m int 1 }
-  http-request set-var(txn.exp) var(txn.token),jwt_payload_query('\$.exp','int')
-  http-request set-var(txn.now) date()
-  http-request deny deny_status 401 if { var(txn.exp),sub(txn.now) -m int le 0 }
-  default_backend upstream
-backend upstream
-  http-reuse always
-  server nginx 127.0.0.1:$UPSTREAM_PORT
-EOF
+write_haproxy_jwt_cfg "$WORK/haproxy_jwt.cfg" "127.0.0.1:${PORT[haproxy_jwt]}" "$SECRET"
 sed -e "/http-request/d" -e "s/${PORT[haproxy_jwt]}/${PORT[haproxy_plain]}/" \
   "$WORK/haproxy_jwt.cfg" >"$WORK/haproxy_plain.cfg"
 taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy_jwt.cfg" >"$WORK/haproxy_jwt.log" 2>&1 &
