@@ -25,6 +25,9 @@
 # built in it (`cargo build --profile perf --features cli --bin chatgate --example
 # tls_load`), so a slow client does not hide the proxies' rates. SKIP_BUILD=1 runs
 # what target/PROFILE holds: build first, then measure in a quiet window.
+#   MODES=keepalive TARGETS="chatgate_forward haproxy" benches/tls_compare.sh   # a subset
+#   BASE_BIN=/tmp/chatgate-main TARGETS="chatgate_base chatgate_forward haproxy" ...
+#       # chatgate_base: another build (e.g. main's) on the forward engine, same config
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,12 +39,12 @@ LOAD_CPU=${LOAD_CPU:-1}
 PROFILE=${PROFILE:-perf}
 SECRET="bench-secret-0123456789abcdef0123456789abcdef"
 UPSTREAM_PORT=18280
-declare -A PORT=([chatgate]=18281 [chatgate_forward]=18282 [haproxy]=18283)
+declare -A PORT=([chatgate]=18281 [chatgate_forward]=18282 [haproxy]=18283 [chatgate_base]=18284)
 # chatgate is `[server] engine = "filter"`, chatgate_forward the same binary and config
 # on `engine = "forward"` (issue 16's engine, the default since; HTTP/1.1 over TLS is
 # its, HTTP/2 stays the filter's); both named in their configs whatever the default.
 read -r -a TARGETS <<<"${TARGETS:-chatgate chatgate_forward haproxy}"
-MODES=(full resumed keepalive)
+read -r -a MODES <<<"${MODES:-full resumed keepalive}"
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need haproxy || ! need nginx; then
@@ -99,6 +102,18 @@ RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/forward.toml"
   --upgrade-sock "$WORK/upgrade-forward.sock" >"$WORK/forward.log" 2>&1 &
 PIDS+=($!)
 FORWARD_PID=$!
+BASE_PID=
+if [ -n "${BASE_BIN:-}" ]; then
+  sed -e "s/${PORT[chatgate_forward]}/${PORT[chatgate_base]}/" "$WORK/forward.toml" >"$WORK/base.toml"
+  RUST_LOG=warn taskset -c "$PROXY_CPU" "$BASE_BIN" serve --config "$WORK/base.toml" \
+    --upgrade-sock "$WORK/upgrade-base.sock" >"$WORK/base.log" 2>&1 &
+  PIDS+=($!)
+  BASE_PID=$!
+  echo "chatgate_base: $BASE_BIN ($(stat -c %y "$BASE_BIN" | cut -d. -f1))"
+elif [[ " ${TARGETS[*]} " == *" chatgate_base "* ]]; then
+  echo "chatgate_base needs BASE_BIN"
+  exit 1
+fi
 
 # The JWT checks HAProxy can express (alg, HS256 signature, exp), as benches/compare.sh.
 write_haproxy_jwt_cfg "$WORK/haproxy.cfg" \
@@ -106,7 +121,8 @@ write_haproxy_jwt_cfg "$WORK/haproxy.cfg" \
 taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
 PIDS+=($!)
 HAPROXY_PID=$!
-declare -A PID=([chatgate]=$CHATGATE_PID [chatgate_forward]=$FORWARD_PID [haproxy]=$HAPROXY_PID)
+declare -A PID=([chatgate]=$CHATGATE_PID [chatgate_forward]=$FORWARD_PID [haproxy]=$HAPROXY_PID
+  [chatgate_base]=$BASE_PID)
 
 TOKEN=$("$BIN" token create --config "$WORK/chatgate.toml" --api-key bench --user bench-user --ttl 2h)
 URL_PATH="/channels?api_key=bench"
@@ -189,6 +205,16 @@ for mode in "${MODES[@]}"; do
       "$(ratio "$target" "$mode" 4)" "$(ratio "$target" "$mode" 5)"
   done
 done
+if [[ " ${TARGETS[*]} " == *" chatgate_base "* ]] && [[ " ${TARGETS[*]} " == *" chatgate_forward "* ]]; then
+  for mode in "${MODES[@]}"; do
+    for column in 4 5; do
+      awk -v m="$mode" -v c="$column" '$2 == m && $3 == "chatgate_forward" {x[$1] = $c}
+        $2 == m && $3 == "chatgate_base" {y[$1] = $c}
+        END { for (r in x) if (r in y && y[r] > 0) print x[r] / y[r] }' "$RESULTS" | median |
+        awk -v m="$mode" -v c="$column" '{ printf "forward / base build, %s, %s: %.3f\n", m, (c == 4 ? "ops/s" : "CPU per op"), $1 }'
+    done
+  done
+fi
 failures=$(awk '{s += $6} END {print s + 0}' "$RESULTS")
 echo "failed operations: $failures"
 awk '$2 == "resumed" {printf "resumed handshakes (%s, round %s): %s\n", $3, $1, $7}' "$RESULTS"
