@@ -181,7 +181,10 @@ mod tests {
 
     #[test]
     fn client_addresses_are_written_whole_on_the_stack_or_the_heap() {
-        let v4: SocketAddr = "127.0.0.1:50412".parse::<std::net::SocketAddr>().unwrap().into();
+        let v4: SocketAddr = "127.0.0.1:50412"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into();
         let v6: SocketAddr = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
             .parse::<std::net::SocketAddr>()
             .unwrap()
