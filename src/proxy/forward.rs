@@ -809,3 +809,68 @@ async fn bad_request(session: &mut ClientSession) {
     let header = pingora::protocols::http::error_resp::gen_error_response(400);
     let _ = session.write_response_header(Box::new(header)).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The upstream head as [`prepare_upstream_header`] leaves it, lower-cased.
+    async fn upstream_head(request: &[u8], identity: Option<&Identity>) -> String {
+        let stream: Stream = Box::new(std::io::Cursor::new(request.to_vec()));
+        let mut session = ClientSession::new(stream);
+        session.read_request().await.expect("a request head");
+        let chunked = prepare_upstream_header(&mut session, identity, None, None);
+        assert_eq!(chunked, Ok(false));
+        let wire = http_req_header_to_wire(session.req_header()).expect("a valid head");
+        String::from_utf8(wire.to_vec())
+            .expect("ASCII")
+            .to_ascii_lowercase()
+    }
+
+    #[tokio::test]
+    async fn hop_by_hop_and_nominated_headers_go_and_the_others_stay() {
+        let request = b"GET /channels?api_key=k HTTP/1.1\r\nHost: chat\r\n\
+            Connection: keep-alive, X-Private\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
+            Trailer: x-sum\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic eA==\r\n\
+            Proxy-Authenticate: Basic\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\
+            X-Private: secret\r\nX-Chatgate-Auth: forged\r\nX_Chatgate_User_Id: mallory\r\n\
+            Accept: */*\r\nAuthorization: t\r\n\r\n";
+        let identity = Identity::anonymous("k");
+        let head = upstream_head(request, Some(&identity)).await;
+        for gone in [
+            "connection:",
+            "keep-alive:",
+            "te:",
+            "trailer:",
+            "proxy-connection:",
+            "proxy-authorization:",
+            "proxy-authenticate:",
+            "http2-settings:",
+            "x-private:",
+            "forged",
+            "mallory",
+        ] {
+            assert!(!head.contains(gone), "{gone} in:\n{head}");
+        }
+        for kept in [
+            "get /channels?api_key=k http/1.1\r\n",
+            "host: chat\r\n",
+            "accept: */*\r\n",
+            "authorization: t\r\n",
+            "x-chatgate-auth: anonymous\r\n",
+        ] {
+            assert!(head.contains(kept), "{kept:?} missing from:\n{head}");
+        }
+        assert_eq!(head.matches("x-chatgate-auth").count(), 1, "{head}");
+    }
+
+    #[tokio::test]
+    async fn a_request_without_hop_by_hop_headers_is_forwarded_as_sent() {
+        let request = b"GET /channels HTTP/1.1\r\nHost: chat\r\nAuthorization: t\r\n\r\n";
+        let head = upstream_head(request, None).await;
+        assert_eq!(
+            head,
+            "get /channels http/1.1\r\nhost: chat\r\nauthorization: t\r\n\r\n"
+        );
+    }
+}
