@@ -442,3 +442,48 @@ async fn the_pool_keeps_at_most_its_cap_of_idle_connections() {
     })
     .await;
 }
+
+/// The peer index a request picks is of the peer set it holds: before, the first request
+/// after a reload that added addresses could pick an index of the new set and use it on
+/// the old one, past its end.
+#[tokio::test]
+async fn the_first_requests_after_a_reload_that_adds_addresses_are_answered() {
+    if !on_forward() {
+        return;
+    }
+    let upstreams = [
+        CountingUpstream::start(Mode::KeepAlive, None).await,
+        CountingUpstream::start(Mode::KeepAlive, None).await,
+        CountingUpstream::start(Mode::KeepAlive, None).await,
+    ];
+    let proxy = proxy_in_front_of(&upstreams[0], false).await;
+    within(Duration::from_secs(60), async {
+        assert_eq!(once(&proxy, "GET").await.0, 200);
+        let old = format!("addresses = [\"{}\"]", upstreams[0].address);
+        let all: Vec<String> = upstreams
+            .iter()
+            .map(|u| format!("\"{}\"", u.address))
+            .collect();
+        let text = proxy
+            .config_text()
+            .replace(&old, &format!("addresses = [{}]", all.join(", ")));
+        assert_ne!(text, proxy.config_text());
+        let next = proxy.config_path().with_extension("next");
+        std::fs::write(&next, &text).unwrap();
+        std::fs::rename(&next, proxy.config_path()).unwrap();
+        proxy
+            .wait_config_status(Duration::from_secs(20), "the reload", |status| {
+                status["version"] == 2
+            })
+            .await;
+        for round in 0..6 {
+            let (status, body) = once(&proxy, "GET").await;
+            assert_eq!(status, 200, "{round}: {body}");
+        }
+    })
+    .await;
+    // Round robin over the new set: every address served some of them.
+    for upstream in &upstreams {
+        assert!(!upstream.requests().is_empty());
+    }
+}
