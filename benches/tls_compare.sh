@@ -21,13 +21,16 @@
 #       # after the rounds, one more run of each load named against chatgate under
 #       # `perf record` of the proxy (reports in PERF_OUT.TARGET.MODE.txt, data in
 #       # .data); PERF_TARGETS="chatgate haproxy" profiles both, ROUNDS=0 only profiles
+#   BASE_BIN=/tmp/main-chatgate TARGETS="base_forward chatgate_forward haproxy" \
+#     PROFILE=perf SKIP_BUILD=1 benches/tls_compare.sh
+#       # another chatgate binary (e.g. main's, copied first) as one more target,
+#       # base_forward (its forward engine), interleaved with the others, with the
+#       # forward / base_forward ratios per load
+#   MODES=keepalive TARGETS="chatgate_forward haproxy" benches/tls_compare.sh   # a subset
 # PROFILE names a cargo profile (debug = dev); chatgate and the load generator are
 # built in it (`cargo build --profile perf --features cli --bin chatgate --example
 # tls_load`), so a slow client does not hide the proxies' rates. SKIP_BUILD=1 runs
 # what target/PROFILE holds: build first, then measure in a quiet window.
-#   MODES=keepalive TARGETS="chatgate_forward haproxy" benches/tls_compare.sh   # a subset
-#   BASE_BIN=/tmp/chatgate-main TARGETS="chatgate_base chatgate_forward haproxy" ...
-#       # chatgate_base: another build (e.g. main's) on the forward engine, same config
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,7 +42,7 @@ LOAD_CPU=${LOAD_CPU:-1}
 PROFILE=${PROFILE:-perf}
 SECRET="bench-secret-0123456789abcdef0123456789abcdef"
 UPSTREAM_PORT=18280
-declare -A PORT=([chatgate]=18281 [chatgate_forward]=18282 [haproxy]=18283 [chatgate_base]=18284)
+declare -A PORT=([chatgate]=18281 [chatgate_forward]=18282 [haproxy]=18283 [base_forward]=18284)
 # chatgate is `[server] engine = "filter"`, chatgate_forward the same binary and config
 # on `engine = "forward"` (issue 16's engine, the default since; HTTP/1.1 over TLS is
 # its, HTTP/2 stays the filter's); both named in their configs whatever the default.
@@ -104,15 +107,11 @@ PIDS+=($!)
 FORWARD_PID=$!
 BASE_PID=
 if [ -n "${BASE_BIN:-}" ]; then
-  sed -e "s/${PORT[chatgate_forward]}/${PORT[chatgate_base]}/" "$WORK/forward.toml" >"$WORK/base.toml"
+  sed -e "s/${PORT[chatgate_forward]}/${PORT[base_forward]}/" "$WORK/forward.toml" >"$WORK/base.toml"
   RUST_LOG=warn taskset -c "$PROXY_CPU" "$BASE_BIN" serve --config "$WORK/base.toml" \
     --upgrade-sock "$WORK/upgrade-base.sock" >"$WORK/base.log" 2>&1 &
   PIDS+=($!)
   BASE_PID=$!
-  echo "chatgate_base: $BASE_BIN ($(stat -c %y "$BASE_BIN" | cut -d. -f1))"
-elif [[ " ${TARGETS[*]} " == *" chatgate_base "* ]]; then
-  echo "chatgate_base needs BASE_BIN"
-  exit 1
 fi
 
 # The JWT checks HAProxy can express (alg, HS256 signature, exp), as benches/compare.sh.
@@ -121,8 +120,7 @@ write_haproxy_jwt_cfg "$WORK/haproxy.cfg" \
 taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
 PIDS+=($!)
 HAPROXY_PID=$!
-declare -A PID=([chatgate]=$CHATGATE_PID [chatgate_forward]=$FORWARD_PID [haproxy]=$HAPROXY_PID
-  [chatgate_base]=$BASE_PID)
+declare -A PID=([chatgate]=$CHATGATE_PID [chatgate_forward]=$FORWARD_PID [haproxy]=$HAPROXY_PID [base_forward]=$BASE_PID)
 
 TOKEN=$("$BIN" token create --config "$WORK/chatgate.toml" --api-key bench --user bench-user --ttl 2h)
 URL_PATH="/channels?api_key=bench"
@@ -205,11 +203,11 @@ for mode in "${MODES[@]}"; do
       "$(ratio "$target" "$mode" 4)" "$(ratio "$target" "$mode" 5)"
   done
 done
-if [[ " ${TARGETS[*]} " == *" chatgate_base "* ]] && [[ " ${TARGETS[*]} " == *" chatgate_forward "* ]]; then
+if [[ " ${TARGETS[*]} " == *" base_forward "* ]] && [[ " ${TARGETS[*]} " == *" chatgate_forward "* ]]; then
   for mode in "${MODES[@]}"; do
     for column in 4 5; do
       awk -v m="$mode" -v c="$column" '$2 == m && $3 == "chatgate_forward" {x[$1] = $c}
-        $2 == m && $3 == "chatgate_base" {y[$1] = $c}
+        $2 == m && $3 == "base_forward" {y[$1] = $c}
         END { for (r in x) if (r in y && y[r] > 0) print x[r] / y[r] }' "$RESULTS" | median |
         awk -v m="$mode" -v c="$column" '{ printf "forward / base build, %s, %s: %.3f\n", m, (c == 4 ? "ops/s" : "CPU per op"), $1 }'
     done
