@@ -1111,10 +1111,7 @@ async fn demo_mode_serves_the_demo_chat_api_behind_the_proxy() {
 /// address and the first head it received.
 async fn one_handshake_upstream(
     answer: fn(&str) -> String,
-) -> (
-    std::net::SocketAddr,
-    tokio::sync::oneshot::Receiver<String>,
-) {
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<String>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (sender, received) = tokio::sync::oneshot::channel();
@@ -1163,7 +1160,8 @@ async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> String {
 #[tokio::test]
 async fn an_upstream_refusing_an_upgrade_is_answered_as_http_and_the_connection_closes() {
     let (address, _head) = one_handshake_upstream(|_| {
-        "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 7\r\n\r\nno room".into()
+        "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 7\r\n\r\nno room"
+            .into()
     })
     .await;
     let proxy = Proxy::start(ProxyOptions {

@@ -174,12 +174,16 @@ pub(crate) async fn connect_upstream(
     };
     let connect = tokio::net::TcpStream::connect(address);
     let socket = match peer.options.connection_timeout {
-        Some(limit) => tokio::time::timeout(limit, connect)
-            .await
-            .or_err(pingora::ErrorType::ConnectTimedout, "connecting to the upstream")?,
+        Some(limit) => tokio::time::timeout(limit, connect).await.or_err(
+            pingora::ErrorType::ConnectTimedout,
+            "connecting to the upstream",
+        )?,
         None => connect.await,
     }
-    .or_err(pingora::ErrorType::ConnectError, "connecting to the upstream")?;
+    .or_err(
+        pingora::ErrorType::ConnectError,
+        "connecting to the upstream",
+    )?;
     socket
         .set_nodelay(true)
         .or_err(pingora::ErrorType::ConnectError, "TCP_NODELAY")?;

@@ -92,7 +92,8 @@ impl ForwardApp {
                 );
                 access.code = Some(error.code());
                 access.refused_app = Some(app);
-                let rejection = Rejection::new(&error, &RequestParts::from(&**session.req_header()));
+                let rejection =
+                    Rejection::new(&error, &RequestParts::from(&**session.req_header()));
                 // The socket is now a WebSocket (the contract's refusal of an upgrade is
                 // a completed one): it does not serve another HTTP request.
                 session.set_server_keepalive(None);
@@ -142,7 +143,13 @@ impl ForwardApp {
             .and_then(|()| http_req_header_to_wire(header));
         let Some(wire) = wire else {
             return self
-                .upgrade_failed(session, access, identity, AuthError::UpstreamUnavailable, "unavailable")
+                .upgrade_failed(
+                    session,
+                    access,
+                    identity,
+                    AuthError::UpstreamUnavailable,
+                    "unavailable",
+                )
                 .await;
         };
         access.upstream_picked();
@@ -164,7 +171,13 @@ impl ForwardApp {
         }
         let Some((mut stream, peer)) = connected else {
             return self
-                .upgrade_failed(session, access, identity, AuthError::UpstreamUnavailable, "unavailable")
+                .upgrade_failed(
+                    session,
+                    access,
+                    identity,
+                    AuthError::UpstreamUnavailable,
+                    "unavailable",
+                )
                 .await;
         };
         // The handshake is an HTTP exchange: the HTTP read timeout bounds it, not the
@@ -180,24 +193,48 @@ impl ForwardApp {
             Ok(Some(reply)) => reply,
             Ok(None) => {
                 return self
-                    .upgrade_failed(session, access, identity, AuthError::UpstreamUnavailable, "unavailable")
+                    .upgrade_failed(
+                        session,
+                        access,
+                        identity,
+                        AuthError::UpstreamUnavailable,
+                        "unavailable",
+                    )
                     .await;
             }
             Err(_) => {
                 return self
-                    .upgrade_failed(session, access, identity, AuthError::UpstreamTimeout, "timeout")
+                    .upgrade_failed(
+                        session,
+                        access,
+                        identity,
+                        AuthError::UpstreamTimeout,
+                        "timeout",
+                    )
                     .await;
             }
         };
         access.upstream_answered();
         let Some(status) = reply.resp_header().map(|response| response.status) else {
             return self
-                .upgrade_failed(session, access, identity, AuthError::UpstreamUnavailable, "unavailable")
+                .upgrade_failed(
+                    session,
+                    access,
+                    identity,
+                    AuthError::UpstreamUnavailable,
+                    "unavailable",
+                )
                 .await;
         };
         if status != http::StatusCode::SWITCHING_PROTOCOLS {
             return self
-                .copy_refusal(session, reply, access, identity, config.upstream.read_timeout)
+                .copy_refusal(
+                    session,
+                    reply,
+                    access,
+                    identity,
+                    config.upstream.read_timeout,
+                )
                 .await;
         }
         let mut to_client = BytesMut::from(&reply.get_headers_raw_bytes()[..]);
