@@ -17,7 +17,9 @@
 # - small frames: 100 of the open sessions each send MESSAGES masked 64-byte frames
 #   one at a time, which the upstream echoes; the proxy's CPU time per round trip
 #   (two relayed frames).
-# Prints each figure per proxy and the ratios chatgate / HAProxy.
+# Prints each figure per proxy and the ratios chatgate / HAProxy. ONLY_CHATGATE=1 skips
+# HAProxy (to compare chatgate settings, e.g. MIMALLOC_PURGE_DELAY, which chatgate
+# inherits from this script's environment, in a shorter window).
 #
 # Each session is two sockets in each proxy: the fd limit is raised as far as allowed
 # (root may raise the hard limit) and N defaults to what fits in it. Loopback only,
@@ -219,10 +221,12 @@ async def measure(name, pid, port, admin=None):
     relay_cpu, relay_rate = await small_frames(pid, [sessions[i] for i in open_left[:RELAY_SESSIONS]], messages)
     for _, writer in sessions:
         writer.close()
-    await asyncio.sleep(5.0)
+    await asyncio.sleep(1.0)
+    after_1s = rss(pid)
+    await asyncio.sleep(4.0)
     after = rss(pid)
     per = (during - before) / n
-    print(f"{name:9} n={n} rss_kb before={before} open={during} after_close={after} "
+    print(f"{name:9} n={n} rss_kb before={before} open={during} after_close_1s={after_1s} after_close_5s={after} "
           f"per_session={per:.2f}KB cpu_per_handshake={per_handshake * 1e6:.1f}us "
           f"cpu_per_round_trip={relay_cpu * 1e6:.2f}us ({relay_rate:.0f}/s) opened_in={opened_in:.1f}s", flush=True)
     return {"per": per, "handshake": per_handshake, "relay": relay_cpu,
@@ -282,6 +286,10 @@ backend upstream
                 except OSError:
                     await asyncio.sleep(0.1)
         ours = await measure("chatgate", chatgate.pid, cg_port, cg_admin)
+        if os.environ.get("ONLY_CHATGATE") == "1":
+            print(f"chatgate, n={n}: RSS above the start with all open {ours['open'] - ours['before']} KB, "
+                  f"5 s after all closed {ours['after'] - ours['before']} KB")
+            return
         theirs = await measure("haproxy", haproxy.pid, ha_port)
         print(f"chatgate / HAProxy, n={n}, one thread each:")
         print(f"  RSS per idle session: {ours['per']:.2f} KB / {theirs['per']:.2f} KB = {ours['per'] / theirs['per']:.2f}x")
