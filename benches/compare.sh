@@ -27,7 +27,8 @@
 # `engine = "forward"` (issue 16), both named in their configs whatever the default.
 # CHATGATE_ENV (space-separated NAME=value words) is added to the chatgate processes'
 # environment only, e.g. CHATGATE_ENV="MIMALLOC_PURGE_DELAY=1000" for mimalloc's own
-# purge delay instead of the binary's (README, "Memory returned after sessions close").
+# purge delay (README, "Memory returned after sessions close"); CHATGATE_BIN runs another
+# chatgate binary (an older build to compare with) in place of target/$PROFILE/chatgate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,7 +58,7 @@ fi
 # SKIP_BUILD=1: measure the binaries already in target/$PROFILE as they are.
 # shellcheck disable=SC2086 # FEATURES is a list of flags
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --profile "$PROFILE" $FEATURES --bin chatgate --example passthrough
-BIN=target/$PROFILE/chatgate
+BIN=${CHATGATE_BIN:-target/$PROFILE/chatgate}
 PASSTHROUGH=target/$PROFILE/examples/passthrough
 echo "binaries: $BIN ($(stat -c %y "$BIN" | cut -d. -f1)), profile $PROFILE; chatgate's added environment: ${CHATGATE_ENV[*]:-(none)}"
 

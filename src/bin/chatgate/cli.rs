@@ -1,7 +1,6 @@
 //! The `chatgate` command line: `serve`, `token create|inspect`, `config check`,
 //! `revoke`. Argument parsing and presentation only: each command calls the library.
 
-use crate::allocator::PurgeDelay;
 use crate::inspect::{InspectedApp, inspect};
 use crate::serve::{ServeArgs, ServeError, serve};
 use chatgate::config::{App, ConfigSnapshot};
@@ -242,13 +241,13 @@ pub enum CliError {
 }
 
 /// Parses the process arguments and runs.
-pub fn main(purge_delay: PurgeDelay) -> ExitCode {
+pub fn main(purge_delay: i64) -> ExitCode {
     run(Cli::parse(), purge_delay)
 }
 
-/// Runs a parsed command line; `purge_delay` is what the allocator was set to, for
-/// `serve`'s startup log.
-pub fn run(cli: Cli, purge_delay: PurgeDelay) -> ExitCode {
+/// Runs a parsed command line; `purge_delay` is the allocator's (ms), for `serve`'s
+/// startup log.
+pub fn run(cli: Cli, purge_delay: i64) -> ExitCode {
     let result = match cli.command {
         Command::Token(TokenCommand::Create(args)) => create_token(&args).map(|t| println!("{t}")),
         Command::Token(TokenCommand::Inspect(args)) => inspect_token(&args),
