@@ -552,17 +552,27 @@ mod tests {
         ] {
             let error = unreadable_request(&Error::new(kind.clone()))
                 .unwrap_or_else(|| panic!("{kind:?} is answered"));
-            assert_eq!((error.code(), error.status().as_u16()), (4, 400), "{kind:?}");
+            assert_eq!(
+                (error.code(), error.status().as_u16()),
+                (4, 400),
+                "{kind:?}"
+            );
         }
         let stalled = unreadable_request(&Error::new(ErrorType::ReadTimedout)).unwrap();
-        assert!(stalled.to_string().contains("client_body_timeout_ms"), "{stalled}");
+        assert!(
+            stalled.to_string().contains("client_body_timeout_ms"),
+            "{stalled}"
+        );
         for kind in [
             ErrorType::ReadError,
             ErrorType::WriteError,
             ErrorType::WriteTimedout,
             ErrorType::ConnectionClosed,
         ] {
-            assert!(unreadable_request(&Error::new(kind.clone())).is_none(), "{kind:?}");
+            assert!(
+                unreadable_request(&Error::new(kind.clone())).is_none(),
+                "{kind:?}"
+            );
         }
     }
 

@@ -62,7 +62,8 @@ fn collect() {
     unsafe { libmimalloc_sys::mi_collect(false) }
 }
 
-#[allow(unsafe_code)]
+// `c_long` is `i64` here but `i32` on some targets: the conversion is not useless there.
+#[allow(unsafe_code, clippy::useless_conversion)]
 fn purge_delay() -> i64 {
     // SAFETY: `mi_option_get` takes any index below `_mi_option_last` (15 is) and reads
     // mimalloc's option table, word-sized values it reads racily by design.
