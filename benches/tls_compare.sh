@@ -18,6 +18,10 @@
 #   PROFILE=release benches/tls_compare.sh      # the shipped profile (fat LTO: long build)
 #   PROFILE=debug benches/tls_compare.sh        # quick to build, says little about speed
 #   PERF_RECORD="full keepalive" PERF_OUT=/tmp/tls benches/tls_compare.sh
+#   BASE_BIN=/tmp/main-chatgate TARGETS="base_forward chatgate_forward haproxy" \
+#     PROFILE=perf SKIP_BUILD=1 benches/tls_compare.sh
+#       # another chatgate binary (e.g. main's, copied first) as one more target,
+#       # base_forward (its forward engine), interleaved with the others
 #       # after the rounds, one more run of each load named against chatgate under
 #       # `perf record` of the proxy (reports in PERF_OUT.TARGET.MODE.txt, data in
 #       # .data); PERF_TARGETS="chatgate haproxy" profiles both, ROUNDS=0 only profiles
@@ -36,7 +40,7 @@ LOAD_CPU=${LOAD_CPU:-1}
 PROFILE=${PROFILE:-perf}
 SECRET="bench-secret-0123456789abcdef0123456789abcdef"
 UPSTREAM_PORT=18280
-declare -A PORT=([chatgate]=18281 [chatgate_forward]=18282 [haproxy]=18283)
+declare -A PORT=([chatgate]=18281 [chatgate_forward]=18282 [haproxy]=18283 [base_forward]=18284)
 # chatgate is `[server] engine = "filter"`, chatgate_forward the same binary and config
 # on `engine = "forward"` (issue 16's engine, the default since; HTTP/1.1 over TLS is
 # its, HTTP/2 stays the filter's); both named in their configs whatever the default.
@@ -99,6 +103,14 @@ RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/forward.toml"
   --upgrade-sock "$WORK/upgrade-forward.sock" >"$WORK/forward.log" 2>&1 &
 PIDS+=($!)
 FORWARD_PID=$!
+BASE_PID=
+if [ -n "${BASE_BIN:-}" ]; then
+  sed -e "s/${PORT[chatgate_forward]}/${PORT[base_forward]}/" "$WORK/forward.toml" >"$WORK/base.toml"
+  RUST_LOG=warn taskset -c "$PROXY_CPU" "$BASE_BIN" serve --config "$WORK/base.toml" \
+    --upgrade-sock "$WORK/upgrade-base.sock" >"$WORK/base.log" 2>&1 &
+  PIDS+=($!)
+  BASE_PID=$!
+fi
 
 # The JWT checks HAProxy can express (alg, HS256 signature, exp), as benches/compare.sh.
 write_haproxy_jwt_cfg "$WORK/haproxy.cfg" \
@@ -106,7 +118,7 @@ write_haproxy_jwt_cfg "$WORK/haproxy.cfg" \
 taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
 PIDS+=($!)
 HAPROXY_PID=$!
-declare -A PID=([chatgate]=$CHATGATE_PID [chatgate_forward]=$FORWARD_PID [haproxy]=$HAPROXY_PID)
+declare -A PID=([chatgate]=$CHATGATE_PID [chatgate_forward]=$FORWARD_PID [haproxy]=$HAPROXY_PID [base_forward]=$BASE_PID)
 
 TOKEN=$("$BIN" token create --config "$WORK/chatgate.toml" --api-key bench --user bench-user --ttl 2h)
 URL_PATH="/channels?api_key=bench"

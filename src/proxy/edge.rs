@@ -579,29 +579,47 @@ impl Upstreams {
         websocket: bool,
         previous: Option<usize>,
     ) -> (usize, Box<HttpPeer>) {
-        let mut peers = self.current.load();
-        if peers.settings != config.upstream {
-            // A reload changed [upstream]: rebuild once; concurrent rebuilds are equal.
-            match PeerSet::build(&config.upstream) {
-                Ok(set) => {
-                    self.current.store(Arc::new(set));
-                    peers = self.current.load();
-                }
-                Err(message) => {
-                    tracing::error!(target: "chatgate::proxy", %message, "keeping the previous upstreams");
-                }
-            }
-        }
+        let peers = self.refreshed(config);
         let list = if websocket {
             &peers.websocket
         } else {
             &peers.http
         };
-        let index = match previous {
-            Some(previous) => (previous + 1) % list.len(),
-            None => self.next.fetch_add(1, Ordering::Relaxed) % list.len(),
-        };
+        let index = self.index(list.len(), previous);
         (index, Box::new(list[index].clone()))
+    }
+
+    /// The peer set for `config`, rebuilt once when a reload changed `[upstream]`. A
+    /// caller that picks from it with [`Upstreams::index`] cannot get an index of
+    /// another set when a concurrent request rebuilds it meanwhile.
+    pub(super) fn current_for(&self, config: &ConfigSnapshot) -> Arc<PeerSet> {
+        arc_swap::Guard::into_inner(self.refreshed(config))
+    }
+
+    /// Index of the next of `len` peers round robin, or of the one after `previous`.
+    pub(super) fn index(&self, len: usize, previous: Option<usize>) -> usize {
+        match previous {
+            Some(previous) => (previous + 1) % len,
+            None => self.next.fetch_add(1, Ordering::Relaxed) % len,
+        }
+    }
+
+    fn refreshed(&self, config: &ConfigSnapshot) -> arc_swap::Guard<Arc<PeerSet>> {
+        let peers = self.current.load();
+        if peers.settings == config.upstream {
+            return peers;
+        }
+        // A reload changed [upstream]: rebuild once; concurrent rebuilds are equal.
+        match PeerSet::build(&config.upstream) {
+            Ok(set) => {
+                self.current.store(Arc::new(set));
+                self.current.load()
+            }
+            Err(message) => {
+                tracing::error!(target: "chatgate::proxy", %message, "keeping the previous upstreams");
+                peers
+            }
+        }
     }
 }
 

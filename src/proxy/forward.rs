@@ -16,13 +16,17 @@
 //! clones the request header and goes through Pingora's shared connection pool per
 //! request (a lock, a oneshot, a `Notify`, a spawned idle watcher, a `getpeername`).
 //! Here the client connection's task owns one upstream connection and reuses it for the
-//! connection's requests (client affinity, as HAProxy does by default); the upstream
+//! connection's requests (client affinity, as HAProxy does by default), takes it from
+//! the shared idle pool ([`super::upstream_pool`]) when it has none, and gives it back
+//! there when the client connection ends (HAProxy's `http-reuse always`); the upstream
 //! request head is serialised from the client's own header, edited in place (no clone),
 //! and the serialised bytes are what a retry resends.
 //!
 //! Failures: connect errors of idempotent requests move to the next peer (each peer at
 //! most once); an idempotent request without a body that finds its reused upstream
-//! connection closed before any response byte is resent once on a fresh connection.
+//! connection (its own or a pooled one) closed before any response byte is resent once
+//! on a fresh connection. A pooled connection is checked for being closed before it is
+//! used; the client's own is checked only by requests that cannot be resent.
 //! Upstream failures are answered 502/504 in the contract's shape and close the client
 //! connection, as in the filter engine.
 //!
@@ -40,6 +44,7 @@ use super::filter::{
 };
 use super::head::{self, Connection, HeadLimitedApp};
 use super::relay::RelayHub;
+use super::upstream_pool::{IDLE_PER_PEER, IDLE_TIMEOUT, IdlePool};
 use crate::error::{AuthError, Rejection};
 use crate::gate::{Decision, Identity, RequestParts};
 use async_trait::async_trait;
@@ -73,6 +78,8 @@ pub struct ForwardApp {
     hub: Arc<RelayHub>,
     /// The filter engine, for WebSocket upgrades and HTTP/2.
     filter: Arc<HeadLimitedApp<HttpProxy<EdgeProxy>>>,
+    /// Idle upstream connections between client connections.
+    pool: IdlePool<super::edge::PeerSet, Stream>,
 }
 
 impl ForwardApp {
@@ -90,7 +97,19 @@ impl ForwardApp {
             connector: TransportConnector::new(None),
             hub,
             filter,
+            pool: IdlePool::new(*IDLE_PER_PEER, IDLE_TIMEOUT),
         })
+    }
+
+    /// Gives a client connection's idle upstream connection to the pool.
+    fn release(&self, owned: Owned) {
+        self.pool.put(
+            &self.upstreams.current.load(),
+            &owned.set,
+            owned.peer,
+            owned.stream,
+            owned.idle_since,
+        );
     }
 }
 
@@ -101,6 +120,24 @@ struct Owned {
     peer: usize,
     /// The peer set it was opened from: a reload of `[upstream]` retires it.
     set: Arc<super::edge::PeerSet>,
+    /// When its last response ended (when it was opened, until then).
+    idle_since: Instant,
+}
+
+/// A client connection's upstream connection between its requests, given to the pool
+/// when the client connection ends, however it ends (only an idle, reusable connection
+/// is ever held here: a request takes it out and puts it back after a whole response).
+struct Held<'a> {
+    app: &'a ForwardApp,
+    owned: Option<Owned>,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Some(owned) = self.owned.take() {
+            self.app.release(owned);
+        }
+    }
 }
 
 /// How one request ended, for the connection loop.
@@ -124,7 +161,10 @@ impl ServerApp for ForwardApp {
         }
         let (mut stream, conn) = head::guard(stream, self.auth.gate().config());
         let mut prefix: Option<BytesMut> = None;
-        let mut upstream: Option<Owned> = None;
+        let mut upstream = Held {
+            app: self,
+            owned: None,
+        };
         // Bounded by the client: each round serves one request or ends the connection.
         loop {
             let mut session = ClientSession::new(stream);
@@ -155,7 +195,7 @@ impl ServerApp for ForwardApp {
             if *shutdown.borrow() {
                 session.set_server_keepalive(None);
             }
-            match self.serve(&mut session, &mut upstream).await {
+            match self.serve(&mut session, &mut upstream.owned).await {
                 Served::Next => {}
                 Served::Close => {
                     session.shutdown().await;
@@ -278,7 +318,7 @@ impl ForwardApp {
         access: &mut AccessRecord,
     ) -> Served {
         let config = self.auth.gate().config().load();
-        let peers = self.upstreams.current.load_full();
+        let peers = self.upstreams.current_for(&config);
         // Read before the hop-by-hop headers (`Expect` among them) are removed: the
         // client hears 100 Continue from the proxy, the upstream gets the body at once.
         let expects_continue = session
@@ -309,11 +349,11 @@ impl ForwardApp {
             return Served::Close;
         }
         access.upstream_picked();
-        // A retired peer set (reloaded `[upstream]`) or a closed connection is not reused.
-        if upstream
-            .as_ref()
-            .is_some_and(|owned| !Arc::ptr_eq(&owned.set, &peers))
-        {
+        // A retired peer set (reloaded `[upstream]`), a connection idle for longer than
+        // the pool keeps one, or a closed connection is not reused.
+        if upstream.as_ref().is_some_and(|owned| {
+            !Arc::ptr_eq(&owned.set, &peers) || owned.idle_since.elapsed() >= IDLE_TIMEOUT
+        }) {
             *upstream = None;
         }
         // A request that cannot be resent checks its reused connection first (one
@@ -334,28 +374,47 @@ impl ForwardApp {
         // fresh-connection retry.
         loop {
             attempts += 1;
-            let reused = upstream.is_some();
+            let mut reused = upstream.is_some();
             let mut owned = match upstream.take() {
                 Some(owned) => owned,
                 None => {
-                    let (index, peer) = self.upstreams.pick(&config, false, previous);
+                    let index = self.upstreams.index(peers.http.len(), previous);
                     previous = Some(index);
-                    match self.connector.new_stream(&*peer).await {
-                        Ok(stream) => Owned {
+                    // An idle connection first (checked before it is used: a request
+                    // cannot tell a stale pooled connection from a fresh one otherwise),
+                    // except for the resend, which goes on a fresh connection.
+                    let pooled = if fresh_retry_used {
+                        None
+                    } else {
+                        self.pool.take(&peers, index, still_open)
+                    };
+                    if let Some(stream) = pooled {
+                        reused = true;
+                        Owned {
                             stream,
                             peer: index,
                             set: peers.clone(),
-                        },
-                        Err(error) => {
-                            if idempotent && attempts < peers.http.len() {
-                                continue;
+                            idle_since: Instant::now(),
+                        }
+                    } else {
+                        match self.connector.new_stream(&peers.http[index]).await {
+                            Ok(stream) => Owned {
+                                stream,
+                                peer: index,
+                                set: peers.clone(),
+                                idle_since: Instant::now(),
+                            },
+                            Err(error) => {
+                                if idempotent && attempts < peers.http.len() {
+                                    continue;
+                                }
+                                let kind = if error.etype() == &ErrorType::ConnectTimedout {
+                                    (AuthError::UpstreamTimeout, "timeout")
+                                } else {
+                                    (AuthError::UpstreamUnavailable, "unavailable")
+                                };
+                                return self.upstream_failed(session, kind.0, kind.1).await;
                             }
-                            let kind = if error.etype() == &ErrorType::ConnectTimedout {
-                                (AuthError::UpstreamTimeout, "timeout")
-                            } else {
-                                (AuthError::UpstreamUnavailable, "unavailable")
-                            };
-                            return self.upstream_failed(session, kind.0, kind.1).await;
                         }
                     }
                 }
@@ -494,7 +553,12 @@ impl ForwardApp {
             }
             reply.respect_keepalive();
             if let Some(stream) = reply.reuse().await {
-                *upstream = Some(Owned { stream, peer, set });
+                *upstream = Some(Owned {
+                    stream,
+                    peer,
+                    set,
+                    idle_since: Instant::now(),
+                });
             }
             Served::Next
         }

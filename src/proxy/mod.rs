@@ -33,6 +33,7 @@ mod metrics;
 mod relay;
 mod tls;
 pub mod upstream_health;
+mod upstream_pool;
 
 pub use edge::{EdgeCtx, EdgeProxy, UpstreamError};
 pub use filter::{
