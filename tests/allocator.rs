@@ -21,13 +21,29 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Sessions in the burst: each is two sockets in the proxy and two in this process
-/// (the client's and the test upstream's), well inside a 20,000-descriptor limit, and
-/// enough memory (a few KB each) to stand out from the proxy's baseline.
+/// (the client's and the test upstream's; see `raise_descriptor_limit`), and enough
+/// memory (a few KB each) to stand out from the proxy's baseline.
 const SESSIONS: usize = 1500;
 
 /// How long the proxy gets to give the memory back: mimalloc's purge delay (1 s) plus
 /// the collector's period (1 s), with room for a busy machine.
 const GIVE_BACK_WITHIN: Duration = Duration::from_secs(15);
+
+/// Raises this process's soft descriptor limit (1,024 on many machines) towards its
+/// hard one; the proxy, started after, inherits it. Each session is two descriptors
+/// here (client and test upstream) and two in the proxy.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let needed = 2 * SESSIONS as u64 + 1024;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        hard >= needed,
+        "{SESSIONS} sessions need {needed} descriptors; the hard limit is {hard} (raise it, e.g. ulimit -Hn)"
+    );
+    if soft < needed {
+        setrlimit(Resource::RLIMIT_NOFILE, needed, hard).unwrap();
+    }
+}
 
 fn rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -70,6 +86,7 @@ async fn open_sessions(proxy: &Proxy, range: std::ops::Range<usize>) -> Vec<TcpS
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_of_a_burst_of_closed_websocket_sessions_goes_back_to_the_os_while_idle() {
+    raise_descriptor_limit();
     let upstream = TestUpstream::start(Behaviour::Echo).await;
     let proxy = Proxy::start(ProxyOptions {
         upstreams: vec![upstream.address.to_string()],
