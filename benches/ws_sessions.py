@@ -17,9 +17,11 @@
 # - small frames: 100 of the open sessions each send MESSAGES masked 64-byte frames
 #   one at a time, which the upstream echoes; the proxy's CPU time per round trip
 #   (two relayed frames).
-# Prints each figure per proxy and the ratios chatgate / HAProxy. ONLY_CHATGATE=1 skips
-# HAProxy (to compare chatgate settings, e.g. MIMALLOC_PURGE_DELAY, which chatgate
-# inherits from this script's environment, in a shorter window).
+# Prints each figure per proxy and the ratios chatgate / HAProxy.
+# WS_HANDSHAKES_ONLY=1 in the environment measures the handshakes only (no memory,
+# revocation or small-frame figures, no waits): a short window, e.g. N = 3000.
+# ONLY_CHATGATE=1 skips HAProxy (to compare chatgate settings, e.g.
+# MIMALLOC_PURGE_DELAY, which chatgate inherits from this script's environment).
 #
 # Each session is two sockets in each proxy: the fd limit is raised as far as allowed
 # (root may raise the hard limit) and N defaults to what fits in it. Loopback only,
@@ -53,6 +55,7 @@ SECRET, KEY = "bench-secret-0123456789abcdef0123", "benchkey"
 USERS = 1000
 RELAY_SESSIONS = 100
 CLK = os.sysconf("SC_CLK_TCK")
+HANDSHAKES_ONLY = os.environ.get("WS_HANDSHAKES_ONLY") == "1"
 
 
 def b64(data):
@@ -213,6 +216,12 @@ async def measure(name, pid, port, admin=None):
     sessions = await open_sessions(port, n)
     opened_in = time.monotonic() - started
     per_handshake = (cpu(pid) - start_cpu) / n
+    if HANDSHAKES_ONLY:
+        for _, writer in sessions:
+            writer.close()
+        print(f"{name:9} n={n} cpu_per_handshake={per_handshake * 1e6:.1f}us opened_in={opened_in:.1f}s", flush=True)
+        await asyncio.sleep(1.0)
+        return {"handshake": per_handshake}
     await asyncio.sleep(3.0)
     during = rss(pid)
     open_left = list(range(n))
@@ -287,11 +296,17 @@ backend upstream
                     await asyncio.sleep(0.1)
         ours = await measure("chatgate", chatgate.pid, cg_port, cg_admin)
         if os.environ.get("ONLY_CHATGATE") == "1":
+            if HANDSHAKES_ONLY:
+                return
             print(f"chatgate, n={n}: RSS above the start with all open {ours['open'] - ours['before']} KB, "
                   f"5 s after all closed {ours['after'] - ours['before']} KB")
             return
         theirs = await measure("haproxy", haproxy.pid, ha_port)
         print(f"chatgate / HAProxy, n={n}, one thread each:")
+        if HANDSHAKES_ONLY:
+            print(f"  CPU per upgrade handshake: {ours['handshake'] * 1e6:.1f} us / {theirs['handshake'] * 1e6:.1f} us = "
+                  f"{ours['handshake'] / theirs['handshake']:.2f}x")
+            return
         print(f"  RSS per idle session: {ours['per']:.2f} KB / {theirs['per']:.2f} KB = {ours['per'] / theirs['per']:.2f}x")
         print(f"  RSS after all closed, above the start: {ours['after'] - ours['before']} KB / "
               f"{theirs['after'] - theirs['before']} KB (peak above the start: {ours['open'] - ours['before']} KB / "

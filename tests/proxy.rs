@@ -1104,3 +1104,144 @@ async fn demo_mode_serves_the_demo_chat_api_behind_the_proxy() {
     })
     .await;
 }
+
+/// An upstream for WebSocket handshakes: reads each connection's request head, answers
+/// with `answer(head)`, then keeps the connection until the proxy closes it (a
+/// connection that sends no head, such as a readiness probe, is dropped). Returns its
+/// address and the first head it received.
+async fn one_handshake_upstream(
+    answer: fn(&str) -> String,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<String>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (sender, received) = tokio::sync::oneshot::channel();
+    let sender = std::sync::Arc::new(std::sync::Mutex::new(Some(sender)));
+    tokio::spawn(async move {
+        // Ends with the test's runtime.
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8(head).unwrap();
+                stream.write_all(answer(&head).as_bytes()).await.unwrap();
+                if let Some(sender) = sender.lock().unwrap().take() {
+                    let _ = sender.send(head);
+                }
+                let mut rest = [0u8; 1024];
+                while stream.read(&mut rest).await.unwrap_or(0) > 0 {}
+            });
+        }
+    });
+    (address, received)
+}
+
+/// A raw upgrade request for `/connect` with alice's token and `extra` header lines.
+fn raw_upgrade(extra: &str) -> String {
+    format!(
+        "GET /connect?api_key={KEY}&authorization={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n",
+        user_token("alice")
+    )
+}
+
+/// Everything the proxy sends until it closes the connection (bounded by `within`).
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    let mut seen = Vec::new();
+    stream.read_to_end(&mut seen).await.unwrap();
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test]
+async fn an_upstream_refusing_an_upgrade_is_answered_as_http_and_the_connection_closes() {
+    let (address, _head) = one_handshake_upstream(|_| {
+        "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 7\r\n\r\nno room"
+            .into()
+    })
+    .await;
+    let proxy = Proxy::start(ProxyOptions {
+        upstreams: vec![address.to_string()],
+        ..ProxyOptions::default()
+    })
+    .await;
+    within(Duration::from_secs(30), async {
+        let mut stream = tokio::net::TcpStream::connect(proxy.address).await.unwrap();
+        stream.write_all(raw_upgrade("").as_bytes()).await.unwrap();
+        let answer = read_until_closed(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nno room"), "{answer}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_upgrade_reaches_the_upstream_with_its_upgrade_headers_and_no_hop_by_hop_or_forged_ones()
+{
+    let (address, head) = one_handshake_upstream(|head| {
+        let key = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .starts_with("sec-websocket-key:")
+                    .then(|| l.split_once(':').unwrap().1.trim().to_owned())
+            })
+            .unwrap();
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            chatgate::ws::accept_key(key.as_bytes())
+        )
+    })
+    .await;
+    let proxy = Proxy::start(ProxyOptions {
+        upstreams: vec![address.to_string()],
+        forward_identity: true,
+        ..ProxyOptions::default()
+    })
+    .await;
+    within(Duration::from_secs(30), async {
+        let mut stream = tokio::net::TcpStream::connect(proxy.address).await.unwrap();
+        let request = raw_upgrade(
+            "Connection: X-Nominated\r\nX-Nominated: 1\r\nKeep-Alive: timeout=5\r\nX-Chatgate-User-Id: mallory\r\nx_chatgate_auth: server\r\n",
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 101");
+        let head = head.await.unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("get /connect?api_key="), "{head}");
+        assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+        assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
+        assert!(head.contains("\r\nsec-websocket-key: dghlihnhbxbszsbub25jzq==\r\n"), "{head}");
+        assert!(head.contains("\r\nx-chatgate-user-id: alice\r\n"), "{head}");
+        assert!(head.contains("\r\nx-chatgate-auth: user\r\n"), "{head}");
+        for gone in ["x-nominated", "keep-alive", "mallory", "x_chatgate_auth"] {
+            assert!(!head.contains(gone), "{gone} reached the upstream: {head}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_upgrade_whose_upstream_is_down_is_a_json_502_and_the_connection_closes() {
+    let dead = format!("127.0.0.1:{}", free_port());
+    let proxy = Proxy::start(ProxyOptions {
+        upstreams: vec![dead],
+        ..ProxyOptions::default()
+    })
+    .await;
+    within(Duration::from_secs(30), async {
+        let mut stream = tokio::net::TcpStream::connect(proxy.address).await.unwrap();
+        stream.write_all(raw_upgrade("").as_bytes()).await.unwrap();
+        let answer = read_until_closed(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+        let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_stream_error(&body, -1, 502, "upstream down");
+    })
+    .await;
+}

@@ -387,7 +387,7 @@ impl EdgeProxy {
             ctx.attempts += 1;
             let (index, peer) = self.upstreams.pick(&config, true, ctx.peer);
             ctx.peer = Some(index);
-            match self.connect_websocket(&peer).await {
+            match super::relay::connect_upstream(&self.connector, &peer).await {
                 Ok(stream) => {
                     connected = Some((stream, peer));
                     break;
@@ -472,32 +472,6 @@ impl EdgeProxy {
         Ok(())
     }
 
-    /// Opens the upstream connection of a WebSocket: a TLS upstream through Pingora's
-    /// connector; a plain one here (within the peer's connect timeout, with
-    /// `TCP_NODELAY` as the connector sets), as a [`super::relay::PlainUpstream`] that
-    /// the relay takes the socket back from after the `101`: an idle session then
-    /// holds the socket only, not Pingora's boxed stream and socket digest (about
-    /// 0.9 KB).
-    async fn connect_websocket(&self, peer: &HttpPeer) -> Result<pingora::protocols::Stream> {
-        use pingora::upstreams::peer::Peer;
-        let address = match peer.address() {
-            pingora::protocols::l4::socket::SocketAddr::Inet(address) if !peer.tls() => *address,
-            _ => return self.connector.new_stream(peer).await,
-        };
-        let connect = tokio::net::TcpStream::connect(address);
-        let socket = match peer.options.connection_timeout {
-            Some(limit) => tokio::time::timeout(limit, connect)
-                .await
-                .or_err(ErrorType::ConnectTimedout, "connecting to the upstream")?,
-            None => connect.await,
-        }
-        .or_err(ErrorType::ConnectError, "connecting to the upstream")?;
-        socket
-            .set_nodelay(true)
-            .or_err(ErrorType::ConnectError, "TCP_NODELAY")?;
-        Ok(Box::new(super::relay::PlainUpstream(socket)))
-    }
-
     /// Copies an upstream's refusal of an upgrade to the client, then closes.
     async fn copy_refusal(
         &self,
@@ -558,7 +532,7 @@ pub(super) struct Upstreams {
 pub(super) struct PeerSet {
     settings: UpstreamSettings,
     pub(super) http: Vec<HttpPeer>,
-    websocket: Vec<HttpPeer>,
+    pub(super) websocket: Vec<HttpPeer>,
     /// Host header for a TLS upstream.
     pub(super) tls_host: Option<String>,
 }

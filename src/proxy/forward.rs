@@ -30,10 +30,10 @@
 //! Upstream failures are answered 502/504 in the contract's shape and close the client
 //! connection, as in the filter engine.
 //!
-//! Not handled here: WebSocket upgrades go to the filter engine with the connection (the
-//! head is handed over as a pipelined prefix, see [`ForwardApp`]; the filter decides it
-//! again and hands the session to [`super::relay`]), and so do HTTP/2
-//! connections (`[server.tls]` with ALPN `h2`). TLS to clients and to the upstream is
+//! WebSocket upgrades are decided and made by [`upgrade`] (one parse, one decision),
+//! then relayed by [`super::relay`]. Not handled here: other upgrades go to the filter
+//! engine with the connection (the head is handed over as a pipelined prefix, see
+//! `hand_over`), and so do HTTP/2 connections (`[server.tls]` with ALPN `h2`). TLS to clients and to the upstream is
 //! Pingora's in both engines (the listener; `TransportConnector`).
 
 use super::access_log::AccessRecord;
@@ -66,6 +66,8 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 
+mod upgrade;
+
 /// Most informational (1xx) responses skipped before the final one.
 const MAX_INFORMATIONAL: usize = 16;
 
@@ -76,7 +78,7 @@ pub struct ForwardApp {
     connector: TransportConnector,
     /// Counts the requests in progress for a drain, with the filter engine's.
     hub: Arc<RelayHub>,
-    /// The filter engine, for WebSocket upgrades and HTTP/2.
+    /// The filter engine, for upgrades to other protocols and HTTP/2.
     filter: Arc<HeadLimitedApp<HttpProxy<EdgeProxy>>>,
     /// Idle upstream connections between client connections.
     pool: IdlePool<super::edge::PeerSet, Stream>,
@@ -189,7 +191,11 @@ impl ServerApp for ForwardApp {
             head::end_head(&conn);
             session.set_pipelining_enabled(true);
             if session.is_upgrade_req() {
-                self.hand_over(session, &conn, shutdown).await;
+                // WebSocket upgrades are made here (`upgrade`); any other goes to the
+                // filter engine.
+                if let Err(session) = self.upgrade(session).await {
+                    self.hand_over(session, &conn, shutdown).await;
+                }
                 return None;
             }
             if *shutdown.borrow() {

@@ -228,19 +228,24 @@ pub(crate) fn hand_off(
         .and_then(|stream| (**stream).as_any().downcast_ref::<HeadGuard>())
     {
         Some(guard) => {
-            // Bytes the client sent right behind this request's head (frames sent
-            // before the 101): Pingora read them with the head and keeps them as the
-            // next request's start; they belong to the session.
-            if let Some((request, bytes)) = &guard.after_head
-                && *request == guard.conn.request.load(Ordering::Relaxed)
-            {
-                upgraded.to_upstream = bytes.clone();
-            }
+            upgraded.to_upstream = guard.bytes_after_head();
             guard.conn.handoff.put(upgraded);
             Ok(())
         }
         None => Err(upgraded),
     }
+}
+
+/// Bytes the client sent right behind the current request's head (a WebSocket
+/// client's frames sent before the 101), when `stream` is a [`HeadGuard`]: the HTTP
+/// session read them with the head and keeps them as the next request's start, but they
+/// belong to the upgraded session.
+pub(crate) fn bytes_after_head(stream: &Stream) -> bytes::Bytes {
+    (**stream)
+        .as_any()
+        .downcast_ref::<HeadGuard>()
+        .map(HeadGuard::bytes_after_head)
+        .unwrap_or_default()
 }
 
 /// Whether the connection under `session` can take a [`hand_off`].
@@ -337,6 +342,16 @@ impl HeadGuard {
             buffer_writes,
             out: Vec::new(),
             out_sent: 0,
+        }
+    }
+
+    /// What the client sent in the read that ended the current request's `GET` head.
+    fn bytes_after_head(&self) -> bytes::Bytes {
+        match &self.after_head {
+            Some((request, bytes)) if *request == self.conn.request.load(Ordering::Relaxed) => {
+                bytes.clone()
+            }
+            _ => bytes::Bytes::new(),
         }
     }
 

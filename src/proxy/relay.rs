@@ -157,6 +157,39 @@ pub(crate) fn relay_upstream(stream: Stream) -> RelayUpstream {
     }
 }
 
+/// Opens the upstream connection of a WebSocket (both engines): a TLS upstream through
+/// Pingora's connector; a plain one here (within the peer's connect timeout, with
+/// `TCP_NODELAY` as the connector sets), as a [`PlainUpstream`] that the relay takes
+/// the socket back from after the `101` ([`relay_upstream`]): an idle session then
+/// holds the socket only, not Pingora's boxed stream and socket digest (about 0.9 KB).
+pub(crate) async fn connect_upstream(
+    connector: &pingora::connectors::TransportConnector,
+    peer: &pingora::upstreams::peer::HttpPeer,
+) -> pingora::Result<Stream> {
+    use pingora::OrErr as _;
+    use pingora::upstreams::peer::Peer as _;
+    let address = match peer.address() {
+        pingora::protocols::l4::socket::SocketAddr::Inet(address) if !peer.tls() => *address,
+        _ => return connector.new_stream(peer).await,
+    };
+    let connect = tokio::net::TcpStream::connect(address);
+    let socket = match peer.options.connection_timeout {
+        Some(limit) => tokio::time::timeout(limit, connect).await.or_err(
+            pingora::ErrorType::ConnectTimedout,
+            "connecting to the upstream",
+        )?,
+        None => connect.await,
+    }
+    .or_err(
+        pingora::ErrorType::ConnectError,
+        "connecting to the upstream",
+    )?;
+    socket
+        .set_nodelay(true)
+        .or_err(pingora::ErrorType::ConnectError, "TCP_NODELAY")?;
+    Ok(Box::new(PlainUpstream(socket)))
+}
+
 /// Everything a relay needs once the upgrade is made.
 pub(crate) struct Upgraded {
     /// The upstream connection, past its `101`.

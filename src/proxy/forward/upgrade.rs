@@ -1,0 +1,351 @@
+//! The forward engine's WebSocket upgrades (contract §4 live sessions, §5 refusals, §6
+//! request normalisation): the head the forward loop parsed is decided once by the
+//! [`Gate`](crate::gate::Gate), the upstream head is serialised once from the client's
+//! own header, and on the upstream's `101` the connection goes to [`super::super::relay`],
+//! exactly as the filter engine's `EdgeProxy::relay_upgrade` leaves it.
+//!
+//! Why not hand the connection to the filter engine (as before issue 13's CPU goal):
+//! that parsed the head a second time into a new Pingora session, ran the gate a
+//! second time, cloned the request header for the upstream and made the handshake
+//! through Pingora's per-request proxy state (its `Session`, `CTX`, modules and
+//! keep-alive hand-back), about a fifth of a handshake's CPU with nothing to show for
+//! it. The filter engine's path stays for embedders (and for upgrades to other
+//! protocols, which the forward engine still hands over).
+//!
+//! What the upstream receives is what the filter engine sends: identity headers
+//! stripped, the target in normal form (§6 rules 2, 3), hop-by-hop headers and those
+//! the client names in `Connection` removed as Pingora does
+//! ([`strip_hop_by_hop`](super::super::relay::strip_hop_by_hop)), `Connection: Upgrade`
+//! and `Upgrade: websocket` set again, then the identity headers. A refusal by the gate
+//! is the contract's upgrade refusal (101, an error frame, close 1000); a refusal by
+//! the upstream (any answer but `101`) is copied to the client as an HTTP response and
+//! the connection closes; an upstream that cannot be reached or does not answer within
+//! `[upstream] read_timeout_ms` gets the 502/504 of the contract. Frames the client
+//! sent behind its head are relayed after the `101` (the [`HeadGuard`] kept them).
+//!
+//! [`HeadGuard`]: super::super::head::HeadGuard
+
+use super::super::access_log::AccessRecord;
+use super::super::filter::{normal_target, strip_identity_headers};
+use super::super::metrics::UNKNOWN_APP;
+use super::super::relay::{self, Upgraded, connect_upstream, relay_upstream, strip_hop_by_hop};
+use super::{ClientSession, ForwardApp, bad_request, write_rejection};
+use crate::error::{AuthError, Rejection};
+use crate::gate::{Decision, Identity, RequestParts};
+use crate::session::LiveSession;
+use bytes::BytesMut;
+use futures_util::FutureExt as _;
+use pingora::protocols::http::v1::client::{
+    HttpSession as UpstreamSession, http_req_header_to_wire,
+};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::AsyncWriteExt as _;
+
+impl ForwardApp {
+    /// Serves a WebSocket upgrade request whose head `session` has read; the client
+    /// connection is then relayed (in a task of its own) or closed. Gives `session`
+    /// back, untouched, when it is not one this engine makes: an upgrade to another
+    /// protocol, or one with a method other than `GET` (the filter engine decides those
+    /// as before).
+    pub(super) async fn upgrade(&self, mut session: ClientSession) -> Result<(), ClientSession> {
+        if session.req_header().method != http::Method::GET
+            || !RequestParts::from(&**session.req_header()).is_websocket_upgrade()
+        {
+            return Err(session);
+        }
+        // A drain waits for it, then for the relayed session.
+        let _in_progress = self.hub.request();
+        let mut access = AccessRecord::default();
+        let gate = self.auth.gate();
+        let header = session.req_header_mut();
+        strip_identity_headers(header);
+        if normal_target(header).is_err() {
+            session.shutdown().await;
+            return Ok(());
+        }
+        let started = Instant::now();
+        let peer = session
+            .client_addr()
+            .and_then(|address| address.as_inet())
+            .map(|address| address.ip());
+        let decision = gate
+            .check(RequestParts::from(&**session.req_header()).with_peer(peer))
+            .await;
+        let metrics = self.auth.metrics();
+        metrics.observe_check(started.elapsed());
+        let identity = match decision {
+            Ok(Decision::Public) => None,
+            Ok(Decision::Allow(identity)) => Some(identity),
+            // Revocations are `PATCH` requests: a `GET` is never one. Were it, the filter
+            // engine reads its body as it does for any request.
+            Ok(Decision::Revocation(..)) => return Err(session),
+            Err(error) => {
+                let app = self.auth.app_label_of(session.req_header());
+                metrics.denied(&app, &error);
+                tracing::debug!(
+                    target: "chatgate::proxy",
+                    code = error.code(),
+                    reason = error.reason(),
+                    path = session.req_header().uri.path(),
+                    "request refused"
+                );
+                access.code = Some(error.code());
+                access.refused_app = Some(app);
+                let rejection =
+                    Rejection::new(&error, &RequestParts::from(&**session.req_header()));
+                // The socket is now a WebSocket (the contract's refusal of an upgrade is
+                // a completed one): it does not serve another HTTP request.
+                session.set_server_keepalive(None);
+                let written = write_rejection(&mut session, rejection).await;
+                self.log_upgrade(&session, &access, None, None);
+                if written.is_ok() {
+                    session.shutdown().await;
+                }
+                return Ok(());
+            }
+        };
+        if let Some(identity) = &identity {
+            metrics.allowed(&identity.app);
+        }
+        self.make_upgrade(session, identity, access).await;
+        Ok(())
+    }
+
+    /// Makes an admitted upgrade with the upstream and relays the session, or answers
+    /// what the upstream said (or its failure) and closes.
+    async fn make_upgrade(
+        &self,
+        mut session: ClientSession,
+        identity: Option<Identity>,
+        mut access: AccessRecord,
+    ) {
+        let config = self.auth.gate().config().load();
+        let peers = self.upstreams.current.load_full();
+        let header = session.req_header_mut();
+        if let Err(error) = strip_hop_by_hop(header) {
+            // What Pingora (and so the filter engine) answers to a request it cannot
+            // forward.
+            tracing::debug!(target: "chatgate::proxy", %error, "upgrade request refused");
+            bad_request(&mut session).await;
+            self.log_upgrade(&session, &access, identity.as_ref(), None);
+            return;
+        }
+        let wire = self
+            .auth
+            .upstream_request_filter(header, identity.as_ref())
+            .and_then(|()| match &peers.tls_host {
+                // A TLS upstream (e.g. Stream) routes on Host: the name it is known by.
+                Some(host) => header.insert_header(http::header::HOST, host.as_str()),
+                None => Ok(()),
+            })
+            .ok()
+            .and_then(|()| http_req_header_to_wire(header));
+        let Some(wire) = wire else {
+            return self
+                .upgrade_failed(
+                    session,
+                    access,
+                    identity,
+                    AuthError::UpstreamUnavailable,
+                    "unavailable",
+                )
+                .await;
+        };
+        access.upstream_picked();
+        // Connect failures try each peer once, as the filter engine's do.
+        let mut connected = None;
+        let mut previous = None;
+        for _ in 0..peers.websocket.len().max(1) {
+            let (index, peer) = self.upstreams.pick(&config, true, previous);
+            previous = Some(index);
+            match connect_upstream(&self.connector, &peer).await {
+                Ok(stream) => {
+                    connected = Some((stream, peer));
+                    break;
+                }
+                Err(error) => {
+                    tracing::debug!(target: "chatgate::proxy", %error, "no upstream for a WebSocket");
+                }
+            }
+        }
+        let Some((mut stream, peer)) = connected else {
+            return self
+                .upgrade_failed(
+                    session,
+                    access,
+                    identity,
+                    AuthError::UpstreamUnavailable,
+                    "unavailable",
+                )
+                .await;
+        };
+        // The handshake is an HTTP exchange: the HTTP read timeout bounds it, not the
+        // WebSocket idle timeout the peer carries. The head goes in one write.
+        let handshake = async {
+            stream.write_all(&wire).await.ok()?;
+            stream.flush().await.ok()?;
+            let mut reply = UpstreamSession::new_with_options(stream, &*peer);
+            reply.read_response().await.ok()?;
+            Some(reply)
+        };
+        let mut reply = match tokio::time::timeout(config.upstream.read_timeout, handshake).await {
+            Ok(Some(reply)) => reply,
+            Ok(None) => {
+                return self
+                    .upgrade_failed(
+                        session,
+                        access,
+                        identity,
+                        AuthError::UpstreamUnavailable,
+                        "unavailable",
+                    )
+                    .await;
+            }
+            Err(_) => {
+                return self
+                    .upgrade_failed(
+                        session,
+                        access,
+                        identity,
+                        AuthError::UpstreamTimeout,
+                        "timeout",
+                    )
+                    .await;
+            }
+        };
+        access.upstream_answered();
+        let Some(status) = reply.resp_header().map(|response| response.status) else {
+            return self
+                .upgrade_failed(
+                    session,
+                    access,
+                    identity,
+                    AuthError::UpstreamUnavailable,
+                    "unavailable",
+                )
+                .await;
+        };
+        if status != http::StatusCode::SWITCHING_PROTOCOLS {
+            return self
+                .copy_refusal(
+                    session,
+                    reply,
+                    access,
+                    identity,
+                    config.upstream.read_timeout,
+                )
+                .await;
+        }
+        let mut to_client = BytesMut::from(&reply.get_headers_raw_bytes()[..]);
+        // Frames the upstream sent with its 101 were read with it; a read that would
+        // wait is not made (the relay reads on).
+        if let Some(Ok(Some(early))) = reply.read_body_bytes().now_or_never() {
+            to_client.extend_from_slice(&early);
+        }
+        self.log_upgrade(&session, &access, identity.as_ref(), Some(101));
+        let app: Arc<str> = identity
+            .as_ref()
+            .map_or_else(|| Arc::from(UNKNOWN_APP), |identity| identity.app.clone());
+        let live = identity
+            .filter(|identity| identity.user_id.is_some() || identity.expires_at.is_some())
+            .map(|identity| LiveSession::new(self.auth.gate().clone(), identity));
+        let to_upstream = super::head::bytes_after_head(session.stream());
+        let upgraded = Box::new(Upgraded {
+            upstream: relay_upstream(reply.into_inner()),
+            to_client: to_client.freeze(),
+            to_upstream,
+            live,
+            app,
+            idle_timeout: config.upstream.websocket_idle_timeout,
+            hub: self.hub.clone(),
+            pending: self.hub.request(),
+        });
+        // The session's own task: this connection task ends now (see `relay::relay`).
+        tokio::spawn(relay::relay(session.into_inner(), upgraded));
+    }
+
+    /// Copies the upstream's refusal of an upgrade (any answer but 101) to the client,
+    /// then closes, as the filter engine does.
+    async fn copy_refusal(
+        &self,
+        mut session: ClientSession,
+        mut reply: UpstreamSession,
+        access: AccessRecord,
+        identity: Option<Identity>,
+        read_timeout: std::time::Duration,
+    ) {
+        session.set_server_keepalive(None);
+        let copied = async {
+            let response = reply.resp_header()?.clone();
+            session
+                .write_response_header(Box::new(response))
+                .await
+                .ok()?;
+            // Bounded: each read within the read timeout, ended by the body's framing.
+            loop {
+                match tokio::time::timeout(read_timeout, reply.read_body_bytes()).await {
+                    Ok(Ok(Some(chunk))) => {
+                        session.write_body(&chunk).await.ok()?;
+                    }
+                    Ok(Ok(None)) => break,
+                    // A body cut short: the client sees the connection close.
+                    _ => {
+                        self.auth.metrics().upstream_error("unavailable");
+                        return None;
+                    }
+                }
+            }
+            session.finish_body().await.ok()
+        }
+        .await;
+        self.log_upgrade(&session, &access, identity.as_ref(), None);
+        if copied.is_some() {
+            session.shutdown().await;
+        }
+    }
+
+    /// Answers an upgrade whose upstream failed (502 or 504 in the contract's shape)
+    /// and closes.
+    async fn upgrade_failed(
+        &self,
+        mut session: ClientSession,
+        mut access: AccessRecord,
+        identity: Option<Identity>,
+        error: AuthError,
+        label: &str,
+    ) {
+        self.auth.metrics().upstream_error(label);
+        access.code = Some(error.code());
+        session.set_server_keepalive(None);
+        let written = write_rejection(&mut session, Rejection::http(&error).closing()).await;
+        self.log_upgrade(&session, &access, identity.as_ref(), None);
+        if written.is_ok() {
+            session.shutdown().await;
+        }
+    }
+
+    /// The metrics and the access log line of an upgrade request: the status written
+    /// to the client, or `relayed` (the 101 the relay writes).
+    fn log_upgrade(
+        &self,
+        session: &ClientSession,
+        access: &AccessRecord,
+        identity: Option<&Identity>,
+        relayed: Option<u16>,
+    ) {
+        let status = session
+            .response_written()
+            .map(|response| response.status.as_u16())
+            .or(relayed);
+        self.auth.metrics().response(status, access.upstream_time);
+        let config = self.auth.gate().config().load();
+        access.emit_parts(
+            session.req_header(),
+            status,
+            session.client_addr().map(ToString::to_string),
+            identity,
+            &config,
+        );
+    }
+}
