@@ -25,6 +25,10 @@
 # target/perf/); SKIP_BUILD=1 uses the binaries already built. chatgate is the
 # `[server] engine = "filter"` engine and chatgate_forward the same binary on
 # `engine = "forward"` (issue 16), both named in their configs whatever the default.
+# CHATGATE_ENV (space-separated NAME=value words) is added to the chatgate processes'
+# environment only, e.g. CHATGATE_ENV="MIMALLOC_PURGE_DELAY=1000" for mimalloc's own
+# purge delay (README, "Memory returned after sessions close"); CHATGATE_BIN runs another
+# chatgate binary (an older build to compare with) in place of target/$PROFILE/chatgate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +45,7 @@ read -r -a TARGETS <<<"${TARGETS:-chatgate chatgate_forward chatgate_noauth pass
 PERF=${PERF:-0}
 FEATURES=${FEATURES:---features cli}
 PROFILE=${PROFILE:-release}
+read -r -a CHATGATE_ENV <<<"${CHATGATE_ENV:-}"
 has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -53,9 +58,9 @@ fi
 # SKIP_BUILD=1: measure the binaries already in target/$PROFILE as they are.
 # shellcheck disable=SC2086 # FEATURES is a list of flags
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --profile "$PROFILE" $FEATURES --bin chatgate --example passthrough
-BIN=target/$PROFILE/chatgate
+BIN=${CHATGATE_BIN:-target/$PROFILE/chatgate}
 PASSTHROUGH=target/$PROFILE/examples/passthrough
-echo "binaries: $BIN ($(stat -c %y "$BIN" | cut -d. -f1)), profile $PROFILE"
+echo "binaries: $BIN ($(stat -c %y "$BIN" | cut -d. -f1)), profile $PROFILE; chatgate's added environment: ${CHATGATE_ENV[*]:-(none)}"
 
 # shellcheck source=benches/lib.sh
 . benches/lib.sh
@@ -83,19 +88,19 @@ store = "memory"
 api_key = "bench"
 secrets = ["$SECRET"]
 EOF
-taskset -c "$PROXY_CPU" "$BIN" serve --config "$CONF/chatgate.toml" >"$WORK/chatgate.log" 2>&1 &
+taskset -c "$PROXY_CPU" env ${CHATGATE_ENV[@]+"${CHATGATE_ENV[@]}"} "$BIN" serve --config "$CONF/chatgate.toml" >"$WORK/chatgate.log" 2>&1 &
 PIDS+=($!)
 CHATGATE_PID=$!
 # the same proxy on the forward engine (issue 16)
 sed -e "s/${PORT[chatgate]}/${PORT[chatgate_forward]}/" -e 's/^engine = "filter"$/engine = "forward"/' \
   "$CONF/chatgate.toml" >"$CONF/forward.toml"
-taskset -c "$PROXY_CPU" "$BIN" serve --config "$CONF/forward.toml" >"$WORK/forward.log" 2>&1 &
+taskset -c "$PROXY_CPU" env ${CHATGATE_ENV[@]+"${CHATGATE_ENV[@]}"} "$BIN" serve --config "$CONF/forward.toml" >"$WORK/forward.log" 2>&1 &
 PIDS+=($!)
 FORWARD_PID=$!
 # the same proxy with every path public: chatgate minus its auth check
 sed -e "s/${PORT[chatgate]}/${PORT[chatgate_noauth]}/" "$CONF/chatgate.toml" >"$CONF/noauth.toml"
 printf '[auth]\npublic_paths = ["/*"]\n' >>"$CONF/noauth.toml"
-taskset -c "$PROXY_CPU" "$BIN" serve --config "$CONF/noauth.toml" >"$WORK/noauth.log" 2>&1 &
+taskset -c "$PROXY_CPU" env ${CHATGATE_ENV[@]+"${CHATGATE_ENV[@]}"} "$BIN" serve --config "$CONF/noauth.toml" >"$WORK/noauth.log" 2>&1 &
 PIDS+=($!)
 NOAUTH_PID=$!
 
