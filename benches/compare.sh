@@ -42,6 +42,11 @@
 # chatgate its access log (text, stderr), HAProxy `option httplog` to stdout. Until
 # 2026-11-30 16:30 UTC only chatgate logged (one line and one write(2) per request more
 # than HAProxy); figures before then carry that.
+#
+# CHATGATE_ENV (space-separated NAME=value words) is added to the chatgate processes'
+# environment only, e.g. CHATGATE_ENV="MIMALLOC_PURGE_DELAY=1000" for mimalloc's own
+# purge delay (README, "Memory returned after sessions close"); CHATGATE_BIN runs another
+# chatgate binary (an older build to compare with) in place of target/$PROFILE/chatgate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -64,6 +69,7 @@ if [ "$LOGS" = 1 ]; then
 else
   export RUST_LOG=info,chatgate::access=off
 fi
+read -r -a CHATGATE_ENV <<<"${CHATGATE_ENV:-}"
 has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -76,9 +82,9 @@ fi
 # SKIP_BUILD=1: measure the binaries already in target/$PROFILE as they are.
 # shellcheck disable=SC2086 # FEATURES is a list of flags
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --profile "$PROFILE" $FEATURES --bin chatgate --example passthrough
-BIN=target/$PROFILE/chatgate
+BIN=${CHATGATE_BIN:-target/$PROFILE/chatgate}
 PASSTHROUGH=target/$PROFILE/examples/passthrough
-echo "binaries: $BIN ($(stat -c %y "$BIN" | cut -d. -f1)), profile $PROFILE"
+echo "binaries: $BIN ($(stat -c %y "$BIN" | cut -d. -f1)), profile $PROFILE; chatgate's added environment: ${CHATGATE_ENV[*]:-(none)}"
 
 # shellcheck source=benches/lib.sh
 . benches/lib.sh
@@ -106,26 +112,26 @@ store = "memory"
 api_key = "bench"
 secrets = ["$SECRET"]
 EOF
-taskset -c "$PROXY_CPU" "$BIN" serve --config "$CONF/chatgate.toml" >"$WORK/chatgate.log" 2>&1 &
+taskset -c "$PROXY_CPU" env ${CHATGATE_ENV[@]+"${CHATGATE_ENV[@]}"} "$BIN" serve --config "$CONF/chatgate.toml" >"$WORK/chatgate.log" 2>&1 &
 PIDS+=($!)
 CHATGATE_PID=$!
 # the same proxy on the forward engine (issue 16)
 sed -e "s/${PORT[chatgate]}/${PORT[chatgate_forward]}/" -e 's/^engine = "filter"$/engine = "forward"/' \
   "$CONF/chatgate.toml" >"$CONF/forward.toml"
-taskset -c "$PROXY_CPU" "$BIN" serve --config "$CONF/forward.toml" >"$WORK/forward.log" 2>&1 &
+taskset -c "$PROXY_CPU" env ${CHATGATE_ENV[@]+"${CHATGATE_ENV[@]}"} "$BIN" serve --config "$CONF/forward.toml" >"$WORK/forward.log" 2>&1 &
 PIDS+=($!)
 FORWARD_PID=$!
 # the same proxy with every path public: chatgate minus its auth check
 sed -e "s/${PORT[chatgate]}/${PORT[chatgate_noauth]}/" "$CONF/chatgate.toml" >"$CONF/noauth.toml"
 printf '[auth]\npublic_paths = ["/*"]\n' >>"$CONF/noauth.toml"
-taskset -c "$PROXY_CPU" "$BIN" serve --config "$CONF/noauth.toml" >"$WORK/noauth.log" 2>&1 &
+taskset -c "$PROXY_CPU" env ${CHATGATE_ENV[@]+"${CHATGATE_ENV[@]}"} "$BIN" serve --config "$CONF/noauth.toml" >"$WORK/noauth.log" 2>&1 &
 PIDS+=($!)
 NOAUTH_PID=$!
 # another build on the forward engine, for a side-by-side of two builds
 BASE_PID=
 if [ -n "${BASE_BIN:-}" ]; then
   sed -e "s/${PORT[chatgate_forward]}/${PORT[chatgate_base]}/" "$CONF/forward.toml" >"$CONF/base.toml"
-  taskset -c "$PROXY_CPU" "$BASE_BIN" serve --config "$CONF/base.toml" >"$WORK/base.log" 2>&1 &
+  taskset -c "$PROXY_CPU" env ${CHATGATE_ENV[@]+"${CHATGATE_ENV[@]}"} "$BASE_BIN" serve --config "$CONF/base.toml" >"$WORK/base.log" 2>&1 &
   PIDS+=($!)
   BASE_PID=$!
   echo "chatgate_base: $BASE_BIN ($(stat -c %y "$BASE_BIN" | cut -d. -f1))"

@@ -20,6 +20,8 @@
 # Prints each figure per proxy and the ratios chatgate / HAProxy.
 # WS_HANDSHAKES_ONLY=1 in the environment measures the handshakes only (no memory,
 # revocation or small-frame figures, no waits): a short window, e.g. N = 3000.
+# ONLY_CHATGATE=1 skips HAProxy (to compare chatgate settings, e.g.
+# MIMALLOC_PURGE_DELAY, which chatgate inherits from this script's environment).
 #
 # Each session is two sockets in each proxy: the fd limit is raised as far as allowed
 # (root may raise the hard limit) and N defaults to what fits in it. Loopback only,
@@ -228,10 +230,12 @@ async def measure(name, pid, port, admin=None):
     relay_cpu, relay_rate = await small_frames(pid, [sessions[i] for i in open_left[:RELAY_SESSIONS]], messages)
     for _, writer in sessions:
         writer.close()
-    await asyncio.sleep(5.0)
+    await asyncio.sleep(1.0)
+    after_1s = rss(pid)
+    await asyncio.sleep(4.0)
     after = rss(pid)
     per = (during - before) / n
-    print(f"{name:9} n={n} rss_kb before={before} open={during} after_close={after} "
+    print(f"{name:9} n={n} rss_kb before={before} open={during} after_close_1s={after_1s} after_close_5s={after} "
           f"per_session={per:.2f}KB cpu_per_handshake={per_handshake * 1e6:.1f}us "
           f"cpu_per_round_trip={relay_cpu * 1e6:.2f}us ({relay_rate:.0f}/s) opened_in={opened_in:.1f}s", flush=True)
     return {"per": per, "handshake": per_handshake, "relay": relay_cpu,
@@ -291,6 +295,12 @@ backend upstream
                 except OSError:
                     await asyncio.sleep(0.1)
         ours = await measure("chatgate", chatgate.pid, cg_port, cg_admin)
+        if os.environ.get("ONLY_CHATGATE") == "1":
+            if HANDSHAKES_ONLY:
+                return
+            print(f"chatgate, n={n}: RSS above the start with all open {ours['open'] - ours['before']} KB, "
+                  f"5 s after all closed {ours['after'] - ours['before']} KB")
+            return
         theirs = await measure("haproxy", haproxy.pid, ha_port)
         print(f"chatgate / HAProxy, n={n}, one thread each:")
         if HANDSHAKES_ONLY:

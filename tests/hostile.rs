@@ -1331,8 +1331,9 @@ async fn an_idle_keep_alive_connection_is_not_cut_by_the_header_timeout() {
 
 const BODY_TIMEOUT_MS: u64 = 1000;
 
-/// Sends `head` and `sent` bytes of a body it announced as longer, then nothing more;
-/// returns what the client heard and when its connection ended (at most 8 s).
+/// Sends `head` and `sent` bytes of a body (for a stall, fewer than it announced), then
+/// nothing more; returns what the client heard and when its connection ended (at most
+/// 8 s).
 async fn stalled_body(rig: &Rig, head: &str, sent: &str) -> (Vec<u8>, Duration) {
     let mut stream = TcpStream::connect(rig.proxy.address).await.unwrap();
     let started = Instant::now();
@@ -1377,16 +1378,12 @@ async fn a_request_body_that_stops_arriving_ends_the_request_at_the_client_body_
     ];
     for (what, head) in cases {
         let (received, ended) = stalled_body(&rig, &head, "{\"users\"").await;
-        let heard = String::from_utf8_lossy(&received);
-        // Both engines answer a stalled body as Pingora does: a bare 400 that closes
-        // the connection (not the contract's 502 or 504: the upstream did nothing wrong).
-        assert!(
-            heard.starts_with("HTTP/1.1 400 ")
-                && heard
-                    .to_ascii_lowercase()
-                    .contains("\r\nconnection: close\r\n"),
-            "{what}: heard {heard:?}"
-        );
+        // Both engines answer a stalled body with the contract's input error (400,
+        // code 4, JSON) and close the connection: not the 502 or 504 of an upstream
+        // failure (the upstream did nothing wrong), nor Pingora's bare 400.
+        if let Err(wrong) = input_error_then_close(&received) {
+            panic!("{what}: {wrong}");
+        }
         assert!(
             ended >= Duration::from_millis(BODY_TIMEOUT_MS),
             "{what}: ended after {ended:?}, before the body timeout"
@@ -1397,6 +1394,74 @@ async fn a_request_body_that_stops_arriving_ends_the_request_at_the_client_body_
         );
     }
     // The revocation was never whole, so never forwarded.
+    assert!(
+        rig.upstream.requests().iter().all(|r| r.method != "PATCH"),
+        "{:?}",
+        rig.upstream.requests()
+    );
+}
+
+/// `received` is one whole HTTP response and the end of the connection: 400 with the
+/// contract's code-4 JSON (`refused_http`'s checks: content type, status, code,
+/// `StatusCode`), a `Content-Length` that is the body's, and `Connection: close`.
+fn input_error_then_close(received: &[u8]) -> Result<(), String> {
+    let heard = String::from_utf8_lossy(received);
+    let Some((head, body)) = heard.split_once("\r\n\r\n") else {
+        return Err(format!("no whole response head: {heard:?}"));
+    };
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3)?.parse().ok())
+        .ok_or_else(|| format!("no HTTP/1.1 status line: {heard:?}"))?;
+    let answer = Answer::Http {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    };
+    refused_http(&answer, &[], 4).map_err(|wrong| format!("{wrong}; heard {heard:?}"))?;
+    let head = head.to_ascii_lowercase();
+    if !head.contains(&format!("\r\ncontent-length: {}", body.len())) {
+        return Err(format!("Content-Length is not the body's: {heard:?}"));
+    }
+    if !head.contains("\r\nconnection: close") {
+        return Err(format!("no Connection: close: {heard:?}"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_refused_with_code_4_in_json_and_the_connection_closes() {
+    // An upstream that never answers: an answering one can, on a loaded machine, start
+    // its response before the proxy reads the broken body, and a started response
+    // cannot be replaced by a refusal (the client then sees the connection close).
+    let rig = Rig::start_with(Behaviour::Silent, |_| {}).await;
+    let token = user_token("alice");
+    let server = server_token();
+    let cases = [
+        (
+            "an allowed request's body (streamed upstream)",
+            format!(
+                "POST /channels?api_key={KEY} HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n\
+                 Stream-Auth-Type: jwt\r\nContent-Type: application/json\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n"
+            ),
+        ),
+        (
+            "a revocation body (read before the gate decides)",
+            format!(
+                "PATCH /users?api_key={KEY} HTTP/1.1\r\nHost: x\r\nAuthorization: {server}\r\n\
+                 Stream-Auth-Type: jwt\r\nContent-Type: application/json\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n"
+            ),
+        ),
+    ];
+    for (what, head) in cases {
+        // "zz" is no chunk size: the body's framing is broken from its first line.
+        let (received, _) = stalled_body(&rig, &head, "zz\r\n{\"users\":[]}\r\n0\r\n\r\n").await;
+        if let Err(wrong) = input_error_then_close(&received) {
+            panic!("{what}: {wrong}");
+        }
+    }
     assert!(
         rig.upstream.requests().iter().all(|r| r.method != "PATCH"),
         "{:?}",

@@ -378,8 +378,10 @@ async fn h2_requests_meet_the_same_section_6_rules_as_http1() {
         (400, 4.into())
     );
 
-    // A Host naming another authority than :authority is refused (by Pingora's HTTP/2
-    // server, before the gate: a bare 400).
+    // A Host naming another authority than :authority is refused by Pingora's HTTP/2
+    // server with a bare 400 (no contract JSON): pingora-core 0.9.1 answers it inside
+    // `v2::server::HttpSession::from_h2_conn`, the only public way to accept an h2
+    // stream, before any hook or `ServerApp` of ours sees the request.
     let mut elsewhere = token_headers(&token).to_vec();
     elsewhere.push(("host", "internal.example"));
     let answer = client.get(&channels(), &elsewhere).await.unwrap();

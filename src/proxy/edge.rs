@@ -279,19 +279,26 @@ impl ProxyHttp for EdgeProxy {
                 (AuthError::UpstreamTimeout, "timeout")
             }
             (ErrorSource::Upstream, _) => (AuthError::UpstreamUnavailable, "unavailable"),
-            // The client went away or sent garbage: nobody to answer, or Pingora's 400.
-            (ErrorSource::Downstream, ErrorType::WriteError)
-            | (ErrorSource::Downstream, ErrorType::ReadError)
-            | (ErrorSource::Downstream, ErrorType::ConnectionClosed) => {
-                return FailToProxy {
-                    error_code: 0,
-                    can_reuse_downstream: false,
-                };
-            }
+            // The client went away (nobody to answer), or its body stalled or was
+            // malformed: the contract's input error where Pingora would answer a bare
+            // 400, as the forward engine does (`super::unreadable_request`).
             (ErrorSource::Downstream, _) => {
-                let _ = session.respond_error(400).await;
+                let Some(error) = super::unreadable_request(e) else {
+                    return FailToProxy {
+                        error_code: 0,
+                        can_reuse_downstream: false,
+                    };
+                };
+                ctx.access.code = Some(error.code());
+                if session.response_written().is_none() {
+                    session.set_keepalive(None);
+                    let rejection = Rejection::http(&error).closing();
+                    if let Err(write_error) = write_rejection(session, rejection).await {
+                        tracing::debug!(target: "chatgate::proxy", %write_error, "could not answer an unreadable request");
+                    }
+                }
                 return FailToProxy {
-                    error_code: 400,
+                    error_code: error.status().as_u16(),
                     can_reuse_downstream: false,
                 };
             }

@@ -857,23 +857,23 @@ async fn write_rejection(session: &mut ClientSession, rejection: Rejection) -> p
     Ok(())
 }
 
-/// The client's body could not be read, as the filter engine answers it (its
-/// `fail_to_proxy` for a downstream error): a client that went away or broke the
-/// connection hears nothing; a body that stalled past `[server] client_body_timeout_ms`
-/// or was malformed gets Pingora's 400, before any answer started. The connection ends.
+/// The client's body could not be read, answered as the filter engine's
+/// `fail_to_proxy` answers it (one mapping, `super::unreadable_request`): a client that
+/// went away or broke the connection hears nothing; a body that stalled past
+/// `[server] client_body_timeout_ms` or was malformed gets the contract's input error
+/// (400, code 4, JSON), before any answer started. The connection ends.
 async fn client_failed(session: &mut ClientSession, error: &pingora::Error) -> Served {
-    let gone = matches!(
-        error.etype(),
-        ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
-    );
-    if !gone && session.response_written().is_none() {
-        bad_request(session).await;
+    if let Some(error) = super::unreadable_request(error)
+        && session.response_written().is_none()
+    {
+        session.set_server_keepalive(None);
+        let _ = write_rejection(session, Rejection::http(&error).closing()).await;
     }
     Served::Close
 }
 
-/// Pingora's 400 (what its proxy answers to a head it cannot parse or a body it could
-/// not read), and the connection closes after it.
+/// Pingora's 400 (what its proxy answers, before any hook, to a head it cannot parse),
+/// and the connection closes after it.
 async fn bad_request(session: &mut ClientSession) {
     session.set_server_keepalive(None);
     let header = pingora::protocols::http::error_resp::gen_error_response(400);

@@ -515,10 +515,67 @@ impl BackgroundService for AdminService {
     }
 }
 
+/// What both engines answer a client whose request body could not be read (a body that
+/// stalled past `[server] client_body_timeout_ms`, bad chunked framing): the contract's
+/// input error (§4 and §6: code 4, HTTP 400, in JSON like every other refusal), where
+/// Pingora would answer a bare 400. `None` when the client went away, broke the
+/// connection or stopped reading: nobody is left to answer. One mapping for both
+/// engines, so they cannot drift apart.
+pub(crate) fn unreadable_request(error: &pingora::Error) -> Option<crate::error::AuthError> {
+    use pingora::ErrorType;
+    let why = match error.etype() {
+        ErrorType::ReadError
+        | ErrorType::WriteError
+        | ErrorType::WriteTimedout
+        | ErrorType::ConnectionClosed => return None,
+        ErrorType::ReadTimedout => {
+            "the request body stopped arriving ([server] client_body_timeout_ms)"
+        }
+        _ => "the request body is malformed",
+    };
+    Some(crate::error::AuthError::BadInput(why.to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{App, ConfigSnapshot, StoreKind};
+
+    #[test]
+    fn an_unreadable_body_is_an_input_error_unless_the_client_is_gone() {
+        use pingora::{Error, ErrorType};
+        // pingora-core's HTTP/1 body errors (`v1::body::INVALID_CHUNK`, ...: a private
+        // module, so by the names it gives them).
+        for kind in [
+            ErrorType::ReadTimedout,
+            ErrorType::new("InvalidChunk"),
+            ErrorType::new("PrematureBodyEnd"),
+        ] {
+            let error = unreadable_request(&Error::new(kind.clone()))
+                .unwrap_or_else(|| panic!("{kind:?} is answered"));
+            assert_eq!(
+                (error.code(), error.status().as_u16()),
+                (4, 400),
+                "{kind:?}"
+            );
+        }
+        let stalled = unreadable_request(&Error::new(ErrorType::ReadTimedout)).unwrap();
+        assert!(
+            stalled.to_string().contains("client_body_timeout_ms"),
+            "{stalled}"
+        );
+        for kind in [
+            ErrorType::ReadError,
+            ErrorType::WriteError,
+            ErrorType::WriteTimedout,
+            ErrorType::ConnectionClosed,
+        ] {
+            assert!(
+                unreadable_request(&Error::new(kind.clone())).is_none(),
+                "{kind:?}"
+            );
+        }
+    }
 
     #[test]
     fn an_upgrade_is_refused_with_the_embedded_store_or_the_demo_upstream() {

@@ -241,19 +241,20 @@ pub enum CliError {
 }
 
 /// Parses the process arguments and runs.
-pub fn main() -> ExitCode {
-    run(Cli::parse())
+pub fn main(purge_delay: i64) -> ExitCode {
+    run(Cli::parse(), purge_delay)
 }
 
-/// Runs a parsed command line.
-pub fn run(cli: Cli) -> ExitCode {
+/// Runs a parsed command line; `purge_delay` is the allocator's (ms), for `serve`'s
+/// startup log.
+pub fn run(cli: Cli, purge_delay: i64) -> ExitCode {
     let result = match cli.command {
         Command::Token(TokenCommand::Create(args)) => create_token(&args).map(|t| println!("{t}")),
         Command::Token(TokenCommand::Inspect(args)) => inspect_token(&args),
         Command::Config(ConfigCommand::Check { file, newer }) => {
             check_config(&file, newer.as_deref())
         }
-        Command::Serve(args) => serve(&args).map_err(CliError::from),
+        Command::Serve(args) => serve(&args, purge_delay).map_err(CliError::from),
         Command::Revoke(command) => revoke(&command).map(|done| println!("{done}")),
     };
     match result {

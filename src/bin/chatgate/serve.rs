@@ -4,6 +4,7 @@
 //! library a user embeds (mini-redis's split): the library's proxy neither installs a
 //! subscriber nor starts an upstream of its own.
 
+use crate::allocator::COLLECT_EVERY;
 use chatgate::ConfigHandle;
 use chatgate::config::LogFormat;
 use chatgate::proxy::{self, RunOptions, Shutdown};
@@ -49,12 +50,19 @@ pub enum ServeError {
 }
 
 /// Loads the config, starts the demo upstream when the config asks for it, and runs
-/// the proxy until a Unix signal stops it.
-pub fn serve(args: &ServeArgs) -> Result<(), ServeError> {
+/// the proxy until a Unix signal stops it. `purge_delay` is the allocator's (ms),
+/// logged once logging is up.
+pub fn serve(args: &ServeArgs, purge_delay: i64) -> Result<(), ServeError> {
     // The config names the log format, so it is read first; its errors are printed by
     // the caller, not logged.
     let config = ConfigHandle::from_file(&args.config)?;
     init_logging(config.load().log.format);
+    tracing::info!(
+        target: "chatgate::allocator",
+        purge_delay_ms = purge_delay,
+        collect_every_ms = COLLECT_EVERY.as_millis(),
+        "mimalloc returns freed memory to the OS purge_delay_ms after it is freed (MIMALLOC_PURGE_DELAY), checked every collect_every_ms"
+    );
     for warning in config.load().warnings() {
         tracing::warn!(target: "chatgate::config", "{warning}");
     }
