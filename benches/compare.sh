@@ -25,6 +25,24 @@
 # target/perf/); SKIP_BUILD=1 uses the binaries already built. chatgate is the
 # `[server] engine = "filter"` engine and chatgate_forward the same binary on
 # `engine = "forward"` (issue 16), both named in their configs whatever the default.
+#
+#   BASE_BIN=/tmp/chatgate-main TARGETS="chatgate_base chatgate_forward haproxy_jwt" \
+#     SKIP_BUILD=1 PROFILE=perf benches/compare.sh   # another chatgate build alongside
+#
+# BASE_BIN adds the target chatgate_base: that binary on the forward engine (e.g. main's
+# build, to compare a branch with it in the same interleaved rounds). PERF_KEEP=DIR keeps
+# the perf.data files there (for `perf report -i`). STRACE=1, after the rounds, counts
+# each target's system calls per request: `strace -c -f` attached to the proxy around a
+# further wrk run of STRACE_DURATION seconds (default 4; strace slows the proxy, so only
+# the counts per request mean anything, not the rate).
+#
+# Logging is the same on both sides: by default no proxy logs requests (chatgate's
+# access log off with RUST_LOG=info,chatgate::access=off; HAProxy's config has no `log`
+# line), as benches/tls_compare.sh. LOGS=1 has every proxy log each request to a file:
+# chatgate its access log (text, stderr), HAProxy `option httplog` to stdout. Until
+# 2026-11-30 16:30 UTC only chatgate logged (one line and one write(2) per request more
+# than HAProxy); figures before then carry that.
+#
 # CHATGATE_ENV (space-separated NAME=value words) is added to the chatgate processes'
 # environment only, e.g. CHATGATE_ENV="MIMALLOC_PURGE_DELAY=1000" for mimalloc's own
 # purge delay (README, "Memory returned after sessions close"); CHATGATE_BIN runs another
@@ -40,11 +58,17 @@ LOAD_CPU=${LOAD_CPU:-1}
 SECRET="bench-secret-0123456789abcdef0123456789abcdef"
 UPSTREAM_PORT=18180
 declare -A PORT=([chatgate]=18181 [chatgate_noauth]=18185 [passthrough]=18182
-  [haproxy_jwt]=18183 [haproxy_plain]=18184 [chatgate_forward]=18186)
+  [haproxy_jwt]=18183 [haproxy_plain]=18184 [chatgate_forward]=18186 [chatgate_base]=18187)
 read -r -a TARGETS <<<"${TARGETS:-chatgate chatgate_forward chatgate_noauth passthrough haproxy_jwt haproxy_plain}"
 PERF=${PERF:-0}
 FEATURES=${FEATURES:---features cli}
 PROFILE=${PROFILE:-release}
+LOGS=${LOGS:-0}
+if [ "$LOGS" = 1 ]; then
+  export RUST_LOG=info
+else
+  export RUST_LOG=info,chatgate::access=off
+fi
 read -r -a CHATGATE_ENV <<<"${CHATGATE_ENV:-}"
 has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 
@@ -103,6 +127,18 @@ printf '[auth]\npublic_paths = ["/*"]\n' >>"$CONF/noauth.toml"
 taskset -c "$PROXY_CPU" env ${CHATGATE_ENV[@]+"${CHATGATE_ENV[@]}"} "$BIN" serve --config "$CONF/noauth.toml" >"$WORK/noauth.log" 2>&1 &
 PIDS+=($!)
 NOAUTH_PID=$!
+# another build on the forward engine, for a side-by-side of two builds
+BASE_PID=
+if [ -n "${BASE_BIN:-}" ]; then
+  sed -e "s/${PORT[chatgate_forward]}/${PORT[chatgate_base]}/" "$CONF/forward.toml" >"$CONF/base.toml"
+  taskset -c "$PROXY_CPU" env ${CHATGATE_ENV[@]+"${CHATGATE_ENV[@]}"} "$BASE_BIN" serve --config "$CONF/base.toml" >"$WORK/base.log" 2>&1 &
+  PIDS+=($!)
+  BASE_PID=$!
+  echo "chatgate_base: $BASE_BIN ($(stat -c %y "$BASE_BIN" | cut -d. -f1))"
+elif has_target chatgate_base; then
+  echo "chatgate_base needs BASE_BIN"
+  exit 1
+fi
 
 PASSTHROUGH_PID=
 if has_target passthrough; then
@@ -114,6 +150,9 @@ fi
 
 # --- HAProxy: the same JWT checks HAProxy can express (alg, HS256 signature, exp)
 write_haproxy_jwt_cfg "$WORK/haproxy_jwt.cfg" "127.0.0.1:${PORT[haproxy_jwt]}" "$SECRET"
+if [ "$LOGS" = 1 ]; then
+  sed -i -e 's/^defaults$/defaults\n  log stdout format raw local0 info\n  option httplog/' "$WORK/haproxy_jwt.cfg"
+fi
 sed -e "/http-request/d" -e "s/${PORT[haproxy_jwt]}/${PORT[haproxy_plain]}/" \
   "$WORK/haproxy_jwt.cfg" >"$WORK/haproxy_plain.cfg"
 taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy_jwt.cfg" >"$WORK/haproxy_jwt.log" 2>&1 &
@@ -123,6 +162,7 @@ taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy_plain.cfg" >"$WORK/haproxy
 PIDS+=($!)
 HAPROXY_PLAIN_PID=$!
 declare -A PID=([chatgate]=$CHATGATE_PID [chatgate_forward]=$FORWARD_PID [chatgate_noauth]=$NOAUTH_PID [passthrough]=$PASSTHROUGH_PID \
+  [chatgate_base]=$BASE_PID \
   [haproxy_jwt]=$HAPROXY_JWT_PID [haproxy_plain]=$HAPROXY_PLAIN_PID)
 
 TOKEN=$("$BIN" token create --config "$CONF/chatgate.toml" --api-key bench --user bench-user --ttl 2h)
@@ -138,7 +178,7 @@ for target in "${TARGETS[@]}"; do
   done
   [ "$code" = 200 ] || { echo "$target is not answering 200 (got $code)"; cat "$WORK"/*.log; exit 1; }
 done
-for target in chatgate chatgate_forward haproxy_jwt; do
+for target in chatgate chatgate_forward chatgate_base haproxy_jwt; do
   has_target "$target" || continue
   code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PORT[$target]}$URL_PATH")
   [ "$code" = 401 ] || { echo "$target let a request without a token through ($code)"; exit 1; }
@@ -159,7 +199,7 @@ TICKS=$(getconf CLK_TCK)
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
 
-echo "rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS proxy core=$PROXY_CPU load core=$LOAD_CPU"
+echo "rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS proxy core=$PROXY_CPU load core=$LOAD_CPU logs=$LOGS"
 echo "load: $(uptime)"
 for round in $(seq 1 "$ROUNDS"); do
   for offset in $(seq 0 $((${#TARGETS[@]} - 1))); do
@@ -211,6 +251,15 @@ diff_cpu() {
     END { for (r in x) if (r in y) print x[r] - y[r] }' "$RESULTS" | median
 }
 ran() { [[ " ${TARGETS[*]} " == *" $1 "* ]] && [[ " ${TARGETS[*]} " == *" $2 "* ]]; }
+if ran chatgate_forward chatgate_base; then
+  printf 'forward / base build requests/s:         %.3f\n' "$(ratio chatgate_forward chatgate_base 3)"
+  printf 'forward / base build p99:                %.3f\n' "$(ratio chatgate_forward chatgate_base 5)"
+  printf 'forward / base build CPU per request:    %.3f\n' "$(ratio chatgate_forward chatgate_base 6)"
+fi
+if ran chatgate_base haproxy_jwt; then
+  printf 'base build / HAProxy-jwt requests/s:     %.3f\n' "$(ratio chatgate_base haproxy_jwt 3)"
+  printf 'base build / HAProxy-jwt CPU per request: %.3f\n' "$(ratio chatgate_base haproxy_jwt 6)"
+fi
 if ran chatgate_forward chatgate; then
   printf 'forward / filter requests/s:             %.3f\n' "$(ratio chatgate_forward chatgate 3)"
   printf 'forward / filter p99:                    %.3f\n' "$(ratio chatgate_forward chatgate 5)"
@@ -250,7 +299,7 @@ if [ "$PERF" = 1 ]; then
     perf report -i "$1" --no-children --sort sym -F overhead,sym --stdio 2>/dev/null |
       awk -F'  +' '/^ +[0-9.]+%/ { gsub(/%/, "", $2); print $2 "\t" $3 }'
   }
-  for target in chatgate chatgate_forward; do
+  for target in chatgate chatgate_forward chatgate_base; do
     [ -f "$WORK/perf.$target.$ROUNDS" ] || continue
     echo
     echo "--- perf: $target, round $ROUNDS (self time, top symbols)"
@@ -275,4 +324,31 @@ if [ "$PERF" = 1 ]; then
     symbols "$WORK/perf.chatgate.$ROUNDS" |
       awk -F'\t' 'NR == FNR { seen[$1] = 1; next } !($2 in seen)' "$WORK/noauth.symbols" - | head -15
   fi
+fi
+
+if [ -n "${PERF_KEEP:-}" ] && [ "$PERF" = 1 ]; then
+  mkdir -p "$PERF_KEEP"
+  cp "$WORK"/perf.* "$PERF_KEEP"/ 2>/dev/null || true
+  echo "perf data kept in $PERF_KEEP"
+fi
+
+if [ "${STRACE:-0}" = 1 ]; then
+  echo
+  echo "system calls per request (strace -c -f attached around a ${STRACE_DURATION:-4} s wrk run):"
+  for target in "${TARGETS[@]}"; do
+    strace -c -f -p "${PID[$target]}" -o "$WORK/strace.$target" 2>/dev/null &
+    tracer=$!
+    sleep 0.5
+    out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${STRACE_DURATION:-4}s" \
+      -H "Authorization: $TOKEN" -H "stream-auth-type: jwt" "http://127.0.0.1:${PORT[$target]}$URL_PATH")
+    sleep 0.2
+    kill -INT "$tracer" 2>/dev/null || true
+    wait "$tracer" 2>/dev/null || true
+    requests=$(echo "$out" | awk '/requests in/ {print $1}')
+    echo "--- $target: $requests requests"
+    awk -v n="$requests" '$1 ~ /^[0-9.]+$/ && NF >= 5 && $NF != "total" {
+        calls = $4; name = $NF; errors = (NF == 6) ? $5 : 0
+        printf "  %-16s %6.2f calls/req %6.2f errors/req\n", name, calls / n, errors / n
+      } $NF == "total" { printf "  %-16s %6.2f calls/req\n", "total", $4 / n }' "$WORK/strace.$target"
+  done
 fi

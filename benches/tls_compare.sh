@@ -18,13 +18,15 @@
 #   PROFILE=release benches/tls_compare.sh      # the shipped profile (fat LTO: long build)
 #   PROFILE=debug benches/tls_compare.sh        # quick to build, says little about speed
 #   PERF_RECORD="full keepalive" PERF_OUT=/tmp/tls benches/tls_compare.sh
-#   BASE_BIN=/tmp/main-chatgate TARGETS="base_forward chatgate_forward haproxy" \
-#     PROFILE=perf SKIP_BUILD=1 benches/tls_compare.sh
-#       # another chatgate binary (e.g. main's, copied first) as one more target,
-#       # base_forward (its forward engine), interleaved with the others
 #       # after the rounds, one more run of each load named against chatgate under
 #       # `perf record` of the proxy (reports in PERF_OUT.TARGET.MODE.txt, data in
 #       # .data); PERF_TARGETS="chatgate haproxy" profiles both, ROUNDS=0 only profiles
+#   BASE_BIN=/tmp/main-chatgate TARGETS="base_forward chatgate_forward haproxy" \
+#     PROFILE=perf SKIP_BUILD=1 benches/tls_compare.sh
+#       # another chatgate binary (e.g. main's, copied first) as one more target,
+#       # base_forward (its forward engine), interleaved with the others, with the
+#       # forward / base_forward ratios per load
+#   MODES=keepalive TARGETS="chatgate_forward haproxy" benches/tls_compare.sh   # a subset
 # PROFILE names a cargo profile (debug = dev); chatgate and the load generator are
 # built in it (`cargo build --profile perf --features cli --bin chatgate --example
 # tls_load`), so a slow client does not hide the proxies' rates. SKIP_BUILD=1 runs
@@ -45,7 +47,7 @@ declare -A PORT=([chatgate]=18281 [chatgate_forward]=18282 [haproxy]=18283 [base
 # on `engine = "forward"` (issue 16's engine, the default since; HTTP/1.1 over TLS is
 # its, HTTP/2 stays the filter's); both named in their configs whatever the default.
 read -r -a TARGETS <<<"${TARGETS:-chatgate chatgate_forward haproxy}"
-MODES=(full resumed keepalive)
+read -r -a MODES <<<"${MODES:-full resumed keepalive}"
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need haproxy || ! need nginx; then
@@ -201,6 +203,16 @@ for mode in "${MODES[@]}"; do
       "$(ratio "$target" "$mode" 4)" "$(ratio "$target" "$mode" 5)"
   done
 done
+if [[ " ${TARGETS[*]} " == *" base_forward "* ]] && [[ " ${TARGETS[*]} " == *" chatgate_forward "* ]]; then
+  for mode in "${MODES[@]}"; do
+    for column in 4 5; do
+      awk -v m="$mode" -v c="$column" '$2 == m && $3 == "chatgate_forward" {x[$1] = $c}
+        $2 == m && $3 == "base_forward" {y[$1] = $c}
+        END { for (r in x) if (r in y && y[r] > 0) print x[r] / y[r] }' "$RESULTS" | median |
+        awk -v m="$mode" -v c="$column" '{ printf "forward / base build, %s, %s: %.3f\n", m, (c == 4 ? "ops/s" : "CPU per op"), $1 }'
+    done
+  done
+fi
 failures=$(awk '{s += $6} END {print s + 0}' "$RESULTS")
 echo "failed operations: $failures"
 awk '$2 == "resumed" {printf "resumed handshakes (%s, round %s): %s\n", $3, $1, $7}' "$RESULTS"

@@ -16,6 +16,7 @@
 
 use crate::config::ConfigSnapshot;
 use crate::gate::Identity;
+use pingora::protocols::l4::socket::SocketAddr;
 use pingora::proxy::Session;
 use std::time::{Duration, Instant};
 
@@ -43,8 +44,15 @@ pub struct AccessRecord {
 
 impl Default for AccessRecord {
     fn default() -> Self {
+        Self::started_at(Instant::now())
+    }
+}
+
+impl AccessRecord {
+    /// A record of a request whose head had been read at `started`.
+    pub fn started_at(started: Instant) -> Self {
         AccessRecord {
-            started: Instant::now(),
+            started,
             upstream_started: None,
             upstream_time: None,
             code: None,
@@ -52,9 +60,7 @@ impl Default for AccessRecord {
             relayed_status: None,
         }
     }
-}
 
-impl AccessRecord {
     /// The upstream peer is being picked; a retry keeps the first attempt's start.
     pub fn upstream_picked(&mut self) {
         self.upstream_started.get_or_insert_with(Instant::now);
@@ -67,9 +73,15 @@ impl AccessRecord {
         }
     }
 
+    /// Whether the access log would write a line: when it would not (`RUST_LOG` drops
+    /// `chatgate::access`), nothing of the line is built, not even the client's address.
+    pub fn enabled() -> bool {
+        tracing::enabled!(target: TARGET, tracing::Level::INFO)
+    }
+
     /// Writes the line for the finished request.
     pub fn emit(&self, session: &Session, identity: Option<&Identity>, config: &ConfigSnapshot) {
-        if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
+        if !Self::enabled() {
             return;
         }
         let status = session
@@ -79,7 +91,7 @@ impl AccessRecord {
         self.emit_parts(
             session.req_header(),
             status,
-            session.client_addr().map(ToString::to_string),
+            session.client_addr(),
             identity,
             config,
         );
@@ -91,11 +103,11 @@ impl AccessRecord {
         &self,
         request: &pingora::http::RequestHeader,
         status: Option<u16>,
-        client: Option<String>,
+        client: Option<&SocketAddr>,
         identity: Option<&Identity>,
         config: &ConfigSnapshot,
     ) {
-        if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
+        if !Self::enabled() {
             return;
         }
         let app: Option<&str> = identity
@@ -106,6 +118,10 @@ impl AccessRecord {
         } else {
             None
         };
+        // Formatted on the stack: the line is written per request, and the address is
+        // the one field that needs formatting before it is a `str`.
+        let mut address = ClientText::default();
+        let client = client.and_then(|client| address.format(client));
         tracing::info!(
             target: TARGET,
             method = request.method.as_str(),
@@ -117,9 +133,39 @@ impl AccessRecord {
             user,
             latency_ms = millis(self.started.elapsed()),
             upstream_ms = self.upstream_time.map(millis),
-            client = client.as_deref(),
+            client,
             "request"
         );
+    }
+}
+
+/// A client address as text without a heap allocation when it fits (any IP address and
+/// port does; a long Unix socket path takes the heap).
+struct ClientText {
+    /// An IPv6 address with a scope id and a port is at most 58 bytes.
+    buffer: [u8; 64],
+    heap: String,
+}
+
+impl Default for ClientText {
+    fn default() -> Self {
+        ClientText {
+            buffer: [0; 64],
+            heap: String::new(),
+        }
+    }
+}
+
+impl ClientText {
+    fn format(&mut self, address: &SocketAddr) -> Option<&str> {
+        use std::io::Write as _;
+        let mut cursor = std::io::Cursor::new(&mut self.buffer[..]);
+        if write!(cursor, "{address}").is_ok() {
+            let length = usize::try_from(cursor.position()).ok()?;
+            return std::str::from_utf8(&self.buffer[..length]).ok();
+        }
+        self.heap = address.to_string();
+        Some(&self.heap)
     }
 }
 
@@ -132,6 +178,28 @@ fn millis(duration: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_addresses_are_written_whole_on_the_stack_or_the_heap() {
+        let v4: SocketAddr = "127.0.0.1:50412"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into();
+        let v6: SocketAddr = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into();
+        for address in [&v4, &v6] {
+            let mut text = ClientText::default();
+            assert_eq!(text.format(address), Some(address.to_string().as_str()));
+            assert!(text.heap.is_empty(), "{address} went to the heap");
+        }
+        let path = format!("/tmp/{}.sock", "x".repeat(90));
+        let unix = SocketAddr::Unix(std::os::unix::net::SocketAddr::from_pathname(&path).unwrap());
+        let mut text = ClientText::default();
+        assert_eq!(text.format(&unix), Some(unix.to_string().as_str()));
+        assert!(text.format(&unix).unwrap().contains(&path));
+    }
 
     #[test]
     fn durations_are_milliseconds_to_the_microsecond() {

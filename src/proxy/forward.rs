@@ -45,6 +45,7 @@ use super::filter::{
 use super::head::{self, Connection, HeadLimitedApp};
 use super::relay::RelayHub;
 use super::upstream_pool::{IDLE_PER_PEER, IDLE_TIMEOUT, IdlePool};
+use crate::config::ConfigSnapshot;
 use crate::error::{AuthError, Rejection};
 use crate::gate::{Decision, Identity, RequestParts};
 use async_trait::async_trait;
@@ -242,17 +243,23 @@ impl ForwardApp {
     async fn serve(&self, session: &mut ClientSession, upstream: &mut Option<Owned>) -> Served {
         // A drain waits for it, as for the filter engine's requests.
         let _in_progress = self.hub.request();
-        let mut access = AccessRecord::default();
         let gate = self.auth.gate();
+        // One snapshot for the whole request (a reload applies from the next one): a
+        // full `Arc`, as it is held across the request's waits, where arc-swap's guards
+        // are not meant to stay.
+        let config = gate.config().load_full();
         // The pause allowed between two reads of the client's body, as the filter engine
         // sets it: the revocation body, the streamed body and the drain of a refused one.
-        session.set_read_timeout(Some(gate.config().load().server.client_body_timeout));
+        session.set_read_timeout(Some(config.server.client_body_timeout));
         let header = session.req_header_mut();
         strip_identity_headers(header);
         if normal_target(header).is_err() {
             return Served::Close;
         }
+        // One clock read starts both the check's timing and the access log's latency
+        // (the head has just been read; the two edits above take well under a µs).
         let started = Instant::now();
+        let mut access = AccessRecord::started_at(started);
         let peer = session
             .client_addr()
             .and_then(|address| address.as_inet())
@@ -290,27 +297,39 @@ impl ForwardApp {
                 access.code = Some(error.code());
                 access.refused_app = Some(app);
                 let served = refuse(session, &error).await;
-                self.log(session, &access, None);
+                self.log(session, &access, None, &config);
                 return served;
             }
         };
         let served = self
-            .forward(session, upstream, identity.as_ref(), body, &mut access)
+            .forward(
+                session,
+                upstream,
+                identity.as_ref(),
+                body,
+                &mut access,
+                &config,
+            )
             .await;
-        self.log(session, &access, identity.as_ref());
+        self.log(session, &access, identity.as_ref(), &config);
         served
     }
 
-    fn log(&self, session: &ClientSession, access: &AccessRecord, identity: Option<&Identity>) {
+    fn log(
+        &self,
+        session: &ClientSession,
+        access: &AccessRecord,
+        identity: Option<&Identity>,
+        config: &ConfigSnapshot,
+    ) {
         let status = session.response_written().map(|r| r.status.as_u16());
         self.auth.metrics().response(status, access.upstream_time);
-        let config = self.auth.gate().config().load();
         access.emit_parts(
             session.req_header(),
             status,
-            session.client_addr().map(ToString::to_string),
+            session.client_addr(),
             identity,
-            &config,
+            config,
         );
     }
 
@@ -322,9 +341,9 @@ impl ForwardApp {
         identity: Option<&Identity>,
         read_body: Option<Bytes>,
         access: &mut AccessRecord,
+        config: &ConfigSnapshot,
     ) -> Served {
-        let config = self.auth.gate().config().load();
-        let peers = self.upstreams.current_for(&config);
+        let peers = self.upstreams.current_for(config);
         // Read before the hop-by-hop headers (`Expect` among them) are removed: the
         // client hears 100 Continue from the proxy, the upstream gets the body at once.
         let expects_continue = session
@@ -595,6 +614,23 @@ enum SendError {
     Upstream,
 }
 
+/// The hop-by-hop headers [`prepare_upstream_header`] removes: RFC 9110's, `Expect`
+/// (the proxy answers it), and those Pingora's `sanitize_h1_upstream_request` removes
+/// for the filter engine.
+static HOP_BY_HOP: [http::HeaderName; 11] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::EXPECT,
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+    http::HeaderName::from_static("http2-settings"),
+];
+
 /// Edits the client's request header in place into the upstream request (nothing after
 /// this reads the client's hop-by-hop headers: keep-alive was decided when the head was
 /// read). Returns whether the body goes upstream chunked.
@@ -606,38 +642,36 @@ fn prepare_upstream_header(
 ) -> Result<bool, ()> {
     let body_empty = session.is_body_empty();
     let header = session.req_header_mut();
-    // Contract §6 rule 2: the headers the client named in `Connection` go before the
-    // identity headers are written.
-    let nominated: Vec<http::HeaderName> = header
+    // One pass over the names the request has (a few) finds the hop-by-hop ones, where
+    // removing each of the eleven by name would hash it twice (the header map and its
+    // case map) whether it is there or not. The common request has none: no allocation.
+    let mut doomed: Vec<http::HeaderName> = header
         .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .keys()
+        .filter(|name| HOP_BY_HOP.contains(name))
+        .cloned()
         .collect();
-    for name in nominated {
-        header.remove_header(&name);
+    if doomed.contains(&header::CONNECTION) {
+        // Contract §6 rule 2: the headers the client named in `Connection` go before the
+        // identity headers are written.
+        let nominated = header
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok());
+        doomed.extend(nominated);
     }
-    for name in [
-        header::CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::EXPECT,
-    ] {
-        header.remove_header(&name);
-    }
-    for name in ["keep-alive", "proxy-connection", "http2-settings"] {
+    for name in &doomed {
         header.remove_header(name);
     }
     strip_identity_headers(header);
     if let Some(identity) = identity {
+        // A static value: no copy of the kind's name per request.
+        let kind = http::HeaderValue::from_static(identity.kind.as_str());
         header
-            .insert_header(super::AUTH_HEADER, identity.kind.as_str())
+            .insert_header(super::AUTH_HEADER, kind)
             .map_err(|_| ())?;
         if let Some(user) = identity.user_id() {
             header
@@ -702,15 +736,11 @@ async fn send_request(
             write_upstream(stream, b"0\r\n\r\n", timeout).await?;
         }
     }
-    let flush = stream.flush();
-    match timeout {
-        Some(timeout) => tokio::time::timeout(timeout, flush)
-            .await
-            .map_or(Err(SendError::Upstream), |r| {
-                r.map_err(|_| SendError::Upstream)
-            }),
-        None => flush.await.map_err(|_| SendError::Upstream),
-    }
+    within(timeout, stream.flush())
+        .await
+        .map_or(Err(SendError::Upstream), |r| {
+            r.map_err(|_| SendError::Upstream)
+        })
 }
 
 /// One write to the upstream, within `timeout`.
@@ -719,14 +749,28 @@ async fn write_upstream(
     bytes: &[u8],
     timeout: Option<std::time::Duration>,
 ) -> Result<(), SendError> {
-    let write = stream.write_all(bytes);
-    let written = match timeout {
-        Some(timeout) => tokio::time::timeout(timeout, write)
-            .await
-            .map_err(|_| SendError::Upstream)?,
-        None => write.await,
-    };
-    written.map_err(|_| SendError::Upstream)
+    within(timeout, stream.write_all(bytes))
+        .await
+        .map_or(Err(SendError::Upstream), |r| {
+            r.map_err(|_| SendError::Upstream)
+        })
+}
+
+/// `future`'s output, or `Err` once it has waited `limit`. The timer (a clock read and
+/// a timer entry) is made only if the first poll leaves the future waiting: a write to
+/// a socket that takes it at once, every request's case, needs none.
+async fn within<F: std::future::Future>(
+    limit: Option<std::time::Duration>,
+    future: F,
+) -> Result<F::Output, ()> {
+    let mut future = std::pin::pin!(future);
+    if let std::task::Poll::Ready(output) = futures_util::poll!(future.as_mut()) {
+        return Ok(output);
+    }
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, future).await.map_err(|_| ()),
+        None => Ok(future.await),
+    }
 }
 
 /// Whether an idle upstream connection is still open with nothing unread on it.
@@ -834,4 +878,69 @@ async fn bad_request(session: &mut ClientSession) {
     session.set_server_keepalive(None);
     let header = pingora::protocols::http::error_resp::gen_error_response(400);
     let _ = session.write_response_header(Box::new(header)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The upstream head as [`prepare_upstream_header`] leaves it, lower-cased.
+    async fn upstream_head(request: &[u8], identity: Option<&Identity>) -> String {
+        let stream: Stream = Box::new(std::io::Cursor::new(request.to_vec()));
+        let mut session = ClientSession::new(stream);
+        session.read_request().await.expect("a request head");
+        let chunked = prepare_upstream_header(&mut session, identity, None, None);
+        assert_eq!(chunked, Ok(false));
+        let wire = http_req_header_to_wire(session.req_header()).expect("a valid head");
+        String::from_utf8(wire.to_vec())
+            .expect("ASCII")
+            .to_ascii_lowercase()
+    }
+
+    #[tokio::test]
+    async fn hop_by_hop_and_nominated_headers_go_and_the_others_stay() {
+        let request = b"GET /channels?api_key=k HTTP/1.1\r\nHost: chat\r\n\
+            Connection: keep-alive, X-Private\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
+            Trailer: x-sum\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic eA==\r\n\
+            Proxy-Authenticate: Basic\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\
+            X-Private: secret\r\nX-Chatgate-Auth: forged\r\nX_Chatgate_User_Id: mallory\r\n\
+            Accept: */*\r\nAuthorization: t\r\n\r\n";
+        let identity = Identity::anonymous("k");
+        let head = upstream_head(request, Some(&identity)).await;
+        for gone in [
+            "connection:",
+            "keep-alive:",
+            "te:",
+            "trailer:",
+            "proxy-connection:",
+            "proxy-authorization:",
+            "proxy-authenticate:",
+            "http2-settings:",
+            "x-private:",
+            "forged",
+            "mallory",
+        ] {
+            assert!(!head.contains(gone), "{gone} in:\n{head}");
+        }
+        for kept in [
+            "get /channels?api_key=k http/1.1\r\n",
+            "host: chat\r\n",
+            "accept: */*\r\n",
+            "authorization: t\r\n",
+            "x-chatgate-auth: anonymous\r\n",
+        ] {
+            assert!(head.contains(kept), "{kept:?} missing from:\n{head}");
+        }
+        assert_eq!(head.matches("x-chatgate-auth").count(), 1, "{head}");
+    }
+
+    #[tokio::test]
+    async fn a_request_without_hop_by_hop_headers_is_forwarded_as_sent() {
+        let request = b"GET /channels HTTP/1.1\r\nHost: chat\r\nAuthorization: t\r\n\r\n";
+        let head = upstream_head(request, None).await;
+        assert_eq!(
+            head,
+            "get /channels http/1.1\r\nhost: chat\r\nauthorization: t\r\n\r\n"
+        );
+    }
 }

@@ -72,6 +72,9 @@ impl SessionEndReason {
 /// input must not become a label value (unbounded series).
 pub const UNKNOWN_APP: &str = "unknown";
 
+/// One `chatgate_requests_denied_total` series of an app: its code, reason and counter.
+type DeniedCounter = (i32, &'static str, IntCounter);
+
 /// The proxy's counters, gauges and histograms, in their own registry.
 pub struct ProxyMetrics {
     registry: Registry,
@@ -80,6 +83,11 @@ pub struct ProxyMetrics {
     // the hot path, so each app's counter is looked up once and kept here.
     allowed_by_app: ArcSwap<HashMap<Arc<str>, IntCounter, foldhash::fast::RandomState>>,
     denied: IntCounterVec,
+    /// Refusal counters looked up so far, by app, then code and reason: a client that
+    /// is refused again and again (a bad token retried) is counted without hashing the
+    /// three labels and formatting the code each time. Bounded: the apps are configured
+    /// ones and `unknown`, the codes and reasons a fixed set.
+    denied_by_app: ArcSwap<HashMap<Arc<str>, Vec<DeniedCounter>, foldhash::fast::RandomState>>,
     check_seconds: Histogram,
     websockets_open: IntGauge,
     sessions_open: IntGaugeVec,
@@ -293,6 +301,7 @@ impl ProxyMetrics {
             allowed,
             allowed_by_app: ArcSwap::default(),
             denied,
+            denied_by_app: ArcSwap::default(),
             check_seconds,
             websockets_open,
             sessions_open,
@@ -332,10 +341,30 @@ impl ProxyMetrics {
 
     /// Counts a refused request. `app` must be a configured api_key or [`UNKNOWN_APP`].
     pub fn denied(&self, app: &str, error: &AuthError) {
-        let code = error.code().to_string();
-        self.denied
-            .with_label_values(&[app, code.as_str(), error.reason()])
-            .inc();
+        let (code, reason) = (error.code(), error.reason());
+        if let Some(counter) = self.denied_by_app.load().get(app).and_then(|counters| {
+            counters
+                .iter()
+                .find(|(c, r, _)| *c == code && *r == reason)
+                .map(|(_, _, counter)| counter)
+        }) {
+            counter.inc();
+            return;
+        }
+        let mut digits = itoa::Buffer::new();
+        let counter = self
+            .denied
+            .with_label_values(&[app, digits.format(code), reason]);
+        counter.inc();
+        let app: Arc<str> = Arc::from(app);
+        self.denied_by_app.rcu(|counters| {
+            let mut counters = HashMap::clone(counters);
+            let series = counters.entry(app.clone()).or_default();
+            if !series.iter().any(|(c, r, _)| *c == code && *r == reason) {
+                series.push((code, reason, counter.clone()));
+            }
+            counters
+        });
     }
 
     /// Records how long one gate decision took.
@@ -517,6 +546,28 @@ mod tests {
             r#"chatgate_requests_denied_total{app="unknown",code="2",reason="unknown_api_key"} 1"#
         ));
         assert!(text.contains(r#"code="-1",reason="store_unavailable""#));
+    }
+
+    #[test]
+    fn repeated_denials_count_on_the_same_series() {
+        let metrics = ProxyMetrics::new();
+        for _ in 0..3 {
+            metrics.denied("demo-key", &AuthError::Expired);
+            metrics.denied("demo-key", &AuthError::Revoked);
+            metrics.denied("other-key", &AuthError::Expired);
+        }
+        let cache = RevocationCache::new(
+            Arc::new(MemoryStore::new()),
+            &ConfigSnapshot::with_apps(vec![]).revocation,
+        );
+        let text = metrics.render(&cache);
+        for series in [
+            r#"chatgate_requests_denied_total{app="demo-key",code="40",reason="expired"} 3"#,
+            r#"chatgate_requests_denied_total{app="demo-key",code="40",reason="revoked"} 3"#,
+            r#"chatgate_requests_denied_total{app="other-key",code="40",reason="expired"} 3"#,
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
     }
 
     #[test]

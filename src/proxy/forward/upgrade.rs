@@ -343,7 +343,7 @@ impl ForwardApp {
         access.emit_parts(
             session.req_header(),
             status,
-            session.client_addr().map(ToString::to_string),
+            session.client_addr(),
             identity,
             &config,
         );
