@@ -352,13 +352,10 @@ async fn echo_websocket(stream: TcpStream) -> std::io::Result<()> {
 }
 
 /// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use ports::free_port;
+
+#[path = "../support/ports.rs"]
+mod ports;
 
 /// The `chatgate serve` process, killed on drop.
 pub struct Proxy {
