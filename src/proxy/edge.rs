@@ -22,6 +22,7 @@ use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
 use pingora::proxy::FailToProxy;
+use pingora::time::fast_timeout::fast_timeout;
 use pingora::{ErrorSource, ErrorType};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -408,7 +409,8 @@ impl EdgeProxy {
             upstream.write_request_header(Box::new(request)).await?;
             upstream.read_response().await
         };
-        match tokio::time::timeout(config.upstream.read_timeout, handshake).await {
+        // Pingora's timer wheel, as the forward engine's upgrades (`forward::upgrade`).
+        match fast_timeout(config.upstream.read_timeout, handshake).await {
             Err(_) => {
                 return self
                     .upstream_failed(session, ctx, AuthError::UpstreamTimeout, "timeout")
@@ -486,7 +488,7 @@ impl EdgeProxy {
             .await?;
         // Bounded: each read within the read timeout, ended by the body's framing.
         loop {
-            match tokio::time::timeout(read_timeout, upstream.read_body_bytes()).await {
+            match fast_timeout(read_timeout, upstream.read_body_bytes()).await {
                 Ok(Ok(Some(chunk))) => session.write_response_body(Some(chunk), false).await?,
                 Ok(Ok(None)) => break,
                 _ => {

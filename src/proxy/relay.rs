@@ -43,6 +43,7 @@ use crate::session::{LiveSession, Registration, Wake, wait};
 use crate::ws::{CLOSE_GOING_AWAY, FrameBoundaries, close_frame, masked_close_frame};
 use bytes::{Buf, Bytes, BytesMut};
 use pingora::protocols::Stream;
+use pingora::time::fast_timeout::fast_timeout;
 use std::future::{Future, poll_fn};
 use std::hash::BuildHasher;
 use std::pin::Pin;
@@ -174,7 +175,8 @@ pub(crate) async fn connect_upstream(
     };
     let connect = tokio::net::TcpStream::connect(address);
     let socket = match peer.options.connection_timeout {
-        Some(limit) => tokio::time::timeout(limit, connect).await.or_err(
+        // Pingora's timer wheel (see `forward::upgrade`): no driver wake-up per connect.
+        Some(limit) => fast_timeout(limit, connect).await.or_err(
             pingora::ErrorType::ConnectTimedout,
             "connecting to the upstream",
         )?,
