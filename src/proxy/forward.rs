@@ -239,6 +239,32 @@ impl ForwardApp {
             .await;
     }
 
+    /// The gate's decision on the request `session` has read (contract §6: the client's
+    /// identity headers stripped and the target put in its normal form first, so what
+    /// is judged is what is forwarded), with the instant its check started, which also
+    /// starts the access log's latency (the head has just been read; the two edits take
+    /// well under a µs). `None` when the target has no normal form: the connection ends.
+    async fn decide(
+        &self,
+        session: &mut ClientSession,
+    ) -> Option<(Instant, Result<Decision, AuthError>)> {
+        let header = session.req_header_mut();
+        strip_identity_headers(header);
+        normal_target(header).ok()?;
+        let started = Instant::now();
+        let peer = session
+            .client_addr()
+            .and_then(|address| address.as_inet())
+            .map(|address| address.ip());
+        let decision = self
+            .auth
+            .gate()
+            .check(RequestParts::from(&**session.req_header()).with_peer(peer))
+            .await;
+        self.auth.metrics().observe_check(started.elapsed());
+        Some((started, decision))
+    }
+
     /// One request: the gate's decision, then the refusal or the upstream's answer.
     async fn serve(&self, session: &mut ClientSession, upstream: &mut Option<Owned>) -> Served {
         // A drain waits for it, as for the filter engine's requests.
@@ -251,24 +277,11 @@ impl ForwardApp {
         // The pause allowed between two reads of the client's body, as the filter engine
         // sets it: the revocation body, the streamed body and the drain of a refused one.
         session.set_read_timeout(Some(config.server.client_body_timeout));
-        let header = session.req_header_mut();
-        strip_identity_headers(header);
-        if normal_target(header).is_err() {
+        let Some((started, decision)) = self.decide(session).await else {
             return Served::Close;
-        }
-        // One clock read starts both the check's timing and the access log's latency
-        // (the head has just been read; the two edits above take well under a µs).
-        let started = Instant::now();
+        };
         let mut access = AccessRecord::started_at(started);
-        let peer = session
-            .client_addr()
-            .and_then(|address| address.as_inet())
-            .map(|address| address.ip());
-        let decision = gate
-            .check(RequestParts::from(&**session.req_header()).with_peer(peer))
-            .await;
         let metrics = self.auth.metrics();
-        metrics.observe_check(started.elapsed());
         let mut body: Option<Bytes> = None;
         let identity = match decision {
             Ok(Decision::Public) => Ok(None),

@@ -26,7 +26,6 @@
 //! [`HeadGuard`]: super::super::head::HeadGuard
 
 use super::super::access_log::AccessRecord;
-use super::super::filter::{normal_target, strip_identity_headers};
 use super::super::metrics::UNKNOWN_APP;
 use super::super::relay::{self, Upgraded, connect_upstream, relay_upstream, strip_hop_by_hop};
 use super::{ClientSession, ForwardApp, bad_request, write_rejection};
@@ -40,7 +39,6 @@ use pingora::protocols::http::v1::client::{
 };
 use pingora::time::fast_timeout::fast_timeout;
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::io::AsyncWriteExt as _;
 
 impl ForwardApp {
@@ -58,23 +56,11 @@ impl ForwardApp {
         // A drain waits for it, then for the relayed session.
         let _in_progress = self.hub.request();
         let mut access = AccessRecord::default();
-        let gate = self.auth.gate();
-        let header = session.req_header_mut();
-        strip_identity_headers(header);
-        if normal_target(header).is_err() {
+        let Some((_, decision)) = self.decide(&mut session).await else {
             session.shutdown().await;
             return Ok(());
-        }
-        let started = Instant::now();
-        let peer = session
-            .client_addr()
-            .and_then(|address| address.as_inet())
-            .map(|address| address.ip());
-        let decision = gate
-            .check(RequestParts::from(&**session.req_header()).with_peer(peer))
-            .await;
+        };
         let metrics = self.auth.metrics();
-        metrics.observe_check(started.elapsed());
         let identity = match decision {
             Ok(Decision::Public) => None,
             Ok(Decision::Allow(identity)) => Some(identity),
@@ -122,7 +108,9 @@ impl ForwardApp {
         mut access: AccessRecord,
     ) {
         let config = self.auth.gate().config().load();
-        let peers = self.upstreams.current.load_full();
+        // The set the peer is picked from below: its TLS Host and its peers agree even
+        // when a reload of `[upstream]` rebuilds the set meanwhile.
+        let peers = self.upstreams.current_for(&config);
         let header = session.req_header_mut();
         if let Err(error) = strip_hop_by_hop(header) {
             // What Pingora (and so the filter engine) answers to a request it cannot
@@ -158,8 +146,9 @@ impl ForwardApp {
         let mut connected = None;
         let mut previous = None;
         for _ in 0..peers.websocket.len().max(1) {
-            let (index, peer) = self.upstreams.pick(&config, true, previous);
+            let index = self.upstreams.index(peers.websocket.len(), previous);
             previous = Some(index);
+            let peer = Box::new(peers.websocket[index].clone());
             match connect_upstream(&self.connector, &peer).await {
                 Ok(stream) => {
                     connected = Some((stream, peer));
