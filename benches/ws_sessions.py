@@ -20,13 +20,20 @@
 # Prints each figure per proxy and the ratios chatgate / HAProxy.
 # WS_HANDSHAKES_ONLY=1 in the environment measures the handshakes only (no memory,
 # revocation or small-frame figures, no waits): a short window, e.g. N = 3000.
+# WS_INTERLEAVED=ROUNDS measures the handshakes only, with every proxy running at
+# once and the load alternating between them: each round opens N sessions (default
+# 500) through each proxy in turn (the order rotates every round), reads the proxy's
+# CPU time (nanoseconds, /proc/PID/task/*/schedstat) around its batch, then closes
+# them. A slow spell of the machine then falls on every proxy's batches alike; the
+# per-round ratios and their median are printed. BASE_BIN=OTHER_CHATGATE adds a
+# second chatgate build to the rotation (to compare two builds in one window).
 # ONLY_CHATGATE=1 skips HAProxy (to compare chatgate settings, e.g.
 # MIMALLOC_PURGE_DELAY, which chatgate inherits from this script's environment).
 #
 # Each session is two sockets in each proxy: the fd limit is raised as far as allowed
 # (root may raise the hard limit) and N defaults to what fits in it. Loopback only,
 # every wait bounded.
-import asyncio, base64, datetime, hashlib, hmac, json, os, resource, socket, subprocess, sys, tempfile, time
+import asyncio, base64, datetime, hashlib, hmac, json, os, resource, socket, statistics, subprocess, sys, tempfile, time
 
 if sys.argv[1] == "--upstream":
     # The WebSocket upstream, in a process of its own (its sockets count against its
@@ -37,6 +44,7 @@ else:
     binary = sys.argv[1]
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     messages = int(sys.argv[3]) if len(sys.argv) > 3 else 300
+INTERLEAVED = int(os.environ.get("WS_INTERLEAVED", "0"))
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 try:
     wanted = max(hard, 4 * n + 4096)
@@ -44,6 +52,8 @@ try:
 except (ValueError, OSError):
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+if binary is not None and INTERLEAVED and n == 0:
+    n = 500
 if binary is not None:
     # Two sockets per session in the proxy, plus its own descriptors.
     fits = (limit - 100) // 2
@@ -85,6 +95,25 @@ def free():
 def rss(pid):
     with open(f"/proc/{pid}/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
+
+
+def cpu_ns(pid):
+    """The process's CPU time (all live threads) in nanoseconds, from the scheduler."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def minor_faults(pid):
+    """The process's minor page faults so far (each a page, or a 2 MiB huge page,
+    mapped in; a freed range the allocator gave back and touches again faults anew)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
 
 
 def cpu(pid):
@@ -242,6 +271,38 @@ async def measure(name, pid, port, admin=None):
             "before": before, "open": during, "after": after}
 
 
+async def interleaved(proxies, rounds):
+    """Handshake CPU with the load alternating between the proxies (WS_INTERLEAVED)."""
+    spent = {name: [] for name, _, _ in proxies}
+    faults = {name: 0 for name, _, _ in proxies}
+    for r in range(rounds):
+        for name, pid, port in proxies[r % len(proxies):] + proxies[:r % len(proxies)]:
+            await asyncio.sleep(0.3)
+            start, faulted = cpu_ns(pid), minor_faults(pid)
+            sessions = await open_sessions(port, n)
+            spent[name].append((cpu_ns(pid) - start) / n / 1e3)
+            faults[name] += minor_faults(pid) - faulted
+            for _, writer in sessions:
+                writer.close()
+    # The closes of the last batch settle before the processes are killed.
+    await asyncio.sleep(0.5)
+    first = proxies[0][0]
+    print(f"interleaved handshakes: {rounds} rounds of {n} per proxy, CPU per handshake in us "
+          f"(median, min-max of the rounds):")
+    for name, values in spent.items():
+        print(f"  {name:9} {statistics.median(values):7.1f}  ({min(values):.1f}-{max(values):.1f})  "
+              f"mean {statistics.mean(values):.1f}; page faults per 1,000 handshakes "
+              f"{faults[name] * 1000 / (rounds * n):.1f}")
+    for name, values in spent.items():
+        if name == first:
+            continue
+        ratios = [a / b for a, b in zip(spent[first], values)]
+        print(f"  {first} / {name}: median of the rounds' ratios {statistics.median(ratios):.2f}x "
+              f"({min(ratios):.2f}-{max(ratios):.2f}), ratio of the means "
+              f"{statistics.mean(spent[first]) / statistics.mean(values):.2f}x; "
+              f"rounds below 1.0: {sum(1 for x in ratios if x < 1.0)}/{len(ratios)}")
+
+
 async def serve_upstream(port):
     server = await asyncio.start_server(upstream_session, "127.0.0.1", port, backlog=4096)
     async with server:
@@ -251,19 +312,29 @@ async def serve_upstream(port):
 async def main():
     up_port = free()
     upstream = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port)])
-    cg_port, cg_admin, ha_port = free(), free(), free()
-    cfg = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
-    cfg.write(f'[server]\nlisten = "127.0.0.1:{cg_port}"\nadmin_listen = "127.0.0.1:{cg_admin}"\nthreads = 1\n'
-              f'[upstream]\naddresses = ["127.0.0.1:{up_port}"]\nconnect_timeout_ms = 10000\n[revocation]\nstore = "memory"\n'
-              f'[[apps]]\napi_key = "{KEY}"\nsecrets = ["{SECRET}"]\n')
-    cfg.close()
-    chatgate = subprocess.Popen([binary, "serve", "--config", cfg.name, "--upgrade-sock", f"/tmp/chatgate-ws-{cg_port}.sock"],
-                                env={**os.environ, "RUST_LOG": os.environ.get("CHATGATE_LOG", "off")},
-                                stdout=open(os.environ.get("CHATGATE_LOG_FILE", os.devnull), "w"), stderr=subprocess.STDOUT)
+    ha_port = free()
+
+    def start_chatgate(path):
+        port, admin = free(), free()
+        cfg = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+        cfg.write(f'[server]\nlisten = "127.0.0.1:{port}"\nadmin_listen = "127.0.0.1:{admin}"\nthreads = 1\n'
+                  f'[upstream]\naddresses = ["127.0.0.1:{up_port}"]\nconnect_timeout_ms = 10000\n[revocation]\nstore = "memory"\n'
+                  f'[[apps]]\napi_key = "{KEY}"\nsecrets = ["{SECRET}"]\n')
+        cfg.close()
+        process = subprocess.Popen([path, "serve", "--config", cfg.name, "--upgrade-sock", f"/tmp/chatgate-ws-{port}.sock"],
+                                   env={**os.environ, "RUST_LOG": os.environ.get("CHATGATE_LOG", "off")},
+                                   stdout=open(os.environ.get("CHATGATE_LOG_FILE", os.devnull), "w"), stderr=subprocess.STDOUT)
+        return process, port, admin
+
+    chatgate, cg_port, cg_admin = start_chatgate(binary)
+    base_bin = os.environ.get("BASE_BIN")
+    base, base_port = (None, None)
+    if base_bin:
+        base, base_port, _ = start_chatgate(base_bin)
     hcfg = tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False)
     hcfg.write(f"""global
   nbthread 1
-  maxconn {n + 20}
+  maxconn {(2 if INTERLEAVED else 1) * n + 20}
 defaults
   mode http
   timeout connect 10s
@@ -287,13 +358,21 @@ backend upstream
     hcfg.close()
     haproxy = subprocess.Popen(["haproxy", "-db", "-f", hcfg.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for port in (up_port, cg_port, ha_port):
+        for port in (up_port, cg_port, ha_port) + ((base_port,) if base else ()):
             for _ in range(100):
                 try:
                     socket.create_connection(("127.0.0.1", port)).close()
                     break
                 except OSError:
                     await asyncio.sleep(0.1)
+        if INTERLEAVED:
+            proxies = [("chatgate", chatgate.pid, cg_port)]
+            if base:
+                proxies.append(("base", base.pid, base_port))
+            if os.environ.get("ONLY_CHATGATE") != "1":
+                proxies.append(("haproxy", haproxy.pid, ha_port))
+            await interleaved(proxies, INTERLEAVED)
+            return
         ours = await measure("chatgate", chatgate.pid, cg_port, cg_admin)
         if os.environ.get("ONLY_CHATGATE") == "1":
             if HANDSHAKES_ONLY:
@@ -317,6 +396,8 @@ backend upstream
               f"{ours['relay'] / theirs['relay']:.2f}x")
     finally:
         chatgate.kill()
+        if base:
+            base.kill()
         haproxy.kill()
         upstream.kill()
 

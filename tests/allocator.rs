@@ -25,8 +25,8 @@ use tokio::net::TcpStream;
 /// memory (a few KB each) to stand out from the proxy's baseline.
 const SESSIONS: usize = 1500;
 
-/// How long the proxy gets to give the memory back: mimalloc's purge delay (1 s) plus
-/// the collector's period (1 s), with room for a busy machine.
+/// How long the proxy gets to give the memory back: the binary's purge delay (5 s,
+/// `PURGE_DELAY_MS`) plus the collector's period (1 s), with room for a busy machine.
 const GIVE_BACK_WITHIN: Duration = Duration::from_secs(15);
 
 /// Raises this process's soft descriptor limit (1,024 on many machines) towards its

@@ -7,20 +7,19 @@
 use super::access_log::AccessRecord;
 use super::filter::{ChatAuthFilter, Verdict, write_rejection};
 use super::live::LiveWatch;
-use super::metrics::{ProxyMetrics, UNKNOWN_APP};
-use super::relay::{RelayHub, RequestGuard, Upgraded, relay_upstream};
+use super::metrics::ProxyMetrics;
+use super::relay::{RelayHub, RequestGuard, UpgradeReply, Upgraded};
 use crate::config::{ConfigSnapshot, UpstreamSettings};
 use crate::error::{AuthError, Rejection};
 use crate::gate::{Identity, RequestParts};
-use crate::session::LiveSession;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use bytes::BytesMut;
-use futures_util::FutureExt;
 use pingora::connectors::TransportConnector;
 use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
-use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
+use pingora::protocols::http::v1::client::{
+    HttpSession as UpstreamSession, http_req_header_to_wire,
+};
 use pingora::proxy::FailToProxy;
 use pingora::time::fast_timeout::fast_timeout;
 use pingora::{ErrorSource, ErrorType};
@@ -402,15 +401,18 @@ impl EdgeProxy {
                 .upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable")
                 .await;
         };
-        let mut upstream = UpstreamSession::new_with_options(stream, &*peer);
-        // The handshake is an HTTP exchange: the HTTP read timeout bounds it, not the
-        // WebSocket idle timeout the peer carries.
-        let handshake = async {
-            upstream.write_request_header(Box::new(request)).await?;
-            upstream.read_response().await
+        let Some(wire) = http_req_header_to_wire(&request) else {
+            return self
+                .upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable")
+                .await;
         };
-        // Pingora's timer wheel, as the forward engine's upgrades (`forward::upgrade`).
-        match fast_timeout(config.upstream.read_timeout, handshake).await {
+        // The handshake is an HTTP exchange: the HTTP read timeout bounds it, not the
+        // WebSocket idle timeout the peer carries. Pingora's timer wheel, as the
+        // forward engine's upgrades (`forward::upgrade`).
+        let handshake = super::relay::upgrade_handshake(stream, &peer, &wire);
+        let (upstream, head_and_early) = match fast_timeout(config.upstream.read_timeout, handshake)
+            .await
+        {
             Err(_) => {
                 return self
                     .upstream_failed(session, ctx, AuthError::UpstreamTimeout, "timeout")
@@ -422,43 +424,37 @@ impl EdgeProxy {
                     .upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable")
                     .await;
             }
-            Ok(Ok(_)) => {}
-        }
-        ctx.access.upstream_answered();
-        let Some(response) = upstream.resp_header().cloned() else {
-            return self
-                .upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable")
-                .await;
+            Ok(Ok(UpgradeReply::Other(reply))) => {
+                ctx.access.upstream_answered();
+                let Some(response) = reply.resp_header().cloned() else {
+                    return self
+                        .upstream_failed(
+                            session,
+                            ctx,
+                            AuthError::UpstreamUnavailable,
+                            "unavailable",
+                        )
+                        .await;
+                };
+                return self
+                    .copy_refusal(session, *reply, response, config.upstream.read_timeout)
+                    .await;
+            }
+            Ok(Ok(UpgradeReply::Switched {
+                upstream,
+                head_and_early,
+            })) => (upstream, head_and_early),
         };
-        if response.status != http::StatusCode::SWITCHING_PROTOCOLS {
-            return self
-                .copy_refusal(session, upstream, response, config.upstream.read_timeout)
-                .await;
-        }
-        let mut to_client = BytesMut::from(&upstream.get_headers_raw_bytes()[..]);
-        // Frames the upstream sent with its 101 were read with it; a read that would
-        // wait is not made (the relay reads on).
-        if let Some(Ok(Some(early))) = upstream.read_body_bytes().now_or_never() {
-            to_client.extend_from_slice(&early);
-        }
-        let identity = ctx.identity.clone();
-        let app: Arc<str> = identity
-            .as_ref()
-            .map_or_else(|| Arc::from(UNKNOWN_APP), |identity| identity.app.clone());
-        let live = identity
-            .filter(|identity| identity.user_id.is_some() || identity.expires_at.is_some())
-            .map(|identity| LiveSession::new(self.auth.gate().clone(), identity));
-        let upstream = relay_upstream(upstream.into_inner());
-        let upgraded = Box::new(Upgraded {
+        ctx.access.upstream_answered();
+        let upgraded = Upgraded::after_switch(
             upstream,
-            to_client: to_client.freeze(),
-            to_upstream: bytes::Bytes::new(),
-            live,
-            app,
-            idle_timeout: config.upstream.websocket_idle_timeout,
-            hub: self.hub.clone(),
-            pending: self.hub.request(),
-        });
+            head_and_early,
+            ctx.identity.clone(),
+            self.auth.gate(),
+            &self.hub,
+            config.upstream.websocket_idle_timeout,
+            bytes::Bytes::new(),
+        );
         if super::head::hand_off(session, upgraded).is_err() {
             // can_hand_off said yes on this very session: cannot happen.
             return Error::e_explain(ErrorType::InternalError, "no relay for the WebSocket");

@@ -38,11 +38,13 @@
 //! through the `Session`'s body API (keeps Pingora's whole per-request state and its
 //! 64 KiB body buffers alive for the session's life).
 
-use super::metrics::{ProxyMetrics, SessionEndReason};
+use super::metrics::{ProxyMetrics, SessionEndReason, UNKNOWN_APP};
+use crate::gate::{Gate, Identity};
 use crate::session::{LiveSession, Registration, Wake, wait};
 use crate::ws::{CLOSE_GOING_AWAY, FrameBoundaries, close_frame, masked_close_frame};
 use bytes::{Buf, Bytes, BytesMut};
 use pingora::protocols::Stream;
+use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
 use pingora::time::fast_timeout::fast_timeout;
 use std::future::{Future, poll_fn};
 use std::hash::BuildHasher;
@@ -51,7 +53,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -64,6 +66,11 @@ const READS_PER_POLL: usize = 16;
 const FINISH_FRAME_WITHIN: Duration = Duration::from_millis(500);
 /// How long the peers get to answer the close (and to finish a half-closed session)
 /// before their connections are dropped.
+///
+/// This bound and [`FINISH_FRAME_WITHIN`] are kept on Pingora's timer wheel
+/// (`fast_timeout`), not tokio's: a tokio timer earlier than every other one in the
+/// runtime (as these are, against the sessions' idle and expiry timers) wakes its I/O
+/// driver with an eventfd `write` when set, which strace counted on every session end.
 const LINGER: Duration = Duration::from_secs(1);
 
 /// The upstream connection of a relayed session: the bare socket for a plain upstream
@@ -192,6 +199,176 @@ pub(crate) async fn connect_upstream(
     Ok(Box::new(PlainUpstream(socket)))
 }
 
+/// What an upstream answered an upgrade request with.
+pub(crate) enum UpgradeReply {
+    /// `101 Switching Protocols`: the connection, and its head as it arrived followed
+    /// by any bytes read behind it (early frames), for the client.
+    Switched {
+        /// The upstream connection, past the head.
+        upstream: Stream,
+        /// The `101` head and whatever arrived with it.
+        head_and_early: Bytes,
+    },
+    /// Any other answer, read by Pingora's HTTP/1 client (its framing and checks) so
+    /// that it can be copied to the client.
+    Other(Box<UpstreamSession>),
+}
+
+/// How far a head is read here before Pingora's reader takes over (a `101` head is a
+/// few hundred bytes).
+const SWITCH_HEAD_WITHIN: usize = 8 * 1024;
+/// Headers parsed here; a `101` with more goes to Pingora's reader.
+const SWITCH_HEADERS: usize = 32;
+
+/// Sends an upgrade request's head (`wire`, serialised) in one write and reads the
+/// answer's head, for both engines.
+///
+/// A `101` is parsed here into a buffer of its own size. Pingora's client would set
+/// up a 64 KiB body buffer behind any head (`init_body_reader`): under a stream of
+/// handshakes mimalloc frees that block's page and faults a fresh one back in, which
+/// `perf` put at about 7% of the proxy's CPU per handshake (a 2 MiB huge page zeroed
+/// per fault). Any other answer, an unparsable head or one longer than
+/// [`SWITCH_HEAD_WITHIN`] goes to Pingora's reader with the bytes already read put
+/// back in front, so refusals keep its framing and checks.
+pub(crate) async fn upgrade_handshake(
+    mut stream: Stream,
+    peer: &pingora::upstreams::peer::HttpPeer,
+    wire: &[u8],
+) -> pingora::Result<UpgradeReply> {
+    use pingora::OrErr as _;
+    stream.write_all(wire).await.or_err(
+        pingora::ErrorType::WriteError,
+        "writing the upgrade request",
+    )?;
+    stream.flush().await.or_err(
+        pingora::ErrorType::WriteError,
+        "writing the upgrade request",
+    )?;
+    let mut read = BytesMut::with_capacity(1024);
+    loop {
+        let got = stream
+            .read_buf(&mut read)
+            .await
+            .or_err(pingora::ErrorType::ReadError, "reading the upgrade answer")?;
+        if got == 0 {
+            break;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; SWITCH_HEADERS];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&read) {
+            Ok(httparse::Status::Complete(_)) if response.code == Some(101) => {
+                return Ok(UpgradeReply::Switched {
+                    upstream: stream,
+                    head_and_early: read.freeze(),
+                });
+            }
+            Ok(httparse::Status::Partial) if read.len() < SWITCH_HEAD_WITHIN => {
+                if read.capacity() == read.len() {
+                    read.reserve(1024);
+                }
+            }
+            _ => break,
+        }
+    }
+    let rewound = Box::new(Rewound {
+        before: read.freeze(),
+        inner: stream,
+    });
+    let mut reply = Box::new(UpstreamSession::new_with_options(rewound, peer));
+    reply.read_response().await?;
+    Ok(UpgradeReply::Other(reply))
+}
+
+/// An upstream stream with the bytes already read from it put back in front, for
+/// Pingora's HTTP/1 client to read an answer from its start.
+#[derive(Debug)]
+struct Rewound {
+    before: Bytes,
+    inner: Stream,
+}
+
+impl AsyncRead for Rewound {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.before.is_empty() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let taken = this.before.len().min(buf.remaining());
+        buf.put_slice(&this.before.split_to(taken));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Rewound {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::protocols::Shutdown for Rewound {
+    async fn shutdown(&mut self) {
+        pingora::protocols::Shutdown::shutdown(&mut *self.inner).await;
+    }
+}
+
+impl pingora::protocols::UniqueID for Rewound {
+    fn id(&self) -> pingora::protocols::UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl pingora::protocols::Ssl for Rewound {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl pingora::protocols::GetTimingDigest for Rewound {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+}
+
+impl pingora::protocols::GetProxyDigest for Rewound {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+}
+
+impl pingora::protocols::GetSocketDigest for Rewound {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::protocols::Peek for Rewound {}
+
 /// Everything a relay needs once the upgrade is made.
 pub(crate) struct Upgraded {
     /// The upstream connection, past its `101`.
@@ -210,6 +387,39 @@ pub(crate) struct Upgraded {
     pub(crate) hub: Arc<RelayHub>,
     /// Keeps a drain waiting between the request's end and the relay's start.
     pub(crate) pending: RequestGuard,
+}
+
+impl Upgraded {
+    /// The session an upstream's `101` begins, for either engine: the `101` head as it
+    /// arrived and any frames read with it ([`UpgradeReply::Switched`]) go to the client
+    /// first, and the token watch is kept only for identities something can end (a
+    /// user's token or an `exp`).
+    pub(crate) fn after_switch(
+        upstream: Stream,
+        head_and_early: Bytes,
+        identity: Option<Identity>,
+        gate: &Gate,
+        hub: &Arc<RelayHub>,
+        idle_timeout: Duration,
+        to_upstream: Bytes,
+    ) -> Box<Self> {
+        let app: Arc<str> = identity
+            .as_ref()
+            .map_or_else(|| Arc::from(UNKNOWN_APP), |identity| identity.app.clone());
+        let live = identity
+            .filter(|identity| identity.user_id.is_some() || identity.expires_at.is_some())
+            .map(|identity| LiveSession::new(gate.clone(), identity));
+        Box::new(Upgraded {
+            upstream: relay_upstream(upstream),
+            to_client: head_and_early,
+            to_upstream,
+            live,
+            app,
+            idle_timeout,
+            hub: hub.clone(),
+            pending: hub.request(),
+        })
+    }
 }
 
 /// Per client connection: where `request_filter` leaves an upgraded session for the
@@ -519,12 +729,11 @@ async fn end(pump: &mut Pump, reason: SessionEndReason, hub: &RelayHub) -> Sessi
     pump.down.finishing = true;
     // Between frames already: nothing more comes through.
     pump.down.stopped = pump.down.frames.at_boundary();
-    let finished =
-        tokio::time::timeout(FINISH_FRAME_WITHIN, poll_fn(|cx| pump.poll_finish(cx))).await;
+    let finished = fast_timeout(FINISH_FRAME_WITHIN, poll_fn(|cx| pump.poll_finish(cx))).await;
     let client_ok = matches!(finished, Ok(Ok(())));
     if client_ok && pump.down.frames.at_boundary() {
         let close = close_frame(code, text);
-        let _ = tokio::time::timeout(FINISH_FRAME_WITHIN, async {
+        let _ = fast_timeout(FINISH_FRAME_WITHIN, async {
             pump.client.write_all(&close).await?;
             pump.client.flush().await
         })
@@ -532,7 +741,7 @@ async fn end(pump: &mut Pump, reason: SessionEndReason, hub: &RelayHub) -> Sessi
     }
     if pump.up.frames.at_boundary() && pump.up.pending.is_none() {
         let close = masked_close_frame(CLOSE_GOING_AWAY, "going away", hub.mask());
-        let _ = tokio::time::timeout(FINISH_FRAME_WITHIN, async {
+        let _ = fast_timeout(FINISH_FRAME_WITHIN, async {
             pump.upstream.write_all(&close).await?;
             pump.upstream.flush().await
         })
@@ -546,7 +755,7 @@ async fn end(pump: &mut Pump, reason: SessionEndReason, hub: &RelayHub) -> Sessi
 /// After one side ended: the other direction gets [`LINGER`] to finish, then both
 /// connections are shut down.
 async fn linger(pump: &mut Pump, reason: SessionEndReason) -> SessionEndReason {
-    let _ = tokio::time::timeout(LINGER, poll_fn(|cx| pump.poll_both_done(cx))).await;
+    let _ = fast_timeout(LINGER, poll_fn(|cx| pump.poll_both_done(cx))).await;
     shut_both(pump).await;
     reason
 }
@@ -556,12 +765,12 @@ async fn linger(pump: &mut Pump, reason: SessionEndReason) -> SessionEndReason {
 /// socket with unread bytes would reset it, and a reset may discard the close frame
 /// before the peer reads it.
 async fn shut_both(pump: &mut Pump) {
-    let _ = tokio::time::timeout(LINGER, async {
+    let _ = fast_timeout(LINGER, async {
         let _ = pump.client.shutdown().await;
         let _ = pump.upstream.shutdown().await;
     })
     .await;
-    let _ = tokio::time::timeout(LINGER, poll_fn(|cx| pump.poll_discard(cx))).await;
+    let _ = fast_timeout(LINGER, poll_fn(|cx| pump.poll_discard(cx))).await;
 }
 
 /// One direction of the relay.

@@ -26,20 +26,14 @@
 //! [`HeadGuard`]: super::super::head::HeadGuard
 
 use super::super::access_log::AccessRecord;
-use super::super::metrics::UNKNOWN_APP;
-use super::super::relay::{self, Upgraded, connect_upstream, relay_upstream, strip_hop_by_hop};
+use super::super::relay::{self, UpgradeReply, Upgraded, connect_upstream, strip_hop_by_hop};
 use super::{ClientSession, ForwardApp, bad_request, write_rejection};
 use crate::error::{AuthError, Rejection};
 use crate::gate::{Decision, Identity, RequestParts};
-use crate::session::LiveSession;
-use bytes::BytesMut;
-use futures_util::FutureExt as _;
 use pingora::protocols::http::v1::client::{
     HttpSession as UpstreamSession, http_req_header_to_wire,
 };
 use pingora::time::fast_timeout::fast_timeout;
-use std::sync::Arc;
-use tokio::io::AsyncWriteExt as _;
 
 impl ForwardApp {
     /// Serves a WebSocket upgrade request whose head `session` has read; the client
@@ -159,7 +153,7 @@ impl ForwardApp {
                 }
             }
         }
-        let Some((mut stream, peer)) = connected else {
+        let Some((stream, peer)) = connected else {
             return self
                 .upgrade_failed(
                     session,
@@ -171,21 +165,33 @@ impl ForwardApp {
                 .await;
         };
         // The handshake is an HTTP exchange: the HTTP read timeout bounds it, not the
-        // WebSocket idle timeout the peer carries. The head goes in one write.
-        let handshake = async {
-            stream.write_all(&wire).await.ok()?;
-            stream.flush().await.ok()?;
-            let mut reply = UpstreamSession::new_with_options(stream, &*peer);
-            reply.read_response().await.ok()?;
-            Some(reply)
-        };
+        // WebSocket idle timeout the peer carries.
         // Pingora's timer wheel, not tokio's: a tokio timer that becomes the runtime's
         // earliest wakes its I/O driver through an eventfd `write` (about 0.3 per
         // handshake under load, each a syscall and a spurious `epoll_wait` return),
         // while this one touches the wheel's own thread only when it fires.
-        let mut reply = match fast_timeout(config.upstream.read_timeout, handshake).await {
-            Ok(Some(reply)) => reply,
-            Ok(None) => {
+        let handshake = relay::upgrade_handshake(stream, &peer, &wire);
+        let (upstream, head_and_early) = match fast_timeout(config.upstream.read_timeout, handshake)
+            .await
+        {
+            Ok(Ok(UpgradeReply::Switched {
+                upstream,
+                head_and_early,
+            })) => (upstream, head_and_early),
+            Ok(Ok(UpgradeReply::Other(reply))) => {
+                access.upstream_answered();
+                return self
+                    .copy_refusal(
+                        session,
+                        *reply,
+                        access,
+                        identity,
+                        config.upstream.read_timeout,
+                    )
+                    .await;
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(target: "chatgate::proxy", %error, "WebSocket handshake with the upstream failed");
                 return self
                     .upgrade_failed(
                         session,
@@ -209,52 +215,16 @@ impl ForwardApp {
             }
         };
         access.upstream_answered();
-        let Some(status) = reply.resp_header().map(|response| response.status) else {
-            return self
-                .upgrade_failed(
-                    session,
-                    access,
-                    identity,
-                    AuthError::UpstreamUnavailable,
-                    "unavailable",
-                )
-                .await;
-        };
-        if status != http::StatusCode::SWITCHING_PROTOCOLS {
-            return self
-                .copy_refusal(
-                    session,
-                    reply,
-                    access,
-                    identity,
-                    config.upstream.read_timeout,
-                )
-                .await;
-        }
-        let mut to_client = BytesMut::from(&reply.get_headers_raw_bytes()[..]);
-        // Frames the upstream sent with its 101 were read with it; a read that would
-        // wait is not made (the relay reads on).
-        if let Some(Ok(Some(early))) = reply.read_body_bytes().now_or_never() {
-            to_client.extend_from_slice(&early);
-        }
         self.log_upgrade(&session, &access, identity.as_ref(), Some(101));
-        let app: Arc<str> = identity
-            .as_ref()
-            .map_or_else(|| Arc::from(UNKNOWN_APP), |identity| identity.app.clone());
-        let live = identity
-            .filter(|identity| identity.user_id.is_some() || identity.expires_at.is_some())
-            .map(|identity| LiveSession::new(self.auth.gate().clone(), identity));
-        let to_upstream = super::head::bytes_after_head(session.stream());
-        let upgraded = Box::new(Upgraded {
-            upstream: relay_upstream(reply.into_inner()),
-            to_client: to_client.freeze(),
-            to_upstream,
-            live,
-            app,
-            idle_timeout: config.upstream.websocket_idle_timeout,
-            hub: self.hub.clone(),
-            pending: self.hub.request(),
-        });
+        let upgraded = Upgraded::after_switch(
+            upstream,
+            head_and_early,
+            identity,
+            self.auth.gate(),
+            &self.hub,
+            config.upstream.websocket_idle_timeout,
+            super::super::head::bytes_after_head(session.stream()),
+        );
         // The session's own task: this connection task ends now (see `relay::relay`).
         tokio::spawn(relay::relay(session.into_inner(), upgraded));
     }
