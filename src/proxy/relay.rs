@@ -43,6 +43,8 @@ use crate::gate::{Gate, Identity};
 use crate::session::{LiveSession, Registration, Wake, wait};
 use crate::ws::{CLOSE_GOING_AWAY, FrameBoundaries, close_frame, masked_close_frame};
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt as _;
+use http::StatusCode;
 use pingora::protocols::Stream;
 use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
 use pingora::time::fast_timeout::fast_timeout;
@@ -257,6 +259,7 @@ pub(crate) async fn upgrade_handshake(
         let mut response = httparse::Response::new(&mut headers);
         match response.parse(&read) {
             Ok(httparse::Status::Complete(_)) if response.code == Some(101) => {
+                // The relay writes the head as it arrived: nothing here rebuilds it.
                 return Ok(UpgradeReply::Switched {
                     upstream: stream,
                     head_and_early: read.freeze(),
@@ -276,7 +279,21 @@ pub(crate) async fn upgrade_handshake(
     });
     let mut reply = Box::new(UpstreamSession::new_with_options(rewound, peer));
     reply.read_response().await?;
-    Ok(UpgradeReply::Other(reply))
+    if reply.resp_header().map(|response| response.status) != Some(StatusCode::SWITCHING_PROTOCOLS)
+    {
+        return Ok(UpgradeReply::Other(reply));
+    }
+    // A 101 this parser left to Pingora's (more headers, a longer head, a form only it
+    // accepts): the same hand-off, from its buffers.
+    let mut head_and_early = BytesMut::from(&reply.get_headers_raw_bytes()[..]);
+    // Frames read with the head; a read that would wait is not made (the relay reads on).
+    if let Some(Ok(Some(early))) = reply.read_body_bytes().now_or_never() {
+        head_and_early.extend_from_slice(&early);
+    }
+    Ok(UpgradeReply::Switched {
+        upstream: reply.into_inner(),
+        head_and_early: head_and_early.freeze(),
+    })
 }
 
 /// An upstream stream with the bytes already read from it put back in front, for
@@ -1152,5 +1169,154 @@ mod tests {
     fn the_head_length_covers_the_blank_line_only() {
         let bytes = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x02hi";
         assert_eq!(&bytes[head_len(bytes)..], b"\x81\x02hi");
+    }
+
+    /// An upstream on loopback that reads one request head, then sends `parts` with a
+    /// pause between them (so the answer arrives in several reads), then keeps the
+    /// connection open until the client closes.
+    async fn upstream_answering(parts: Vec<Vec<u8>>) -> std::net::SocketAddr {
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            socket.set_nodelay(true).unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if socket.read(&mut byte).await.unwrap() == 0 {
+                    return;
+                }
+                head.push(byte[0]);
+            }
+            for part in parts {
+                socket.write_all(&part).await.unwrap();
+                socket.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let mut rest = Vec::new();
+            let _ = socket.read_to_end(&mut rest).await;
+        });
+        address
+    }
+
+    async fn handshake_with(parts: Vec<Vec<u8>>) -> pingora::Result<UpgradeReply> {
+        let address = upstream_answering(parts).await;
+        let socket = tokio::net::TcpStream::connect(address).await.unwrap();
+        let peer = pingora::upstreams::peer::HttpPeer::new(address, false, String::new());
+        let wire = b"GET /connect HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let handshake = upgrade_handshake(Box::new(PlainUpstream(socket)), &peer, wire);
+        tokio::time::timeout(Duration::from_secs(10), handshake)
+            .await
+            .expect("the handshake should end")
+    }
+
+    const SWITCH: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+    const EARLY_FRAME: &[u8] = b"\x81\x05hello";
+
+    fn switched(reply: pingora::Result<UpgradeReply>) -> (Stream, Bytes) {
+        match reply {
+            Ok(UpgradeReply::Switched {
+                upstream,
+                head_and_early,
+            }) => (upstream, head_and_early),
+            Ok(UpgradeReply::Other(reply)) => panic!("a refusal: {:?}", reply.resp_header()),
+            Err(error) => panic!("an error: {error}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_101_with_a_frame_behind_it_is_handed_over_byte_for_byte() {
+        let sent = [SWITCH, EARLY_FRAME].concat();
+        let (_, head_and_early) = switched(handshake_with(vec![sent.clone()]).await);
+        assert_eq!(&head_and_early[..], &sent[..]);
+    }
+
+    #[tokio::test]
+    async fn a_101_arriving_in_pieces_is_read_whole() {
+        // Split inside the status line, inside a header and between the CR and LF of
+        // the empty line.
+        let cuts = [5, 40, SWITCH.len() - 1];
+        let mut parts = Vec::new();
+        let mut from = 0;
+        for cut in cuts {
+            parts.push(SWITCH[from..cut].to_vec());
+            from = cut;
+        }
+        parts.push(SWITCH[from..].to_vec());
+        let (_, head_and_early) = switched(handshake_with(parts).await);
+        assert_eq!(&head_and_early[..], SWITCH);
+    }
+
+    #[tokio::test]
+    async fn a_101_this_parser_leaves_to_pingoras_is_still_handed_over() {
+        // More headers than SWITCH_HEADERS, then a head longer than SWITCH_HEAD_WITHIN.
+        let many: String = (0..SWITCH_HEADERS + 8)
+            .map(|i| format!("X-Extra-{i}: {i}\r\n"))
+            .collect();
+        let long = format!("X-Long: {}\r\n", "a".repeat(SWITCH_HEAD_WITHIN + 100));
+        for extra in [many, long] {
+            let head = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}\r\n"
+            );
+            let sent = [head.as_bytes(), EARLY_FRAME].concat();
+            let (_, head_and_early) = switched(handshake_with(vec![sent.clone()]).await);
+            assert_eq!(&head_and_early[..], &sent[..]);
+        }
+    }
+
+    #[tokio::test]
+    async fn other_answers_are_read_by_pingora_from_their_first_byte() {
+        let refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 7\r\n\r\nrefused".to_vec();
+        // Whole, and cut inside the head (the part already read is put back).
+        for parts in [
+            vec![refusal.clone()],
+            vec![refusal[..10].to_vec(), refusal[10..].to_vec()],
+        ] {
+            let Ok(UpgradeReply::Other(mut reply)) = handshake_with(parts).await else {
+                panic!("a 403 is not a switch");
+            };
+            assert_eq!(reply.resp_header().unwrap().status, StatusCode::FORBIDDEN);
+            let body = reply.read_body_bytes().await.unwrap().unwrap();
+            assert_eq!(&body[..], b"refused");
+        }
+    }
+
+    #[tokio::test]
+    async fn no_answer_or_a_broken_one_is_an_error() {
+        for parts in [
+            vec![],
+            vec![b"HTTP/1.1 101 Switching".to_vec()],
+            vec![b"SSH-2.0-OpenSSH\r\n\r\n".to_vec()],
+        ] {
+            // The upstream closes after its parts; the head never completes or never parses.
+            let address = {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let address = listener.local_addr().unwrap();
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt as _;
+                    let (mut socket, _) = listener.accept().await.unwrap();
+                    let mut head = [0u8; 256];
+                    let _ = socket.read(&mut head).await;
+                    for part in parts {
+                        let _ = socket.write_all(&part).await;
+                    }
+                });
+                address
+            };
+            let socket = tokio::net::TcpStream::connect(address).await.unwrap();
+            let peer = pingora::upstreams::peer::HttpPeer::new(address, false, String::new());
+            let reply = tokio::time::timeout(
+                Duration::from_secs(10),
+                upgrade_handshake(
+                    Box::new(PlainUpstream(socket)),
+                    &peer,
+                    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                ),
+            )
+            .await
+            .expect("the handshake should end");
+            assert!(reply.is_err(), "no switch and no answer to copy");
+        }
     }
 }
