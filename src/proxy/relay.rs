@@ -781,13 +781,26 @@ async fn linger(pump: &mut Pump, reason: SessionEndReason) -> SessionEndReason {
 /// (their close replies) until both have closed or [`LINGER`] passes: closing a
 /// socket with unread bytes would reset it, and a reset may discard the close frame
 /// before the peer reads it.
+///
+/// A side the relay already shut (after its reader ended) is not shut again, and a
+/// peer that already closed is not read again: after an ordinary close, where both
+/// directions ended, that leaves nothing to do (strace counted two failed `shutdown`s
+/// and two empty reads per session before).
 async fn shut_both(pump: &mut Pump) {
-    let _ = fast_timeout(LINGER, async {
-        let _ = pump.client.shutdown().await;
-        let _ = pump.upstream.shutdown().await;
-    })
-    .await;
-    let _ = fast_timeout(LINGER, poll_fn(|cx| pump.poll_discard(cx))).await;
+    if !(pump.down.shut && pump.up.shut) {
+        let _ = fast_timeout(LINGER, async {
+            if !pump.down.shut {
+                let _ = pump.client.shutdown().await;
+            }
+            if !pump.up.shut {
+                let _ = pump.upstream.shutdown().await;
+            }
+        })
+        .await;
+    }
+    if !(pump.up.eof && pump.down.eof) {
+        let _ = fast_timeout(LINGER, poll_fn(|cx| pump.poll_discard(cx))).await;
+    }
 }
 
 /// One direction of the relay.
@@ -923,10 +936,18 @@ impl Pump {
         }
     }
 
-    /// Reads and drops whatever either peer sends; ready when both have closed.
+    /// Reads and drops whatever either peer still sends; ready when both have closed.
     fn poll_discard(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let client = discard(cx, &mut self.client);
-        let upstream = discard(cx, &mut self.upstream);
+        let client = if self.up.eof {
+            Poll::Ready(())
+        } else {
+            discard(cx, &mut self.client)
+        };
+        let upstream = if self.down.eof {
+            Poll::Ready(())
+        } else {
+            discard(cx, &mut self.upstream)
+        };
         if client.is_ready() && upstream.is_ready() {
             Poll::Ready(())
         } else {
