@@ -52,10 +52,7 @@ use crate::reload::ConfigHandle;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::{
-    ALPN, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
-    Stream, TimingDigest, UniqueID, UniqueIDType,
-};
+use pingora::protocols::{ALPN, Peek, Shutdown, Stream};
 use pingora::server::ShutdownWatch;
 use std::io;
 use std::pin::Pin;
@@ -65,6 +62,76 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+/// Implements Pingora's connection-information traits (`UniqueID`, `Ssl` and the
+/// timing, proxy and socket digests) for a wrapper of a [`Stream`] in its `inner`
+/// field by asking the wrapped stream: the wrappers here ([`HeadGuard`],
+/// `relay::Rewound`) change how bytes move, not what the connection is.
+macro_rules! delegate_stream_info {
+    ($wrapper:ty) => {
+        impl pingora::protocols::UniqueID for $wrapper {
+            fn id(&self) -> pingora::protocols::UniqueIDType {
+                pingora::protocols::UniqueID::id(&*self.inner)
+            }
+        }
+
+        impl pingora::protocols::Ssl for $wrapper {
+            fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+                pingora::protocols::Ssl::get_ssl(&*self.inner)
+            }
+
+            fn get_ssl_digest(&self) -> Option<std::sync::Arc<pingora::protocols::tls::SslDigest>> {
+                pingora::protocols::Ssl::get_ssl_digest(&*self.inner)
+            }
+
+            fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+                pingora::protocols::Ssl::selected_alpn_proto(&*self.inner)
+            }
+        }
+
+        impl pingora::protocols::GetTimingDigest for $wrapper {
+            fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+                pingora::protocols::GetTimingDigest::get_timing_digest(&*self.inner)
+            }
+
+            fn get_read_pending_time(&self) -> std::time::Duration {
+                pingora::protocols::GetTimingDigest::get_read_pending_time(&*self.inner)
+            }
+
+            fn get_write_pending_time(&self) -> std::time::Duration {
+                pingora::protocols::GetTimingDigest::get_write_pending_time(&*self.inner)
+            }
+        }
+
+        impl pingora::protocols::GetProxyDigest for $wrapper {
+            fn get_proxy_digest(
+                &self,
+            ) -> Option<std::sync::Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+                pingora::protocols::GetProxyDigest::get_proxy_digest(&*self.inner)
+            }
+
+            fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
+                pingora::protocols::GetProxyDigest::set_proxy_digest(&mut *self.inner, digest)
+            }
+        }
+
+        impl pingora::protocols::GetSocketDigest for $wrapper {
+            fn get_socket_digest(
+                &self,
+            ) -> Option<std::sync::Arc<pingora::protocols::SocketDigest>> {
+                pingora::protocols::GetSocketDigest::get_socket_digest(&*self.inner)
+            }
+
+            fn set_socket_digest(&mut self, socket_digest: pingora::protocols::SocketDigest) {
+                pingora::protocols::GetSocketDigest::set_socket_digest(
+                    &mut *self.inner,
+                    socket_digest,
+                )
+            }
+        }
+    };
+}
+pub(crate) use delegate_stream_info;
 
 /// Pingora's keep-alive for a new connection (`apps/mod.rs`): kept so a connection
 /// behaves exactly as it would without the guard.
@@ -543,59 +610,7 @@ impl Shutdown for HeadGuard {
     }
 }
 
-impl UniqueID for HeadGuard {
-    fn id(&self) -> UniqueIDType {
-        self.inner.id()
-    }
-}
-
-impl Ssl for HeadGuard {
-    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
-        self.inner.get_ssl()
-    }
-
-    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
-        self.inner.get_ssl_digest()
-    }
-
-    fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
-        self.inner.selected_alpn_proto()
-    }
-}
-
-impl GetTimingDigest for HeadGuard {
-    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.inner.get_timing_digest()
-    }
-
-    fn get_read_pending_time(&self) -> Duration {
-        self.inner.get_read_pending_time()
-    }
-
-    fn get_write_pending_time(&self) -> Duration {
-        self.inner.get_write_pending_time()
-    }
-}
-
-impl GetProxyDigest for HeadGuard {
-    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
-        self.inner.get_proxy_digest()
-    }
-
-    fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
-        self.inner.set_proxy_digest(digest)
-    }
-}
-
-impl GetSocketDigest for HeadGuard {
-    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.inner.get_socket_digest()
-    }
-
-    fn set_socket_digest(&mut self, socket_digest: SocketDigest) {
-        self.inner.set_socket_digest(socket_digest)
-    }
-}
+delegate_stream_info!(HeadGuard);
 
 #[async_trait]
 impl Peek for HeadGuard {

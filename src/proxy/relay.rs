@@ -345,43 +345,7 @@ impl pingora::protocols::Shutdown for Rewound {
     }
 }
 
-impl pingora::protocols::UniqueID for Rewound {
-    fn id(&self) -> pingora::protocols::UniqueIDType {
-        self.inner.id()
-    }
-}
-
-impl pingora::protocols::Ssl for Rewound {
-    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
-        self.inner.get_ssl()
-    }
-
-    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
-        self.inner.get_ssl_digest()
-    }
-
-    fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
-        self.inner.selected_alpn_proto()
-    }
-}
-
-impl pingora::protocols::GetTimingDigest for Rewound {
-    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
-        self.inner.get_timing_digest()
-    }
-}
-
-impl pingora::protocols::GetProxyDigest for Rewound {
-    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
-        self.inner.get_proxy_digest()
-    }
-}
-
-impl pingora::protocols::GetSocketDigest for Rewound {
-    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
-        self.inner.get_socket_digest()
-    }
-}
+super::head::delegate_stream_info!(Rewound);
 
 #[async_trait::async_trait]
 impl pingora::protocols::Peek for Rewound {}
