@@ -26,7 +26,15 @@
 # CPU time (nanoseconds, /proc/PID/task/*/schedstat) around its batch, then closes
 # them. A slow spell of the machine then falls on every proxy's batches alike; the
 # per-round ratios and their median are printed. BASE_BIN=OTHER_CHATGATE adds a
-# second chatgate build to the rotation (to compare two builds in one window).
+# second chatgate build to the rotation (to compare two builds in one window), and
+# PINGORA_BIN (below) Pingora without auth.
+# WS_RELAY_INTERLEAVED=ROUNDS measures the small-frame relay the same way: every proxy
+# up at once, 100 sessions open through each, then per round each proxy in turn (the
+# order rotating) relays MESSAGES (default 50 here) round trips on each of its
+# sessions while its CPU is read around that batch. PINGORA_BIN=PASSTHROUGH adds
+# Pingora's own WebSocket tunnel to the rotation: the `passthrough` example (a
+# Pingora proxy without auth, `cargo build --profile perf --features cli --example
+# passthrough`), whose upgrades go through pingora-proxy's tunnel.
 # ONLY_CHATGATE=1 skips HAProxy (to compare chatgate settings, e.g.
 # MIMALLOC_PURGE_DELAY, which chatgate inherits from this script's environment).
 #
@@ -45,6 +53,7 @@ else:
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     messages = int(sys.argv[3]) if len(sys.argv) > 3 else 300
 INTERLEAVED = int(os.environ.get("WS_INTERLEAVED", "0"))
+RELAY_INTERLEAVED = int(os.environ.get("WS_RELAY_INTERLEAVED", "0"))
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 try:
     wanted = max(hard, 4 * n + 4096)
@@ -54,6 +63,9 @@ except (ValueError, OSError):
 limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 if binary is not None and INTERLEAVED and n == 0:
     n = 500
+if binary is not None and RELAY_INTERLEAVED and n == 0:
+    # Only HAProxy's maxconn reads N in this mode: room for the relay's sessions.
+    n = 200
 if binary is not None:
     # Two sockets per session in the proxy, plus its own descriptors.
     fits = (limit - 100) // 2
@@ -307,6 +319,44 @@ async def interleaved(proxies, rounds):
               f"rounds below 1.0: {sum(1 for x in ratios if x < 1.0)}/{len(ratios)}")
 
 
+async def relay_interleaved(proxies, rounds, count):
+    """Small-frame relay CPU with the load alternating between the proxies."""
+    frame = bytes([0x82, 0x80 | 64]) + os.urandom(4) + os.urandom(64)
+    opened = {name: await open_sessions(port, RELAY_SESSIONS) for name, _, port in proxies}
+
+    async def pingpong(session):
+        reader, writer = session
+        for _ in range(count):
+            writer.write(frame)
+            await asyncio.wait_for(reader.readexactly(len(frame)), 10)
+
+    spent = {name: [] for name, _, _ in proxies}
+    for r in range(rounds):
+        for name, pid, _ in proxies[r % len(proxies):] + proxies[:r % len(proxies)]:
+            await asyncio.sleep(0.2)
+            start = cpu_ns(pid)
+            await asyncio.gather(*(pingpong(session) for session in opened[name]))
+            spent[name].append((cpu_ns(pid) - start) / (RELAY_SESSIONS * count) / 1e3)
+    for sessions in opened.values():
+        for _, writer in sessions:
+            writer.close()
+    await asyncio.sleep(0.5)
+    first = proxies[0][0]
+    print(f"interleaved relay: {rounds} rounds of {RELAY_SESSIONS} sessions x {count} 64-byte round trips "
+          f"per proxy, CPU per round trip (two relayed frames) in us (median, min-max of the rounds):")
+    for name, values in spent.items():
+        print(f"  {name:9} {statistics.median(values):7.2f}  ({min(values):.2f}-{max(values):.2f})  "
+              f"mean {statistics.mean(values):.2f}")
+    for name, values in spent.items():
+        if name == first:
+            continue
+        ratios = [a / b for a, b in zip(spent[first], values)]
+        print(f"  {first} / {name}: median of the rounds' ratios {statistics.median(ratios):.2f}x "
+              f"({min(ratios):.2f}-{max(ratios):.2f}), ratio of the means "
+              f"{statistics.mean(spent[first]) / statistics.mean(values):.2f}x; "
+              f"rounds below 1.0: {sum(1 for x in ratios if x < 1.0)}/{len(ratios)}")
+
+
 async def serve_upstream(port):
     server = await asyncio.start_server(upstream_session, "127.0.0.1", port, backlog=4096)
     async with server:
@@ -361,18 +411,39 @@ backend upstream
 """)
     hcfg.close()
     haproxy = subprocess.Popen(["haproxy", "-db", "-f", hcfg.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pingora_bin = os.environ.get("PINGORA_BIN")
+    pingora, pingora_port = (None, None)
+    if pingora_bin:
+        pingora_port = free()
+        # No upstream read timeout: an idle tunnel is not cut during the run.
+        pingora = subprocess.Popen([pingora_bin, "--listen", f"127.0.0.1:{pingora_port}",
+                                    "--upstream", f"127.0.0.1:{up_port}", "--read-timeout-ms", "0"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for port in (up_port, cg_port, ha_port) + ((base_port,) if base else ()):
+        for port in ((up_port, cg_port, ha_port) + ((base_port,) if base else ())
+                     + ((pingora_port,) if pingora else ())):
             for _ in range(100):
                 try:
                     socket.create_connection(("127.0.0.1", port)).close()
                     break
                 except OSError:
                     await asyncio.sleep(0.1)
+        if RELAY_INTERLEAVED:
+            proxies = [("chatgate", chatgate.pid, cg_port)]
+            if base:
+                proxies.append(("base", base.pid, base_port))
+            if pingora:
+                proxies.append(("pingora", pingora.pid, pingora_port))
+            if os.environ.get("ONLY_CHATGATE") != "1":
+                proxies.append(("haproxy", haproxy.pid, ha_port))
+            await relay_interleaved(proxies, RELAY_INTERLEAVED, messages if len(sys.argv) > 3 else 50)
+            return
         if INTERLEAVED:
             proxies = [("chatgate", chatgate.pid, cg_port)]
             if base:
                 proxies.append(("base", base.pid, base_port))
+            if pingora:
+                proxies.append(("pingora", pingora.pid, pingora_port))
             if os.environ.get("ONLY_CHATGATE") != "1":
                 proxies.append(("haproxy", haproxy.pid, ha_port))
             await interleaved(proxies, INTERLEAVED)
@@ -403,6 +474,8 @@ backend upstream
         if base:
             base.kill()
         haproxy.kill()
+        if pingora:
+            pingora.kill()
         upstream.kill()
 
 
