@@ -1020,6 +1020,136 @@ async fn a_tls_upstream_is_reached_over_tls_and_its_certificate_checked_when_ask
     }
 }
 
+/// A WebSocket upstream over TLS (as Stream's own API is): a fresh self-signed
+/// certificate, one std thread per connection (openssl's blocking `SslStream`), which
+/// reads the upgrade request, answers `101` with a text frame `hello` in the same
+/// write, then echoes each masked client text frame back unmasked until the client
+/// closes. Every read is bounded by a socket timeout.
+struct TlsWebSocketUpstream {
+    address: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+fn tls_websocket_upstream() -> TlsWebSocketUpstream {
+    use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod};
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("the openssl command line tool is installed");
+    assert!(status.success());
+    let mut acceptor = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+    acceptor
+        .set_private_key_file(dir.path().join("key.pem"), SslFiletype::PEM)
+        .unwrap();
+    acceptor
+        .set_certificate_chain_file(dir.path().join("cert.pem"))
+        .unwrap();
+    let acceptor = std::sync::Arc::new(acceptor.build());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for socket in listener.incoming() {
+            let Ok(socket) = socket else { return };
+            let acceptor = acceptor.clone();
+            std::thread::spawn(move || {
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let Ok(mut tls) = acceptor.accept(socket) else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tls.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let mut answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n".to_vec();
+                answer.extend_from_slice(b"\x81\x05hello");
+                if tls.write_all(&answer).is_err() {
+                    return;
+                }
+                // Masked client text frames of under 126 bytes, echoed unmasked.
+                loop {
+                    let mut header = [0u8; 6];
+                    if tls.read_exact(&mut header).is_err() {
+                        return;
+                    }
+                    let length = usize::from(header[1] & 0x7f);
+                    let mut payload = vec![0u8; length];
+                    if tls.read_exact(&mut payload).is_err() {
+                        return;
+                    }
+                    for (i, b) in payload.iter_mut().enumerate() {
+                        *b ^= header[2 + i % 4];
+                    }
+                    let mut frame = vec![0x81, length as u8];
+                    frame.extend_from_slice(&payload);
+                    if tls.write_all(&frame).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    TlsWebSocketUpstream { address, _dir: dir }
+}
+
+/// Stream's own API is reached over TLS: a WebSocket relayed to a TLS upstream gets the
+/// upstream's 101 with the frame that came with it, and frames both ways after it (the
+/// handshake and the relay over the TLS stream, not the bare socket of a plain one).
+#[tokio::test]
+async fn a_websocket_to_a_tls_upstream_is_relayed_both_ways() {
+    let upstream = tls_websocket_upstream();
+    let proxy = Proxy::start(ProxyOptions {
+        upstreams: vec![upstream.address.to_string()],
+        tls: Some(("localhost".into(), false)),
+        ..ProxyOptions::default()
+    })
+    .await;
+    within(Duration::from_secs(30), async {
+        for round in 0..3 {
+            let mut stream = tokio::net::TcpStream::connect(proxy.address).await.unwrap();
+            let request = format!(
+                "GET /connect?api_key={KEY}&authorization={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                user_token("alice")
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut seen = Vec::new();
+            // The 101 and the upstream's greeting behind it.
+            while !seen.ends_with(b"\x81\x05hello") {
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed before the greeting: {}", String::from_utf8_lossy(&seen));
+                seen.extend_from_slice(&chunk[..n]);
+            }
+            assert!(seen.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&seen));
+            let text = format!("round {round}");
+            stream.write_all(&masked_text_frame(text.as_bytes())).await.unwrap();
+            let mut echo = vec![0u8; 2 + text.len()];
+            stream.read_exact(&mut echo).await.unwrap();
+            assert_eq!(&echo[2..], text.as_bytes());
+        }
+    })
+    .await;
+}
+
 /// A masked client text frame (RFC 6455 §5.3), for writing by hand.
 fn masked_text_frame(payload: &[u8]) -> Vec<u8> {
     assert!(payload.len() < 126);
