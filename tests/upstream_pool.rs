@@ -277,6 +277,38 @@ async fn sequential_client_connections_reach_the_upstream_over_one_connection() 
     assert_eq!(upstream.requests().len(), 20);
 }
 
+/// With no traffic at all, an idle upstream connection is closed once it has been idle
+/// past the pool's timeout (4 s) by the engine's sweep (every 1 s), not kept open until
+/// a request comes: the counting upstream itself would keep it for 60 s.
+#[tokio::test]
+async fn an_idle_upstream_connection_is_closed_after_its_timeout_without_traffic() {
+    if !on_forward() {
+        return;
+    }
+    let upstream = CountingUpstream::start(Mode::KeepAlive, None).await;
+    let proxy = proxy_in_front_of(&upstream, false).await;
+    within(Duration::from_secs(30), async {
+        for _ in 0..3 {
+            assert_eq!(once(&proxy, "GET").await.0, 200);
+        }
+    })
+    .await;
+    assert_eq!((upstream.accepted(), upstream.open()), (1, 1));
+    // Bounded: 12 s is the timeout and a sweep with room for a busy machine.
+    let mut waited = Duration::ZERO;
+    while upstream.open() != 0 {
+        assert!(
+            waited < Duration::from_secs(12),
+            "the idle upstream connection is still open after {waited:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += Duration::from_millis(100);
+    }
+    // Not before its timeout: closed by the sweep, not by the end of the client's
+    // connection (the pool keeps what it is given).
+    assert!(waited >= Duration::from_secs(3), "closed after {waited:?}");
+}
+
 #[tokio::test]
 async fn a_tls_upstream_connection_is_pooled_the_same_way() {
     if !on_forward() {

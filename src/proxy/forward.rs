@@ -44,7 +44,7 @@ use super::filter::{
 };
 use super::head::{self, Connection, HeadLimitedApp};
 use super::relay::RelayHub;
-use super::upstream_pool::{IDLE_PER_PEER, IDLE_TIMEOUT, IdlePool};
+use super::upstream_pool::{IDLE_PER_PEER, IDLE_TIMEOUT, IdlePool, SWEEP_EVERY};
 use crate::config::ConfigSnapshot;
 use crate::error::{AuthError, Rejection};
 use crate::gate::{Decision, Identity, RequestParts};
@@ -82,7 +82,25 @@ pub struct ForwardApp {
     /// The filter engine, for upgrades to other protocols and HTTP/2.
     filter: Arc<HeadLimitedApp<HttpProxy<EdgeProxy>>>,
     /// Idle upstream connections between client connections.
-    pool: IdlePool<super::edge::PeerSet, Stream>,
+    pool: Arc<IdlePool<super::edge::PeerSet, Stream>>,
+}
+
+/// Closes the forward engine's expired idle upstream connections every
+/// [`SWEEP_EVERY`] (a Pingora background service).
+pub(crate) struct IdleSweep {
+    pool: Arc<IdlePool<super::edge::PeerSet, Stream>>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for IdleSweep {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                () = tokio::time::sleep(SWEEP_EVERY) => self.pool.sweep(),
+            }
+        }
+    }
 }
 
 impl ForwardApp {
@@ -100,8 +118,16 @@ impl ForwardApp {
             connector: TransportConnector::new(None),
             hub,
             filter,
-            pool: IdlePool::new(*IDLE_PER_PEER, IDLE_TIMEOUT),
+            pool: Arc::new(IdlePool::new(*IDLE_PER_PEER, IDLE_TIMEOUT)),
         })
+    }
+
+    /// The background service that closes idle upstream connections past their
+    /// timeout when no request comes to do it.
+    pub(crate) fn idle_sweep(&self) -> IdleSweep {
+        IdleSweep {
+            pool: self.pool.clone(),
+        }
     }
 
     /// Gives a client connection's idle upstream connection to the pool.

@@ -239,6 +239,10 @@ pub fn run(
         crate::config::Engine::Filter => add_listener(&mut server, app, &snapshot, &config)?,
         crate::config::Engine::Forward => {
             let app = forward::ForwardApp::new(auth, hub.clone(), Arc::new(app))?;
+            server.add_service(background_service(
+                "chatgate upstream pool sweep",
+                app.idle_sweep(),
+            ));
             add_listener(&mut server, app, &snapshot, &config)?
         }
     }

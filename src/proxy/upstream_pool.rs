@@ -17,7 +17,9 @@
 //! when it is taken (a closed or readable connection is dropped, see
 //! [`IdlePool::take`]), and connections idle longer than [`IDLE_TIMEOUT`] are dropped
 //! whenever the pool is used, so connections the upstream closed cannot pile up: at
-//! most [`IDLE_PER_PEER`] a peer, and none older than the timeout once traffic comes.
+//! most [`IDLE_PER_PEER`] a peer. With no traffic at all, the forward engine's
+//! background service calls [`IdlePool::sweep`] every [`SWEEP_EVERY`], so an idle
+//! proxy holds no upstream connection longer than the timeout plus that.
 //!
 //! The rules:
 //! - LIFO: the most recently used connection is taken first, so the ones that stay
@@ -55,6 +57,10 @@ pub(super) static IDLE_PER_PEER: std::sync::LazyLock<usize> = std::sync::LazyLoc
 /// just as its upstream closes it. At a few connects a peer every 4 s when the load
 /// is light, it costs nothing measurable.
 pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// How often idle connections past [`IDLE_TIMEOUT`] are closed when nothing uses the
+/// pool: a lock and a walk over the peers' lists, once a second.
+pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Idle connections of type `C`, a list per peer of the current peer set `S`.
 pub(super) struct IdlePool<S, C> {
@@ -170,6 +176,27 @@ impl<S, C> IdlePool<S, C> {
         None
     }
 
+    /// Closes the connections idle longer than the timeout, whichever peer (and peer
+    /// set) they belong to; the closes happen after the lock is released.
+    pub(super) fn sweep(&self) {
+        self.sweep_at(Instant::now());
+    }
+
+    fn sweep_at(&self, now: Instant) {
+        let expired: Vec<Idle<C>> = {
+            let mut state = self.lock();
+            let mut expired = Vec::new();
+            for list in &mut state.peers {
+                let stale = list.partition_point(|idle| {
+                    now.saturating_duration_since(idle.since) >= self.idle_timeout
+                });
+                expired.extend(list.drain(..stale));
+            }
+            expired
+        };
+        drop(expired);
+    }
+
     /// How many connections are idle now (tests and metrics).
     #[cfg(test)]
     fn idle(&self) -> usize {
@@ -225,6 +252,28 @@ mod tests {
     }
 
     const LONG: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn a_sweep_closes_the_expired_connections_of_every_peer_and_keeps_the_others() {
+        let (mut conn, closed) = conns();
+        let pool = IdlePool::new(8, Duration::from_secs(4));
+        let set = Arc::new(());
+        let now = Instant::now();
+        let old = now.checked_sub(Duration::from_secs(3)).unwrap();
+        pool.put(&set, &set, 0, conn(0), old);
+        pool.put(&set, &set, 1, conn(1), old);
+        pool.put(&set, &set, 1, conn(2), now);
+        // Nothing has expired yet.
+        pool.sweep_at(now);
+        assert_eq!((pool.idle(), closed.load(Ordering::Relaxed)), (3, 0));
+        // 1.5 s later the two older ones are past the 4 s timeout; the newer one is not.
+        pool.sweep_at(now + Duration::from_millis(1500));
+        assert_eq!((pool.idle(), closed.load(Ordering::Relaxed)), (1, 2));
+        let kept = pool
+            .take(&set, 1, |_| true)
+            .expect("the newer connection is kept");
+        assert_eq!(kept.id, 2);
+    }
 
     #[test]
     fn the_most_recently_used_connection_is_taken_first() {
