@@ -274,11 +274,9 @@ impl ProxyHttp for EdgeProxy {
                 can_reuse_downstream: false,
             };
         }
-        let (error, label) = match (e.esource(), e.etype()) {
-            (ErrorSource::Upstream, kind) if is_timeout(kind) => {
-                (AuthError::UpstreamTimeout, "timeout")
-            }
-            (ErrorSource::Upstream, _) => (AuthError::UpstreamUnavailable, "unavailable"),
+        let error = match (e.esource(), e.etype()) {
+            (ErrorSource::Upstream, kind) if is_timeout(kind) => AuthError::UpstreamTimeout,
+            (ErrorSource::Upstream, _) => AuthError::UpstreamUnavailable,
             // The client went away (nobody to answer), or its body stalled or was
             // malformed: the contract's input error where Pingora would answer a bare
             // 400, as the forward engine does (`super::unreadable_request`).
@@ -304,9 +302,9 @@ impl ProxyHttp for EdgeProxy {
             }
             // Internal errors come from our own filters; the upstream was never reached
             // or did not answer, which is what a client can act on.
-            _ => (AuthError::UpstreamUnavailable, "unavailable"),
+            _ => AuthError::UpstreamUnavailable,
         };
-        self.metrics().upstream_error(label);
+        self.metrics().upstream_failure(&error);
         ctx.access.code = Some(error.code());
         let status = error.status().as_u16();
         // Only a response not yet started can still be answered; otherwise the client
@@ -380,70 +378,22 @@ impl EdgeProxy {
         }
         self.upstream_request(&mut request, ctx.identity.as_ref())?;
         ctx.access.upstream_picked();
-        let peers = self.upstreams.current.load().websocket.len();
-        let mut connected = None;
-        let mut failure = None;
-        for _ in 0..peers.max(1) {
-            ctx.attempts += 1;
-            let (index, peer) = self.upstreams.pick(&config, true, ctx.peer);
-            ctx.peer = Some(index);
-            match super::relay::connect_upstream(&self.connector, &peer).await {
-                Ok(stream) => {
-                    connected = Some((stream, peer));
-                    break;
-                }
-                Err(error) => failure = Some(error),
-            }
-        }
-        let Some((stream, peer)) = connected else {
-            tracing::debug!(target: "chatgate::proxy", error = ?failure, "no upstream for a WebSocket");
-            return self
-                .upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable")
-                .await;
+        let reply = match http_req_header_to_wire(&request) {
+            Some(wire) => self.reach_upstream(ctx, &config, &wire).await,
+            None => Err(AuthError::UpstreamUnavailable),
         };
-        let Some(wire) = http_req_header_to_wire(&request) else {
-            return self
-                .upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable")
-                .await;
-        };
-        // The handshake is an HTTP exchange: the HTTP read timeout bounds it, not the
-        // WebSocket idle timeout the peer carries. Pingora's timer wheel, as the
-        // forward engine's upgrades (`forward::upgrade`).
-        let handshake = super::relay::upgrade_handshake(stream, &peer, &wire);
-        let (upstream, head_and_early) = match fast_timeout(config.upstream.read_timeout, handshake)
-            .await
-        {
-            Err(_) => {
-                return self
-                    .upstream_failed(session, ctx, AuthError::UpstreamTimeout, "timeout")
-                    .await;
-            }
-            Ok(Err(error)) => {
-                tracing::debug!(target: "chatgate::proxy", %error, "WebSocket handshake with the upstream failed");
-                return self
-                    .upstream_failed(session, ctx, AuthError::UpstreamUnavailable, "unavailable")
-                    .await;
-            }
-            Ok(Ok(UpgradeReply::Other(reply))) => {
+        let (upstream, head_and_early) = match reply {
+            Ok(UpgradeReply::Switched {
+                upstream,
+                head_and_early,
+            }) => (upstream, head_and_early),
+            Ok(UpgradeReply::Other { response, reply }) => {
                 ctx.access.upstream_answered();
-                let Some(response) = reply.resp_header().cloned() else {
-                    return self
-                        .upstream_failed(
-                            session,
-                            ctx,
-                            AuthError::UpstreamUnavailable,
-                            "unavailable",
-                        )
-                        .await;
-                };
                 return self
                     .copy_refusal(session, *reply, response, config.upstream.read_timeout)
                     .await;
             }
-            Ok(Ok(UpgradeReply::Switched {
-                upstream,
-                head_and_early,
-            })) => (upstream, head_and_early),
+            Err(error) => return self.upstream_failed(session, ctx, error).await,
         };
         ctx.access.upstream_answered();
         let upgraded = Upgraded::after_switch(
@@ -470,18 +420,47 @@ impl EdgeProxy {
         Ok(())
     }
 
+    /// Connects to a WebSocket peer (a failed connect tries each peer once, as
+    /// `fail_to_connect` does) and makes the upgrade handshake on it.
+    async fn reach_upstream(
+        &self,
+        ctx: &mut EdgeCtx,
+        config: &ConfigSnapshot,
+        wire: &[u8],
+    ) -> std::result::Result<UpgradeReply, AuthError> {
+        let peers = self.upstreams.current.load().websocket.len();
+        let mut failure = None;
+        for _ in 0..peers.max(1) {
+            ctx.attempts += 1;
+            let (index, peer) = self.upstreams.pick(config, true, ctx.peer);
+            ctx.peer = Some(index);
+            match super::relay::connect_upstream(&self.connector, &peer).await {
+                Ok(stream) => {
+                    return super::relay::upgrade_handshake(
+                        stream,
+                        &peer,
+                        wire,
+                        config.upstream.read_timeout,
+                    )
+                    .await;
+                }
+                Err(error) => failure = Some(error),
+            }
+        }
+        tracing::debug!(target: "chatgate::proxy", error = ?failure, "no upstream for a WebSocket");
+        Err(AuthError::UpstreamUnavailable)
+    }
+
     /// Copies an upstream's refusal of an upgrade to the client, then closes.
     async fn copy_refusal(
         &self,
         session: &mut Session,
         mut upstream: UpstreamSession,
-        response: ResponseHeader,
+        response: Box<ResponseHeader>,
         read_timeout: std::time::Duration,
     ) -> Result<()> {
         session.set_keepalive(None);
-        session
-            .write_response_header(Box::new(response), false)
-            .await?;
+        session.write_response_header(response, false).await?;
         // Bounded: each read within the read timeout, ended by the body's framing.
         loop {
             match fast_timeout(read_timeout, upstream.read_body_bytes()).await {
@@ -502,9 +481,8 @@ impl EdgeProxy {
         session: &mut Session,
         ctx: &mut EdgeCtx,
         error: AuthError,
-        label: &str,
     ) -> Result<()> {
-        self.metrics().upstream_error(label);
+        self.metrics().upstream_failure(&error);
         ctx.access.code = Some(error.code());
         session.set_keepalive(None);
         write_rejection(session, Rejection::http(&error).closing()).await

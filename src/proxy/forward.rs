@@ -399,7 +399,7 @@ impl ForwardApp {
             Ok(chunked) => chunked,
             Err(()) => {
                 return self
-                    .upstream_failed(session, AuthError::UpstreamUnavailable, "unavailable")
+                    .upstream_failed(session, AuthError::UpstreamUnavailable)
                     .await;
             }
         };
@@ -472,12 +472,12 @@ impl ForwardApp {
                                 if idempotent && attempts < peers.http.len() {
                                     continue;
                                 }
-                                let kind = if error.etype() == &ErrorType::ConnectTimedout {
-                                    (AuthError::UpstreamTimeout, "timeout")
+                                let error = if error.etype() == &ErrorType::ConnectTimedout {
+                                    AuthError::UpstreamTimeout
                                 } else {
-                                    (AuthError::UpstreamUnavailable, "unavailable")
+                                    AuthError::UpstreamUnavailable
                                 };
-                                return self.upstream_failed(session, kind.0, kind.1).await;
+                                return self.upstream_failed(session, error).await;
                             }
                         }
                     }
@@ -538,7 +538,7 @@ impl ForwardApp {
                     }
                     SendError::Upstream => {
                         return self
-                            .upstream_failed(session, AuthError::UpstreamUnavailable, "unavailable")
+                            .upstream_failed(session, AuthError::UpstreamUnavailable)
                             .await;
                     }
                 }
@@ -569,12 +569,12 @@ impl ForwardApp {
     }
 
     async fn failed_read(&self, session: &mut ClientSession, error: &pingora::Error) -> Served {
-        let kind = if error.etype() == &ErrorType::ReadTimedout {
-            (AuthError::UpstreamTimeout, "timeout")
+        let error = if error.etype() == &ErrorType::ReadTimedout {
+            AuthError::UpstreamTimeout
         } else {
-            (AuthError::UpstreamUnavailable, "unavailable")
+            AuthError::UpstreamUnavailable
         };
-        self.upstream_failed(session, kind.0, kind.1).await
+        self.upstream_failed(session, error).await
     }
 
     /// Copies the upstream's answer (its head has been read) to the client, and keeps
@@ -607,7 +607,9 @@ impl ForwardApp {
                     Ok(None) => break,
                     Err(_) => {
                         // The answer has started: all HTTP allows is to end the connection.
-                        self.auth.metrics().upstream_error("unavailable");
+                        self.auth
+                            .metrics()
+                            .upstream_failure(&AuthError::UpstreamUnavailable);
                         return Served::Close;
                     }
                 }
@@ -630,13 +632,8 @@ impl ForwardApp {
 
     /// Answers an upstream failure (502 or 504 in the contract's shape) and closes the
     /// client connection, as the filter engine does.
-    async fn upstream_failed(
-        &self,
-        session: &mut ClientSession,
-        error: AuthError,
-        label: &str,
-    ) -> Served {
-        self.auth.metrics().upstream_error(label);
+    async fn upstream_failed(&self, session: &mut ClientSession, error: AuthError) -> Served {
+        self.auth.metrics().upstream_failure(&error);
         if session.response_written().is_none() {
             session.set_server_keepalive(None);
             let _ = write_rejection(session, Rejection::http(&error).closing()).await;

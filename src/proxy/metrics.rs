@@ -419,6 +419,15 @@ impl ProxyMetrics {
         self.upstream_errors.with_label_values(&[kind]).inc();
     }
 
+    /// Counts an upstream failure answered with `error`: kind `timeout` for
+    /// [`AuthError::UpstreamTimeout`], `unavailable` for any other.
+    pub fn upstream_failure(&self, error: &AuthError) {
+        self.upstream_error(match error {
+            AuthError::UpstreamTimeout => "timeout",
+            _ => "unavailable",
+        });
+    }
+
     /// Counts a response sent to a client (`None`: the client got none) and how long
     /// the upstream took to answer, if it was asked.
     pub fn response(&self, status: Option<u16>, upstream: Option<Duration>) {
@@ -525,6 +534,25 @@ mod tests {
     use crate::config::ConfigSnapshot;
     use crate::revocation::MemoryStore;
     use std::sync::Arc;
+
+    #[test]
+    fn an_upstream_failure_is_counted_by_the_kind_its_error_names() {
+        let metrics = ProxyMetrics::new();
+        let cache = RevocationCache::new(
+            Arc::new(MemoryStore::new()),
+            &ConfigSnapshot::with_apps(vec![]).revocation,
+        );
+        metrics.upstream_failure(&AuthError::UpstreamTimeout);
+        metrics.upstream_failure(&AuthError::UpstreamUnavailable);
+        metrics.upstream_failure(&AuthError::UpstreamUnavailable);
+        let text = metrics.render(&cache);
+        for series in [
+            r#"chatgate_upstream_errors_total{kind="timeout"} 1"#,
+            r#"chatgate_upstream_errors_total{kind="unavailable"} 2"#,
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+    }
 
     #[test]
     fn denials_are_labelled_by_app_code_and_reason() {

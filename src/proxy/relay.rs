@@ -39,6 +39,7 @@
 //! 64 KiB body buffers alive for the session's life).
 
 use super::metrics::{ProxyMetrics, SessionEndReason, UNKNOWN_APP};
+use crate::error::AuthError;
 use crate::gate::{Gate, Identity};
 use crate::session::{LiveSession, Registration, Wake, wait};
 use crate::ws::{CLOSE_GOING_AWAY, FrameBoundaries, close_frame, masked_close_frame};
@@ -211,9 +212,14 @@ pub(crate) enum UpgradeReply {
         /// The `101` head and whatever arrived with it.
         head_and_early: Bytes,
     },
-    /// Any other answer, read by Pingora's HTTP/1 client (its framing and checks) so
-    /// that it can be copied to the client.
-    Other(Box<UpstreamSession>),
+    /// Any other answer: its head, and Pingora's HTTP/1 client session that read it
+    /// (its framing and checks), to copy the body from.
+    Other {
+        /// The answer's head.
+        response: Box<pingora::http::ResponseHeader>,
+        /// The session to read the answer's body from.
+        reply: Box<UpstreamSession>,
+    },
 }
 
 /// How far a head is read here before Pingora's reader takes over (a `101` head is a
@@ -223,7 +229,33 @@ const SWITCH_HEAD_WITHIN: usize = 8 * 1024;
 const SWITCH_HEADERS: usize = 32;
 
 /// Sends an upgrade request's head (`wire`, serialised) in one write and reads the
-/// answer's head, for both engines.
+/// answer's head, for both engines, within `read_timeout`: the handshake is an HTTP
+/// exchange, which the HTTP read timeout bounds (not the WebSocket idle timeout the
+/// peer carries). A failure is the contract's error for the client:
+/// [`AuthError::UpstreamTimeout`] past the timeout, [`AuthError::UpstreamUnavailable`]
+/// otherwise.
+///
+/// The timeout runs on Pingora's timer wheel, not tokio's: a tokio timer that becomes
+/// the runtime's earliest wakes its I/O driver through an eventfd `write` (about 0.3
+/// per handshake under load, each a syscall and a spurious `epoll_wait` return),
+/// while this one touches the wheel's own thread only when it fires.
+pub(crate) async fn upgrade_handshake(
+    stream: Stream,
+    peer: &pingora::upstreams::peer::HttpPeer,
+    wire: &[u8],
+    read_timeout: Duration,
+) -> Result<UpgradeReply, AuthError> {
+    match fast_timeout(read_timeout, exchange_upgrade(stream, peer, wire)).await {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(error)) => {
+            tracing::debug!(target: "chatgate::proxy", %error, "WebSocket handshake with the upstream failed");
+            Err(AuthError::UpstreamUnavailable)
+        }
+        Err(_) => Err(AuthError::UpstreamTimeout),
+    }
+}
+
+/// [`upgrade_handshake`] without its timeout.
 ///
 /// A `101` is parsed here into a buffer of its own size. Pingora's client would set
 /// up a 64 KiB body buffer behind any head (`init_body_reader`): under a stream of
@@ -232,7 +264,7 @@ const SWITCH_HEADERS: usize = 32;
 /// per fault). Any other answer, an unparsable head or one longer than
 /// [`SWITCH_HEAD_WITHIN`] goes to Pingora's reader with the bytes already read put
 /// back in front, so refusals keep its framing and checks.
-pub(crate) async fn upgrade_handshake(
+async fn exchange_upgrade(
     mut stream: Stream,
     peer: &pingora::upstreams::peer::HttpPeer,
     wire: &[u8],
@@ -279,9 +311,15 @@ pub(crate) async fn upgrade_handshake(
     });
     let mut reply = Box::new(UpstreamSession::new_with_options(rewound, peer));
     reply.read_response().await?;
-    if reply.resp_header().map(|response| response.status) != Some(StatusCode::SWITCHING_PROTOCOLS)
-    {
-        return Ok(UpgradeReply::Other(reply));
+    let Some(response) = reply.resp_header() else {
+        return pingora::Error::e_explain(
+            pingora::ErrorType::InvalidHTTPHeader,
+            "no head read from the upgrade answer",
+        );
+    };
+    if response.status != StatusCode::SWITCHING_PROTOCOLS {
+        let response = Box::new(response.clone());
+        return Ok(UpgradeReply::Other { response, reply });
     }
     // A 101 this parser left to Pingora's (more headers, a longer head, a form only it
     // accepts): the same hand-off, from its buffers.
@@ -1156,10 +1194,18 @@ mod tests {
         assert_eq!(&bytes[head_len(bytes)..], b"\x81\x02hi");
     }
 
+    /// What the test upstream does once it has sent its parts.
+    #[derive(Clone, Copy)]
+    enum Then {
+        /// Keeps the connection open until the client closes it.
+        Wait,
+        /// Closes the connection.
+        Close,
+    }
+
     /// An upstream on loopback that reads one request head, then sends `parts` with a
-    /// pause between them (so the answer arrives in several reads), then keeps the
-    /// connection open until the client closes.
-    async fn upstream_answering(parts: Vec<Vec<u8>>) -> std::net::SocketAddr {
+    /// pause between them (so the answer arrives in several reads), then does `then`.
+    async fn upstream_answering(parts: Vec<Vec<u8>>, then: Then) -> std::net::SocketAddr {
         use tokio::io::AsyncReadExt as _;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -1179,33 +1225,40 @@ mod tests {
                 socket.flush().await.unwrap();
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let mut rest = Vec::new();
-            let _ = socket.read_to_end(&mut rest).await;
+            if let Then::Wait = then {
+                let mut rest = Vec::new();
+                let _ = socket.read_to_end(&mut rest).await;
+            }
         });
         address
     }
 
-    async fn handshake_with(parts: Vec<Vec<u8>>) -> pingora::Result<UpgradeReply> {
-        let address = upstream_answering(parts).await;
+    async fn handshake_within(
+        parts: Vec<Vec<u8>>,
+        then: Then,
+        read_timeout: Duration,
+    ) -> Result<UpgradeReply, AuthError> {
+        let address = upstream_answering(parts, then).await;
         let socket = tokio::net::TcpStream::connect(address).await.unwrap();
         let peer = pingora::upstreams::peer::HttpPeer::new(address, false, String::new());
         let wire = b"GET /connect HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
-        let handshake = upgrade_handshake(Box::new(PlainUpstream(socket)), &peer, wire);
-        tokio::time::timeout(Duration::from_secs(10), handshake)
-            .await
-            .expect("the handshake should end")
+        upgrade_handshake(Box::new(PlainUpstream(socket)), &peer, wire, read_timeout).await
+    }
+
+    async fn handshake_with(parts: Vec<Vec<u8>>) -> Result<UpgradeReply, AuthError> {
+        handshake_within(parts, Then::Wait, Duration::from_secs(10)).await
     }
 
     const SWITCH: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
     const EARLY_FRAME: &[u8] = b"\x81\x05hello";
 
-    fn switched(reply: pingora::Result<UpgradeReply>) -> (Stream, Bytes) {
+    fn switched(reply: Result<UpgradeReply, AuthError>) -> (Stream, Bytes) {
         match reply {
             Ok(UpgradeReply::Switched {
                 upstream,
                 head_and_early,
             }) => (upstream, head_and_early),
-            Ok(UpgradeReply::Other(reply)) => panic!("a refusal: {:?}", reply.resp_header()),
+            Ok(UpgradeReply::Other { response, .. }) => panic!("a refusal: {response:?}"),
             Err(error) => panic!("an error: {error}"),
         }
     }
@@ -1258,50 +1311,41 @@ mod tests {
             vec![refusal.clone()],
             vec![refusal[..10].to_vec(), refusal[10..].to_vec()],
         ] {
-            let Ok(UpgradeReply::Other(mut reply)) = handshake_with(parts).await else {
+            let Ok(UpgradeReply::Other {
+                response,
+                mut reply,
+            }) = handshake_with(parts).await
+            else {
                 panic!("a 403 is not a switch");
             };
-            assert_eq!(reply.resp_header().unwrap().status, StatusCode::FORBIDDEN);
+            assert_eq!(response.status, StatusCode::FORBIDDEN);
             let body = reply.read_body_bytes().await.unwrap().unwrap();
             assert_eq!(&body[..], b"refused");
         }
     }
 
     #[tokio::test]
-    async fn no_answer_or_a_broken_one_is_an_error() {
+    async fn no_answer_or_a_broken_one_is_the_upstream_unavailable() {
         for parts in [
             vec![],
             vec![b"HTTP/1.1 101 Switching".to_vec()],
             vec![b"SSH-2.0-OpenSSH\r\n\r\n".to_vec()],
         ] {
-            // The upstream closes after its parts; the head never completes or never parses.
-            let address = {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let address = listener.local_addr().unwrap();
-                tokio::spawn(async move {
-                    use tokio::io::AsyncReadExt as _;
-                    let (mut socket, _) = listener.accept().await.unwrap();
-                    let mut head = [0u8; 256];
-                    let _ = socket.read(&mut head).await;
-                    for part in parts {
-                        let _ = socket.write_all(&part).await;
-                    }
-                });
-                address
-            };
-            let socket = tokio::net::TcpStream::connect(address).await.unwrap();
-            let peer = pingora::upstreams::peer::HttpPeer::new(address, false, String::new());
-            let reply = tokio::time::timeout(
-                Duration::from_secs(10),
-                upgrade_handshake(
-                    Box::new(PlainUpstream(socket)),
-                    &peer,
-                    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-                ),
-            )
-            .await
-            .expect("the handshake should end");
-            assert!(reply.is_err(), "no switch and no answer to copy");
+            // The upstream closes after its parts; the head never completes or never
+            // parses. That is an unavailable upstream, not a timeout.
+            let reply = handshake_within(parts, Then::Close, Duration::from_secs(10)).await;
+            assert!(
+                matches!(reply, Err(AuthError::UpstreamUnavailable)),
+                "no switch and no answer to copy"
+            );
         }
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_does_not_come_within_the_read_timeout_is_the_upstream_timeout() {
+        // Half a head, then nothing, on a connection kept open.
+        let half = vec![b"HTTP/1.1 101 Switching".to_vec()];
+        let reply = handshake_within(half, Then::Wait, Duration::from_millis(200)).await;
+        assert!(matches!(reply, Err(AuthError::UpstreamTimeout)));
     }
 }

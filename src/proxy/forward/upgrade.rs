@@ -124,65 +124,25 @@ impl ForwardApp {
             })
             .ok()
             .and_then(|()| http_req_header_to_wire(header));
-        let Some(wire) = wire else {
-            return self
-                .upgrade_failed(
-                    session,
-                    access,
-                    identity,
-                    AuthError::UpstreamUnavailable,
-                    "unavailable",
-                )
-                .await;
-        };
-        access.upstream_picked();
-        // Connect failures try each peer once, as the filter engine's do.
-        let mut connected = None;
-        let mut previous = None;
-        for _ in 0..peers.websocket.len().max(1) {
-            let index = self.upstreams.index(peers.websocket.len(), previous);
-            previous = Some(index);
-            let peer = Box::new(peers.websocket[index].clone());
-            match connect_upstream(&self.connector, &peer).await {
-                Ok(stream) => {
-                    connected = Some((stream, peer));
-                    break;
-                }
-                Err(error) => {
-                    tracing::debug!(target: "chatgate::proxy", %error, "no upstream for a WebSocket");
-                }
+        let reply = match wire {
+            Some(wire) => {
+                access.upstream_picked();
+                self.reach_upstream(&peers, &wire, config.upstream.read_timeout)
+                    .await
             }
-        }
-        let Some((stream, peer)) = connected else {
-            return self
-                .upgrade_failed(
-                    session,
-                    access,
-                    identity,
-                    AuthError::UpstreamUnavailable,
-                    "unavailable",
-                )
-                .await;
+            None => Err(AuthError::UpstreamUnavailable),
         };
-        // The handshake is an HTTP exchange: the HTTP read timeout bounds it, not the
-        // WebSocket idle timeout the peer carries.
-        // Pingora's timer wheel, not tokio's: a tokio timer that becomes the runtime's
-        // earliest wakes its I/O driver through an eventfd `write` (about 0.3 per
-        // handshake under load, each a syscall and a spurious `epoll_wait` return),
-        // while this one touches the wheel's own thread only when it fires.
-        let handshake = relay::upgrade_handshake(stream, &peer, &wire);
-        let (upstream, head_and_early) = match fast_timeout(config.upstream.read_timeout, handshake)
-            .await
-        {
-            Ok(Ok(UpgradeReply::Switched {
+        let (upstream, head_and_early) = match reply {
+            Ok(UpgradeReply::Switched {
                 upstream,
                 head_and_early,
-            })) => (upstream, head_and_early),
-            Ok(Ok(UpgradeReply::Other(reply))) => {
+            }) => (upstream, head_and_early),
+            Ok(UpgradeReply::Other { response, reply }) => {
                 access.upstream_answered();
                 return self
                     .copy_refusal(
                         session,
+                        response,
                         *reply,
                         access,
                         identity,
@@ -190,29 +150,7 @@ impl ForwardApp {
                     )
                     .await;
             }
-            Ok(Err(error)) => {
-                tracing::debug!(target: "chatgate::proxy", %error, "WebSocket handshake with the upstream failed");
-                return self
-                    .upgrade_failed(
-                        session,
-                        access,
-                        identity,
-                        AuthError::UpstreamUnavailable,
-                        "unavailable",
-                    )
-                    .await;
-            }
-            Err(_) => {
-                return self
-                    .upgrade_failed(
-                        session,
-                        access,
-                        identity,
-                        AuthError::UpstreamTimeout,
-                        "timeout",
-                    )
-                    .await;
-            }
+            Err(error) => return self.upgrade_failed(session, access, identity, error).await,
         };
         access.upstream_answered();
         self.log_upgrade(&session, &access, identity.as_ref(), Some(101));
@@ -229,11 +167,37 @@ impl ForwardApp {
         tokio::spawn(relay::relay(session.into_inner(), upgraded));
     }
 
+    /// Connects to a WebSocket peer of `peers` (a failed connect tries each peer once,
+    /// as the filter engine's do) and makes the upgrade handshake on it.
+    async fn reach_upstream(
+        &self,
+        peers: &super::super::edge::PeerSet,
+        wire: &[u8],
+        read_timeout: std::time::Duration,
+    ) -> Result<UpgradeReply, AuthError> {
+        let mut previous = None;
+        for _ in 0..peers.websocket.len().max(1) {
+            let index = self.upstreams.index(peers.websocket.len(), previous);
+            previous = Some(index);
+            let peer = &peers.websocket[index];
+            match connect_upstream(&self.connector, peer).await {
+                Ok(stream) => {
+                    return relay::upgrade_handshake(stream, peer, wire, read_timeout).await;
+                }
+                Err(error) => {
+                    tracing::debug!(target: "chatgate::proxy", %error, "no upstream for a WebSocket");
+                }
+            }
+        }
+        Err(AuthError::UpstreamUnavailable)
+    }
+
     /// Copies the upstream's refusal of an upgrade (any answer but 101) to the client,
     /// then closes, as the filter engine does.
     async fn copy_refusal(
         &self,
         mut session: ClientSession,
+        response: Box<pingora::http::ResponseHeader>,
         mut reply: UpstreamSession,
         access: AccessRecord,
         identity: Option<Identity>,
@@ -241,11 +205,7 @@ impl ForwardApp {
     ) {
         session.set_server_keepalive(None);
         let copied = async {
-            let response = reply.resp_header()?.clone();
-            session
-                .write_response_header(Box::new(response))
-                .await
-                .ok()?;
+            session.write_response_header(response).await.ok()?;
             // Bounded: each read within the read timeout, ended by the body's framing.
             loop {
                 match fast_timeout(read_timeout, reply.read_body_bytes()).await {
@@ -255,7 +215,9 @@ impl ForwardApp {
                     Ok(Ok(None)) => break,
                     // A body cut short: the client sees the connection close.
                     _ => {
-                        self.auth.metrics().upstream_error("unavailable");
+                        self.auth
+                            .metrics()
+                            .upstream_failure(&AuthError::UpstreamUnavailable);
                         return None;
                     }
                 }
@@ -277,9 +239,8 @@ impl ForwardApp {
         mut access: AccessRecord,
         identity: Option<Identity>,
         error: AuthError,
-        label: &str,
     ) {
-        self.auth.metrics().upstream_error(label);
+        self.auth.metrics().upstream_failure(&error);
         access.code = Some(error.code());
         session.set_server_keepalive(None);
         let written = write_rejection(&mut session, Rejection::http(&error).closing()).await;
