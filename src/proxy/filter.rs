@@ -157,15 +157,7 @@ impl ChatAuthFilter {
                 Ok((Verdict::Forward(Some(identity)), None))
             }
             Err(error) => {
-                let app = self.app_label(session);
-                self.metrics.denied(&app, &error);
-                tracing::debug!(
-                    target: "chatgate::proxy",
-                    code = error.code(),
-                    reason = error.reason(),
-                    path = session.req_header().uri.path(),
-                    "request refused"
-                );
+                let app = self.record_refusal(session.req_header(), &error);
                 respond(session, &error).await?;
                 let refused = Refused {
                     code: error.code(),
@@ -240,13 +232,23 @@ impl ChatAuthFilter {
         Ok(())
     }
 
-    /// The `app` label of a refusal: the api_key if it names a configured app.
-    fn app_label(&self, session: &Session) -> String {
-        self.app_label_of(session.req_header())
+    /// Counts and logs (at debug) a request the gate refused with `error`; returns the
+    /// app label it was counted under, for the access log.
+    pub(super) fn record_refusal(&self, header: &RequestHeader, error: &AuthError) -> String {
+        let app = self.app_label_of(header);
+        self.metrics.denied(&app, error);
+        tracing::debug!(
+            target: "chatgate::proxy",
+            code = error.code(),
+            reason = error.reason(),
+            path = header.uri.path(),
+            "request refused"
+        );
+        app
     }
 
-    /// [`ChatAuthFilter::app_label`] of a request header.
-    pub(super) fn app_label_of(&self, header: &RequestHeader) -> String {
+    /// The `app` label of a refusal: the api_key if it names a configured app.
+    fn app_label_of(&self, header: &RequestHeader) -> String {
         let query = header.uri.query().unwrap_or("");
         let config = self.gate.config().load();
         form_urlencoded::parse(query.as_bytes())

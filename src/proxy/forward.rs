@@ -331,8 +331,7 @@ impl ForwardApp {
                 identity
             }
             Err(error) => {
-                let app = self.auth.app_label_of(session.req_header());
-                metrics.denied(&app, &error);
+                let app = self.auth.record_refusal(session.req_header(), &error);
                 access.code = Some(error.code());
                 access.refused_app = Some(app);
                 let served = refuse(session, &error).await;

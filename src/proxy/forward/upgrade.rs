@@ -62,15 +62,7 @@ impl ForwardApp {
             // engine reads its body as it does for any request.
             Ok(Decision::Revocation(..)) => return Err(session),
             Err(error) => {
-                let app = self.auth.app_label_of(session.req_header());
-                metrics.denied(&app, &error);
-                tracing::debug!(
-                    target: "chatgate::proxy",
-                    code = error.code(),
-                    reason = error.reason(),
-                    path = session.req_header().uri.path(),
-                    "request refused"
-                );
+                let app = self.auth.record_refusal(session.req_header(), &error);
                 access.code = Some(error.code());
                 access.refused_app = Some(app);
                 let rejection =
