@@ -1355,27 +1355,34 @@ async fn stalled_body(rig: &Rig, head: &str, sent: &str) -> (Vec<u8>, Duration) 
     );
 }
 
-#[tokio::test]
-async fn a_request_body_that_stops_arriving_ends_the_request_at_the_client_body_timeout() {
-    let rig = Rig::start(|o| o.client_body_timeout_ms = Some(BODY_TIMEOUT_MS)).await;
+/// The two requests whose bodies the proxy reads, with the body framed by `framing`
+/// (one header): an allowed request's body, streamed upstream, and a revocation's,
+/// read whole before the gate decides. Each is `(what, head)`.
+fn heads_with_a_body(framing: &str) -> [(&'static str, String); 2] {
     let token = user_token("alice");
     let server = server_token();
-    let cases = [
+    [
         (
             "an allowed request's body (streamed upstream)",
             format!(
                 "POST /channels?api_key={KEY} HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n\
-                 Stream-Auth-Type: jwt\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                 Stream-Auth-Type: jwt\r\nContent-Type: application/json\r\n{framing}\r\n\r\n"
             ),
         ),
         (
             "a revocation body (read before the gate decides)",
             format!(
                 "PATCH /users?api_key={KEY} HTTP/1.1\r\nHost: x\r\nAuthorization: {server}\r\n\
-                 Stream-Auth-Type: jwt\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                 Stream-Auth-Type: jwt\r\nContent-Type: application/json\r\n{framing}\r\n\r\n"
             ),
         ),
-    ];
+    ]
+}
+
+#[tokio::test]
+async fn a_request_body_that_stops_arriving_ends_the_request_at_the_client_body_timeout() {
+    let rig = Rig::start(|o| o.client_body_timeout_ms = Some(BODY_TIMEOUT_MS)).await;
+    let cases = heads_with_a_body("Content-Length: 100");
     for (what, head) in cases {
         let (received, ended) = stalled_body(&rig, &head, "{\"users\"").await;
         // Both engines answer a stalled body with the contract's input error (400,
@@ -1435,26 +1442,7 @@ async fn a_malformed_chunked_body_is_refused_with_code_4_in_json_and_the_connect
     // its response before the proxy reads the broken body, and a started response
     // cannot be replaced by a refusal (the client then sees the connection close).
     let rig = Rig::start_with(Behaviour::Silent, |_| {}).await;
-    let token = user_token("alice");
-    let server = server_token();
-    let cases = [
-        (
-            "an allowed request's body (streamed upstream)",
-            format!(
-                "POST /channels?api_key={KEY} HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n\
-                 Stream-Auth-Type: jwt\r\nContent-Type: application/json\r\n\
-                 Transfer-Encoding: chunked\r\n\r\n"
-            ),
-        ),
-        (
-            "a revocation body (read before the gate decides)",
-            format!(
-                "PATCH /users?api_key={KEY} HTTP/1.1\r\nHost: x\r\nAuthorization: {server}\r\n\
-                 Stream-Auth-Type: jwt\r\nContent-Type: application/json\r\n\
-                 Transfer-Encoding: chunked\r\n\r\n"
-            ),
-        ),
-    ];
+    let cases = heads_with_a_body("Transfer-Encoding: chunked");
     for (what, head) in cases {
         // "zz" is no chunk size: the body's framing is broken from its first line.
         let (received, _) = stalled_body(&rig, &head, "zz\r\n{\"users\":[]}\r\n0\r\n\r\n").await;

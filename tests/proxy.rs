@@ -939,7 +939,9 @@ impl Drop for TlsUpstream {
     }
 }
 
-async fn tls_upstream() -> TlsUpstream {
+/// A fresh self-signed certificate for `localhost` (`cert.pem`, `key.pem`) in a
+/// directory of its own, made by the openssl command line tool.
+fn self_signed_localhost() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let status = std::process::Command::new("openssl")
         .args([
@@ -958,6 +960,11 @@ async fn tls_upstream() -> TlsUpstream {
         .status()
         .expect("the openssl command line tool is installed");
     assert!(status.success());
+    dir
+}
+
+async fn tls_upstream() -> TlsUpstream {
+    let dir = self_signed_localhost();
     let port = free_port();
     let child = std::process::Command::new("openssl")
         .args([
@@ -1033,24 +1040,7 @@ struct TlsWebSocketUpstream {
 fn tls_websocket_upstream() -> TlsWebSocketUpstream {
     use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod};
     use std::io::{Read, Write};
-    let dir = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-        ])
-        .current_dir(dir.path())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("the openssl command line tool is installed");
-    assert!(status.success());
+    let dir = self_signed_localhost();
     let mut acceptor = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
     acceptor
         .set_private_key_file(dir.path().join("key.pem"), SslFiletype::PEM)

@@ -408,7 +408,7 @@ async fn a_reload_that_changes_upstream_stops_reuse_of_the_old_connections() {
         return;
     }
     let upstream = CountingUpstream::start(Mode::KeepAlive, None).await;
-    let proxy = proxy_in_front_of(&upstream, false).await;
+    let mut proxy = proxy_in_front_of(&upstream, false).await;
     within(Duration::from_secs(60), async {
         for _ in 0..3 {
             assert_eq!(once(&proxy, "GET").await.0, 200);
@@ -419,9 +419,7 @@ async fn a_reload_that_changes_upstream_stops_reuse_of_the_old_connections() {
             .config_text()
             .replace("connect_timeout_ms = 1000", "connect_timeout_ms = 1500");
         assert_ne!(text, proxy.config_text());
-        let next = proxy.config_path().with_extension("next");
-        std::fs::write(&next, &text).unwrap();
-        std::fs::rename(&next, proxy.config_path()).unwrap();
+        proxy.replace_config(text);
         proxy
             .wait_config_status(Duration::from_secs(20), "the reload", |status| {
                 status["version"] == 2
@@ -488,7 +486,7 @@ async fn the_first_requests_after_a_reload_that_adds_addresses_are_answered() {
         CountingUpstream::start(Mode::KeepAlive, None).await,
         CountingUpstream::start(Mode::KeepAlive, None).await,
     ];
-    let proxy = proxy_in_front_of(&upstreams[0], false).await;
+    let mut proxy = proxy_in_front_of(&upstreams[0], false).await;
     within(Duration::from_secs(60), async {
         assert_eq!(once(&proxy, "GET").await.0, 200);
         let old = format!("addresses = [\"{}\"]", upstreams[0].address);
@@ -500,9 +498,7 @@ async fn the_first_requests_after_a_reload_that_adds_addresses_are_answered() {
             .config_text()
             .replace(&old, &format!("addresses = [{}]", all.join(", ")));
         assert_ne!(text, proxy.config_text());
-        let next = proxy.config_path().with_extension("next");
-        std::fs::write(&next, &text).unwrap();
-        std::fs::rename(&next, proxy.config_path()).unwrap();
+        proxy.replace_config(text);
         proxy
             .wait_config_status(Duration::from_secs(20), "the reload", |status| {
                 status["version"] == 2

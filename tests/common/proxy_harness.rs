@@ -675,10 +675,16 @@ impl Proxy {
         panic!("{what}: not within {limit:?}; last /config status: {last}");
     }
 
-    /// Appends to the running config file (write to a temp file, then rename over it,
-    /// as the README advises).
+    /// Appends to the running config file (see [`Proxy::replace_config`]).
     pub fn append_config(&mut self, more: &str) {
-        self.config_text.push_str(more);
+        let text = format!("{}{more}", self.config_text);
+        self.replace_config(text);
+    }
+
+    /// Replaces the running config file with `text` (write to a temp file, then rename
+    /// over it, as the README advises).
+    pub fn replace_config(&mut self, text: String) {
+        self.config_text = text;
         let next = self.config.path().with_extension("next");
         std::fs::write(&next, &self.config_text).unwrap();
         std::fs::rename(&next, self.config.path()).unwrap();
