@@ -287,12 +287,35 @@ async def measure(name, pid, port, admin=None):
             "before": before, "open": during, "after": after}
 
 
+def rotated(proxies, r):
+    """The proxies in round r's order: each round starts one further along."""
+    return proxies[r % len(proxies):] + proxies[:r % len(proxies)]
+
+
+def report_rounds(title, spent, digits, extra):
+    """Prints each proxy's per-round figures (median, range, mean, then extra(name)) and
+    the first proxy's per-round ratios to each other one."""
+    first = next(iter(spent))
+    print(title)
+    for name, values in spent.items():
+        print(f"  {name:9} {statistics.median(values):7.{digits}f}  ({min(values):.{digits}f}-"
+              f"{max(values):.{digits}f})  mean {statistics.mean(values):.{digits}f}{extra(name)}")
+    for name, values in spent.items():
+        if name == first:
+            continue
+        ratios = [a / b for a, b in zip(spent[first], values)]
+        print(f"  {first} / {name}: median of the rounds' ratios {statistics.median(ratios):.2f}x "
+              f"({min(ratios):.2f}-{max(ratios):.2f}), ratio of the means "
+              f"{statistics.mean(spent[first]) / statistics.mean(values):.2f}x; "
+              f"rounds below 1.0: {sum(1 for x in ratios if x < 1.0)}/{len(ratios)}")
+
+
 async def interleaved(proxies, rounds):
     """Handshake CPU with the load alternating between the proxies (WS_INTERLEAVED)."""
     spent = {name: [] for name, _, _ in proxies}
     faults = {name: 0 for name, _, _ in proxies}
     for r in range(rounds):
-        for name, pid, port in proxies[r % len(proxies):] + proxies[:r % len(proxies)]:
+        for name, pid, port in rotated(proxies, r):
             await asyncio.sleep(0.3)
             start, faulted = cpu_ns(pid), minor_faults(pid)
             sessions = await open_sessions(port, n)
@@ -302,21 +325,9 @@ async def interleaved(proxies, rounds):
                 writer.close()
     # The closes of the last batch settle before the processes are killed.
     await asyncio.sleep(0.5)
-    first = proxies[0][0]
-    print(f"interleaved handshakes: {rounds} rounds of {n} per proxy, CPU per handshake in us "
-          f"(median, min-max of the rounds):")
-    for name, values in spent.items():
-        print(f"  {name:9} {statistics.median(values):7.1f}  ({min(values):.1f}-{max(values):.1f})  "
-              f"mean {statistics.mean(values):.1f}; page faults per 1,000 handshakes "
-              f"{faults[name] * 1000 / (rounds * n):.1f}")
-    for name, values in spent.items():
-        if name == first:
-            continue
-        ratios = [a / b for a, b in zip(spent[first], values)]
-        print(f"  {first} / {name}: median of the rounds' ratios {statistics.median(ratios):.2f}x "
-              f"({min(ratios):.2f}-{max(ratios):.2f}), ratio of the means "
-              f"{statistics.mean(spent[first]) / statistics.mean(values):.2f}x; "
-              f"rounds below 1.0: {sum(1 for x in ratios if x < 1.0)}/{len(ratios)}")
+    report_rounds(f"interleaved handshakes: {rounds} rounds of {n} per proxy, CPU per handshake in us "
+                  f"(median, min-max of the rounds):", spent, 1,
+                  lambda name: f"; page faults per 1,000 handshakes {faults[name] * 1000 / (rounds * n):.1f}")
 
 
 async def relay_interleaved(proxies, rounds, count):
@@ -332,7 +343,7 @@ async def relay_interleaved(proxies, rounds, count):
 
     spent = {name: [] for name, _, _ in proxies}
     for r in range(rounds):
-        for name, pid, _ in proxies[r % len(proxies):] + proxies[:r % len(proxies)]:
+        for name, pid, _ in rotated(proxies, r):
             await asyncio.sleep(0.2)
             start = cpu_ns(pid)
             await asyncio.gather(*(pingpong(session) for session in opened[name]))
@@ -341,20 +352,9 @@ async def relay_interleaved(proxies, rounds, count):
         for _, writer in sessions:
             writer.close()
     await asyncio.sleep(0.5)
-    first = proxies[0][0]
-    print(f"interleaved relay: {rounds} rounds of {RELAY_SESSIONS} sessions x {count} 64-byte round trips "
-          f"per proxy, CPU per round trip (two relayed frames) in us (median, min-max of the rounds):")
-    for name, values in spent.items():
-        print(f"  {name:9} {statistics.median(values):7.2f}  ({min(values):.2f}-{max(values):.2f})  "
-              f"mean {statistics.mean(values):.2f}")
-    for name, values in spent.items():
-        if name == first:
-            continue
-        ratios = [a / b for a, b in zip(spent[first], values)]
-        print(f"  {first} / {name}: median of the rounds' ratios {statistics.median(ratios):.2f}x "
-              f"({min(ratios):.2f}-{max(ratios):.2f}), ratio of the means "
-              f"{statistics.mean(spent[first]) / statistics.mean(values):.2f}x; "
-              f"rounds below 1.0: {sum(1 for x in ratios if x < 1.0)}/{len(ratios)}")
+    report_rounds(f"interleaved relay: {rounds} rounds of {RELAY_SESSIONS} sessions x {count} 64-byte round "
+                  f"trips per proxy, CPU per round trip (two relayed frames) in us (median, min-max of the "
+                  f"rounds):", spent, 2, lambda name: "")
 
 
 async def serve_upstream(port):
