@@ -428,24 +428,18 @@ backend upstream
                     break
                 except OSError:
                     await asyncio.sleep(0.1)
+        # The interleaved modes' rotation: (name, pid, port) of every proxy running.
+        proxies = [("chatgate", chatgate.pid, cg_port)]
+        if base:
+            proxies.append(("base", base.pid, base_port))
+        if pingora:
+            proxies.append(("pingora", pingora.pid, pingora_port))
+        if os.environ.get("ONLY_CHATGATE") != "1":
+            proxies.append(("haproxy", haproxy.pid, ha_port))
         if RELAY_INTERLEAVED:
-            proxies = [("chatgate", chatgate.pid, cg_port)]
-            if base:
-                proxies.append(("base", base.pid, base_port))
-            if pingora:
-                proxies.append(("pingora", pingora.pid, pingora_port))
-            if os.environ.get("ONLY_CHATGATE") != "1":
-                proxies.append(("haproxy", haproxy.pid, ha_port))
             await relay_interleaved(proxies, RELAY_INTERLEAVED, messages if len(sys.argv) > 3 else 50)
             return
         if INTERLEAVED:
-            proxies = [("chatgate", chatgate.pid, cg_port)]
-            if base:
-                proxies.append(("base", base.pid, base_port))
-            if pingora:
-                proxies.append(("pingora", pingora.pid, pingora_port))
-            if os.environ.get("ONLY_CHATGATE") != "1":
-                proxies.append(("haproxy", haproxy.pid, ha_port))
             await interleaved(proxies, INTERLEAVED)
             return
         ours = await measure("chatgate", chatgate.pid, cg_port, cg_admin)
