@@ -434,10 +434,10 @@ impl EdgeProxy {
             ctx.attempts += 1;
             let (index, peer) = self.upstreams.pick(config, true, ctx.peer);
             ctx.peer = Some(index);
-            match super::relay::connect_upstream(&self.connector, &peer).await {
-                Ok(stream) => {
+            match super::relay::connect_upstream(&self.connector, &peer, wire).await {
+                Ok(connection) => {
                     return super::relay::upgrade_handshake(
-                        stream,
+                        connection,
                         &peer,
                         wire,
                         config.upstream.read_timeout,

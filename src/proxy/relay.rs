@@ -168,22 +168,37 @@ pub(crate) fn relay_upstream(stream: Stream) -> RelayUpstream {
     }
 }
 
-/// Opens the upstream connection of a WebSocket (both engines): a TLS upstream through
-/// Pingora's connector; a plain one here (within the peer's connect timeout, with
-/// `TCP_NODELAY` as the connector sets), as a [`PlainUpstream`] that the relay takes
-/// the socket back from after the `101` ([`relay_upstream`]): an idle session then
-/// holds the socket only, not Pingora's boxed stream and socket digest (about 0.9 KB).
+/// An upgrade's upstream connection, just opened.
+pub(crate) struct UpstreamConnection {
+    stream: Stream,
+    /// Whether the request head already went out with the connect ([`connect_plain`]).
+    head_sent: bool,
+}
+
+/// Opens the upstream connection of a WebSocket (both engines) and, where it can, sends
+/// the upgrade's request `head` on it at once: a TLS upstream through Pingora's
+/// connector (the head is then [`upgrade_handshake`]'s to write); a plain one here
+/// (within the peer's connect timeout, with `TCP_NODELAY` as the connector sets), as a
+/// [`PlainUpstream`] that the relay takes the socket back from after the `101`
+/// ([`relay_upstream`]): an idle session then holds the socket only, not Pingora's
+/// boxed stream and socket digest (about 0.9 KB).
 pub(crate) async fn connect_upstream(
     connector: &pingora::connectors::TransportConnector,
     peer: &pingora::upstreams::peer::HttpPeer,
-) -> pingora::Result<Stream> {
+    head: &[u8],
+) -> pingora::Result<UpstreamConnection> {
     use pingora::OrErr as _;
     use pingora::upstreams::peer::Peer as _;
     let address = match peer.address() {
         pingora::protocols::l4::socket::SocketAddr::Inet(address) if !peer.tls() => *address,
-        _ => return connector.new_stream(peer).await,
+        _ => {
+            return Ok(UpstreamConnection {
+                stream: connector.new_stream(peer).await?,
+                head_sent: false,
+            });
+        }
     };
-    let connect = tokio::net::TcpStream::connect(address);
+    let connect = connect_plain(address, head);
     let socket = match peer.options.connection_timeout {
         // Pingora's timer wheel (see `forward::upgrade`): no driver wake-up per connect.
         Some(limit) => fast_timeout(limit, connect).await.or_err(
@@ -196,10 +211,66 @@ pub(crate) async fn connect_upstream(
         pingora::ErrorType::ConnectError,
         "connecting to the upstream",
     )?;
-    socket
-        .set_nodelay(true)
-        .or_err(pingora::ErrorType::ConnectError, "TCP_NODELAY")?;
-    Ok(Box::new(PlainUpstream(socket)))
+    Ok(UpstreamConnection {
+        stream: Box::new(PlainUpstream(socket)),
+        head_sent: true,
+    })
+}
+
+/// Connects a plain TCP socket to an upgrade's upstream and sends the request `head`,
+/// as HAProxy's `tcp_connect_server` does:
+/// - the head is sent right after `connect` returns, without waiting for the socket
+///   to be reported writable: on a near upstream (loopback, the same host) the TCP
+///   handshake is complete by then, which saves a turn of the event loop and the
+///   `SO_ERROR` read that waiting costs. Otherwise the send would block: the connect is
+///   awaited as usual and the head written after it;
+/// - `TCP_QUICKACK` is off until the head is sent, so the last ACK of the TCP handshake
+///   leaves with the head instead of in a segment of its own (on loopback the
+///   upstream's receive path of that segment runs in this process). It is turned back
+///   on after the head: leaving it off would delay the ACK of the upstream's `101` by
+///   up to the delayed-ACK timer, and an upstream without `TCP_NODELAY` would hold its
+///   first frame until then (Nagle).
+async fn connect_plain(
+    address: std::net::SocketAddr,
+    head: &[u8],
+) -> std::io::Result<tokio::net::TcpStream> {
+    use std::io::Write as _;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM.nonblocking(),
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    #[cfg(target_os = "linux")]
+    socket.set_tcp_quickack(false)?;
+    match socket.connect(&address.into()) {
+        Ok(()) => {}
+        Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(error) => return Err(error),
+    }
+    let socket = std::net::TcpStream::from(socket);
+    // `std`'s write is a `send` with `MSG_NOSIGNAL`: a reset upstream is an error here,
+    // never a SIGPIPE.
+    let sent = match (&socket).write(head) {
+        Ok(sent) => sent,
+        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(error) => return Err(error),
+    };
+    let mut socket = tokio::net::TcpStream::from_std(socket)?;
+    if sent < head.len() {
+        if sent == 0 {
+            // Still connecting: a refused or failed connect is reported here, before
+            // anything is written, so the caller can try the next peer.
+            socket.writable().await?;
+            if let Some(error) = socket.take_error()? {
+                return Err(error);
+            }
+        }
+        socket.write_all(&head[sent..]).await?;
+    }
+    #[cfg(target_os = "linux")]
+    socket2::SockRef::from(&socket).set_tcp_quickack(true)?;
+    Ok(socket)
 }
 
 /// What an upstream answered an upgrade request with.
@@ -240,11 +311,13 @@ const SWITCH_HEADERS: usize = 32;
 /// per handshake under load, each a syscall and a spurious `epoll_wait` return),
 /// while this one touches the wheel's own thread only when it fires.
 pub(crate) async fn upgrade_handshake(
-    stream: Stream,
+    connection: UpstreamConnection,
     peer: &pingora::upstreams::peer::HttpPeer,
     wire: &[u8],
     read_timeout: Duration,
 ) -> Result<UpgradeReply, AuthError> {
+    let UpstreamConnection { stream, head_sent } = connection;
+    let wire = if head_sent { &[][..] } else { wire };
     match fast_timeout(read_timeout, exchange_upgrade(stream, peer, wire)).await {
         Ok(Ok(reply)) => Ok(reply),
         Ok(Err(error)) => {
@@ -270,14 +343,16 @@ async fn exchange_upgrade(
     wire: &[u8],
 ) -> pingora::Result<UpgradeReply> {
     use pingora::OrErr as _;
-    stream.write_all(wire).await.or_err(
-        pingora::ErrorType::WriteError,
-        "writing the upgrade request",
-    )?;
-    stream.flush().await.or_err(
-        pingora::ErrorType::WriteError,
-        "writing the upgrade request",
-    )?;
+    if !wire.is_empty() {
+        stream.write_all(wire).await.or_err(
+            pingora::ErrorType::WriteError,
+            "writing the upgrade request",
+        )?;
+        stream.flush().await.or_err(
+            pingora::ErrorType::WriteError,
+            "writing the upgrade request",
+        )?;
+    }
     let mut read = BytesMut::with_capacity(1024);
     loop {
         let got = stream
@@ -1242,7 +1317,11 @@ mod tests {
         let socket = tokio::net::TcpStream::connect(address).await.unwrap();
         let peer = pingora::upstreams::peer::HttpPeer::new(address, false, String::new());
         let wire = b"GET /connect HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
-        upgrade_handshake(Box::new(PlainUpstream(socket)), &peer, wire, read_timeout).await
+        let connection = UpstreamConnection {
+            stream: Box::new(PlainUpstream(socket)),
+            head_sent: false,
+        };
+        upgrade_handshake(connection, &peer, wire, read_timeout).await
     }
 
     async fn handshake_with(parts: Vec<Vec<u8>>) -> Result<UpgradeReply, AuthError> {

@@ -172,9 +172,9 @@ impl ForwardApp {
             let index = self.upstreams.index(peers.websocket.len(), previous);
             previous = Some(index);
             let peer = &peers.websocket[index];
-            match connect_upstream(&self.connector, peer).await {
-                Ok(stream) => {
-                    return relay::upgrade_handshake(stream, peer, wire, read_timeout).await;
+            match connect_upstream(&self.connector, peer, wire).await {
+                Ok(connection) => {
+                    return relay::upgrade_handshake(connection, peer, wire, read_timeout).await;
                 }
                 Err(error) => {
                     tracing::debug!(target: "chatgate::proxy", %error, "no upstream for a WebSocket");
