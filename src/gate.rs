@@ -30,7 +30,7 @@ use crate::reload::ConfigHandle;
 use crate::revocation::sessions::SessionRegistry;
 use crate::revocation::{RevocationCache, parse_app_update, parse_users_update};
 use crate::time::{Cutoff, StampedCutoff, now_unix};
-use crate::token::{self, Keyring, TokenKind};
+use crate::token::{self, Cached, Keyring, TokenKind};
 use http::Method;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -172,7 +172,17 @@ type CachedCutoff = Option<Option<Cutoff>>;
 struct TokenEntry<'a> {
     keyring: &'a Keyring,
     token: &'a str,
-    stamp: Option<StampedCutoff>,
+    stamp: TokenStamp,
+}
+
+/// The revocation answer a verified token brings to its request.
+enum TokenStamp {
+    /// The token is in the keyring's cache, with the answer last stamped on it, if any.
+    Kept(Option<StampedCutoff>),
+    /// The token was verified by this request, and its user's cutoffs looked up in the
+    /// revocation cache once for both the request and the token's cache entry: `None`
+    /// when they are not both cached.
+    Verified(Option<StampedCutoff>),
 }
 
 /// A request whose token passed every check but revocation, and whose cutoffs are not
@@ -448,16 +458,29 @@ fn authenticate(
 
     let token = token.ok_or(AuthError::Malformed(Malformed::Missing))?;
     let keyring = app.keyring();
-    let (verified, stamp) =
+    let (verified, cached) =
         token::verify_stamped(token, keyring, &app.token_rules(&config.auth), now)?;
-    let claims = verified.claims;
-    if claims
+    if verified
+        .claims
         .user_id
         .as_deref()
         .is_some_and(|id| !normalize::user_id_is_text(id))
     {
         return Err(AuthError::Malformed(Malformed::UserIdNotText));
     }
+    let stamp = match cached {
+        Cached::Yes(stamp) => TokenStamp::Kept(stamp),
+        Cached::No => {
+            let stamp = verified
+                .claims
+                .user_id
+                .as_deref()
+                .and_then(|user| revocations.cached_stamped(&app.api_key, user, now));
+            keyring.remember(token, &verified, stamp);
+            TokenStamp::Verified(stamp)
+        }
+    };
+    let claims = verified.claims;
     let app_key = app.api_key.clone();
     let identity = match (verified.kind, claims.user_id) {
         (TokenKind::Server, _) => Identity::server(app_key),
@@ -503,6 +526,7 @@ fn authenticate(
 /// A user's stored cutoff without I/O: the answer stamped on the token's cache entry
 /// while the revocation cache says it holds (one moka lookup per request, the
 /// token's), else both cached cutoffs, then stamped on the entry for the next requests.
+/// A token verified by this request brings the cutoffs looked up for it.
 fn cached_cutoff(
     revocations: &RevocationCache,
     app: &str,
@@ -510,8 +534,11 @@ fn cached_cutoff(
     now: i64,
     entry: TokenEntry<'_>,
 ) -> Option<Option<Cutoff>> {
-    if let Some(hit) = entry
-        .stamp
+    let kept = match entry.stamp {
+        TokenStamp::Verified(looked_up) => return looked_up.map(|stamp| stamp.cutoff),
+        TokenStamp::Kept(kept) => kept,
+    };
+    if let Some(hit) = kept
         .as_ref()
         .and_then(|stamp| revocations.stamped(stamp, now))
     {
@@ -1081,6 +1108,51 @@ mod tests {
                 .unwrap(),
             Err(AuthError::UnknownApiKey)
         );
+    }
+
+    #[tokio::test]
+    async fn a_token_is_kept_from_its_second_request_with_its_users_cutoffs() {
+        let gate = gate();
+        let config = gate.config().load();
+        let keyring = || config.app("key").unwrap().keyring();
+        let now = now_unix();
+        let token = TokenBuilder::user("u").issued_at(now - 100).sign(SECRET);
+        let uri: Uri = "/x?api_key=key".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, token.parse().unwrap());
+        let parts = RequestParts {
+            method: &Method::GET,
+            uri: &uri,
+            headers: &headers,
+            peer: None,
+        };
+        // First request: verified, the user's cutoffs read from the store; not kept.
+        let first = gate.finish(gate.check_cached(parts).unwrap_err()).await;
+        assert_eq!(user(first.clone()).user_id(), Some("u"));
+        assert_eq!(keyring().cached_tokens(), 0);
+        // Second: verified again and decided from the cached cutoffs, then kept with them.
+        assert_eq!(gate.check_cached(parts).unwrap(), first);
+        assert_eq!(keyring().cached_tokens(), 1);
+        let kept = keyring().cached_stamped(&token).unwrap();
+        assert_eq!(kept.stamp.map(|stamp| stamp.cutoff), Some(None));
+        // Third: from the keyring's cache, and still revocable.
+        assert_eq!(gate.check_cached(parts).unwrap(), first);
+        let cutoff = chrono::DateTime::from_timestamp(now, 0)
+            .unwrap()
+            .to_rfc3339();
+        revoke_user(
+            &gate,
+            &format!(
+                r#"{{"users":[{{"id":"u","set":{{"revoke_tokens_issued_before":"{cutoff}"}}}}]}}"#
+            ),
+        )
+        .await
+        .unwrap();
+        let refused = match gate.check_cached(parts) {
+            Ok(decided) => decided,
+            Err(pending) => gate.finish(pending).await,
+        };
+        assert_eq!(refused, Err(AuthError::Revoked));
     }
 
     fn limited_gate(limit: u32, store: Arc<MemoryStore>) -> Gate {

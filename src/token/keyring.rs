@@ -21,9 +21,13 @@ use crate::time::StampedCutoff;
 use crate::token::VerifiedToken;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How many verified tokens an app keeps.
 const VERIFIED_TOKENS_PER_APP: u64 = 65_536;
+
+/// Slots of an app's filter of tokens verified once ([`SeenOnce`]): 64 KiB.
+const SEEN_ONCE_SLOTS: usize = 8_192;
 
 /// An HMAC-SHA256 key with its inner and outer pads already hashed.
 #[derive(Clone)]
@@ -49,6 +53,7 @@ pub struct Keyring {
     keys: Vec<HmacKey>,
     secrets: Vec<String>,
     verified: VerifiedTokens,
+    seen_once: SeenOnce,
 }
 
 impl Keyring {
@@ -59,6 +64,7 @@ impl Keyring {
             keys: secrets.iter().map(|s| HmacKey::new(s.as_bytes())).collect(),
             secrets,
             verified: VerifiedTokens::default(),
+            seen_once: SeenOnce::default(),
         }
     }
 
@@ -109,8 +115,21 @@ impl Keyring {
         self.verified.0.get(&TokenRef(token))
     }
 
-    pub(crate) fn remember(&self, token: &str, verified: &VerifiedToken) {
-        self.insert(token, verified.clone(), None);
+    /// Keeps a token this keyring has just verified, with the revocation answer for its
+    /// user when the gate has one, from the second time it is verified: a token
+    /// verified once only costs its verification, not a cache insert (see
+    /// [`SeenOnce`]). Returns whether it was kept.
+    pub(crate) fn remember(
+        &self,
+        token: &str,
+        verified: &VerifiedToken,
+        stamp: Option<StampedCutoff>,
+    ) -> bool {
+        if !self.seen_once.seen_before(token) {
+            return false;
+        }
+        self.insert(token, verified.clone(), stamp);
+        true
     }
 
     /// Keeps `stamp` with a token this keyring verified, for its next requests. Off
@@ -138,6 +157,50 @@ impl std::fmt::Debug for Keyring {
                 &format_args!("[{} redacted]", self.secrets.len()),
             )
             .finish_non_exhaustive()
+    }
+}
+
+/// Which tokens a keyring verified once and did not keep, so that a token is kept
+/// from its second verification on.
+///
+/// Why: many tokens are presented once only (each WebSocket handshake after a login,
+/// a wave of new users, a client that gets a fresh token per connection), and
+/// keeping one cost more than verifying it: moka's insert with its bookkeeping came
+/// to about 2% of the proxy's CPU per upgrade handshake with a new token (`perf`,
+/// issue 13), the HMAC and JSON of the verification 1.4%. A token a client uses
+/// again (an SDK's every request and reconnection) is verified twice, then kept.
+///
+/// One hash per slot, overwritten on collision: lossy on purpose, since a lost mark
+/// only costs one more verification. Only tokens that passed every check get here,
+/// so a flood of invalid tokens cannot wash the marks of valid ones out.
+struct SeenOnce {
+    hasher: foldhash::fast::RandomState,
+    slots: Box<[AtomicU64]>,
+}
+
+impl Default for SeenOnce {
+    fn default() -> Self {
+        SeenOnce {
+            hasher: foldhash::fast::RandomState::default(),
+            slots: (0..SEEN_ONCE_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl SeenOnce {
+    /// Whether `token` was marked since its slot last changed; marks it otherwise.
+    fn seen_before(&self, token: &str) -> bool {
+        use std::hash::BuildHasher as _;
+        // Never 0, the empty slot's value.
+        let mark = self.hasher.hash_one(token.as_bytes()) | 1;
+        // The slot from the high bits, so that the mark's low bits still tell apart
+        // tokens that share a slot.
+        let slot = &self.slots[(mark >> 40) as usize % self.slots.len()];
+        if slot.load(Ordering::Relaxed) == mark {
+            return true;
+        }
+        slot.store(mark, Ordering::Relaxed);
+        false
     }
 }
 
@@ -246,8 +309,10 @@ mod tests {
             },
         };
         assert_eq!(keyring.cached("t.o.k"), None);
-        keyring.remember("t.o.k", &verified);
-        keyring.remember("t.o.k", &verified);
+        assert!(!keyring.remember("t.o.k", &verified, None));
+        assert_eq!(keyring.cached("t.o.k"), None);
+        assert!(keyring.remember("t.o.k", &verified, None));
+        assert!(keyring.remember("t.o.k", &verified, None));
         assert_eq!(keyring.cached("t.o.k"), Some(verified));
         assert_eq!(keyring.cached_tokens(), 1);
     }

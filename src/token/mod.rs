@@ -14,7 +14,7 @@ mod verify;
 pub use keyring::Keyring;
 pub use mint::TokenBuilder;
 pub use rules::TokenRules;
-pub(crate) use verify::verify_stamped;
+pub(crate) use verify::{Cached, verify_stamped};
 pub use verify::{
     Claims, DEVELOPER_SIGNATURE, TokenKind, VerifiedToken, check_header, decode_segment,
     read_claims, segments, verify, verify_uncached,

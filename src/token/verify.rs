@@ -260,17 +260,32 @@ pub fn verify(
     rules: &TokenRules,
     now: i64,
 ) -> Result<VerifiedToken, AuthError> {
-    verify_stamped(token, keyring, rules, now).map(|(verified, _)| verified)
+    let (verified, cached) = verify_stamped(token, keyring, rules, now)?;
+    if cached == Cached::No {
+        keyring.remember(token, &verified, None);
+    }
+    Ok(verified)
+}
+
+/// Whether [`verify_stamped`] found the token in the keyring's cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cached {
+    /// Found, with the revocation answer last stamped on it, if any.
+    Yes(Option<StampedCutoff>),
+    /// Verified now: the caller offers it to [`Keyring::remember`], with the user's
+    /// revocation answer when it has one (one insert, not an insert and a restamp).
+    No,
 }
 
 /// [`verify`], with the revocation answer the keyring's cache last kept for the
-/// token (the gate's hit path: one cache lookup for both).
+/// token (the gate's hit path: one cache lookup for both). A token verified now is
+/// not kept: that is the caller's to do (see [`Cached::No`]).
 pub(crate) fn verify_stamped(
     token: &str,
     keyring: &Keyring,
     rules: &TokenRules,
     now: i64,
-) -> Result<(VerifiedToken, Option<StampedCutoff>), AuthError> {
+) -> Result<(VerifiedToken, Cached), AuthError> {
     if token.len() > rules.max_token_bytes {
         return Err(AuthError::Malformed(Malformed::TooLong));
     }
@@ -278,11 +293,10 @@ pub(crate) fn verify_stamped(
         && (known.verified.kind != TokenKind::Developer || rules.developer_tokens)
     {
         rules.check_times(&known.verified.claims, now)?;
-        return Ok((known.verified, known.stamp));
+        return Ok((known.verified, Cached::Yes(known.stamp)));
     }
     let verified = verify_uncached(token, keyring, rules, now)?;
-    keyring.remember(token, &verified);
-    Ok((verified, None))
+    Ok((verified, Cached::No))
 }
 
 /// [`verify`] without the keyring's cache of verified tokens: what a token costs the
@@ -573,6 +587,9 @@ mod tests {
             .issued_at(now)
             .expires_at(now + 60)
             .sign("s");
+        // kept from its second verification on
+        assert!(verify(&token, &a, &auth(), now).is_ok());
+        assert_eq!(a.cached_tokens(), 0);
         assert!(verify(&token, &a, &auth(), now).is_ok());
         assert_eq!(a.cached_tokens(), 1);
         assert!(verify(&token, &a, &auth(), now + 1).is_ok());
