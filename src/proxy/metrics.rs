@@ -75,13 +75,41 @@ pub const UNKNOWN_APP: &str = "unknown";
 /// One `chatgate_requests_denied_total` series of an app: its code, reason and counter.
 type DeniedCounter = (i32, &'static str, IntCounter);
 
+/// One labelled metric's series by app, each looked up once: `with_label_values`
+/// hashes, locks and clones on every call, and these series change on the hot path
+/// (every allowed request, every relayed session's start and end). Bounded by the
+/// configured apps: only those are counted here.
+struct ByApp<M>(ArcSwap<HashMap<Arc<str>, M, foldhash::fast::RandomState>>);
+
+impl<M> Default for ByApp<M> {
+    fn default() -> Self {
+        ByApp(ArcSwap::default())
+    }
+}
+
+impl<M: Clone> ByApp<M> {
+    /// Applies `change` to `app`'s series, made by `series` the first time.
+    fn with(&self, app: &str, series: impl FnOnce() -> M, change: impl FnOnce(&M)) {
+        if let Some(known) = self.0.load().get(app) {
+            change(known);
+            return;
+        }
+        let made = series();
+        change(&made);
+        let app: Arc<str> = Arc::from(app);
+        self.0.rcu(|known| {
+            let mut known = HashMap::clone(known);
+            known.insert(app.clone(), made.clone());
+            known
+        });
+    }
+}
+
 /// The proxy's counters, gauges and histograms, in their own registry.
 pub struct ProxyMetrics {
     registry: Registry,
     allowed: IntCounterVec,
-    // `with_label_values` hashes, locks and clones on every call; an allowed request is
-    // the hot path, so each app's counter is looked up once and kept here.
-    allowed_by_app: ArcSwap<HashMap<Arc<str>, IntCounter, foldhash::fast::RandomState>>,
+    allowed_by_app: ByApp<IntCounter>,
     denied: IntCounterVec,
     /// Refusal counters looked up so far, by app, then code and reason: a client that
     /// is refused again and again (a bad token retried) is counted without hashing the
@@ -91,6 +119,7 @@ pub struct ProxyMetrics {
     check_seconds: Histogram,
     websockets_open: IntGauge,
     sessions_open: IntGaugeVec,
+    sessions_open_by_app: ByApp<IntGauge>,
     /// Indexed like [`SessionEndReason::ALL`].
     sessions_ended: [IntCounter; 6],
     session_runs: IntCounter,
@@ -299,12 +328,13 @@ impl ProxyMetrics {
         ProxyMetrics {
             registry,
             allowed,
-            allowed_by_app: ArcSwap::default(),
+            allowed_by_app: ByApp::default(),
             denied,
             denied_by_app: ArcSwap::default(),
             check_seconds,
             websockets_open,
             sessions_open,
+            sessions_open_by_app: ByApp::default(),
             sessions_ended,
             session_runs,
             upstream_errors,
@@ -325,18 +355,11 @@ impl ProxyMetrics {
 
     /// Counts an allowed request.
     pub fn allowed(&self, app: &str) {
-        if let Some(counter) = self.allowed_by_app.load().get(app) {
-            counter.inc();
-            return;
-        }
-        let counter = self.allowed.with_label_values(&[app]);
-        counter.inc();
-        let app: Arc<str> = Arc::from(app);
-        self.allowed_by_app.rcu(|counters| {
-            let mut counters = HashMap::clone(counters);
-            counters.insert(app.clone(), counter.clone());
-            counters
-        });
+        self.allowed_by_app.with(
+            app,
+            || self.allowed.with_label_values(&[app]),
+            IntCounter::inc,
+        );
     }
 
     /// Counts a refused request. `app` must be a configured api_key or [`UNKNOWN_APP`].
@@ -391,13 +414,21 @@ impl ProxyMetrics {
     /// `chatgate_websockets_open`).
     pub fn session_opened(&self, app: &str) {
         self.websockets_open.inc();
-        self.sessions_open.with_label_values(&[app]).inc();
+        self.sessions_open_by_app.with(
+            app,
+            || self.sessions_open.with_label_values(&[app]),
+            IntGauge::inc,
+        );
     }
 
     /// A relayed WebSocket session of `app` ended.
     pub fn session_closed(&self, app: &str) {
         self.websockets_open.dec();
-        self.sessions_open.with_label_values(&[app]).dec();
+        self.sessions_open_by_app.with(
+            app,
+            || self.sessions_open.with_label_values(&[app]),
+            IntGauge::dec,
+        );
     }
 
     /// Counts one run (poll) of a relayed session's task.
