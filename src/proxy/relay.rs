@@ -1420,6 +1420,84 @@ mod tests {
         }
     }
 
+    const HEAD: &[u8] =
+        b"GET /connect HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+
+    /// What an accepted upstream connection received, up to its blank line.
+    fn received_head(stream: &mut std::net::TcpStream) -> Vec<u8> {
+        use std::io::Read as _;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut received = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !received.ends_with(b"\r\n\r\n") {
+            let read = stream.read(&mut chunk).unwrap();
+            assert!(read > 0, "closed after {received:?}");
+            received.extend_from_slice(&chunk[..read]);
+        }
+        received
+    }
+
+    #[tokio::test]
+    async fn a_near_upstream_gets_the_head_with_the_connect_and_quick_acks_after_it() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let socket = connect_plain(listener.local_addr().unwrap(), HEAD)
+            .await
+            .unwrap();
+        let (mut accepted, _) = listener.accept().unwrap();
+        assert_eq!(received_head(&mut accepted), HEAD);
+        let options = socket2::SockRef::from(&socket);
+        assert!(options.tcp_nodelay().unwrap());
+        // Sent this soon after the handshake, the head puts the socket in the kernel's
+        // delayed-ACK ("pingpong") mode unless quick ACKs are turned back on.
+        #[cfg(target_os = "linux")]
+        assert!(options.tcp_quickack().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_fails_before_anything_is_sent() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let error = connect_plain(address, HEAD).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
+    #[tokio::test]
+    async fn a_connect_still_in_progress_gets_the_head_once_it_completes() {
+        // A listener whose accept queue is full drops new SYNs: the connect is still in
+        // progress when the head would be sent, until the kernel sends the SYN again
+        // (after about a second) to a queue with room.
+        let listener = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .unwrap();
+        let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        listener.bind(&loopback.into()).unwrap();
+        listener.listen(0).unwrap();
+        let listener = std::net::TcpListener::from(listener);
+        let address = listener.local_addr().unwrap();
+        let filler = std::net::TcpStream::connect(address).unwrap();
+        let connecting = tokio::spawn(connect_plain(address, HEAD));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !connecting.is_finished(),
+            "the connect completed at once: this test needs its SYN dropped"
+        );
+        let (first, _) = listener.accept().unwrap();
+        let socket = tokio::time::timeout(Duration::from_secs(10), connecting)
+            .await
+            .expect("the SYN is sent again within seconds")
+            .unwrap()
+            .unwrap();
+        let (mut second, _) = listener.accept().unwrap();
+        assert_eq!(received_head(&mut second), HEAD);
+        drop((filler, first, socket));
+    }
+
     #[tokio::test]
     async fn an_answer_that_does_not_come_within_the_read_timeout_is_the_upstream_timeout() {
         // Half a head, then nothing, on a connection kept open.
