@@ -1161,7 +1161,7 @@ const MAX_CONNECTION_NOMINATIONS: usize = 10;
 pub(crate) fn strip_hop_by_hop(
     request: &mut pingora::http::RequestHeader,
 ) -> Result<(), &'static str> {
-    use http::header;
+    use http::{HeaderValue, header};
     let mut nominated = Vec::new();
     for token in request
         .headers
@@ -1187,31 +1187,37 @@ pub(crate) fn strip_hop_by_hop(
         }
         nominated.push(name);
     }
-    for name in &nominated {
-        request.remove_header(name);
-    }
-    for name in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "connection",
-        "upgrade",
-        "http2-settings",
-    ] {
-        request.remove_header(name);
+    // By name, not by string: a string is parsed into a header name at each lookup, and
+    // most of these headers are absent (checked first, as a removal also edits
+    // Pingora's map of header-name cases).
+    for name in nominated.iter().chain(&HOP_BY_HOP) {
+        if request.headers.contains_key(name) {
+            request.remove_header(name);
+        }
     }
     request
-        .insert_header(header::CONNECTION, "Upgrade")
+        .insert_header(header::CONNECTION, HeaderValue::from_static("Upgrade"))
         .map_err(|_| "header")?;
     request
-        .insert_header(header::UPGRADE, "websocket")
+        .insert_header(header::UPGRADE, HeaderValue::from_static("websocket"))
         .map_err(|_| "header")?;
     Ok(())
 }
+
+/// The hop-by-hop headers an upgrade request loses before it is forwarded (with those
+/// its `Connection` header names), as Pingora's `sanitize_h1_upstream_request`.
+const HOP_BY_HOP: [http::HeaderName; 10] = [
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::CONNECTION,
+    http::header::UPGRADE,
+    http::HeaderName::from_static("http2-settings"),
+];
 
 /// RFC 9110 §5.6.2 `tchar`.
 fn is_tchar(byte: u8) -> bool {
