@@ -24,6 +24,8 @@
 
 pub mod access_log;
 pub mod admin;
+#[cfg(target_os = "linux")]
+mod defer_accept;
 mod edge;
 mod filter;
 mod forward;
@@ -247,6 +249,13 @@ pub fn run(
         }
     }
 
+    #[cfg(target_os = "linux")]
+    server.add_service(background_service(
+        "chatgate listener options",
+        defer_accept::DeferAccept {
+            address: snapshot.server.listen,
+        },
+    ));
     server.add_service(background_service(
         "chatgate revocation events",
         RevocationEvents {
