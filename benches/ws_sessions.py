@@ -35,6 +35,11 @@
 # Pingora's own WebSocket tunnel to the rotation: the `passthrough` example (a
 # Pingora proxy without auth, `cargo build --profile perf --features cli --example
 # passthrough`), whose upgrades go through pingora-proxy's tunnel.
+# WS_KEEP=1 (with WS_INTERLEAVED) keeps every batch's sessions open to the end instead
+# of closing each batch: the proxies fill up as an edge does while users connect
+# (ROUNDS x N sessions per proxy, all within the fd limit).
+# HAPROXY_DEFER_ACCEPT=1 adds `defer-accept` to HAProxy's bind line: HAProxy's form of
+# the TCP_DEFER_ACCEPT that chatgate sets on its listener (off in HAProxy by default).
 # ONLY_CHATGATE=1 skips HAProxy (to compare chatgate settings, e.g.
 # MIMALLOC_PURGE_DELAY, which chatgate inherits from this script's environment).
 #
@@ -78,6 +83,7 @@ USERS = 1000
 RELAY_SESSIONS = 100
 CLK = os.sysconf("SC_CLK_TCK")
 HANDSHAKES_ONLY = os.environ.get("WS_HANDSHAKES_ONLY") == "1"
+KEEP = INTERLEAVED and os.environ.get("WS_KEEP") == "1"
 
 
 def b64(data):
@@ -314,6 +320,7 @@ async def interleaved(proxies, rounds):
     """Handshake CPU with the load alternating between the proxies (WS_INTERLEAVED)."""
     spent = {name: [] for name, _, _ in proxies}
     faults = {name: 0 for name, _, _ in proxies}
+    kept = []
     for r in range(rounds):
         for name, pid, port in rotated(proxies, r):
             await asyncio.sleep(0.3)
@@ -321,8 +328,13 @@ async def interleaved(proxies, rounds):
             sessions = await open_sessions(port, n)
             spent[name].append((cpu_ns(pid) - start) / n / 1e3)
             faults[name] += minor_faults(pid) - faulted
-            for _, writer in sessions:
-                writer.close()
+            if KEEP:
+                kept.extend(sessions)
+            else:
+                for _, writer in sessions:
+                    writer.close()
+    for _, writer in kept:
+        writer.close()
     # The closes of the last batch settle before the processes are killed.
     await asyncio.sleep(0.5)
     report_rounds(f"interleaved handshakes: {rounds} rounds of {n} per proxy, CPU per handshake in us "
@@ -388,7 +400,7 @@ async def main():
     hcfg = tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False)
     hcfg.write(f"""global
   nbthread 1
-  maxconn {(2 if INTERLEAVED else 1) * n + 20}
+  maxconn {(2 if INTERLEAVED else 1) * n * (INTERLEAVED if KEEP else 1) + 20}
 defaults
   mode http
   timeout connect 10s
@@ -396,7 +408,7 @@ defaults
   timeout server 30s
   timeout tunnel 1h
 frontend ws
-  bind 127.0.0.1:{ha_port}
+  bind 127.0.0.1:{ha_port}{" defer-accept" if os.environ.get("HAPROXY_DEFER_ACCEPT") == "1" else ""}
   http-request set-var(txn.token) url_param(authorization)
   http-request deny deny_status 401 unless {{ var(txn.token) -m found }}
   http-request set-var(txn.alg) var(txn.token),jwt_header_query('$.alg')
