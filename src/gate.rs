@@ -1084,19 +1084,27 @@ mod tests {
         }
     }
 
+    /// The target and headers of a `GET /x?api_key=key` that presents `token`.
+    fn authorized(token: &str) -> (Uri, HeaderMap) {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, token.parse().unwrap());
+        ("/x?api_key=key".parse().unwrap(), headers)
+    }
+
+    fn get_parts<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> RequestParts<'a> {
+        RequestParts {
+            method: &Method::GET,
+            uri,
+            headers,
+            peer: None,
+        }
+    }
+
     #[tokio::test]
     async fn check_cached_decides_without_the_store_only_once_cutoffs_are_cached() {
         let gate = gate();
-        let token = TokenBuilder::user("u").sign(SECRET);
-        let uri: Uri = "/x?api_key=key".parse().unwrap();
-        let mut headers = HeaderMap::new();
-        headers.insert(header::AUTHORIZATION, token.parse().unwrap());
-        let parts = RequestParts {
-            method: &Method::GET,
-            uri: &uri,
-            headers: &headers,
-            peer: None,
-        };
+        let (uri, headers) = authorized(&TokenBuilder::user("u").sign(SECRET));
+        let parts = get_parts(&uri, &headers);
         let pending = gate.check_cached(parts).unwrap_err();
         let checked = gate.finish(pending).await;
         assert!(matches!(checked, Ok(Decision::Allow(_))));
@@ -1117,15 +1125,8 @@ mod tests {
         let keyring = || config.app("key").unwrap().keyring();
         let now = now_unix();
         let token = TokenBuilder::user("u").issued_at(now - 100).sign(SECRET);
-        let uri: Uri = "/x?api_key=key".parse().unwrap();
-        let mut headers = HeaderMap::new();
-        headers.insert(header::AUTHORIZATION, token.parse().unwrap());
-        let parts = RequestParts {
-            method: &Method::GET,
-            uri: &uri,
-            headers: &headers,
-            peer: None,
-        };
+        let (uri, headers) = authorized(&token);
+        let parts = get_parts(&uri, &headers);
         // First request: verified, the user's cutoffs read from the store; not kept.
         let first = gate.finish(gate.check_cached(parts).unwrap_err()).await;
         assert_eq!(user(first.clone()).user_id(), Some("u"));
