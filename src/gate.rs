@@ -934,6 +934,14 @@ mod tests {
         .await
     }
 
+    /// Revokes user `u`'s tokens issued before `cutoff` (RFC 3339), as the SDKs send it.
+    async fn revoke_u_before(gate: &Gate, cutoff: &str) {
+        let body = format!(
+            r#"{{"users":[{{"id":"u","set":{{"revoke_tokens_issued_before":"{cutoff}"}}}}]}}"#
+        );
+        revoke_user(gate, &body).await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_user_cutoff_revokes_older_tokens_and_tokens_without_iat_as_code_40() {
         let gate = gate();
@@ -963,14 +971,7 @@ mod tests {
         .unwrap();
         user(check(old.clone()).await);
         // and with unset
-        revoke_user(
-            &gate,
-            &format!(
-                r#"{{"users":[{{"id":"u","set":{{"revoke_tokens_issued_before":"{cutoff}"}}}}]}}"#
-            ),
-        )
-        .await
-        .unwrap();
+        revoke_u_before(&gate, &cutoff).await;
         assert_eq!(check(old.clone()).await, Err(AuthError::Revoked));
         revoke_user(
             &gate,
@@ -1141,14 +1142,7 @@ mod tests {
         let cutoff = chrono::DateTime::from_timestamp(now, 0)
             .unwrap()
             .to_rfc3339();
-        revoke_user(
-            &gate,
-            &format!(
-                r#"{{"users":[{{"id":"u","set":{{"revoke_tokens_issued_before":"{cutoff}"}}}}]}}"#
-            ),
-        )
-        .await
-        .unwrap();
+        revoke_u_before(&gate, &cutoff).await;
         let refused = match gate.check_cached(parts) {
             Ok(decided) => decided,
             Err(pending) => gate.finish(pending).await,
