@@ -252,9 +252,9 @@ fn claim_type_error(bytes: &[u8]) -> Malformed {
 /// over any of the keyring's secrets (or `devtoken` where the rules allow it), then
 /// `exp` / `nbf` / `iat` with the leeway. Revocation is the gate's job, on top of this.
 ///
-/// A token the keyring has kept (from its second verification on, see
-/// [`Keyring::remember`]) is taken from its cache instead of being decoded and hashed
-/// again; the rules are applied to it on every use.
+/// A token the keyring has kept (it keeps a token from its second verification on) is
+/// taken from its cache instead of being decoded and hashed again; the rules are
+/// applied to it on every use.
 pub fn verify(
     token: &str,
     keyring: &Keyring,
