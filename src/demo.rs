@@ -15,7 +15,7 @@
 //! | `POST /channels/{type}/{id}/message` | adds a message, pushes `message.new` to sockets |
 //! | `PATCH /users` | partial user update (`set` / `unset`), Stream's response shape |
 //! | `PATCH /app` | accepts app settings (chatgate applies the revocation field) |
-//! | `GET /connect` | WebSocket: `health.check` with `connection_id` and `me` first; closes with 4000 when the layer's [`LiveSession`] ends |
+//! | `GET /connect` | WebSocket: `health.check` with `connection_id` and `me` first; closes with 4000 when the layer's [`LiveSession`](crate::session::LiveSession) ends |
 //! | `GET /healthz` | `ok` |
 
 mod socket;

@@ -75,7 +75,7 @@ impl TlsSettings {
     }
 
     /// A warning when the certificate has expired or expires within
-    /// [`EXPIRY_WARNING_DAYS`] of `now` (Unix seconds).
+    /// `EXPIRY_WARNING_DAYS` of `now` (Unix seconds).
     pub fn expiry_warning(&self, now: i64) -> Option<String> {
         let not_after = self.not_after?;
         let at = rfc3339(not_after).unwrap_or_else(|| not_after.to_string());

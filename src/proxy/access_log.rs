@@ -38,7 +38,7 @@ pub struct AccessRecord {
     /// take theirs from the identity.
     pub refused_app: Option<String>,
     /// The status of a response written after the request ended: the `101` of an
-    /// upgrade relayed by [`super::relay`].
+    /// upgrade relayed by the proxy's relay.
     pub relayed_status: Option<u16>,
 }
 

@@ -33,10 +33,10 @@
 //! buffer ahead) before the 1 MiB cap applies. The common request, whose head arrives
 //! in one read, costs one scan for its end (memchr) and no timer.
 //!
-//! The same loop relays WebSocket sessions (contract §4, see [`super::relay`]): when
+//! The same loop relays WebSocket sessions (contract §4, see the proxy's `relay` module): when
 //! the application handed an upgraded session over during a request (`hand_off`),
 //! the connection Pingora gives back is relayed (in a task of its own, without the
-//! guard: see [`unguard`]) instead of serving another request. The guard keeps the
+//! guard: see `unguard`) instead of serving another request. The guard keeps the
 //! bytes read behind a `GET` head (a client's frames sent before the 101) for that
 //! hand-off.
 //!

@@ -69,7 +69,7 @@ impl Watch {
 
 type Users = HashMap<Arc<str>, Vec<Arc<Watch>>>;
 
-/// The live sessions of one [`Gate`], indexed by app and user (see the module docs).
+/// The live sessions of one [`Gate`](crate::gate::Gate), indexed by app and user (see the module docs).
 pub struct SessionRegistry {
     cache: Arc<RevocationCache>,
     /// The live config, whose app-wide cutoffs are followed too.

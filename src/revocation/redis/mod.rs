@@ -23,9 +23,9 @@
 //! ```
 //!
 //! Production Redis (issue 15): `rediss://` with the system's roots or a private CA,
-//! ACL user and password, and Sentinel ([`endpoint`]); both connections follow the
+//! ACL user and password, and Sentinel (`endpoint`); both connections follow the
 //! primary through a failover with no restart and resync caches after any reconnect
-//! ([`link`]).
+//! (`link`).
 //!
 //! No revocation lost: a write is acknowledged only once it is on the primary and on
 //! `min_replicas_acked` replicas (`WAIT`, sent in the same round trip as the
@@ -38,7 +38,7 @@
 //!
 //! At each connection to a primary, its persistence is read (`CONFIG GET`) and a Redis
 //! that persists nothing is warned about in the log, `/metrics` and `/config`
-//! ([`health`]).
+//! (`health`).
 
 mod endpoint;
 mod health;
