@@ -566,13 +566,18 @@ mod tests {
     use crate::revocation::MemoryStore;
     use std::sync::Arc;
 
+    /// A revocation cache over an empty store, with the default settings.
+    fn empty_cache() -> Arc<RevocationCache> {
+        RevocationCache::new(
+            Arc::new(MemoryStore::new()),
+            &ConfigSnapshot::with_apps(vec![]).revocation,
+        )
+    }
+
     #[test]
     fn an_upstream_failure_is_counted_by_the_kind_its_error_names() {
         let metrics = ProxyMetrics::new();
-        let cache = RevocationCache::new(
-            Arc::new(MemoryStore::new()),
-            &ConfigSnapshot::with_apps(vec![]).revocation,
-        );
+        let cache = empty_cache();
         metrics.upstream_failure(&AuthError::UpstreamTimeout);
         metrics.upstream_failure(&AuthError::UpstreamUnavailable);
         metrics.upstream_failure(&AuthError::UpstreamUnavailable);
@@ -592,10 +597,7 @@ mod tests {
         metrics.denied("demo-key", &AuthError::Expired);
         metrics.denied(UNKNOWN_APP, &AuthError::UnknownApiKey);
         metrics.denied("demo-key", &AuthError::StoreUnavailable);
-        let cache = RevocationCache::new(
-            Arc::new(MemoryStore::new()),
-            &ConfigSnapshot::with_apps(vec![]).revocation,
-        );
+        let cache = empty_cache();
         let text = metrics.render(&cache);
         assert!(text.contains(r#"chatgate_requests_allowed_total{app="demo-key"} 1"#));
         assert!(text.contains(
@@ -615,10 +617,7 @@ mod tests {
             metrics.denied("demo-key", &AuthError::Revoked);
             metrics.denied("other-key", &AuthError::Expired);
         }
-        let cache = RevocationCache::new(
-            Arc::new(MemoryStore::new()),
-            &ConfigSnapshot::with_apps(vec![]).revocation,
-        );
+        let cache = empty_cache();
         let text = metrics.render(&cache);
         for series in [
             r#"chatgate_requests_denied_total{app="demo-key",code="40",reason="expired"} 3"#,
@@ -632,10 +631,7 @@ mod tests {
     #[test]
     fn cache_counters_follow_the_cache_stats_without_double_counting() {
         let metrics = ProxyMetrics::new();
-        let cache = RevocationCache::new(
-            Arc::new(MemoryStore::new()),
-            &ConfigSnapshot::with_apps(vec![]).revocation,
-        );
+        let cache = empty_cache();
         cache.stats().hits.store(7, Ordering::Relaxed);
         cache.stats().misses.store(2, Ordering::Relaxed);
         metrics.render(&cache);
@@ -653,10 +649,7 @@ mod tests {
             vec!["s".into()],
         )]));
         metrics.observe_config(&config);
-        let cache = RevocationCache::new(
-            Arc::new(MemoryStore::new()),
-            &ConfigSnapshot::with_apps(vec![]).revocation,
-        );
+        let cache = empty_cache();
         let text = metrics.render(&cache);
         for series in [
             concat!(
@@ -701,10 +694,7 @@ mod tests {
         metrics.response(Some(502), Some(Duration::from_secs(1)));
         metrics.response(None, None);
         metrics.response(Some(99), None);
-        let cache = RevocationCache::new(
-            Arc::new(MemoryStore::new()),
-            &ConfigSnapshot::with_apps(vec![]).revocation,
-        );
+        let cache = empty_cache();
         let text = metrics.render(&cache);
         for series in [
             r#"chatgate_responses_total{class="1xx"} 0"#,
@@ -721,10 +711,7 @@ mod tests {
     #[test]
     fn upstream_up_follows_each_probe_round_and_drops_addresses_a_reload_removed() {
         let metrics = ProxyMetrics::new();
-        let cache = RevocationCache::new(
-            Arc::new(MemoryStore::new()),
-            &ConfigSnapshot::with_apps(vec![]).revocation,
-        );
+        let cache = empty_cache();
         metrics.upstreams_probed([("a:1", true), ("b:2", false)].into_iter());
         let text = metrics.render(&cache);
         assert!(
