@@ -275,8 +275,7 @@ impl ProxyHttp for EdgeProxy {
             };
         }
         let error = match (e.esource(), e.etype()) {
-            (ErrorSource::Upstream, kind) if is_timeout(kind) => AuthError::UpstreamTimeout,
-            (ErrorSource::Upstream, _) => AuthError::UpstreamUnavailable,
+            (ErrorSource::Upstream, kind) => upstream_error(kind),
             // The client went away (nobody to answer), or its body stalled or was
             // malformed: the contract's input error where Pingora would answer a bare
             // 400, as the forward engine does (`super::unreadable_request`).
@@ -489,11 +488,16 @@ impl EdgeProxy {
     }
 }
 
-fn is_timeout(kind: &ErrorType) -> bool {
-    matches!(
-        kind,
-        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
-    )
+/// The contract's answer to a failed exchange with the upstream (both engines): past
+/// a connect, read or write timeout the upstream timed out (504), else it is
+/// unavailable (502).
+pub(super) fn upstream_error(kind: &ErrorType) -> AuthError {
+    match kind {
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+            AuthError::UpstreamTimeout
+        }
+        _ => AuthError::UpstreamUnavailable,
+    }
 }
 
 // === impl Upstreams ===
@@ -628,6 +632,34 @@ mod tests {
     use super::*;
     use pingora::upstreams::peer::Peer;
     use std::time::Duration;
+
+    #[test]
+    fn upstream_timeouts_are_504s_and_other_failures_502s() {
+        for kind in [
+            ErrorType::ConnectTimedout,
+            ErrorType::ReadTimedout,
+            ErrorType::WriteTimedout,
+        ] {
+            assert_eq!(
+                upstream_error(&kind),
+                AuthError::UpstreamTimeout,
+                "{kind:?}"
+            );
+        }
+        for kind in [
+            ErrorType::ConnectRefused,
+            ErrorType::ConnectError,
+            ErrorType::ReadError,
+            ErrorType::ConnectionClosed,
+            ErrorType::InvalidHTTPHeader,
+        ] {
+            assert_eq!(
+                upstream_error(&kind),
+                AuthError::UpstreamUnavailable,
+                "{kind:?}"
+            );
+        }
+    }
 
     fn settings(addresses: &[&str]) -> UpstreamSettings {
         let mut config = ConfigSnapshot::with_apps(vec![]);

@@ -37,7 +37,7 @@
 //! Pingora's in both engines (the listener; `TransportConnector`).
 
 use super::access_log::AccessRecord;
-use super::edge::{EdgeProxy, Upstreams};
+use super::edge::{EdgeProxy, Upstreams, upstream_error};
 use super::filter::{
     ChatAuthFilter, DRAIN_TIMEOUT, MAX_DRAINED_BODY, MAX_REVOCATION_BODY, normal_target,
     strip_identity_headers,
@@ -471,12 +471,9 @@ impl ForwardApp {
                                 if idempotent && attempts < peers.http.len() {
                                     continue;
                                 }
-                                let error = if error.etype() == &ErrorType::ConnectTimedout {
-                                    AuthError::UpstreamTimeout
-                                } else {
-                                    AuthError::UpstreamUnavailable
-                                };
-                                return self.upstream_failed(session, error).await;
+                                return self
+                                    .upstream_failed(session, upstream_error(error.etype()))
+                                    .await;
                             }
                         }
                     }
@@ -568,12 +565,8 @@ impl ForwardApp {
     }
 
     async fn failed_read(&self, session: &mut ClientSession, error: &pingora::Error) -> Served {
-        let error = if error.etype() == &ErrorType::ReadTimedout {
-            AuthError::UpstreamTimeout
-        } else {
-            AuthError::UpstreamUnavailable
-        };
-        self.upstream_failed(session, error).await
+        self.upstream_failed(session, upstream_error(error.etype()))
+            .await
     }
 
     /// Copies the upstream's answer (its head has been read) to the client, and keeps
