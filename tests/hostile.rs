@@ -734,6 +734,101 @@ async fn the_gates_identity_headers_arrive_exactly_even_when_the_client_lists_th
     .await;
 }
 
+/// The hop-by-hop headers an upgrade carries, in several spellings and repeated, and a
+/// header its `Connection` names in another case than its own line: the upstream
+/// receives none of them, and `Connection: Upgrade` / `Upgrade: websocket` once each.
+/// (`Transfer-Encoding` is left out: on a `GET` it frames a body, which rule 9's and
+/// the smuggling tests cover.)
+#[tokio::test]
+async fn an_upgrades_hop_by_hop_headers_never_reach_the_upstream_whatever_their_spelling() {
+    let rig = Rig::start(|_| {}).await;
+    let token = user_token("alice");
+    let connect = format!("/connect?api_key={KEY}");
+    let hop_by_hop: [&[(&str, &str)]; 4] = [
+        &[
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Connection", "keep-alive"),
+            ("TE", "trailers"),
+            ("Trailer", "Expires"),
+        ],
+        &[
+            ("keep-alive", "timeout=5"),
+            ("KEEP-ALIVE", "max=9"),
+            ("proxy-authorization", "Basic bWFsbG9yeTpw"),
+            ("Proxy-Authenticate", "Basic"),
+        ],
+        &[
+            ("HTTP2-Settings", "AAMAAABkAAQAAP__"),
+            ("te", "trailers"),
+            ("Te", "deflate"),
+            ("PROXY-CONNECTION", "close"),
+        ],
+        &[("X-Secret-Hop", "1"), ("x-secret-hop", "2")],
+    ];
+    let gone = [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "http2-settings",
+        "x-secret-hop",
+    ];
+    within(Duration::from_secs(60), async {
+        let mut findings = Findings::default();
+        for (round, headers) in hop_by_hop.iter().enumerate() {
+            for connection in ["Upgrade, X-SECRET-HOP", "x-Secret-Hop,upgrade"] {
+                let mut all = vec![("Authorization", token.as_str())];
+                all.extend_from_slice(headers);
+                let request = upgrade_with_connection(&connect, connection, &all);
+                let (answer, forwarded) = rig.send(&request).await;
+                let label = format!("round {round}, Connection: {connection}");
+                findings.check(&label, forwarded_as(&answer, &forwarded, &connect));
+                let Some(one) = forwarded.first() else {
+                    continue;
+                };
+                let lines: Vec<(String, String)> = one
+                    .header_lines()
+                    .into_iter()
+                    .map(|(name, value)| (folded(&name), value))
+                    .collect();
+                let reached: Vec<&(String, String)> = lines
+                    .iter()
+                    .filter(|(name, _)| gone.contains(&name.as_str()))
+                    .collect();
+                findings.check(
+                    &label,
+                    if reached.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "hop-by-hop headers reached the upstream: {reached:?}"
+                        ))
+                    },
+                );
+                let upgrade_lines: Vec<String> = lines
+                    .iter()
+                    .filter(|(name, _)| name == "connection" || name == "upgrade")
+                    .map(|(name, value)| format!("{name}: {}", value.to_ascii_lowercase()))
+                    .collect();
+                let mut sorted = upgrade_lines.clone();
+                sorted.sort();
+                findings.check(
+                    &label,
+                    if sorted == ["connection: upgrade", "upgrade: websocket"] {
+                        Ok(())
+                    } else {
+                        Err(format!("upgrade headers as received: {upgrade_lines:?}"))
+                    },
+                );
+            }
+        }
+        findings.assert_none();
+    })
+    .await;
+}
+
 // === rule 3: paths are judged in normal form, and forwarded in it ===
 
 fn with_public_paths(o: &mut ProxyOptions) {
